@@ -1,0 +1,5 @@
+"""Real datasets bundled with scldiff (no network access)."""
+
+from ._pbmc3k import pbmc3k
+
+__all__ = ["pbmc3k"]

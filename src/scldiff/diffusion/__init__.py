@@ -1,0 +1,16 @@
+"""Latent diffusion: VP-SDE schedule, samplers as pure functions, classifier-free guidance."""
+
+from ._guidance import ClassifierFreeGuidance, guided_epsilon
+from ._samplers import DEFAULT_STEPS, SAMPLERS, sample_ddim, sample_ode, sample_sde
+from ._schedule import VPSchedule
+
+__all__ = [
+    "ClassifierFreeGuidance",
+    "DEFAULT_STEPS",
+    "SAMPLERS",
+    "VPSchedule",
+    "guided_epsilon",
+    "sample_ddim",
+    "sample_ode",
+    "sample_sde",
+]

@@ -1,0 +1,26 @@
+"""Cell graph, Laplacian positional encodings, spectral perturbation, subgraph batching."""
+
+from ._knn import knn_graph, log_normalize, pca_embedding
+from ._laplacian import laplacian_positional_encoding, normalized_adjacency, normalized_laplacian
+from ._spectral import (
+    perturb_edge_weights,
+    principal_eigenvector,
+    random_direction,
+    spectral_direction,
+)
+from ._subgraph import Subgraph, SubgraphSampler
+
+__all__ = [
+    "Subgraph",
+    "SubgraphSampler",
+    "knn_graph",
+    "laplacian_positional_encoding",
+    "log_normalize",
+    "normalized_adjacency",
+    "normalized_laplacian",
+    "pca_embedding",
+    "perturb_edge_weights",
+    "principal_eigenvector",
+    "random_direction",
+    "spectral_direction",
+]

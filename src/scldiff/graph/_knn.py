@@ -1,0 +1,93 @@
+"""Cell graph: log-normalised PCA embedding and a symmetric weighted k-NN graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def log_normalize(counts: sp.spmatrix | np.ndarray, target_sum: float = 1e4) -> sp.csr_matrix:
+    """Library-size normalise to ``target_sum`` and apply ``log1p`` (returns a new CSR matrix)."""
+    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    library = np.asarray(x.sum(axis=1)).ravel()
+    scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
+    x.data *= np.repeat(scale, np.diff(x.indptr)).astype(np.float32)
+    np.log1p(x.data, out=x.data)
+    return x
+
+
+def pca_embedding(
+    counts: sp.spmatrix | np.ndarray,
+    n_pcs: int = 50,
+    n_top_genes: int = 2000,
+    random_state: int = 0,
+) -> np.ndarray:
+    """PCA of log-normalised counts restricted to the most variable genes.
+
+    The genes are ranked by the variance of their log-normalised expression; PCA is the
+    implicitly centred sparse PCA of :func:`scanpy.pp.pca` (ARPACK), so the count matrix is
+    never densified.
+    """
+    import scanpy as sc
+
+    x = log_normalize(counts)
+    n_obs, n_vars = x.shape
+    if n_vars > n_top_genes:
+        mean = np.asarray(x.mean(axis=0)).ravel()
+        mean_sq = np.asarray(x.multiply(x).mean(axis=0)).ravel()
+        top = np.sort(np.argsort(-(mean_sq - mean**2), kind="stable")[:n_top_genes])
+        x = x[:, top]
+    n_comps = int(min(n_pcs, min(x.shape) - 1))
+    return np.asarray(sc.pp.pca(x, n_comps=n_comps, random_state=random_state), dtype=np.float32)
+
+
+def knn_graph(
+    embedding: np.ndarray, n_neighbors: int = 15, random_state: int = 0
+) -> sp.csr_matrix:
+    r"""Symmetric k-nearest-neighbour graph with self-tuning Gaussian weights.
+
+    Neighbours come from :class:`pynndescent.NNDescent` (Euclidean). An edge joins *i* and
+    *j* when either is among the other's ``n_neighbors`` nearest cells, with weight
+
+    .. math::
+        w_{ij} = \exp\left(-\frac{d_{ij}^2}{\sigma_i \sigma_j}\right),
+
+    :math:`\sigma_i` being the distance from cell *i* to its ``n_neighbors``-th neighbour
+    (Zelnik-Manor & Perona, 2004). The formula is symmetric in *i* and *j*, so the union of
+    the two directed graphs is a symmetric matrix with weights in (0, 1] and no self-loops.
+
+    Returns
+    -------
+    ``(n_cells, n_cells)`` CSR matrix, sorted indices.
+    """
+    from pynndescent import NNDescent
+
+    n_obs = embedding.shape[0]
+    if n_obs <= n_neighbors:
+        raise ValueError(
+            f"A {n_neighbors}-nearest-neighbour graph needs more than {n_neighbors} cells; "
+            f"got {n_obs}. Pass a smaller n_neighbors or more cells."
+        )
+    index = NNDescent(
+        embedding,
+        n_neighbors=n_neighbors + 1,
+        metric="euclidean",
+        random_state=random_state,
+        low_memory=True,
+        verbose=False,
+    )
+    neighbors, distances = index.neighbor_graph
+    # Drop each cell itself; duplicated cells may appear at any position, so mask by identity.
+    rows = np.repeat(np.arange(n_obs), neighbors.shape[1])
+    cols = neighbors.ravel()
+    dist = distances.ravel().astype(np.float64)
+    keep = (cols != rows) & (cols >= 0)
+    rows, cols, dist = rows[keep], cols[keep], dist[keep]
+    sigma = distances[:, -1].astype(np.float64)
+    positive = sigma[sigma > 0]
+    sigma = np.maximum(sigma, positive.min() if positive.size else 1.0)
+    weight = np.exp(-(dist**2) / (sigma[rows] * sigma[cols]))
+    directed = sp.csr_matrix((weight, (rows, cols)), shape=(n_obs, n_obs))
+    graph = directed.maximum(directed.T).tocsr()
+    graph.sort_indices()
+    return graph.astype(np.float32)

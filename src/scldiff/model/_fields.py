@@ -1,0 +1,65 @@
+"""An scvi-tools field for a cell-by-cell graph in ``adata.obsp``."""
+
+from __future__ import annotations
+
+import numpy as np
+from anndata import AnnData
+from scvi.data.fields import BaseAnnDataField
+
+
+class ObspField(BaseAnnDataField):
+    """Registers ``adata.obsp[obsp_key]``, a square ``(n_obs, n_obs)`` matrix.
+
+    Parameters
+    ----------
+    registry_key
+        Key under which the model finds the graph.
+    obsp_key
+        Key of the graph in ``adata.obsp``.
+    """
+
+    N_EDGES_KEY = "n_edges"
+
+    def __init__(self, registry_key: str, obsp_key: str):
+        super().__init__()
+        self._registry_key = registry_key
+        self._attr_key = obsp_key
+
+    @property
+    def registry_key(self) -> str:
+        return self._registry_key
+
+    @property
+    def attr_name(self) -> str:
+        return "obsp"
+
+    @property
+    def attr_key(self) -> str:
+        return self._attr_key
+
+    @property
+    def is_empty(self) -> bool:
+        return False
+
+    def validate_field(self, adata: AnnData) -> None:
+        if self.attr_key not in adata.obsp:
+            raise ValueError(f"adata.obsp[{self.attr_key!r}] is missing; run setup_anndata.")
+        shape = adata.obsp[self.attr_key].shape
+        if shape != (adata.n_obs, adata.n_obs):
+            raise ValueError(f"adata.obsp[{self.attr_key!r}] has shape {shape}, expected "
+                             f"{(adata.n_obs, adata.n_obs)}.")
+
+    def register_field(self, adata: AnnData) -> dict:
+        self.validate_field(adata)
+        graph = adata.obsp[self.attr_key]
+        n_edges = graph.nnz if hasattr(graph, "nnz") else np.count_nonzero(graph)
+        return {self.N_EDGES_KEY: int(n_edges)}
+
+    def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs) -> dict:
+        return self.register_field(adata_target)
+
+    def get_summary_stats(self, state_registry: dict) -> dict:
+        return {}
+
+    def view_state_registry(self, state_registry: dict) -> None:
+        return None

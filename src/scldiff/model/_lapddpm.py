@@ -1,0 +1,750 @@
+"""LapDDPM: the scvi-tools model class, the only layer that touches AnnData."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi import settings
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+from scvi.train._trainrunner import _safe_load_logger_history
+from tqdm.auto import tqdm
+
+from .._constants import ADATA_KEYS, REGISTRY_KEYS
+from ..diffusion import DEFAULT_STEPS, SAMPLERS
+from ..graph import SubgraphSampler, knn_graph, laplacian_positional_encoding, pca_embedding
+from ..module import LIKELIHOODS, LapDDPMModule
+from ..module._decoder import Likelihood
+from ..train import (
+    PERTURBATIONS,
+    LapDDPMTrainingPlan,
+    LatentDataModule,
+    SubgraphCollator,
+    SubgraphDataModule,
+)
+from ._fields import ObspField
+from ._serialization import ADATA_FILE, ModelFileError, read_model_dir, write_model_dir
+from ._validation import (
+    check_counts,
+    check_graph_parameters,
+    check_labels,
+    resolve_generation_labels,
+)
+
+logger = logging.getLogger(__name__)
+
+_GRAPH_VERSION = 1
+# Attributes saved with the model besides init params and registry (all JSON-serialisable).
+_SAVED_ATTRIBUTES = (
+    "is_trained_", "history_", "train_indices_", "validation_indices_", "test_indices_",
+    "library_log_mean_", "library_log_std_", "label_proportions_",
+)
+
+
+def _as_csr(matrix) -> sp.csr_matrix:
+    """The count matrix in memory as float32 CSR (dense, CSR, CSC or backed input)."""
+    if not (sp.issparse(matrix) or isinstance(matrix, np.ndarray)):
+        matrix = matrix[:]  # backed h5ad dataset
+    out = sp.csr_matrix(matrix, dtype=np.float32)
+    out.sort_indices()
+    return out
+
+
+def _graph_params(layer: str | None, n_obs: int, n_neighbors: int, n_pcs: int,
+                  n_lpe: int) -> dict:
+    return {"version": _GRAPH_VERSION, "source": "X" if layer is None else f"layers/{layer}",
+            "n_obs": n_obs, "n_neighbors": n_neighbors, "n_pcs": n_pcs, "n_lpe": n_lpe}
+
+
+def _ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: int,
+                  n_lpe: int) -> None:
+    """Build the k-NN graph and LPE in ``adata`` unless a matching one is already there."""
+    params = _graph_params(layer, adata.n_obs, n_neighbors, n_pcs, n_lpe)
+    stored = adata.uns.get(ADATA_KEYS.GRAPH_PARAMS)
+    if (
+        isinstance(stored, dict)
+        and {k: (v.item() if isinstance(v, np.generic) else v) for k, v in stored.items()}
+        == params
+        and ADATA_KEYS.GRAPH in adata.obsp
+        and ADATA_KEYS.LPE in adata.obsm
+        and adata.obsm[ADATA_KEYS.LPE].shape == (adata.n_obs, n_lpe)
+    ):
+        logger.info("Reusing the cell graph stored in the AnnData.")
+        return
+    counts = _as_csr(adata.X if layer is None else adata.layers[layer])
+    seed = settings.seed if settings.seed is not None else 0
+    embedding = pca_embedding(counts, n_pcs=n_pcs, random_state=seed)
+    graph = knn_graph(embedding, n_neighbors=n_neighbors, random_state=seed)
+    if n_lpe > 0:
+        lpe, _ = laplacian_positional_encoding(graph, n_lpe=n_lpe, random_state=seed)
+    else:
+        lpe = np.zeros((adata.n_obs, 0), dtype=np.float32)
+    adata.obsp[ADATA_KEYS.GRAPH] = graph
+    adata.obsm[ADATA_KEYS.LPE] = lpe
+    adata.uns[ADATA_KEYS.GRAPH_PARAMS] = params
+
+
+def _merge_history(old: dict | None, new: dict | None) -> dict:
+    """Append a training run's per-epoch history to the model's, continuing the epochs."""
+    old, new = dict(old or {}), dict(new or {})
+    offset = max((len(frame) for frame in old.values()), default=0)
+    for key, frame in new.items():
+        frame = frame.copy()
+        frame.index = np.arange(offset, offset + len(frame))
+        frame.index.name = "epoch"
+        old[key] = pd.concat([old[key], frame]) if key in old else frame
+    return old
+
+
+def _lightning_trainer_kwargs(trainer_kwargs: dict) -> dict:
+    out = {"enable_checkpointing": False, "logger": None}
+    out.update(trainer_kwargs)
+    return out
+
+
+class LapDDPM(BaseModelClass):
+    r"""Conditional graph latent diffusion model for scRNA-seq counts (LapDDPM, paper 001).
+
+    A Chebyshev GNN encodes each cell from its expression and Laplacian positional
+    encodings on a k-NN cell graph; a count decoder (NB, ZINB or Poisson with explicit
+    library size) reconstructs it; a conditional diffusion model with classifier-free
+    guidance learns the distribution of the latents. Training perturbs the graph's edge
+    weights adversarially along its principal spectral mode.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        Used by :meth:`load` to rebuild a model without data; leave ``None``.
+    n_latent
+        Latent dimension.
+    n_hidden
+        Hidden width of encoder and decoder.
+    cheb_k
+        Chebyshev filter size of each graph layer (K - 1 hops).
+    n_cheb_layers
+        Number of graph layers.
+    likelihood
+        ``"nb"`` (negative binomial), ``"zinb"`` or ``"poisson"``.
+    dropout_rate
+        Encoder dropout.
+    score_hidden, score_blocks
+        Width and depth of the ScoreNet.
+    beta_min, beta_max, t_min
+        VP-SDE schedule, see :class:`scldiff.diffusion.VPSchedule`.
+
+    Examples
+    --------
+    >>> adata = scldiff.datasets.pbmc3k()
+    >>> scldiff.LapDDPM.setup_anndata(adata, labels_key="cell_type")
+    >>> model = scldiff.LapDDPM(adata)
+    >>> model.train()
+    >>> synth = model.generate(labels={"B cells": 300, "Megakaryocytes": 50}, seed=0)
+    """
+
+    _module_cls = LapDDPMModule
+    _training_plan_cls = LapDDPMTrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        n_latent: int = 16,
+        n_hidden: int = 128,
+        cheb_k: int = 2,
+        n_cheb_layers: int = 1,
+        likelihood: Likelihood = "nb",
+        dropout_rate: float = 0.1,
+        score_hidden: int = 256,
+        score_blocks: int = 3,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        t_min: float = 1e-3,
+    ):
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
+        super().__init__(adata, registry)
+        stats = self.summary_stats
+        self.module = self._module_cls(
+            n_input=stats["n_vars"],
+            n_labels=stats["n_labels"],
+            n_lpe=stats.get("n_lpe", 0),
+            lpe_scale=math.sqrt(stats["n_cells"]),
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            cheb_k=cheb_k,
+            n_cheb_layers=n_cheb_layers,
+            likelihood=likelihood,
+            dropout_rate=dropout_rate,
+            score_hidden=score_hidden,
+            score_blocks=score_blocks,
+            beta_min=beta_min,
+            beta_max=beta_max,
+            t_min=t_min,
+        )
+        self.library_log_mean_: list[float] | None = None
+        self.library_log_std_: list[float] | None = None
+        self.label_proportions_: list[float] | None = None
+        self._model_summary_string = (
+            f"LapDDPM with n_latent={n_latent}, likelihood={likelihood!r}, "
+            f"{stats['n_labels'] if self.is_conditional else 0} labels, "
+            f"Chebyshev K={cheb_k} x {n_cheb_layers} layer(s), {stats.get('n_lpe', 0)} LPE."
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ----------------------------------------------------------------------- setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        labels_key: str | None = None,
+        n_neighbors: int = 15,
+        n_pcs: int = 50,
+        n_lpe: int = 16,
+        **kwargs,
+    ) -> None:
+        """Register counts, labels and the cell graph of an AnnData.
+
+        The graph is built once and stored in the AnnData (so it is saved with it):
+        log-normalised counts, PCA, a symmetric k-NN graph with Gaussian weights
+        (pynndescent) in ``adata.obsp["scldiff_connectivities"]``, and the first ``n_lpe``
+        non-trivial eigenvectors of its normalised Laplacian in
+        ``adata.obsm["X_scldiff_lpe"]``. A graph already there with the same parameters is
+        reused. Input is checked before anything is written; bad input raises
+        :class:`ValueError` and leaves the AnnData unchanged.
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw counts (cells x genes).
+        layer
+            Layer with the raw counts; ``None`` uses ``adata.X``.
+        labels_key
+            Column of ``adata.obs`` with the labels to condition on (e.g. cell types);
+            ``None`` for an unconditional model.
+        n_neighbors
+            Neighbours per cell in the k-NN graph.
+        n_pcs
+            Principal components used to find neighbours.
+        n_lpe
+            Number of Laplacian positional encodings.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields` (``source_registry``
+            when a saved model is loaded).
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
+        check_graph_parameters(adata.n_obs, n_neighbors, n_pcs, n_lpe)
+        check_labels(adata, labels_key)
+        check_counts(adata, layer)
+        _ensure_graph(adata, layer, n_neighbors, n_pcs, n_lpe)
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            ObsmField(REGISTRY_KEYS.LPE_KEY, ADATA_KEYS.LPE),
+            ObspField(REGISTRY_KEYS.GRAPH_KEY, ADATA_KEYS.GRAPH),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields,
+                                       setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def labels_key(self) -> str | None:
+        """The ``adata.obs`` column the model is conditioned on (``None``: unconditional)."""
+        return self.registry_["setup_args"].get("labels_key")
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.labels_key is not None
+
+    @property
+    def label_categories(self) -> list[str]:
+        """The training labels, in the order of their codes."""
+        state = self.registry_["field_registries"][REGISTRY_KEYS.LABELS_KEY]["state_registry"]
+        return [str(c) for c in state["categorical_mapping"]]
+
+    # -------------------------------------------------------------------- data
+    def _collator(self, adata: AnnData | None = None) -> SubgraphCollator:
+        adata = self.adata if adata is None else adata
+        manager = self.get_anndata_manager(adata, required=True)
+        counts = _as_csr(manager.get_from_registry(REGISTRY_KEYS.X_KEY))
+        labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+        lpe = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LPE_KEY), dtype=np.float32)
+        graph = manager.get_from_registry(REGISTRY_KEYS.GRAPH_KEY)
+        sampler = SubgraphSampler(graph, n_hops=self.module.encoder.n_hops)
+        return SubgraphCollator(counts, labels, lpe, sampler)
+
+    def _split(self, train_size: float, validation_size: float | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        n = self.adata.n_obs
+        if not 0.0 < train_size <= 1.0:
+            raise ValueError(f"train_size must lie in (0, 1], got {train_size}.")
+        n_val = n - round(train_size * n) if validation_size is None else round(
+            validation_size * n)
+        n_train = round(train_size * n)
+        if n_train < 1 or n_train + n_val > n:
+            raise ValueError(f"train_size={train_size}, validation_size={validation_size} do "
+                             f"not split {n} cells.")
+        permutation = np.random.default_rng(settings.seed).permutation(n)
+        return np.sort(permutation[:n_train]), np.sort(permutation[n_train:n_train + n_val])
+
+    @torch.inference_mode()
+    def _posterior(self, collator: SubgraphCollator, indices: np.ndarray,
+                   batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior means and log-variances of the given cells on the full graph."""
+        self.module.eval()
+        loader = SubgraphDataModule(collator, indices, [], batch_size).predict_dataloader()
+        means, logvars = [], []
+        device = self.device
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            inputs = self.module._get_inference_input(batch)
+            out = self.module.inference(**inputs, use_mean=True)
+            means.append(out["qz_mean"].cpu())
+            logvars.append(out["qz_logvar"].cpu())
+        return torch.cat(means), torch.cat(logvars)
+
+    # ------------------------------------------------------------------- training
+    def _fit(self, plan, datamodule, max_epochs: int, accelerator, devices,
+             trainer_kwargs: dict) -> None:
+        previous = self.history_
+        runner = TrainRunner(self, training_plan=plan, data_splitter=datamodule,
+                             max_epochs=max_epochs, accelerator=accelerator, devices=devices,
+                             **trainer_kwargs)
+        runner()
+        self.history_ = _merge_history(previous, _safe_load_logger_history(runner.trainer))
+
+    def _fit_library_size(self, indices: np.ndarray, collator: SubgraphCollator) -> None:
+        """Per-label log-normal fit of the training cells' total counts."""
+        log_library = np.log(collator.library[indices].astype(np.float64))
+        codes = collator.labels[indices]
+        n_labels = len(self.label_categories)
+        mean = np.full(n_labels, log_library.mean())
+        std = np.full(n_labels, log_library.std(ddof=1) if log_library.size > 1 else 0.0)
+        counts = np.bincount(codes, minlength=n_labels)
+        for code in np.flatnonzero(counts):
+            values = log_library[codes == code]
+            mean[code] = values.mean()
+            if values.size > 1:
+                std[code] = values.std(ddof=1)
+        self.library_log_mean_ = mean.tolist()
+        self.library_log_std_ = std.tolist()
+        self.label_proportions_ = (counts / counts.sum()).tolist()
+
+    def train(
+        self,
+        n_epochs_stage_a: int | None = None,
+        n_epochs_stage_b: int | None = None,
+        batch_size: int = 128,
+        batch_size_stage_b: int = 256,
+        train_size: float = 1.0,
+        validation_size: float | None = None,
+        lr: float = 1e-3,
+        lr_stage_b: float = 1e-3,
+        kl_weight: float = 1.0,
+        n_epochs_kl_warmup: int | None = None,
+        rec_weight: float = 1.0,
+        perturbation: Literal["spectral", "random", "none"] = "spectral",
+        epsilon: float = 0.05,
+        power_iterations: int = 3,
+        mask_fraction: float = 0.1,
+        p_uncond: float = 0.1,
+        ema_decay: float = 0.999,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Train in two stages: the graph VAE (A), then the latent diffusion (B).
+
+        Stage A minibatches are subgraphs (seed cells and their graph neighbourhood), so a
+        step costs O(batch_size * n_neighbors) whatever the number of cells. Stage B trains
+        the ScoreNet on the frozen encoder's posterior. Losses of both stages are appended
+        to :attr:`history` (``elbo_train``, ``reconstruction_loss_train``, ``kl_local_train``,
+        ``perturbation_relative_change_train``, then ``diffusion_loss_train``).
+
+        Parameters
+        ----------
+        n_epochs_stage_a
+            Epochs of stage A; default ``min(400, round(50_000 / n_train))``.
+        n_epochs_stage_b
+            Epochs of stage B; default ``min(1000, round(250_000 / n_train))``.
+        batch_size
+            Seed cells per stage-A minibatch.
+        batch_size_stage_b
+            Cells per stage-B minibatch.
+        train_size
+            Fraction of cells used for training.
+        validation_size
+            Fraction used for validation (default: the rest).
+        lr, lr_stage_b
+            Learning rates of the two stages.
+        kl_weight
+            Weight of the KL term (after warm-up).
+        n_epochs_kl_warmup
+            Epochs of linear KL warm-up (default: a quarter of stage A).
+        rec_weight
+            Weight of the reconstruction term.
+        perturbation
+            Edge-weight adversary: ``"spectral"`` (paper 001), ``"random"`` or ``"none"``.
+        epsilon
+            Perturbation radius relative to the subgraph's weight norm.
+        power_iterations
+            Power-iteration steps for the principal eigenvector.
+        mask_fraction
+            Fraction of input gene counts masked for the encoder.
+        p_uncond
+            Probability of dropping a cell's label in stage B (classifier-free guidance).
+        ema_decay
+            Exponential moving average of the ScoreNet's weights (0 disables it).
+        accelerator, devices
+            Lightning accelerator and devices.
+        plan_kwargs
+            Extra keyword arguments of :class:`~scldiff.train.LapDDPMTrainingPlan`.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar=False``).
+        """
+        if self.adata is None:
+            raise ValueError("This model was loaded without an AnnData; pass adata to "
+                             "LapDDPM.load(dir_path, adata) to train it.")
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got "
+                             f"{perturbation!r}.")
+        train_idx, val_idx = self._split(train_size, validation_size)
+        n_train = train_idx.size
+        n_a = min(400, round(50_000 / n_train)) if n_epochs_stage_a is None else n_epochs_stage_a
+        n_b = (min(1000, round(250_000 / n_train)) if n_epochs_stage_b is None
+               else n_epochs_stage_b)
+        for name, value in (("n_epochs_stage_a", n_a), ("n_epochs_stage_b", n_b)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        if n_a + n_b == 0:
+            raise ValueError("Both stages have 0 epochs; nothing to train.")
+        trainer_kwargs = _lightning_trainer_kwargs(trainer_kwargs)
+        if not any(k in trainer_kwargs for k in ("check_val_every_n_epoch",)) and len(val_idx):
+            trainer_kwargs["check_val_every_n_epoch"] = 1
+        plan_kwargs = dict(plan_kwargs or {})
+        collator = self._collator()
+
+        if n_a > 0:
+            logger.info("Stage A: graph VAE, %d epochs.", n_a)
+            plan_a = self._training_plan_cls(
+                self.module, stage="A", lr=lr, kl_weight=kl_weight,
+                n_epochs_kl_warmup=max(n_a // 4, 1) if n_epochs_kl_warmup is None
+                else n_epochs_kl_warmup,
+                rec_weight=rec_weight, perturbation=perturbation, epsilon=epsilon,
+                power_iterations=power_iterations, mask_fraction=mask_fraction, **plan_kwargs,
+            )
+            data_a = SubgraphDataModule(collator, train_idx, val_idx, batch_size)
+            self._fit(plan_a, data_a, n_a, accelerator, devices, trainer_kwargs)
+
+        if n_b > 0:
+            logger.info("Stage B: latent diffusion, %d epochs.", n_b)
+            qz_mean, qz_logvar = self._posterior(collator, train_idx)
+            self.module.set_latent_statistics(qz_mean, qz_logvar)
+            labels = torch.from_numpy(collator.labels)
+            val = None
+            if len(val_idx):
+                val = (*self._posterior(collator, val_idx), labels[val_idx])
+            data_b = LatentDataModule((qz_mean, qz_logvar, labels[train_idx]), val,
+                                      batch_size_stage_b)
+            plan_b = self._training_plan_cls(
+                self.module, stage="B", lr=lr_stage_b, p_uncond=p_uncond if
+                self.is_conditional else 0.0, ema_decay=ema_decay, **plan_kwargs,
+            )
+            self._fit(plan_b, data_b, n_b, accelerator, devices, trainer_kwargs)
+
+        self._fit_library_size(train_idx, collator)
+        self.train_indices_, self.validation_indices_ = train_idx, val_idx
+        self.test_indices_ = np.zeros(0, dtype=np.int64)
+        self.is_trained_ = True
+        self.module.eval()
+
+    # ------------------------------------------------------------------ inference
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: np.ndarray | None = None,
+        batch_size: int = 512,
+    ) -> np.ndarray:
+        """Posterior mean of each cell's latent, encoded on the full cell graph.
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the training data (default: the model's).
+        indices
+            Cells to encode (default: all).
+        batch_size
+            Seed cells per encoding batch.
+
+        Returns
+        -------
+        ``(n_cells, n_latent)`` array.
+        """
+        self._check_if_trained(warn=True)
+        adata = self._validate_anndata(adata)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        mean, _ = self._posterior(self._collator(adata), indices, batch_size)
+        return mean.numpy()
+
+    def generate(
+        self,
+        labels=None,
+        n_samples: int | None = None,
+        guidance_scale: float = 1.0,
+        sampler: Literal["ode", "ddim", "sde"] = "ode",
+        n_steps: int | None = None,
+        batch_size: int = 4096,
+        seed: int | None = None,
+        progress_bar: bool = True,
+    ) -> AnnData:
+        r"""Generate cells: guided latent diffusion, decoder, library size, count sampling.
+
+        Parameters
+        ----------
+        labels
+            A mapping ``{label: count}``, or a sequence with one label per cell. ``None``
+            gives ``n_samples`` cells in the training label proportions.
+        n_samples
+            Number of cells when ``labels`` is ``None`` (default: as many as trained on).
+        guidance_scale
+            Classifier-free guidance :math:`w` in :math:`\epsilon_u + w(\epsilon_c -
+            \epsilon_u)`: 0 ignores the labels, 1 samples the conditional model, larger
+            values sharpen the labels.
+        sampler
+            ``"ode"`` (probability-flow ODE, DPM-Solver++(2M)), ``"ddim"`` or ``"sde"``
+            (reverse SDE, Euler–Maruyama).
+        n_steps
+            Sampler steps (default 50 for ``"ode"``, 200 for ``"ddim"``, 500 for ``"sde"``).
+        batch_size
+            Cells generated at a time.
+        seed
+            Seed of the random numbers; the same seed and ``batch_size`` give the same
+            counts, also after save and load.
+        progress_bar
+            Show a progress bar.
+
+        Returns
+        -------
+        AnnData with integer counts in ``X`` (CSR) and ``layers["counts"]``, the training
+        ``var_names``, ``obs[labels_key]`` (categorical, training categories),
+        ``obs["synthetic"] = True`` and provenance in ``uns["scldiff"]``.
+        """
+        self._check_if_trained(warn=False)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got "
+                             f"{guidance_scale!r}.")
+        for name, value in (("n_steps", n_steps), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or
+                                      not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if labels is None and n_samples is None:
+            n_samples = len(self.train_indices_)
+        categories = self.label_categories
+        codes = resolve_generation_labels(labels, n_samples, categories,
+                                          np.asarray(self.label_proportions_),
+                                          self.is_conditional)
+        scale = float(guidance_scale) if self.is_conditional else 1.0
+        steps = n_steps or DEFAULT_STEPS[sampler]
+
+        seed_sequence = np.random.SeedSequence(seed)
+        torch_seed, numpy_seed = seed_sequence.spawn(2)
+        device = self.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(torch_seed.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+        rng = np.random.default_rng(numpy_seed)
+        log_mean = np.asarray(self.library_log_mean_)[codes]
+        log_std = np.asarray(self.library_log_std_)[codes]
+        library = np.exp(rng.normal(log_mean, log_std)).astype(np.float32)
+
+        self.module.eval()
+        blocks = []
+        for start in tqdm(range(0, codes.size, batch_size), desc="Generating cells",
+                          disable=not progress_bar):
+            stop = min(start + batch_size, codes.size)
+            counts = self.module.sample(
+                torch.from_numpy(codes[start:stop]), torch.from_numpy(library[start:stop]),
+                rng, guidance_scale=scale, sampler=sampler, n_steps=steps, generator=generator,
+            )
+            blocks.append(sp.csr_matrix(counts))
+        x = sp.vstack(blocks, format="csr").astype(np.float32)
+
+        obs = pd.DataFrame(index=pd.Index([f"synthetic-{i}" for i in range(codes.size)]))
+        if self.is_conditional:
+            obs[self.labels_key] = pd.Categorical.from_codes(codes, categories=categories)
+        obs["synthetic"] = True
+        var = pd.DataFrame(index=pd.Index(np.asarray(self.get_var_names(), dtype=str)))
+        import scldiff
+
+        provenance = {
+            "model": "LapDDPM",
+            "scldiff_version": scldiff.__version__,
+            "scvi_tools_version": self.registry_.get("scvi_version", ""),
+            "torch_version": torch.__version__,
+            "seed": "" if seed is None else str(seed),
+            "seed_entropy": str(seed_sequence.entropy),
+            "sampler": sampler,
+            "n_steps": int(steps),
+            "guidance_scale": scale,
+            "likelihood": self.module.likelihood,
+            "labels_key": self.labels_key or "",
+            "library_size": "per-label log-normal fit of the training cells",
+        }
+        synth = AnnData(X=x, obs=obs, var=var, layers={"counts": x.copy()},
+                        uns={"scldiff": provenance})
+        return synth
+
+    # ------------------------------------------------------------------ save / load
+    def save(
+        self,
+        dir_path: str,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model (and optionally its AnnData) without pickle.
+
+        Writes ``model.safetensors`` (weights) and ``model.json`` (everything else), plus
+        ``adata.h5ad`` with ``save_anndata=True``, atomically: the directory appears only
+        once complete.
+
+        Parameters
+        ----------
+        dir_path
+            Directory to create.
+        prefix
+            Not supported (kept for scvi-tools signature compatibility); must be ``None``.
+        overwrite
+            Replace an existing directory.
+        save_anndata
+            Also write the AnnData (with its cell graph).
+        **anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad`.
+        """
+        if prefix is not None:
+            raise ValueError("prefix is not supported by LapDDPM.save; use dir_path.")
+        import scldiff
+
+        attributes = {
+            "model_name": type(self).__name__,
+            "scldiff_version": scldiff.__version__,
+            "init_params_": self.init_params_,
+            "registry_": self.registry_,
+            "var_names": np.asarray(self.get_var_names(), dtype=str),
+        }
+        for name in _SAVED_ATTRIBUTES:
+            attributes[name] = getattr(self, name, None)
+        write_adata = None
+        if save_anndata:
+            if self.adata is None:
+                raise ValueError("save_anndata=True but the model has no AnnData.")
+            write_adata = lambda path: self.adata.write_h5ad(path, **anndata_write_kwargs)
+        write_model_dir(dir_path, self.module.state_dict(), attributes, write_adata, overwrite)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str,
+        adata: AnnData | None | Literal[False] = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+    ) -> LapDDPM:
+        """Load a model saved by :meth:`save`; never executes code from the files.
+
+        Parameters
+        ----------
+        dir_path
+            The model directory.
+        adata
+            AnnData with the training genes; ``None`` loads ``adata.h5ad`` from the
+            directory when present (else the model has no data: it can still generate),
+            ``False`` never loads data.
+        accelerator, device
+            Where to put the model.
+        """
+        import os
+
+        from scvi.model._utils import parse_device_args
+
+        state_dict, attributes = read_model_dir(dir_path)
+        for key in ("model_name", "init_params_", "registry_", "var_names"):
+            if key not in attributes:
+                raise ModelFileError(f"{dir_path}/model.json lacks {key!r}.")
+        if attributes["model_name"] != cls.__name__:
+            raise ModelFileError(f"{dir_path} holds a {attributes['model_name']!r} model, not "
+                                 f"{cls.__name__}.")
+        registry = attributes["registry_"]
+        init_params = attributes["init_params_"]
+        if not isinstance(registry, dict) or "setup_args" not in registry or not isinstance(
+                init_params, dict) or not isinstance(init_params.get("non_kwargs"), dict):
+            raise ModelFileError(f"{dir_path}/model.json has a malformed registry or init "
+                                 "parameters.")
+        var_names = np.asarray(attributes["var_names"], dtype=str)
+
+        if adata is None:
+            path = os.path.join(dir_path, ADATA_FILE)
+            if os.path.exists(path):
+                import anndata
+
+                adata = anndata.read_h5ad(path)
+        if adata is False:
+            adata = None
+        if adata is not None:
+            given = np.asarray(adata.var_names, dtype=str)
+            if not np.array_equal(given, var_names):
+                missing = [g for g in var_names if g not in set(given)]
+                extra = [g for g in given if g not in set(var_names)]
+                raise ValueError(
+                    "The AnnData's genes differ from the model's: "
+                    f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} extra "
+                    f"(e.g. {extra[:5]})"
+                    + ("" if missing or extra else ", same genes in another order")
+                    + ". Subset and order them as in training: adata[:, model_var_names]."
+                )
+            cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+        try:
+            model = cls(adata, registry=registry if adata is None else None,
+                        **init_params["non_kwargs"])
+        except TypeError as err:
+            raise ModelFileError(f"{dir_path}/model.json has unexpected init parameters: "
+                                 f"{err}") from err
+        try:
+            model.module.load_state_dict(state_dict, strict=True)
+        except RuntimeError as err:
+            raise ModelFileError(
+                f"The weights in {dir_path} do not fit the model its model.json describes "
+                f"(missing, unexpected or mis-shaped tensors): {err}"
+            ) from err
+        for name in _SAVED_ATTRIBUTES:
+            if name in attributes:
+                setattr(model, name, attributes[name])
+        _, _, torch_device = parse_device_args(accelerator=accelerator, devices=device,
+                                               return_device="torch",
+                                               validate_single_device=True)
+        model.to_device(torch_device)
+        model.module.eval()
+        return model
+
+    def __repr__(self) -> str:
+        trained = "trained" if self.is_trained_ else "untrained"
+        return f"{self._model_summary_string} ({trained})"
+

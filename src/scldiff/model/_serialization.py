@@ -1,0 +1,154 @@
+"""Model files without pickle: tensors in safetensors, everything else in JSON.
+
+A model directory holds ``model.safetensors`` (the module's state dict) and
+``model.json`` (init parameters, registry, var names, history, library-size fit). Neither
+format can carry code: ``safetensors`` stores raw numeric buffers, and the JSON decoder
+only rebuilds numbers, strings, lists, dicts and numeric/string numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_JSON = "model.json"
+ADATA_FILE = "adata.h5ad"
+FORMAT_VERSION = 1
+_ARRAY_TAG = "__ndarray__"
+_FRAME_TAG = "__dataframe__"
+_ALLOWED_KINDS = set("biufUSO")
+
+
+class ModelFileError(ValueError):
+    """A model directory that cannot be loaded safely (corrupt, tampered or foreign)."""
+
+
+def _encode(obj):
+    if isinstance(obj, dict):
+        return {str(k): _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in _ALLOWED_KINDS:
+            raise TypeError(f"Cannot store an array of dtype {obj.dtype} in a model file.")
+        kind = "str" if obj.dtype.kind in "USO" else obj.dtype.str
+        values = obj.astype(str).tolist() if kind == "str" else obj.tolist()
+        return {_ARRAY_TAG: values, "dtype": kind, "shape": list(obj.shape)}
+    if isinstance(obj, pd.DataFrame):
+        data = obj.to_numpy()
+        if data.dtype == object:  # e.g. training history: floats stored as Python objects
+            try:
+                data = data.astype(np.float64)
+            except (TypeError, ValueError):
+                data = data.astype(str)
+        return {_FRAME_TAG: {"index": _encode(obj.index.to_numpy()),
+                             "index_name": obj.index.name,
+                             "columns": [str(c) for c in obj.columns],
+                             "data": _encode(data)}}
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"Cannot store a {type(obj).__name__} in a model file.")
+
+
+def _decode(obj):
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if _ARRAY_TAG in obj:
+        dtype = obj.get("dtype")
+        if dtype == "str":
+            array = np.asarray(obj[_ARRAY_TAG], dtype=str)
+        else:
+            np_dtype = np.dtype(dtype)
+            if np_dtype.kind not in "biuf":
+                raise ModelFileError(f"model.json holds an array of forbidden dtype {dtype!r}.")
+            array = np.asarray(obj[_ARRAY_TAG], dtype=np_dtype)
+        return array.reshape(obj.get("shape", array.shape))
+    if _FRAME_TAG in obj:
+        spec = obj[_FRAME_TAG]
+        frame = pd.DataFrame(_decode(spec["data"]), columns=spec["columns"],
+                             index=_decode(spec["index"]))
+        frame.index.name = spec.get("index_name")
+        return frame
+    return {k: _decode(v) for k, v in obj.items()}
+
+
+def write_model_dir(
+    dir_path: str, state_dict: dict[str, torch.Tensor], attributes: dict,
+    write_adata=None, overwrite: bool = False,
+) -> None:
+    """Write a model directory atomically: build it beside ``dir_path``, then rename.
+
+    An interrupted save leaves the previous directory (or none), never a half-written one.
+    """
+    dir_path = os.path.abspath(dir_path)
+    if os.path.exists(dir_path) and not overwrite:
+        raise ValueError(f"{dir_path} already exists; pass overwrite=True or another path.")
+    parent = os.path.dirname(dir_path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".scldiff-save-", dir=parent)
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        save_file(tensors, os.path.join(staging, MODEL_WEIGHTS))
+        payload = {"format_version": FORMAT_VERSION, **_encode(attributes)}
+        with open(os.path.join(staging, MODEL_JSON), "w") as handle:
+            json.dump(payload, handle)
+        if write_adata is not None:
+            write_adata(os.path.join(staging, ADATA_FILE))
+        if os.path.exists(dir_path):
+            backup = tempfile.mkdtemp(prefix=".scldiff-old-", dir=parent)
+            os.rmdir(backup)
+            os.rename(dir_path, backup)
+            os.rename(staging, dir_path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(staging, dir_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def read_model_dir(dir_path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read the tensors and attributes of a model directory, refusing anything unsafe."""
+    weights = os.path.join(dir_path, MODEL_WEIGHTS)
+    meta = os.path.join(dir_path, MODEL_JSON)
+    for path in (weights, meta):
+        if not os.path.isfile(path):
+            raise ModelFileError(
+                f"{path} is missing: {dir_path} is not an scldiff model directory "
+                "(expected model.safetensors and model.json, written by LapDDPM.save)."
+            )
+    try:
+        state_dict = load_file(weights, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelFileError(
+            f"{weights} is not a valid safetensors file ({err}); it may be corrupt or not "
+            "an scldiff model (pickled files are refused)."
+        ) from err
+    try:
+        with open(meta) as handle:
+            attributes = _decode(json.load(handle))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as err:
+        raise ModelFileError(f"{meta} is not valid scldiff model metadata ({err}).") from err
+    if not isinstance(attributes, dict) or attributes.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{meta} has format_version {attributes.get('format_version')!r} "
+            f"(this scldiff reads {FORMAT_VERSION})."
+        )
+    return state_dict, attributes

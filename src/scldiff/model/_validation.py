@@ -1,0 +1,188 @@
+"""Checks of user input that raise errors naming the problem and the fix, before any write."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+_CHUNK = 10_000  # rows checked at a time, so a dense or backed matrix is never copied whole
+
+
+def _layer(adata: AnnData, layer: str | None):
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        raise ValueError(
+            f"layer {layer!r} is not in adata.layers (available: {list(adata.layers)}); pass "
+            "the layer that holds raw counts, or layer=None for adata.X."
+        )
+    return adata.layers[layer]
+
+
+def _values(block) -> np.ndarray:
+    if sp.issparse(block):
+        return np.asarray(block.data)
+    return np.asarray(block).ravel()
+
+
+def check_counts(adata: AnnData, layer: str | None) -> None:
+    """Raise ``ValueError`` unless the layer holds finite, non-negative whole numbers.
+
+    Also rejects cells without counts; genes without counts only warn (the model learns a
+    near-zero expression for them).
+    """
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    matrix = _layer(adata, layer)
+    if matrix is None:
+        raise ValueError(f"{where} is empty; pass an AnnData with raw counts.")
+    n_obs, n_vars = adata.shape
+    if n_obs == 0 or n_vars == 0:
+        raise ValueError(f"{where} has shape {adata.shape}; it needs cells and genes.")
+    gene_total = np.zeros(n_vars)
+    empty_cells = 0
+    for start in range(0, n_obs, _CHUNK):
+        block = matrix[start : start + _CHUNK]
+        if not (sp.issparse(block) or isinstance(block, np.ndarray)):
+            block = np.asarray(block)
+        values = _values(block)
+        if values.dtype.kind not in "biuf":
+            raise ValueError(f"{where} has dtype {values.dtype}; it must hold numeric counts.")
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ValueError(
+                f"{where} holds NaN or infinite values; pass raw UMI counts without missing "
+                "values."
+            )
+        if values.size and values.min() < 0:
+            raise ValueError(
+                f"{where} holds negative values (minimum {values.min():g}); it looks scaled or "
+                "centred. Pass raw counts, e.g. layer='counts'."
+            )
+        if values.dtype.kind == "f":
+            fractional = values != np.round(values)
+            if fractional.any():
+                example = values[fractional][0]
+                raise ValueError(
+                    f"{where} holds non-integer values (e.g. {example:g}); it looks normalised "
+                    "or log-transformed. Pass raw counts, e.g. layer='counts' or "
+                    "adata.raw.to_adata()."
+                )
+        cell_total = np.asarray(block.sum(axis=1)).ravel()
+        empty_cells += int((cell_total == 0).sum())
+        gene_total += np.asarray(block.sum(axis=0)).ravel()
+    if empty_cells:
+        raise ValueError(
+            f"{empty_cells} cells have no counts in {where}; remove them first, e.g. "
+            "sc.pp.filter_cells(adata, min_counts=1)."
+        )
+    empty_genes = int((gene_total == 0).sum())
+    if empty_genes:
+        warnings.warn(
+            f"{empty_genes} genes have no counts in {where}; the model will give them a "
+            "near-zero expression. Remove them with sc.pp.filter_genes(adata, min_cells=1) "
+            "if they are not wanted.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_labels(adata: AnnData, labels_key: str | None) -> None:
+    """Raise ``ValueError`` if the labels column is missing or has missing values."""
+    if labels_key is None:
+        return
+    if labels_key not in adata.obs:
+        raise ValueError(
+            f"labels_key {labels_key!r} is not a column of adata.obs (columns: "
+            f"{list(adata.obs.columns)}); pass an existing column or labels_key=None for an "
+            "unconditional model."
+        )
+    missing = int(pd.isna(adata.obs[labels_key]).sum())
+    if missing:
+        raise ValueError(
+            f"adata.obs[{labels_key!r}] has {missing} missing values; drop those cells or "
+            "fill in their labels."
+        )
+
+
+def check_graph_parameters(n_obs: int, n_neighbors: int, n_pcs: int, n_lpe: int) -> None:
+    """Raise ``ValueError`` for graph sizes the data cannot support."""
+    for name, value, low in (("n_neighbors", n_neighbors, 1), ("n_pcs", n_pcs, 1),
+                             ("n_lpe", n_lpe, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    if n_obs <= n_neighbors:
+        raise ValueError(
+            f"The AnnData has {n_obs} cells, too few for a {n_neighbors}-nearest-neighbour "
+            f"graph; pass n_neighbors < {n_obs} or more cells."
+        )
+    if n_lpe >= n_obs - 1:
+        raise ValueError(
+            f"n_lpe={n_lpe} positional encodings need more than {n_lpe + 1} cells (have "
+            f"{n_obs}); pass a smaller n_lpe."
+        )
+
+
+def resolve_generation_labels(
+    labels, n_samples: int | None, categories: Sequence[str], proportions: np.ndarray,
+    conditional: bool,
+) -> np.ndarray:
+    """Label codes of the cells to generate, from ``generate``'s ``labels``/``n_samples``.
+
+    ``labels`` may be ``None`` (``n_samples`` cells in the training proportions, by largest
+    remainder so the counts are exact and deterministic), a mapping ``{label: count}`` or a
+    sequence with one label per cell.
+    """
+    index = {str(c): i for i, c in enumerate(categories)}
+
+    def code(label) -> int:
+        key = str(label)
+        if key not in index:
+            raise ValueError(
+                f"Unknown label {label!r}; the model was trained on: {list(categories)}."
+            )
+        return index[key]
+
+    if labels is None:
+        if n_samples is None:
+            raise ValueError("Pass labels (a mapping {label: count} or one label per cell) or "
+                             "n_samples.")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)):
+            raise TypeError(f"n_samples must be a positive integer, got {n_samples!r}.")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples}.")
+        quota = proportions * n_samples
+        counts = np.floor(quota).astype(np.int64)
+        remainder = n_samples - counts.sum()
+        counts[np.argsort(-(quota - counts), kind="stable")[:remainder]] += 1
+        return np.repeat(np.arange(len(categories)), counts)
+    if n_samples is not None:
+        raise ValueError("Pass either labels or n_samples, not both: with labels the number "
+                         "of cells is given by the labels.")
+    if not conditional:
+        raise ValueError("This model is unconditional (set up with labels_key=None); pass "
+                         "n_samples instead of labels.")
+    if isinstance(labels, Mapping):
+        codes = []
+        for label, count in labels.items():
+            if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+                raise TypeError(f"The count for label {label!r} must be an integer, got "
+                                f"{count!r}.")
+            if count < 1:
+                raise ValueError(f"The count for label {label!r} must be positive, got {count}.")
+            codes.append(np.full(int(count), code(label), dtype=np.int64))
+        if not codes:
+            raise ValueError("labels is an empty mapping; give at least one {label: count}.")
+        return np.concatenate(codes)
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, (Sequence, np.ndarray,
+                                                                   pd.Series, pd.Index)):
+        raise TypeError(
+            "labels must be a mapping {label: count} or a sequence with one label per cell, "
+            f"got {type(labels).__name__}."
+        )
+    if len(labels) == 0:
+        raise ValueError("labels is empty; give at least one label.")
+    return np.array([code(label) for label in labels], dtype=np.int64)

@@ -1,0 +1,221 @@
+"""LapDDPM module: pure torch on ``dict[str, Tensor]`` (no AnnData here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scvi.module.base import BaseModuleClass, LossOutput
+from torch import Tensor
+
+from .._constants import BATCH_KEYS
+from ..diffusion import DEFAULT_STEPS, SAMPLERS, ClassifierFreeGuidance, VPSchedule
+from ._decoder import CountDecoder, Likelihood, sample_counts
+from ._encoder import GraphEncoder
+from ._scorenet import ScoreNet
+
+_ENCODER_INPUTS = (
+    BATCH_KEYS.NODE_CROW, BATCH_KEYS.NODE_COL, BATCH_KEYS.NODE_VAL, BATCH_KEYS.NODE_LIBRARY,
+    BATCH_KEYS.LPE, BATCH_KEYS.EDGE_INDEX, BATCH_KEYS.EDGE_WEIGHT, BATCH_KEYS.DEGREE_OUTSIDE,
+)
+
+
+def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
+    r"""KL(N(mean, exp(logvar)) || N(0, I)) per row.
+
+    :math:`\tfrac12\sum(\mu^2 + \sigma^2 - 1 - \log\sigma^2)` (paper 001, :math:`L_{KL}`).
+    """
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+class LapDDPMModule(BaseModuleClass):
+    """Graph VAE (encoder + count decoder) and a conditional latent diffusion model.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_labels
+        Number of labels (1 for an unconditional model).
+    n_lpe
+        Number of Laplacian positional encodings given to the encoder.
+    lpe_scale
+        Factor applied to the (unit-norm) encodings, ``sqrt(n_cells)``, so entries are O(1).
+    n_latent
+        Latent dimension.
+    n_hidden
+        Hidden width of encoder and decoder.
+    cheb_k
+        Chebyshev filter size of each graph layer.
+    n_cheb_layers
+        Number of graph layers.
+    likelihood
+        ``"nb"``, ``"zinb"`` or ``"poisson"``.
+    dropout_rate
+        Dropout in the encoder.
+    score_hidden, score_blocks
+        ScoreNet width and depth.
+    beta_min, beta_max, t_min
+        VP-SDE schedule (:class:`~scldiff.diffusion.VPSchedule`).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_labels: int,
+        n_lpe: int,
+        lpe_scale: float = 1.0,
+        n_latent: int = 16,
+        n_hidden: int = 128,
+        cheb_k: int = 2,
+        n_cheb_layers: int = 1,
+        likelihood: Likelihood = "nb",
+        dropout_rate: float = 0.1,
+        score_hidden: int = 256,
+        score_blocks: int = 3,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        t_min: float = 1e-3,
+    ):
+        super().__init__()
+        self.n_latent = n_latent
+        self.likelihood = likelihood
+        self.encoder = GraphEncoder(n_input, n_lpe, n_latent, n_hidden, cheb_k, n_cheb_layers,
+                                    dropout_rate)
+        self.decoder = CountDecoder(n_latent, n_input, n_hidden, likelihood=likelihood)
+        self.score_net = ScoreNet(n_latent, n_labels, score_hidden, score_blocks)
+        self.schedule = VPSchedule(beta_min, beta_max, t_min)
+        self.register_buffer("lpe_scale", torch.tensor(float(lpe_scale)))
+        # Standardisation of the aggregate posterior, set between the two training stages.
+        self.register_buffer("latent_mean", torch.zeros(n_latent))
+        self.register_buffer("latent_std", torch.ones(n_latent))
+
+    # ------------------------------------------------------------------ VAE (stage A)
+    def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict:
+        inputs = {key: tensors[key] for key in _ENCODER_INPUTS}
+        inputs["n_seed"] = tensors[BATCH_KEYS.LABELS].shape[0]
+        return inputs
+
+    def inference(
+        self,
+        node_crow: Tensor,
+        node_col: Tensor,
+        node_val: Tensor,
+        node_library: Tensor,
+        lpe: Tensor,
+        edge_index: Tensor,
+        edge_weight: Tensor,
+        degree_outside: Tensor,
+        n_seed: int,
+        input_mask: Tensor | None = None,
+        use_mean: bool = False,
+    ) -> dict[str, Tensor]:
+        """Posterior q(z | x, graph) of the seed cells (the first ``n_seed`` nodes).
+
+        ``input_mask`` (one boolean per stored count) zeroes masked genes in the encoder's
+        input only (paper 001's input gene masking); the likelihood sees all counts.
+        """
+        rows = torch.repeat_interleave(
+            torch.arange(node_crow.numel() - 1, device=node_crow.device), node_crow.diff()
+        )
+        value = torch.log1p(node_val / node_library[rows] * 1e4)
+        if input_mask is not None:
+            value = value * input_mask
+        mean, logvar = self.encoder(
+            node_crow, node_col, value, lpe * self.lpe_scale, edge_index, edge_weight,
+            degree_outside,
+        )
+        mean, logvar = mean[:n_seed], logvar[:n_seed]
+        z = mean if use_mean else mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        return {"qz_mean": mean, "qz_logvar": logvar, "z": z}
+
+    def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:
+        counts = tensors[BATCH_KEYS.COUNTS]
+        return {"z": inference_outputs["z"], "library": counts.sum(-1, keepdim=True)}
+
+    def generative(self, z: Tensor, library: Tensor) -> dict:
+        params = self.decoder(z)
+        return {"px": self.decoder.distribution(params, library), "params": params}
+
+    def loss(
+        self,
+        tensors: dict[str, Tensor],
+        inference_outputs: dict[str, Tensor],
+        generative_outputs: dict,
+        kl_weight: float | Tensor = 1.0,
+        rec_weight: float = 1.0,
+    ) -> LossOutput:
+        """Stage A: ``rec_weight * -log p(x|z) + kl_weight * KL(q(z|x) || N(0, I))``."""
+        counts = tensors[BATCH_KEYS.COUNTS]
+        reconstruction = -generative_outputs["px"].log_prob(counts).sum(-1)
+        kl = gaussian_kl(inference_outputs["qz_mean"], inference_outputs["qz_logvar"])
+        loss = (rec_weight * reconstruction + kl_weight * kl).mean()
+        return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local=kl)
+
+    # ------------------------------------------------------------ diffusion (stage B)
+    def standardize(self, z: Tensor) -> Tensor:
+        return (z - self.latent_mean) / self.latent_std
+
+    def unstandardize(self, z: Tensor) -> Tensor:
+        return z * self.latent_std + self.latent_mean
+
+    @torch.no_grad()
+    def set_latent_statistics(self, qz_mean: Tensor, qz_logvar: Tensor) -> None:
+        """Mean and std of the aggregate posterior (a mixture of the cells' Gaussians)."""
+        mean = qz_mean.mean(0)
+        var = qz_logvar.exp().mean(0) + qz_mean.var(0, unbiased=False)
+        self.latent_mean.copy_(mean)
+        self.latent_std.copy_(var.sqrt().clamp_min(1e-6))
+
+    def diffusion_loss(
+        self, qz_mean: Tensor, qz_logvar: Tensor, labels: Tensor, p_uncond: float = 0.1
+    ) -> Tensor:
+        r"""Noise-prediction MSE on z_0 ~ q(z|x), standardised (paper 001, :math:`L_{diff}`).
+
+        Each cell's label is replaced by the null token with probability ``p_uncond``,
+        independently per cell, so one network learns conditional and unconditional scores.
+        """
+        z0 = qz_mean + torch.randn_like(qz_mean) * (0.5 * qz_logvar).exp()
+        z0 = self.standardize(z0)
+        t = self.schedule.sample_time(z0.shape[0], device=z0.device)
+        noise = torch.randn_like(z0)
+        zt = self.schedule.add_noise(z0, noise, t)
+        labels = labels.view(-1).long()
+        drop = torch.rand(labels.shape, device=labels.device) < p_uncond
+        labels = torch.where(drop, torch.full_like(labels, self.score_net.null_label), labels)
+        return torch.nn.functional.mse_loss(self.score_net(zt, t, labels), noise)
+
+    # --------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        labels: Tensor,
+        guidance_scale: float = 1.0,
+        sampler: str = "ode",
+        n_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Guided reverse diffusion from N(0, I) to latents of the given labels."""
+        device = self.latent_mean.device
+        labels = labels.to(device).long()
+        z = torch.randn(labels.shape[0], self.n_latent, generator=generator, device=device)
+        eps_fn = ClassifierFreeGuidance(self.score_net, labels, self.score_net.null_label,
+                                        guidance_scale)
+        steps = n_steps or DEFAULT_STEPS[sampler]
+        return self.unstandardize(SAMPLERS[sampler](eps_fn, z, self.schedule, steps,
+                                                    generator=generator))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor,
+        library: Tensor,
+        rng: np.random.Generator,
+        guidance_scale: float = 1.0,
+        sampler: str = "ode",
+        n_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> np.ndarray:
+        """Counts for cells of the given labels and library sizes: latents, decoder, likelihood."""
+        z = self.sample_latents(labels, guidance_scale, sampler, n_steps, generator)
+        params = {k: v.cpu() for k, v in self.decoder(z).items()}
+        return sample_counts(self.likelihood, params, library.view(-1, 1).cpu(), rng)

@@ -1,0 +1,93 @@
+"""ScoreNet: the conditional noise predictor of the latent diffusion (paper 001, Sec. 3.2.2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Transformer-style embedding of times ``t`` in [0, 1] (scaled by 1000, as in DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = 1000.0 * t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class _ResidualBlock(nn.Module):
+    """Pre-LayerNorm MLP block; the condition enters as a per-feature scale and shift."""
+
+    def __init__(self, n_hidden: int, dropout_rate: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(n_hidden, elementwise_affine=False)
+        self.film = nn.Linear(n_hidden, 2 * n_hidden)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_hidden, 2 * n_hidden), nn.GELU(), nn.Dropout(dropout_rate),
+            nn.Linear(2 * n_hidden, n_hidden),
+        )
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, h: Tensor, cond: Tensor) -> Tensor:
+        scale, shift = self.film(cond).chunk(2, dim=-1)
+        return h + self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
+class ScoreNet(nn.Module):
+    r"""MLP predicting the noise :math:`\epsilon(z_t, t, c)`.
+
+    Labels are embedded with one extra row, index ``n_labels``, the *null* token used for
+    unconditional predictions (classifier-free guidance).
+
+    Parameters
+    ----------
+    n_latent
+        Dimension of the latents.
+    n_labels
+        Number of labels (the null token is added).
+    n_hidden
+        Hidden width.
+    n_blocks
+        Number of residual blocks.
+    time_embedding_dim
+        Width of the sinusoidal time embedding.
+    dropout_rate
+        Dropout inside the blocks.
+    """
+
+    def __init__(
+        self,
+        n_latent: int,
+        n_labels: int,
+        n_hidden: int = 256,
+        n_blocks: int = 3,
+        time_embedding_dim: int = 64,
+        dropout_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.n_labels = n_labels
+        self.time_embedding_dim = time_embedding_dim
+        self.time_mlp = nn.Sequential(
+            nn.Linear(time_embedding_dim, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_hidden)
+        )
+        self.label_embedding = nn.Embedding(n_labels + 1, n_hidden)
+        self.inp = nn.Linear(n_latent, n_hidden)
+        self.blocks = nn.ModuleList([_ResidualBlock(n_hidden, dropout_rate)
+                                     for _ in range(n_blocks)])
+        self.out_norm = nn.LayerNorm(n_hidden)
+        self.out = nn.Linear(n_hidden, n_latent)
+
+    @property
+    def null_label(self) -> int:
+        return self.n_labels
+
+    def forward(self, z: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        cond = self.time_mlp(sinusoidal_embedding(t, self.time_embedding_dim))
+        cond = F.gelu(cond + self.label_embedding(labels))
+        h = self.inp(z)
+        for block in self.blocks:
+            h = block(h, cond)
+        return self.out(self.out_norm(h))

@@ -1,0 +1,12 @@
+"""Training: the two-stage plan and its data modules."""
+
+from ._data import LatentDataModule, SubgraphCollator, SubgraphDataModule
+from ._trainingplan import PERTURBATIONS, LapDDPMTrainingPlan
+
+__all__ = [
+    "PERTURBATIONS",
+    "LapDDPMTrainingPlan",
+    "LatentDataModule",
+    "SubgraphCollator",
+    "SubgraphDataModule",
+]

@@ -1,0 +1,130 @@
+"""Minibatches for the two training stages, as Lightning data modules (plain arrays in)."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from .._constants import BATCH_KEYS, LATENT_KEYS
+from ..graph import SubgraphSampler
+
+
+class _Indices(Dataset):
+    """A map-style dataset of cell indices (Lightning shards it across ranks under DDP)."""
+
+    def __init__(self, indices: np.ndarray):
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.indices.size
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.indices[i])
+
+
+class SubgraphCollator:
+    """Turn a list of seed cells into the tensors of their subgraph (see ``BATCH_KEYS``).
+
+    Parameters
+    ----------
+    counts
+        ``(n_cells, n_genes)`` CSR raw counts.
+    labels
+        ``(n_cells,)`` integer label codes.
+    lpe
+        ``(n_cells, n_lpe)`` Laplacian positional encodings.
+    sampler
+        Builds the seed cells' neighbourhood subgraph.
+    """
+
+    def __init__(self, counts: sp.csr_matrix, labels: np.ndarray, lpe: np.ndarray,
+                 sampler: SubgraphSampler):
+        self.counts = counts
+        self.labels = np.asarray(labels, dtype=np.int64).ravel()
+        self.lpe = np.asarray(lpe, dtype=np.float32)
+        self.library = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
+        self.sampler = sampler
+
+    def __call__(self, seeds: list[int]) -> dict[str, torch.Tensor]:
+        seeds = np.asarray(seeds, dtype=np.int64)
+        sub = self.sampler(seeds)
+        x = self.counts[sub.nodes]
+        return {
+            BATCH_KEYS.COUNTS: torch.from_numpy(x[: sub.n_seed].toarray().astype(np.float32)),
+            BATCH_KEYS.LABELS: torch.from_numpy(self.labels[seeds][:, None]),
+            BATCH_KEYS.SEED_INDEX: torch.from_numpy(seeds),
+            BATCH_KEYS.NODE_CROW: torch.from_numpy(x.indptr.astype(np.int64)),
+            BATCH_KEYS.NODE_COL: torch.from_numpy(x.indices.astype(np.int64)),
+            BATCH_KEYS.NODE_VAL: torch.from_numpy(x.data.astype(np.float32)),
+            BATCH_KEYS.NODE_LIBRARY: torch.from_numpy(self.library[sub.nodes]),
+            BATCH_KEYS.LPE: torch.from_numpy(self.lpe[sub.nodes]),
+            BATCH_KEYS.EDGE_INDEX: torch.from_numpy(sub.edge_index),
+            BATCH_KEYS.EDGE_WEIGHT: torch.from_numpy(sub.edge_weight),
+            BATCH_KEYS.DEGREE_OUTSIDE: torch.from_numpy(sub.degree_outside),
+        }
+
+
+class SubgraphDataModule(LightningDataModule):
+    """Stage A: shuffled seed cells, each batch with its neighbourhood subgraph.
+
+    Attributes ``train_idx``, ``val_idx``, ``test_idx``, ``n_train`` and ``n_val`` follow
+    :class:`scvi.dataloaders.DataSplitter`, which :class:`scvi.train.TrainRunner` reads.
+    """
+
+    def __init__(self, collator: SubgraphCollator, train_idx: np.ndarray, val_idx: np.ndarray,
+                 batch_size: int = 128):
+        super().__init__()
+        self.collator = collator
+        self.train_idx = np.asarray(train_idx, dtype=np.int64)
+        self.val_idx = np.asarray(val_idx, dtype=np.int64)
+        self.test_idx = np.zeros(0, dtype=np.int64)
+        self.n_train, self.n_val = self.train_idx.size, self.val_idx.size
+        self.batch_size = batch_size
+
+    def _loader(self, indices: np.ndarray, shuffle: bool) -> DataLoader:
+        return DataLoader(_Indices(indices), batch_size=self.batch_size, shuffle=shuffle,
+                          collate_fn=self.collator)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_idx, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_idx, shuffle=False) if self.n_val else []
+
+    def predict_dataloader(self, indices: np.ndarray | None = None) -> DataLoader:
+        return self._loader(self.train_idx if indices is None else indices, shuffle=False)
+
+
+class _Latents(Dataset):
+    def __init__(self, qz_mean: torch.Tensor, qz_logvar: torch.Tensor, labels: torch.Tensor):
+        self.qz_mean, self.qz_logvar, self.labels = qz_mean, qz_logvar, labels
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {LATENT_KEYS.QZ_MEAN: self.qz_mean[i], LATENT_KEYS.QZ_LOGVAR: self.qz_logvar[i],
+                LATENT_KEYS.LABELS: self.labels[i]}
+
+
+class LatentDataModule(LightningDataModule):
+    """Stage B: posterior parameters of the training cells (the encoder is frozen)."""
+
+    def __init__(self, train: tuple[torch.Tensor, ...], val: tuple[torch.Tensor, ...] | None,
+                 batch_size: int = 256):
+        super().__init__()
+        self.train_set = _Latents(*train)
+        self.val_set = _Latents(*val) if val is not None and len(val[2]) else None
+        self.n_train = len(self.train_set)
+        self.n_val = len(self.val_set) if self.val_set is not None else 0
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
+                          drop_last=self.n_train > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return DataLoader(self.val_set, batch_size=self.batch_size) if self.val_set else []

@@ -1,0 +1,41 @@
+"""Shared fixtures: a small real dataset (a PBMC3K subset) and a briefly trained model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scanpy as sc
+import scvi
+import torch
+
+import scldiff
+
+torch.set_num_threads(2)
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
+
+
+def small_pbmc(n_cells: int = 400, n_genes: int = 600, seed: int = 0):
+    """Cells from every PBMC3K label, the genes with most counts; raw counts, no setup."""
+    adata = scldiff.datasets.pbmc3k()
+    rng = np.random.default_rng(seed)
+    keep = rng.choice(adata.n_obs, n_cells, replace=False)
+    adata = adata[np.sort(keep)].copy()
+    totals = np.asarray(adata.X.sum(0)).ravel()
+    adata = adata[:, np.sort(np.argsort(-totals)[:n_genes])].copy()
+    sc.pp.filter_cells(adata, min_counts=1)
+    return adata
+
+
+@pytest.fixture
+def pbmc_small():
+    return small_pbmc()
+
+
+@pytest.fixture(scope="session")
+def trained_model():
+    scvi.settings.seed = 0
+    adata = small_pbmc()
+    scldiff.LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=10, n_lpe=8)
+    model = scldiff.LapDDPM(adata, n_latent=8, n_hidden=64, score_hidden=64, score_blocks=2)
+    model.train(n_epochs_stage_a=8, n_epochs_stage_b=20, **QUIET)
+    return model

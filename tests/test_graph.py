@@ -1,0 +1,202 @@
+"""k-NN graph, Laplacian positional encodings, power iteration, perturbation, subgraphs."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.sparse.linalg import eigsh
+from torch_geometric.nn import ChebConv
+
+from scldiff.graph import (
+    SubgraphSampler,
+    knn_graph,
+    laplacian_positional_encoding,
+    normalized_laplacian,
+    pca_embedding,
+    perturb_edge_weights,
+    principal_eigenvector,
+    random_direction,
+    spectral_direction,
+)
+from scldiff.module import FullGraphChebConv
+
+
+def blobs(n=300, dim=5, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=6.0, size=(3, dim))
+    return (centers[rng.integers(0, 3, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def edge_list(graph):
+    coo = sp.coo_matrix(graph)
+    return (torch.from_numpy(np.stack([coo.col, coo.row]).astype(np.int64)),
+            torch.from_numpy(coo.data.astype(np.float64)))
+
+
+def test_knn_graph_is_symmetric_weighted_and_finds_the_true_neighbours():
+    x = blobs()
+    k = 10
+    graph = knn_graph(x, n_neighbors=k)
+    assert graph.shape == (300, 300)
+    assert abs(graph - graph.T).max() == 0
+    assert graph.diagonal().max() == 0
+    assert graph.data.min() > 0 and graph.data.max() <= 1
+    assert (np.diff(graph.indptr) >= k).all()  # union of the two directions
+    # exact neighbours by brute force: pynndescent should recover nearly all of them
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    exact = np.argsort(d, axis=1)[:, :k]
+    recall = np.mean([np.isin(exact[i], graph[i].indices).mean() for i in range(300)])
+    assert recall > 0.99
+    # self-tuning weights: w_ij = exp(-d^2 / (s_i s_j)), s = distance to the k-th neighbour
+    sigma = np.sqrt(np.sort(d, axis=1)[:, k - 1])
+    i, j = 5, graph[5].indices[0]
+    assert graph[i, j] == pytest.approx(np.exp(-d[i, j] / (sigma[i] * sigma[j])), rel=1e-4)
+
+
+def test_knn_graph_refuses_too_few_cells():
+    with pytest.raises(ValueError, match="more than 15 cells"):
+        knn_graph(blobs(n=10), n_neighbors=15)
+
+
+def test_pca_embedding_shape_and_determinism():
+    rng = np.random.default_rng(0)
+    counts = sp.csr_matrix(rng.poisson(1.0, size=(200, 300)).astype(np.float32))
+    a = pca_embedding(counts, n_pcs=20, n_top_genes=100, random_state=0)
+    b = pca_embedding(counts, n_pcs=20, n_top_genes=100, random_state=0)
+    assert a.shape == (200, 20)
+    np.testing.assert_allclose(a, b)
+
+
+@pytest.mark.parametrize("n", [300, 900])  # dense eigendecomposition and ARPACK paths
+def test_lpe_are_orthonormal_laplacian_eigenvectors(n):
+    graph = knn_graph(blobs(n=n, seed=1), n_neighbors=10)
+    lpe, values = laplacian_positional_encoding(graph, n_lpe=8)
+    assert lpe.shape == (n, 8)
+    np.testing.assert_allclose(lpe.T @ lpe, np.eye(8), atol=1e-5)
+    lap = normalized_laplacian(graph)
+    residual = lap @ lpe - lpe * values[None, :]
+    assert np.abs(residual).max() < 1e-4
+    assert np.all(np.diff(values) >= -1e-6) and values[0] > 1e-8  # trivial vector dropped
+    dense = np.linalg.eigvalsh(lap.toarray())
+    n_comp = int((dense < 1e-8).sum())
+    np.testing.assert_allclose(values, dense[n_comp : n_comp + 8], atol=1e-5)
+    # deterministic sign: the largest entry of each vector is positive
+    assert (lpe[np.abs(lpe).argmax(0), np.arange(8)] > 0).all()
+
+
+def test_lpe_of_a_disconnected_graph_drops_one_trivial_vector_per_component():
+    a = knn_graph(blobs(n=100, seed=2), n_neighbors=5)
+    graph = sp.block_diag([a, a]).tocsr()
+    lpe, values = laplacian_positional_encoding(graph, n_lpe=4)
+    assert values.min() > 1e-8
+    np.testing.assert_allclose(lpe.T @ lpe, np.eye(4), atol=1e-5)
+
+
+def test_lpe_refuses_too_many_encodings():
+    graph = knn_graph(blobs(n=30), n_neighbors=5)
+    with pytest.raises(ValueError, match="smaller n_lpe"):
+        laplacian_positional_encoding(graph, n_lpe=40)
+
+
+def test_power_iteration_matches_scipy_principal_eigenvector():
+    graph = knn_graph(blobs(n=200, seed=3), n_neighbors=8)
+    edge_index, weight = edge_list(graph)
+    v = principal_eigenvector(edge_index, weight, 200, n_iter=3000).numpy()
+    _, ref = eigsh(graph.astype(np.float64), k=1, which="LA")
+    assert abs(v @ ref[:, 0]) > 1 - 1e-6
+    assert v.sum() > 0 and np.linalg.norm(v) == pytest.approx(1.0)
+
+
+def test_power_iteration_does_not_oscillate_on_a_bipartite_graph():
+    # A path graph is bipartite: +lambda and -lambda have equal magnitude. Plain power
+    # iteration on W would oscillate; the shifted iteration converges to the Perron vector.
+    n = 6
+    path = sp.diags([np.ones(n - 1), np.ones(n - 1)], [-1, 1]).tocsr()
+    edge_index, weight = edge_list(path)
+    v = principal_eigenvector(edge_index, weight, n, n_iter=2000).numpy()
+    values, vectors = np.linalg.eigh(path.toarray())
+    assert abs(v @ vectors[:, -1]) > 1 - 1e-8
+
+
+def test_spectral_direction_is_unit_symmetric_and_on_edges_only():
+    graph = knn_graph(blobs(n=100, seed=4), n_neighbors=6)
+    edge_index, weight = edge_list(graph)
+    v = principal_eigenvector(edge_index, weight, 100, n_iter=5)
+    d = spectral_direction(edge_index, v)
+    assert d.shape == weight.shape and d.norm().item() == pytest.approx(1.0)
+    np.testing.assert_allclose(d.numpy(), (v[edge_index[0]] * v[edge_index[1]] / (
+        v[edge_index[0]] * v[edge_index[1]]).norm()).numpy())
+    as_matrix = sp.coo_matrix((d.numpy(), (edge_index[1].numpy(), edge_index[0].numpy())),
+                              shape=(100, 100)).tocsr()
+    assert abs(as_matrix - as_matrix.T).max() < 1e-12
+    r = random_direction(edge_index, 100, torch.Generator().manual_seed(0))
+    r_matrix = sp.coo_matrix((r.numpy(), (edge_index[1].numpy(), edge_index[0].numpy())),
+                             shape=(100, 100)).tocsr()
+    assert r.norm().item() == pytest.approx(1.0) and abs(r_matrix - r_matrix.T).max() < 1e-7
+
+
+@pytest.mark.parametrize("eps,sign", [(0.01, 1.0), (0.05, -1.0), (0.2, 1.0)])
+def test_perturbation_has_exactly_the_requested_radius(eps, sign):
+    graph = knn_graph(blobs(n=150, seed=5), n_neighbors=8)
+    edge_index, weight = edge_list(graph)
+    d = spectral_direction(edge_index, principal_eigenvector(edge_index, weight, 150, 3))
+    new, change = perturb_edge_weights(weight, d, eps, sign)
+    delta = new - weight
+    assert delta.norm().item() == pytest.approx(eps * weight.norm().item(), rel=1e-9)
+    assert change.item() == pytest.approx(eps, rel=1e-9)
+    assert torch.sign(delta).unique().tolist() == [sign]  # v1 v1^T > 0 on every edge
+    assert (new > 0).all()
+
+
+def test_perturbation_keeps_weights_positive_and_reports_the_applied_radius():
+    weight = torch.tensor([1.0, 1.0, 0.01, 0.01], dtype=torch.float64)
+    d = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64) / np.sqrt(2)
+    new, change = perturb_edge_weights(weight, d, epsilon=0.5, sign=-1.0)
+    assert (new > 0).all()
+    assert new[2].item() == pytest.approx(1e-5)
+    assert change.item() == pytest.approx((new - weight).norm().item() / weight.norm().item())
+    assert change.item() < 0.5
+
+
+def test_subgraph_keeps_full_degrees_and_puts_seeds_first():
+    graph = knn_graph(blobs(n=200, seed=6), n_neighbors=8)
+    degree = np.asarray(graph.sum(1)).ravel()
+    seeds = np.array([17, 3, 150])
+    for hops in (1, 2):
+        sub = SubgraphSampler(graph, n_hops=hops)(seeds)
+        np.testing.assert_array_equal(sub.nodes[:3], seeds)
+        assert len(np.unique(sub.nodes)) == len(sub.nodes)
+        inside = np.zeros(len(sub.nodes))
+        np.add.at(inside, sub.edge_index[1], sub.edge_weight)
+        np.testing.assert_allclose(inside + sub.degree_outside, degree[sub.nodes], rtol=1e-5)
+        # the edges are exactly the induced subgraph, in both directions
+        induced = graph[sub.nodes][:, sub.nodes].tocoo()
+        assert induced.nnz == sub.edge_index.shape[1]
+        # every neighbour of a seed is in a 1-hop subgraph
+        for s in seeds:
+            assert np.isin(graph[s].indices, sub.nodes).all()
+
+
+@pytest.mark.parametrize("cheb_k,hops", [(2, 1), (3, 2)])
+def test_chebconv_on_a_subgraph_equals_the_full_graph_for_seed_cells(cheb_k, hops):
+    torch.manual_seed(0)
+    graph = knn_graph(blobs(n=250, seed=7), n_neighbors=8)
+    x = torch.randn(250, 6)
+    conv = FullGraphChebConv(6, 4, K=cheb_k)
+    # on the full graph it is PyG's ChebConv with the symmetric normalisation
+    reference = ChebConv(6, 4, K=cheb_k, normalization="sym")
+    reference.load_state_dict(conv.state_dict())
+    edge_index, weight = edge_list(graph)
+    full = conv(x, edge_index, weight.float(), torch.zeros(250))
+    torch.testing.assert_close(full, reference(x, edge_index, weight.float(), lambda_max=2.0),
+                               atol=1e-5, rtol=1e-5)
+    seeds = np.array([0, 100, 249, 42])
+    sub = SubgraphSampler(graph, n_hops=hops)(seeds)
+    out = conv(x[sub.nodes], torch.from_numpy(sub.edge_index), torch.from_numpy(sub.edge_weight),
+               torch.from_numpy(sub.degree_outside))
+    torch.testing.assert_close(out[:4], full[seeds], atol=1e-5, rtol=1e-5)
+    # without the outside degrees the border cells would be normalised wrongly
+    wrong = conv(x[sub.nodes], torch.from_numpy(sub.edge_index),
+                 torch.from_numpy(sub.edge_weight), torch.zeros(len(sub.nodes)))
+    assert (wrong[:4] - full[seeds]).abs().max() > 1e-3

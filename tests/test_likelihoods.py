@@ -1,0 +1,83 @@
+"""Count likelihoods against scipy, count sampling moments, the KL term."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from scldiff.module import CountDecoder, gaussian_kl, sample_counts
+
+
+def decoder_params(likelihood, n_cells=3, n_genes=5, seed=0):
+    torch.manual_seed(seed)
+    decoder = CountDecoder(4, n_genes, n_hidden=8, likelihood=likelihood)
+    with torch.no_grad():
+        if decoder.log_theta is not None:
+            decoder.log_theta.copy_(torch.linspace(-1.0, 2.0, n_genes))
+    return decoder, decoder(torch.randn(n_cells, 4))
+
+
+def test_negative_binomial_log_likelihood_matches_scipy():
+    decoder, params = decoder_params("nb")
+    library = torch.tensor([[100.0], [1000.0], [5000.0]])
+    px = decoder.distribution(params, library)
+    x = torch.tensor([[0, 1, 5, 20, 3], [2, 0, 0, 50, 7], [100, 3, 1, 0, 300]]).float()
+    mu = (library * params["scale"]).detach().double().numpy()
+    theta = params["theta"].detach().double().numpy()
+    expected = stats.nbinom.logpmf(x.numpy(), n=theta, p=theta / (theta + mu))
+    np.testing.assert_allclose(px.log_prob(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_zinb_log_likelihood_matches_scipy_mixture():
+    decoder, params = decoder_params("zinb")
+    library = torch.tensor([[300.0], [30.0], [3000.0]])
+    px = decoder.distribution(params, library)
+    x = torch.tensor([[0, 1, 0, 4, 9], [0, 0, 2, 0, 1], [40, 0, 8, 0, 0]], dtype=torch.float32)
+    mu = (library * params["scale"]).detach().double().numpy()
+    theta = params["theta"].detach().double().numpy()
+    pi = torch.sigmoid(params["zi_logits"]).detach().double().numpy()
+    nb = stats.nbinom.pmf(x.numpy(), n=theta, p=theta / (theta + mu))
+    expected = np.log(np.where(x.numpy() == 0, pi + (1 - pi) * nb, (1 - pi) * nb))
+    np.testing.assert_allclose(px.log_prob(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_poisson_log_likelihood_matches_scipy():
+    decoder, params = decoder_params("poisson")
+    library = torch.tensor([[50.0], [500.0], [5.0]])
+    px = decoder.distribution(params, library)
+    x = torch.tensor([[0, 3, 10, 1, 2], [7, 0, 80, 6, 1], [0, 0, 1, 0, 0]], dtype=torch.float32)
+    mu = (library * params["scale"]).detach().double().numpy()
+    np.testing.assert_allclose(px.log_prob(x).detach().numpy(),
+                               stats.poisson.logpmf(x.numpy(), mu), rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_proportions_sum_to_one_and_mean_scales_with_library():
+    decoder, params = decoder_params("nb")
+    torch.testing.assert_close(params["scale"].sum(-1), torch.ones(3))
+    px = decoder.distribution(params, torch.full((3, 1), 1234.0))
+    torch.testing.assert_close(px.mean.sum(-1), torch.full((3,), 1234.0))
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+def test_sampled_counts_have_the_likelihood_moments(likelihood):
+    decoder, params = decoder_params(likelihood, n_cells=1)
+    params = {k: v.detach().expand(100_000, -1) for k, v in params.items()}
+    library = torch.full((100_000, 1), 200.0)
+    counts = sample_counts(likelihood, params, library, np.random.default_rng(0))
+    assert counts.dtype == np.float32 and (counts == np.round(counts)).all()
+    mean = (200.0 * params["scale"][0]).double().numpy()
+    var = mean if likelihood == "poisson" else mean + mean**2 / params["theta"][0].numpy()
+    if likelihood == "zinb":  # a point mass at zero with probability pi
+        pi = torch.sigmoid(params["zi_logits"][0]).double().numpy()
+        var = (1 - pi) * (var + mean**2) - ((1 - pi) * mean) ** 2
+        mean = (1 - pi) * mean
+    np.testing.assert_allclose(counts.mean(0), mean, rtol=0.03)
+    np.testing.assert_allclose(counts.var(0), var, rtol=0.08)
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    mean, logvar = torch.randn(4, 3), torch.randn(4, 3)
+    q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros(4, 3), torch.ones(4, 3))
+    torch.testing.assert_close(gaussian_kl(mean, logvar),
+                               torch.distributions.kl_divergence(q, p).sum(-1))

@@ -1,0 +1,295 @@
+"""LapDDPM end to end: setup, bad input, generation output, save/load, unconditional."""
+
+import os
+import pickle
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+import scvi
+
+import scldiff
+from scldiff import LapDDPM, ModelFileError
+
+from .conftest import QUIET, small_pbmc
+
+
+def snapshot(adata):
+    """Everything a failed setup must leave untouched."""
+    x = adata.X.toarray() if sp.issparse(adata.X) else np.array(adata.X)
+    return (x, adata.obs.copy(), sorted(adata.uns), sorted(adata.obsm), sorted(adata.obsp),
+            sorted(adata.layers))
+
+
+def assert_unchanged(adata, before):
+    after = snapshot(adata)
+    np.testing.assert_array_equal(np.nan_to_num(before[0], nan=-7), np.nan_to_num(after[0],
+                                                                                 nan=-7))
+    pd.testing.assert_frame_equal(before[1], after[1])
+    assert before[2:] == after[2:]
+
+
+def test_setup_anndata_stores_and_reuses_the_graph(pbmc_small):
+    LapDDPM.setup_anndata(pbmc_small, labels_key="cell_type", n_neighbors=10, n_lpe=6)
+    graph = pbmc_small.obsp["scldiff_connectivities"]
+    assert graph.shape == (pbmc_small.n_obs,) * 2 and abs(graph - graph.T).max() == 0
+    assert pbmc_small.obsm["X_scldiff_lpe"].shape == (pbmc_small.n_obs, 6)
+    assert pbmc_small.uns["scldiff_graph"]["n_neighbors"] == 10
+    LapDDPM.setup_anndata(pbmc_small, labels_key="cell_type", n_neighbors=10, n_lpe=6)
+    assert pbmc_small.obsp["scldiff_connectivities"] is graph  # reused, not rebuilt
+    LapDDPM.setup_anndata(pbmc_small, labels_key="cell_type", n_neighbors=12, n_lpe=6)
+    assert pbmc_small.obsp["scldiff_connectivities"] is not graph
+    assert (np.diff(pbmc_small.obsp["scldiff_connectivities"].indptr) >= 12).all()
+
+
+def _non_integer(a):
+    a.X = a.X.astype(np.float32)
+    a.X.data[0] = 0.5
+
+
+def _log_normalized(a):
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+
+
+def _negative(a):
+    a.X.data[3] = -2.0
+
+
+def _nan(a):
+    a.X.data[5] = np.nan
+
+
+def _inf(a):
+    a.X.data[5] = np.inf
+
+
+def _empty_cell(a):
+    a.X = sp.csr_matrix(a.X)
+    a.X[4] = 0
+    a.X.eliminate_zeros()
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (_non_integer, "non-integer"),
+    (_log_normalized, "non-integer"),
+    (_negative, "negative"),
+    (_nan, "NaN"),
+    (_inf, "infinite"),
+    (_empty_cell, "no counts"),
+])
+def test_bad_counts_raise_and_leave_adata_unchanged(pbmc_small, corrupt, message):
+    corrupt(pbmc_small)
+    before = snapshot(pbmc_small)
+    with pytest.raises(ValueError, match=message):
+        LapDDPM.setup_anndata(pbmc_small, labels_key="cell_type")
+    assert_unchanged(pbmc_small, before)
+
+
+def test_bad_labels_and_sizes_raise_and_leave_adata_unchanged(pbmc_small):
+    before = snapshot(pbmc_small)
+    with pytest.raises(ValueError, match="not a column of adata.obs"):
+        LapDDPM.setup_anndata(pbmc_small, labels_key="celltype")
+    with pytest.raises(ValueError, match="not in adata.layers"):
+        LapDDPM.setup_anndata(pbmc_small, layer="counts")
+    with pytest.raises(ValueError, match="too few for a 15-nearest-neighbour graph"):
+        LapDDPM.setup_anndata(pbmc_small[:12].copy(), labels_key="cell_type")
+    with pytest.raises(ValueError, match="smaller n_lpe"):
+        LapDDPM.setup_anndata(pbmc_small, n_lpe=pbmc_small.n_obs)
+    assert_unchanged(pbmc_small, before)
+    pbmc_small.obs["with_nan"] = pbmc_small.obs["cell_type"].astype(object)
+    pbmc_small.obs.iloc[3, pbmc_small.obs.columns.get_loc("with_nan")] = np.nan
+    before = snapshot(pbmc_small)
+    with pytest.raises(ValueError, match="1 missing values"):
+        LapDDPM.setup_anndata(pbmc_small, labels_key="with_nan")
+    assert_unchanged(pbmc_small, before)
+
+
+def test_generate_returns_a_well_formed_anndata(trained_model):
+    synth = trained_model.generate(labels={"B cells": 30, "Megakaryocytes": 5},
+                                   guidance_scale=2.0, seed=0, progress_bar=False)
+    assert isinstance(synth.X, sp.csr_matrix)
+    assert (synth.X.data == np.round(synth.X.data)).all() and synth.X.data.min() > 0
+    assert (synth.layers["counts"] != synth.X).nnz == 0
+    assert synth.layers["counts"] is not synth.X
+    assert list(synth.var_names) == list(trained_model.adata.var_names)
+    labels = synth.obs["cell_type"]
+    assert isinstance(labels.dtype, pd.CategoricalDtype)
+    assert list(labels.cat.categories) == list(trained_model.adata.obs["cell_type"].cat.categories)
+    assert labels.value_counts()[["B cells", "Megakaryocytes"]].tolist() == [30, 5]
+    assert synth.obs["synthetic"].all() and synth.obs_names.is_unique
+    info = synth.uns["scldiff"]
+    assert info["seed"] == "0" and info["guidance_scale"] == 2.0 and info["sampler"] == "ode"
+    assert info["scldiff_version"] == scldiff.__version__
+
+
+def test_generated_cells_go_through_scanpy_with_the_real_ones(trained_model):
+    real = trained_model.adata
+    synth = trained_model.generate(n_samples=200, seed=1, progress_bar=False)
+    both = sc.concat({"real": real, "synthetic": synth}, label="origin", index_unique="-")
+    assert both.n_obs == real.n_obs + 200 and both.n_vars == real.n_vars
+    sc.pp.normalize_total(both)
+    sc.pp.log1p(both)
+    sc.pp.pca(both, n_comps=10)
+    sc.pp.neighbors(both)
+    sc.tl.umap(both)
+    assert both.obsm["X_umap"].shape == (both.n_obs, 2)
+    assert np.isfinite(both.obsm["X_umap"]).all()
+    assert synth.X.data.max() == synth.layers["counts"].data.max()  # X and counts not shared
+
+
+def test_generate_label_arguments(trained_model):
+    gen = lambda **kw: trained_model.generate(seed=0, progress_bar=False, **kw)
+    seq = gen(labels=["NK cells", "B cells", "NK cells"])
+    assert seq.obs["cell_type"].tolist() == ["NK cells", "B cells", "NK cells"]
+    default = gen(n_samples=100)
+    props = np.asarray(trained_model.label_proportions_)
+    counts = default.obs["cell_type"].value_counts().reindex(trained_model.label_categories)
+    assert counts.sum() == 100 and (np.abs(counts.to_numpy() - 100 * props) < 1).all()
+    assert gen().n_obs == len(trained_model.train_indices_)
+    with pytest.raises(ValueError, match="Unknown label 'T cells'"):
+        gen(labels={"T cells": 3})
+    with pytest.raises(ValueError, match="Unknown label"):
+        gen(labels=["B cells", "nope"])
+    with pytest.raises(ValueError, match="must be positive"):
+        gen(labels={"B cells": 0})
+    with pytest.raises(ValueError, match="must be positive"):
+        gen(labels={"B cells": -2})
+    with pytest.raises(TypeError, match="must be an integer"):
+        gen(labels={"B cells": 2.5})
+    with pytest.raises(TypeError, match="mapping"):
+        gen(labels="B cells")
+    with pytest.raises(TypeError, match="mapping"):
+        gen(labels=5)
+    with pytest.raises(ValueError, match="either labels or n_samples"):
+        gen(labels={"B cells": 2}, n_samples=3)
+    with pytest.raises(ValueError, match="sampler"):
+        gen(n_samples=3, sampler="euler")
+    with pytest.raises(ValueError, match="guidance_scale"):
+        gen(n_samples=3, guidance_scale=-1.0)
+
+
+@pytest.mark.parametrize("sampler", ["ode", "ddim", "sde"])
+def test_every_sampler_generates_plausible_libraries(trained_model, sampler):
+    synth = trained_model.generate(n_samples=100, sampler=sampler, n_steps=20, seed=0,
+                                   progress_bar=False)
+    real = np.median(np.asarray(trained_model.adata.X.sum(1)).ravel())
+    generated = np.median(np.asarray(synth.X.sum(1)).ravel())
+    assert 0.5 * real < generated < 2 * real
+
+
+def test_same_seed_same_counts_and_different_seed_different_counts(trained_model):
+    kw = dict(labels={"CD4 T cells": 20, "B cells": 10}, progress_bar=False)
+    a, b = trained_model.generate(seed=3, **kw), trained_model.generate(seed=3, **kw)
+    c = trained_model.generate(seed=4, **kw)
+    assert (a.X != b.X).nnz == 0
+    assert (a.X != c.X).nnz > 0
+
+
+def test_save_load_generate_gives_identical_counts(trained_model, tmp_path):
+    path = str(tmp_path / "model")
+    trained_model.save(path, save_anndata=True)
+    assert sorted(os.listdir(path)) == ["adata.h5ad", "model.json", "model.safetensors"]
+    loaded = LapDDPM.load(path)
+    kw = dict(labels={"B cells": 15, "NK cells": 15}, guidance_scale=1.5, seed=11,
+              progress_bar=False)
+    assert (trained_model.generate(**kw).X != loaded.generate(**kw).X).nnz == 0
+    for key in trained_model.history:
+        pd.testing.assert_frame_equal(trained_model.history[key], loaded.history[key],
+                                      check_dtype=False)
+    np.testing.assert_allclose(trained_model.get_latent_representation(),
+                               loaded.get_latent_representation(), atol=1e-5)
+    without_data = LapDDPM.load(path, adata=False)
+    assert without_data.adata is None
+    assert (without_data.generate(**kw).X != loaded.generate(**kw).X).nnz == 0
+    with pytest.raises(ValueError, match="already exists"):
+        trained_model.save(path)
+    trained_model.save(path, overwrite=True)
+    assert sorted(os.listdir(path)) == ["model.json", "model.safetensors"]
+
+
+class _WriteMarker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_load_refuses_a_pickle_payload_and_never_runs_it(trained_model, tmp_path):
+    path = tmp_path / "model"
+    trained_model.save(str(path))
+    marker = tmp_path / "marker"
+    with open(path / "model.safetensors", "wb") as handle:
+        pickle.dump({"state": _WriteMarker(str(marker))}, handle)
+    with pytest.raises(ModelFileError, match="not a valid safetensors"):
+        LapDDPM.load(str(path), adata=False)
+    assert not marker.exists()
+
+
+def test_load_refuses_tampered_metadata_and_mismatched_weights(trained_model, tmp_path):
+    path = tmp_path / "model"
+    trained_model.save(str(path))
+    meta = (path / "model.json").read_text()
+    (path / "model.json").write_text(meta.replace('"n_latent": 8', '"n_latent": 9'))
+    with pytest.raises(ModelFileError, match="do not fit"):
+        LapDDPM.load(str(path), adata=False)
+    (path / "model.json").write_text(meta[: len(meta) // 2])
+    with pytest.raises(ModelFileError, match="not valid scldiff model metadata"):
+        LapDDPM.load(str(path), adata=False)
+    (path / "model.json").write_text(meta.replace('"dtype": "<i8"', '"dtype": "|O"', 1))
+    with pytest.raises(ModelFileError):
+        LapDDPM.load(str(path), adata=False)
+    with pytest.raises(ModelFileError, match="not an scldiff model directory"):
+        LapDDPM.load(str(tmp_path / "nothing"))
+
+
+def test_load_checks_genes(trained_model, tmp_path):
+    path = str(tmp_path / "model")
+    trained_model.save(path)
+    adata = trained_model.adata[:, 5:].copy()
+    with pytest.raises(ValueError, match="5 missing"):
+        LapDDPM.load(path, adata=adata)
+
+
+def test_history_has_both_stages(trained_model):
+    history = trained_model.history
+    for key in ("reconstruction_loss_train", "kl_local_train", "elbo_train",
+                "perturbation_relative_change_train", "diffusion_loss_train"):
+        assert key in history
+    assert len(history["elbo_train"]) == 8 and len(history["diffusion_loss_train"]) == 20
+    assert history["diffusion_loss_train"].index[0] == 8
+    assert history["perturbation_relative_change_train"].iloc[-1, 0] == pytest.approx(0.05)
+    assert trained_model.get_latent_representation().shape == (trained_model.adata.n_obs, 8)
+
+
+def test_unconditional_model_with_validation_split():
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=200, n_genes=300)
+    LapDDPM.setup_anndata(adata, n_neighbors=8, n_lpe=4)
+    model = LapDDPM(adata, n_latent=4, n_hidden=32, score_hidden=32, score_blocks=1)
+    model.train(n_epochs_stage_a=2, n_epochs_stage_b=2, train_size=0.8, **QUIET)
+    assert len(model.train_indices_) == 160 and len(model.validation_indices_) == 40
+    assert "validation_loss" in model.history and "diffusion_loss_validation" in model.history
+    synth = model.generate(n_samples=50, seed=0, progress_bar=False)
+    assert synth.n_obs == 50 and list(synth.obs.columns) == ["synthetic"]
+    with pytest.raises(ValueError, match="unconditional"):
+        model.generate(labels={"B cells": 3}, progress_bar=False)
+
+
+def test_untrained_model_refuses_to_generate(pbmc_small):
+    LapDDPM.setup_anndata(pbmc_small, labels_key="cell_type", n_neighbors=8, n_lpe=4)
+    model = LapDDPM(pbmc_small)
+    with pytest.raises(RuntimeError):
+        model.generate(n_samples=3)
+
+
+def test_datasets_pbmc3k_is_bundled_raw_counts():
+    adata = scldiff.datasets.pbmc3k()
+    assert adata.shape == (2638, 13714)
+    assert (adata.X.data == np.round(adata.X.data)).all()
+    assert adata.obs["cell_type"].value_counts()["B cells"] == 342
+    assert isinstance(adata, anndata.AnnData)

@@ -1,0 +1,127 @@
+"""The training plan's maths on real minibatches: perturbation, masking, label dropout."""
+
+import numpy as np
+import pytest
+import scvi
+import torch
+
+import scldiff
+from scldiff._constants import BATCH_KEYS
+from scldiff.train import LapDDPMTrainingPlan
+
+from .conftest import small_pbmc
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=300, n_genes=400)
+    scldiff.LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=10, n_lpe=8)
+    model = scldiff.LapDDPM(adata, n_latent=8, n_hidden=32, dropout_rate=0.0)
+    collator = model._collator()
+    batch = collator(list(range(0, 300, 5)))
+    return model, batch
+
+
+def stage_a_loss(module, batch, weight):
+    _, _, out = module({**batch, BATCH_KEYS.EDGE_WEIGHT: weight},
+                       inference_kwargs={"use_mean": True}, loss_kwargs={"kl_weight": 1.0})
+    return out.loss.item()
+
+
+@pytest.mark.parametrize("perturbation", ["spectral", "random"])
+def test_adversarial_edge_weights_have_radius_epsilon_and_increase_the_loss(
+        model_and_batch, perturbation):
+    model, batch = model_and_batch
+    module = model.module.eval()
+    plan = LapDDPMTrainingPlan(module, stage="A", perturbation=perturbation, epsilon=0.1,
+                               power_iterations=3, mask_fraction=0.0)
+    plan.loss_kwargs["kl_weight"] = 1.0
+    weight = batch[BATCH_KEYS.EDGE_WEIGHT]
+    torch.manual_seed(0)
+    adversarial, applied = plan.adversarial_edge_weight(batch)
+    delta = adversarial - weight
+    assert applied.item() == pytest.approx(0.1, rel=1e-5)
+    assert delta.norm().item() == pytest.approx(0.1 * weight.norm().item(), rel=1e-5)
+    assert (adversarial > 0).all()
+    base = stage_a_loss(module, batch, weight)
+    assert stage_a_loss(module, batch, adversarial) > base
+    assert stage_a_loss(module, batch, adversarial) > stage_a_loss(module, batch, weight - delta)
+
+
+def test_perturbation_changes_the_encoding(model_and_batch):
+    # The public code's "adversarial" step added ~1e-7 to the weights: a no-op.
+    model, batch = model_and_batch
+    module = model.module.eval()
+    plan = LapDDPMTrainingPlan(module, stage="A", epsilon=0.05, mask_fraction=0.0)
+    plan.loss_kwargs["kl_weight"] = 1.0
+    adversarial, _ = plan.adversarial_edge_weight(batch)
+    inputs = module._get_inference_input(batch)
+    before = module.inference(**inputs, use_mean=True)["qz_mean"]
+    after = module.inference(**{**inputs, "edge_weight": adversarial}, use_mean=True)["qz_mean"]
+    assert (after - before).abs().max().item() > 1e-4
+
+
+def test_no_perturbation_leaves_weights_alone(model_and_batch):
+    model, batch = model_and_batch
+    plan = LapDDPMTrainingPlan(model.module, stage="A", perturbation="none")
+    weight, applied = plan.adversarial_edge_weight(batch)
+    assert weight is batch[BATCH_KEYS.EDGE_WEIGHT] and applied.item() == 0.0
+
+
+def test_input_masking_zeroes_the_requested_fraction_of_encoder_inputs(model_and_batch):
+    model, batch = model_and_batch
+    plan = LapDDPMTrainingPlan(model.module, stage="A", mask_fraction=0.3)
+    torch.manual_seed(0)
+    mask = plan._input_mask(batch)
+    assert mask.shape == batch[BATCH_KEYS.NODE_VAL].shape
+    assert 1 - mask.mean().item() == pytest.approx(0.3, abs=0.01)
+    module = model.module.eval()
+    inputs = module._get_inference_input(batch)
+    masked = module.inference(**inputs, input_mask=mask, use_mean=True)["qz_mean"]
+    plain = module.inference(**inputs, use_mean=True)["qz_mean"]
+    assert (masked - plain).abs().max() > 1e-4
+    # the likelihood still sees every count: the target is untouched
+    _, gen, out = module(batch, inference_kwargs={"input_mask": mask, "use_mean": True},
+                         loss_kwargs={"kl_weight": 1.0})
+    assert torch.equal(batch[BATCH_KEYS.COUNTS].sum(-1, keepdim=True),
+                       gen["px"].mean.sum(-1, keepdim=True).round())
+
+
+def test_label_dropout_is_per_cell_and_diffusion_uses_posterior_samples(model_and_batch):
+    model, _ = model_and_batch
+    module = model.module
+    seen = []
+    handle = module.score_net.register_forward_hook(lambda m, args, out: seen.append(args))
+    try:
+        n = 20_000
+        module.latent_mean.zero_()
+        module.latent_std.fill_(1.0)
+        labels = torch.zeros(n, dtype=torch.long)
+        mean, logvar = torch.zeros(n, 8), torch.zeros(n, 8)
+        torch.manual_seed(0)
+        module.diffusion_loss(mean, logvar, labels, p_uncond=0.3)
+        used = seen[-1][2]
+        null = (used == module.score_net.null_label).float().mean().item()
+        assert null == pytest.approx(0.3, abs=0.03)  # one coin per cell, not per batch
+        # z_0 ~ q(z|x) = N(0, 1), so z_t ~ N(0, 1) at every t; with z_0 = mu (the public
+        # code's defect) z_t would be N(0, sigma_t^2), sigma_t^2 < 0.11 for t < 0.1.
+        z_t, t = seen[-1][0], seen[-1][1]
+        early = z_t[t < 0.1]
+        assert early.shape[0] > 500
+        assert early.std().item() == pytest.approx(1.0, abs=0.05)
+    finally:
+        handle.remove()
+
+
+def test_latent_statistics_standardise_the_aggregate_posterior(model_and_batch):
+    model, _ = model_and_batch
+    module = model.module
+    g = torch.Generator().manual_seed(0)
+    mean = 3.0 + 2.0 * torch.randn(50_000, 8, generator=g)
+    logvar = torch.full((50_000, 8), np.log(0.25))
+    module.set_latent_statistics(mean, logvar)
+    samples = mean + 0.5 * torch.randn(50_000, 8, generator=g)
+    z = module.standardize(samples)
+    assert z.mean().abs().item() < 0.02 and z.std().item() == pytest.approx(1.0, abs=0.02)
+    torch.testing.assert_close(module.unstandardize(z), samples)
