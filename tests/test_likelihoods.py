@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from scipy import stats
 
-from scldiff.module import CountDecoder, gaussian_kl, sample_counts
+from scldiff.module import CountDecoder, gaussian_kl, sample_counts, sparse_log_likelihood
 
 
 def decoder_params(likelihood, n_cells=3, n_genes=5, seed=0):
@@ -81,3 +82,44 @@ def test_gaussian_kl_matches_torch_distributions():
     p = torch.distributions.Normal(torch.zeros(4, 3), torch.ones(4, 3))
     torch.testing.assert_close(gaussian_kl(mean, logvar),
                                torch.distributions.kl_divergence(q, p).sum(-1))
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+def test_sparse_log_likelihood_equals_the_dense_one_and_scipy(likelihood):
+    rng = np.random.default_rng(1)
+    decoder, params = decoder_params(likelihood, n_cells=6, n_genes=40)
+    library = torch.tensor(rng.uniform(50, 3000, size=(6, 1)), dtype=torch.float32)
+    counts = rng.poisson(rng.gamma(0.3, 4.0, size=(6, 40))).astype(np.float32)
+    counts[0] = 0  # a row with no stored values
+    x = sp.csr_matrix(counts)
+    sparse = sparse_log_likelihood(likelihood, params, library, torch.from_numpy(
+        x.indptr.astype(np.int64)), torch.from_numpy(x.indices.astype(np.int64)),
+        torch.from_numpy(x.data))
+    dense = decoder.distribution(params, library).log_prob(torch.from_numpy(counts)).sum(-1)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-3)
+    mu = (library * params["scale"]).detach().double().numpy()
+    if likelihood == "poisson":
+        ref = stats.poisson.logpmf(counts, mu)
+    else:
+        theta = params["theta"].detach().double().numpy()
+        ref = stats.nbinom.logpmf(counts, n=theta, p=theta / (theta + mu))
+        if likelihood == "zinb":
+            pi = torch.sigmoid(params["zi_logits"]).detach().double().numpy()
+            nb = np.exp(ref)
+            ref = np.log(np.where(counts == 0, pi + (1 - pi) * nb, (1 - pi) * nb))
+    np.testing.assert_allclose(sparse.detach().numpy(), ref.sum(-1), rtol=1e-5)
+
+
+def test_sparse_log_likelihood_gradients_match_the_dense_ones():
+    decoder, _ = decoder_params("nb", n_cells=4, n_genes=30)
+    z = torch.randn(4, 4, requires_grad=True)
+    counts = np.random.default_rng(2).poisson(2.0, size=(4, 30)).astype(np.float32)
+    x = sp.csr_matrix(counts)
+    library = torch.full((4, 1), 100.0)
+    args = (torch.from_numpy(x.indptr.astype(np.int64)), torch.from_numpy(x.indices.astype(
+        np.int64)), torch.from_numpy(x.data))
+    (g_sparse,) = torch.autograd.grad(sparse_log_likelihood("nb", decoder(z), library, *args)
+                                      .sum(), z)
+    (g_dense,) = torch.autograd.grad(decoder.distribution(decoder(z), library).log_prob(
+        torch.from_numpy(counts)).sum(), z)
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-4)

@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, diffusion, graph, module, train
+from . import datasets, diffusion, graph, metrics, module, pl, train
 from .model import LapDDPM, ModelFileError
 
 try:
@@ -10,4 +10,7 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["LapDDPM", "ModelFileError", "datasets", "diffusion", "graph", "module", "train"]
+__all__ = [
+    "LapDDPM", "ModelFileError", "datasets", "diffusion", "graph", "metrics", "module", "pl",
+    "train",
+]

@@ -23,15 +23,19 @@ class _ADATA_KEYS_NT(NamedTuple):
 
 
 class _BATCH_KEYS_NT(NamedTuple):
-    """Tensors of one subgraph minibatch (seed cells come first among the nodes)."""
+    """Tensors of one subgraph minibatch.
 
-    COUNTS: str = "counts"  # (n_seed, n_genes) dense raw counts of the seed cells
+    The seed cells come first among the nodes, so their counts share the first rows of the
+    CSR structure ``NODE_CROW``/``NODE_COL`` (log-normalisation keeps the zeros).
+    """
+
     LABELS: str = "labels"  # (n_seed, 1) label codes of the seed cells
     SEED_INDEX: str = "seed_index"  # (n_seed,) row of each seed cell in the AnnData
-    NODE_CROW: str = "node_crow"  # (n_node + 1,) CSR row pointer of the nodes' counts
-    NODE_COL: str = "node_col"  # (nnz,) gene index of each stored count
-    NODE_VAL: str = "node_val"  # (nnz,) the stored counts
-    NODE_LIBRARY: str = "node_library"  # (n_node,) total counts of each node
+    NODE_CROW: str = "node_crow"  # (n_node + 1,) CSR row pointer of the nodes' expression
+    NODE_COL: str = "node_col"  # (nnz,) gene index of each stored value
+    NODE_INPUT: str = "node_input"  # (nnz,) log1p(1e4 * count / library): the encoder input
+    SEED_COUNTS: str = "seed_counts"  # (nnz of the seed rows,) raw counts of the seed cells
+    SEED_LIBRARY: str = "seed_library"  # (n_seed,) total counts of each seed cell
     LPE: str = "lpe"  # (n_node, n_lpe) Laplacian positional encodings of the nodes
     EDGE_INDEX: str = "edge_index"  # (2, n_edge) local node indices, both directions
     EDGE_WEIGHT: str = "edge_weight"  # (n_edge,) symmetric edge weights

@@ -9,6 +9,7 @@ import scipy.sparse as sp
 def log_normalize(counts: sp.spmatrix | np.ndarray, target_sum: float = 1e4) -> sp.csr_matrix:
     """Library-size normalise to ``target_sum`` and apply ``log1p`` (returns a new CSR matrix)."""
     x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    x.sort_indices()
     library = np.asarray(x.sum(axis=1)).ravel()
     scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
     x.data *= np.repeat(scale, np.diff(x.indptr)).astype(np.float32)

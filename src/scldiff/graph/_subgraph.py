@@ -83,8 +83,7 @@ class SubgraphSampler:
         inside = sorted_nodes[pos] == cols
         src_local = order[pos[inside]]
         dst_local = owner[inside]
-        weight_inside = np.zeros(nodes.size, dtype=np.float64)
-        np.add.at(weight_inside, dst_local, weights[inside])
+        weight_inside = np.bincount(dst_local, weights=weights[inside], minlength=nodes.size)
         degree_outside = np.maximum(self.degree[nodes] - weight_inside, 0.0)
         return Subgraph(
             nodes=nodes,

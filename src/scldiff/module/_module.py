@@ -9,13 +9,13 @@ from torch import Tensor
 
 from .._constants import BATCH_KEYS
 from ..diffusion import DEFAULT_STEPS, SAMPLERS, ClassifierFreeGuidance, VPSchedule
-from ._decoder import CountDecoder, Likelihood, sample_counts
+from ._decoder import CountDecoder, Likelihood, sample_counts, sparse_log_likelihood
 from ._encoder import GraphEncoder
 from ._scorenet import ScoreNet
 
 _ENCODER_INPUTS = (
-    BATCH_KEYS.NODE_CROW, BATCH_KEYS.NODE_COL, BATCH_KEYS.NODE_VAL, BATCH_KEYS.NODE_LIBRARY,
-    BATCH_KEYS.LPE, BATCH_KEYS.EDGE_INDEX, BATCH_KEYS.EDGE_WEIGHT, BATCH_KEYS.DEGREE_OUTSIDE,
+    BATCH_KEYS.NODE_CROW, BATCH_KEYS.NODE_COL, BATCH_KEYS.NODE_INPUT, BATCH_KEYS.LPE,
+    BATCH_KEYS.EDGE_INDEX, BATCH_KEYS.EDGE_WEIGHT, BATCH_KEYS.DEGREE_OUTSIDE,
 )
 
 
@@ -52,6 +52,9 @@ class LapDDPMModule(BaseModuleClass):
         ``"nb"``, ``"zinb"`` or ``"poisson"``.
     dropout_rate
         Dropout in the encoder.
+    neighbour_gradients
+        Back-propagate through the input projection of the neighbour cells too (see
+        :class:`~scldiff.module.GraphEncoder`).
     score_hidden, score_blocks
         ScoreNet width and depth.
     beta_min, beta_max, t_min
@@ -70,6 +73,7 @@ class LapDDPMModule(BaseModuleClass):
         n_cheb_layers: int = 1,
         likelihood: Likelihood = "nb",
         dropout_rate: float = 0.1,
+        neighbour_gradients: bool = False,
         score_hidden: int = 256,
         score_blocks: int = 3,
         beta_min: float = 0.1,
@@ -80,7 +84,7 @@ class LapDDPMModule(BaseModuleClass):
         self.n_latent = n_latent
         self.likelihood = likelihood
         self.encoder = GraphEncoder(n_input, n_lpe, n_latent, n_hidden, cheb_k, n_cheb_layers,
-                                    dropout_rate)
+                                    dropout_rate, neighbour_gradients)
         self.decoder = CountDecoder(n_latent, n_input, n_hidden, likelihood=likelihood)
         self.score_net = ScoreNet(n_latent, n_labels, score_hidden, score_blocks)
         self.schedule = VPSchedule(beta_min, beta_max, t_min)
@@ -99,8 +103,7 @@ class LapDDPMModule(BaseModuleClass):
         self,
         node_crow: Tensor,
         node_col: Tensor,
-        node_val: Tensor,
-        node_library: Tensor,
+        node_input: Tensor,
         lpe: Tensor,
         edge_index: Tensor,
         edge_weight: Tensor,
@@ -111,30 +114,27 @@ class LapDDPMModule(BaseModuleClass):
     ) -> dict[str, Tensor]:
         """Posterior q(z | x, graph) of the seed cells (the first ``n_seed`` nodes).
 
-        ``input_mask`` (one boolean per stored count) zeroes masked genes in the encoder's
+        ``node_input`` holds the log-normalised expression of every node (CSR values).
+        ``input_mask`` (one 0/1 value per stored entry) zeroes masked genes in the encoder's
         input only (paper 001's input gene masking); the likelihood sees all counts.
         """
-        rows = torch.repeat_interleave(
-            torch.arange(node_crow.numel() - 1, device=node_crow.device), node_crow.diff()
-        )
-        value = torch.log1p(node_val / node_library[rows] * 1e4)
-        if input_mask is not None:
-            value = value * input_mask
+        value = node_input if input_mask is None else node_input * input_mask
         mean, logvar = self.encoder(
             node_crow, node_col, value, lpe * self.lpe_scale, edge_index, edge_weight,
-            degree_outside,
+            degree_outside, n_seed=n_seed,
         )
         mean, logvar = mean[:n_seed], logvar[:n_seed]
         z = mean if use_mean else mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         return {"qz_mean": mean, "qz_logvar": logvar, "z": z}
 
     def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:
-        counts = tensors[BATCH_KEYS.COUNTS]
-        return {"z": inference_outputs["z"], "library": counts.sum(-1, keepdim=True)}
+        return {"z": inference_outputs["z"], "library": tensors[BATCH_KEYS.SEED_LIBRARY][:, None]}
 
     def generative(self, z: Tensor, library: Tensor) -> dict:
+        """Likelihood parameters; ``px`` is the count distribution (scvi-tools objects)."""
         params = self.decoder(z)
-        return {"px": self.decoder.distribution(params, library), "params": params}
+        return {"px": self.decoder.distribution(params, library), "params": params,
+                "library": library}
 
     def loss(
         self,
@@ -144,9 +144,18 @@ class LapDDPMModule(BaseModuleClass):
         kl_weight: float | Tensor = 1.0,
         rec_weight: float = 1.0,
     ) -> LossOutput:
-        """Stage A: ``rec_weight * -log p(x|z) + kl_weight * KL(q(z|x) || N(0, I))``."""
-        counts = tensors[BATCH_KEYS.COUNTS]
-        reconstruction = -generative_outputs["px"].log_prob(counts).sum(-1)
+        """Stage A: ``rec_weight * -log p(x|z) + kl_weight * KL(q(z|x) || N(0, I))``.
+
+        The seed cells' counts are the first rows of the batch's CSR node matrix; the
+        likelihood is evaluated sparsely (:func:`~scldiff.module.sparse_log_likelihood`).
+        """
+        n_seed = tensors[BATCH_KEYS.LABELS].shape[0]
+        crow = tensors[BATCH_KEYS.NODE_CROW][: n_seed + 1]
+        nnz = int(crow[-1])
+        reconstruction = -sparse_log_likelihood(
+            self.likelihood, generative_outputs["params"], generative_outputs["library"], crow,
+            tensors[BATCH_KEYS.NODE_COL][:nnz], tensors[BATCH_KEYS.SEED_COUNTS],
+        )
         kl = gaussian_kl(inference_outputs["qz_mean"], inference_outputs["qz_logvar"])
         loss = (rec_weight * reconstruction + kl_weight * kl).mean()
         return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local=kl)

@@ -9,7 +9,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from .._constants import BATCH_KEYS, LATENT_KEYS
-from ..graph import SubgraphSampler
+from ..graph import SubgraphSampler, log_normalize
 
 
 class _Indices(Dataset):
@@ -42,24 +42,31 @@ class SubgraphCollator:
 
     def __init__(self, counts: sp.csr_matrix, labels: np.ndarray, lpe: np.ndarray,
                  sampler: SubgraphSampler):
-        self.counts = counts
+        # int64 indices once, so that slicing rows needs no conversion per batch
+        self.counts = sp.csr_matrix((counts.data.astype(np.float32, copy=False),
+                                     counts.indices.astype(np.int64),
+                                     counts.indptr.astype(np.int64)), shape=counts.shape)
+        self.counts.sort_indices()
+        # the encoder's input, computed once: same sparsity structure as the counts
+        self.inputs = log_normalize(self.counts)
         self.labels = np.asarray(labels, dtype=np.int64).ravel()
         self.lpe = np.asarray(lpe, dtype=np.float32)
-        self.library = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
+        self.library = np.asarray(self.counts.sum(axis=1), dtype=np.float32).ravel()
         self.sampler = sampler
 
     def __call__(self, seeds: list[int]) -> dict[str, torch.Tensor]:
         seeds = np.asarray(seeds, dtype=np.int64)
         sub = self.sampler(seeds)
-        x = self.counts[sub.nodes]
+        x = self.inputs[sub.nodes]
+        seed_counts = self.counts[seeds].data
         return {
-            BATCH_KEYS.COUNTS: torch.from_numpy(x[: sub.n_seed].toarray().astype(np.float32)),
             BATCH_KEYS.LABELS: torch.from_numpy(self.labels[seeds][:, None]),
             BATCH_KEYS.SEED_INDEX: torch.from_numpy(seeds),
-            BATCH_KEYS.NODE_CROW: torch.from_numpy(x.indptr.astype(np.int64)),
-            BATCH_KEYS.NODE_COL: torch.from_numpy(x.indices.astype(np.int64)),
-            BATCH_KEYS.NODE_VAL: torch.from_numpy(x.data.astype(np.float32)),
-            BATCH_KEYS.NODE_LIBRARY: torch.from_numpy(self.library[sub.nodes]),
+            BATCH_KEYS.NODE_CROW: torch.from_numpy(x.indptr.astype(np.int64, copy=False)),
+            BATCH_KEYS.NODE_COL: torch.from_numpy(x.indices.astype(np.int64, copy=False)),
+            BATCH_KEYS.NODE_INPUT: torch.from_numpy(x.data),
+            BATCH_KEYS.SEED_COUNTS: torch.from_numpy(seed_counts),
+            BATCH_KEYS.SEED_LIBRARY: torch.from_numpy(self.library[seeds]),
             BATCH_KEYS.LPE: torch.from_numpy(self.lpe[sub.nodes]),
             BATCH_KEYS.EDGE_INDEX: torch.from_numpy(sub.edge_index),
             BATCH_KEYS.EDGE_WEIGHT: torch.from_numpy(sub.edge_weight),

@@ -115,7 +115,7 @@ class LapDDPMTrainingPlan(TrainingPlan):
     def _input_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if self.mask_fraction == 0.0:
             return None
-        values = batch[BATCH_KEYS.NODE_VAL]
+        values = batch[BATCH_KEYS.NODE_INPUT]
         return (torch.rand(values.shape, device=values.device) >= self.mask_fraction).float()
 
     def _loss_increasing_sign(self, batch, direction, input_mask) -> float:
@@ -141,7 +141,7 @@ class LapDDPMTrainingPlan(TrainingPlan):
         if self.perturbation == "none" or self.epsilon == 0.0 or weight.numel() == 0:
             return weight, torch.zeros((), device=weight.device)
         edge_index = batch[BATCH_KEYS.EDGE_INDEX]
-        n_nodes = batch[BATCH_KEYS.NODE_LIBRARY].shape[0]
+        n_nodes = batch[BATCH_KEYS.LPE].shape[0]
         if self.perturbation == "spectral":
             v1 = principal_eigenvector(edge_index, weight, n_nodes, self.power_iterations)
             direction = spectral_direction(edge_index, v1)

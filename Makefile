@@ -1,0 +1,37 @@
+# Quick start: `make demo` and `make test` on a fresh machine (Python >= 3.10).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.scldiff-installed
+
+.PHONY: install demo test lint docs benchmark clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: the local CPU wheel, not gigabytes of CUDA packages
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m scldiff.demo --out demo_output
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=15
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+docs: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[docs]"
+	$(VENV)/bin/sphinx-build -b html docs docs/_build/html
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/quality.py
+
+clean:
+	rm -rf $(VENV) demo_output docs/_build .pytest_cache
