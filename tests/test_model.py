@@ -108,7 +108,7 @@ def test_bad_labels_and_sizes_raise_and_leave_adata_unchanged(pbmc_small):
     assert_unchanged(pbmc_small, before)
 
 
-def test_generate_returns_a_well_formed_anndata(trained_model):
+def test_generate_returns_a_well_formed_anndata(trained_model, tmp_path):
     synth = trained_model.generate(labels={"B cells": 30, "Megakaryocytes": 5},
                                    guidance_scale=2.0, seed=0, progress_bar=False)
     assert isinstance(synth.X, sp.csr_matrix)
@@ -124,6 +124,10 @@ def test_generate_returns_a_well_formed_anndata(trained_model):
     info = synth.uns["scldiff"]
     assert info["seed"] == "0" and info["guidance_scale"] == 2.0 and info["sampler"] == "ode"
     assert info["scldiff_version"] == scldiff.__version__
+    synth.write_h5ad(tmp_path / "synth.h5ad")
+    back = anndata.read_h5ad(tmp_path / "synth.h5ad")
+    assert (back.X != synth.X).nnz == 0 and back.uns["scldiff"]["sampler"] == "ode"
+    pd.testing.assert_frame_equal(back.obs, synth.obs)
 
 
 def test_generated_cells_go_through_scanpy_with_the_real_ones(trained_model):

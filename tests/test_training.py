@@ -131,3 +131,22 @@ def test_latent_statistics_standardise_the_aggregate_posterior(model_and_batch):
     z = module.standardize(samples)
     assert z.mean().abs().item() < 0.02 and z.std().item() == pytest.approx(1.0, abs=0.02)
     torch.testing.assert_close(module.unstandardize(z), samples)
+
+
+def test_ema_warms_up_and_tracks_the_weights():
+    from scldiff.train._trainingplan import ExponentialMovingAverage
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = ExponentialMovingAverage(net, decay=0.999)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for _ in range(1000):
+        ema.update(net)
+    # with warm-up the initial 0 is forgotten: prod_n d_n = prod (9 / (10 + n)) ~ 0
+    assert ema.shadow.weight.item() == pytest.approx(1.0, abs=1e-6)
+    assert ema.n_updates.item() == 1000
+    target = torch.nn.Linear(1, 1, bias=False)
+    ema.copy_to(target)
+    assert target.weight.item() == ema.shadow.weight.item()

@@ -23,6 +23,19 @@ def _log_normalize(x: sp.csr_matrix) -> np.ndarray:
     return np.log1p(sp.diags(scale) @ x).toarray()
 
 
+def _seurat_v3_genes(counts: sp.csr_matrix, n_top: int) -> np.ndarray:
+    """Seurat v3 HVG mask; the loess fit of small sets can be singular, so widen its span."""
+    for span in (0.3, 0.5, 1.0):
+        try:
+            table = sc.pp.highly_variable_genes(AnnData(counts), flavor="seurat_v3",
+                                                n_top_genes=n_top, span=span, inplace=False)
+            return table["highly_variable"].to_numpy()
+        except ValueError:
+            continue
+    raise ValueError("Seurat v3 gene selection failed on the real cells even with span=1; "
+                     "pass more real cells or n_hvg=None.")
+
+
 def shared_pca(
     real: AnnData,
     generated: AnnData,
@@ -40,9 +53,7 @@ def shared_pca(
     if list(real.var_names) != list(generated.var_names):
         raise ValueError("real and generated must have the same var_names in the same order.")
     n_hvg = min(n_hvg, real.n_vars)
-    hvg = sc.pp.highly_variable_genes(
-        AnnData(_counts(real, layer)), flavor="seurat_v3", n_top_genes=n_hvg, inplace=False
-    )["highly_variable"].to_numpy()
+    hvg = _seurat_v3_genes(_counts(real, layer), n_hvg)
     x_real = _log_normalize(_counts(real, layer)[:, hvg])
     x_gen = _log_normalize(_counts(generated, layer)[:, hvg])
     n_pcs = min(n_pcs, x_real.shape[0] - 1, x_real.shape[1])

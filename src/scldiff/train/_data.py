@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from .._constants import BATCH_KEYS, LATENT_KEYS
 from ..graph import SubgraphSampler, log_normalize
@@ -106,15 +106,25 @@ class SubgraphDataModule(LightningDataModule):
 
 
 class _Latents(Dataset):
+    """Posterior parameters, indexed a whole minibatch at a time (no per-cell collation)."""
+
     def __init__(self, qz_mean: torch.Tensor, qz_logvar: torch.Tensor, labels: torch.Tensor):
         self.qz_mean, self.qz_logvar, self.labels = qz_mean, qz_logvar, labels
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {LATENT_KEYS.QZ_MEAN: self.qz_mean[i], LATENT_KEYS.QZ_LOGVAR: self.qz_logvar[i],
-                LATENT_KEYS.LABELS: self.labels[i]}
+    def __getitem__(self, index: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(index)
+        return {LATENT_KEYS.QZ_MEAN: self.qz_mean[index],
+                LATENT_KEYS.QZ_LOGVAR: self.qz_logvar[index],
+                LATENT_KEYS.LABELS: self.labels[index]}
+
+    def loader(self, batch_size: int, shuffle: bool) -> DataLoader:
+        base = RandomSampler(self) if shuffle else SequentialSampler(self)
+        drop_last = shuffle and len(self) > batch_size
+        sampler = BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
+        return DataLoader(self, sampler=sampler, batch_size=None)
 
 
 class LatentDataModule(LightningDataModule):
@@ -130,8 +140,7 @@ class LatentDataModule(LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          drop_last=self.n_train > self.batch_size)
+        return self.train_set.loader(self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return DataLoader(self.val_set, batch_size=self.batch_size) if self.val_set else []
+        return self.val_set.loader(self.batch_size, shuffle=False) if self.val_set else []

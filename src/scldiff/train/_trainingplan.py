@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
 from scvi.train import TrainingPlan
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch import nn
 
 from .._constants import BATCH_KEYS, LATENT_KEYS
 from ..graph import (
@@ -18,6 +19,36 @@ from ..graph import (
 from ..module import LapDDPMModule
 
 Perturbation = Literal["spectral", "random", "none"]
+
+
+class ExponentialMovingAverage(nn.Module):
+    r"""Exponential moving average of a network's weights, with warm-up.
+
+    After the :math:`n`-th update the decay is :math:`\min(d, (1 + n)/(10 + n))`, so the
+    average forgets the initial weights quickly when training is short (a plain decay of
+    0.999 would still hold 37% of the initialisation after 1,000 steps).
+    """
+
+    def __init__(self, network: nn.Module, decay: float = 0.999):
+        super().__init__()
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {decay}.")
+        self.decay = decay
+        self.shadow = copy.deepcopy(network).requires_grad_(False)
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, network: nn.Module) -> None:
+        self.n_updates += 1
+        n = float(self.n_updates)
+        decay = min(self.decay, (1.0 + n) / (10.0 + n))
+        for average, current in zip(self.shadow.parameters(), network.parameters(),
+                                    strict=True):
+            average.lerp_(current.detach(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, network: nn.Module) -> None:
+        network.load_state_dict(self.shadow.state_dict())
 PERTURBATIONS: tuple[str, ...] = ("spectral", "random", "none")
 
 
@@ -48,6 +79,9 @@ class LapDDPMTrainingPlan(TrainingPlan):
         ``"A"`` or ``"B"``.
     lr
         Learning rate.
+    eps
+        Adam's epsilon. scvi-tools uses 0.01; with it the large sparse input projection
+        learns so slowly that stage A needs several times more epochs (measured on PBMC3K).
     weight_decay
         Weight decay.
     kl_weight
@@ -77,6 +111,7 @@ class LapDDPMTrainingPlan(TrainingPlan):
         *,
         stage: Literal["A", "B"],
         lr: float = 1e-3,
+        eps: float = 1e-8,
         weight_decay: float = 1e-6,
         kl_weight: float = 1.0,
         n_epochs_kl_warmup: int | None = None,
@@ -97,8 +132,9 @@ class LapDDPMTrainingPlan(TrainingPlan):
             raise ValueError("Need epsilon >= 0 and power_iterations >= 1.")
         if not 0.0 <= mask_fraction < 1.0 or not 0.0 <= p_uncond < 1.0:
             raise ValueError("mask_fraction and p_uncond must lie in [0, 1).")
-        super().__init__(module, lr=lr, weight_decay=weight_decay, max_kl_weight=kl_weight,
-                         n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs)
+        super().__init__(module, lr=lr, eps=eps, weight_decay=weight_decay,
+                         max_kl_weight=kl_weight, n_epochs_kl_warmup=n_epochs_kl_warmup,
+                         **kwargs)
         self.stage = stage
         self.loss_kwargs["rec_weight"] = rec_weight
         self.perturbation = perturbation
@@ -106,10 +142,9 @@ class LapDDPMTrainingPlan(TrainingPlan):
         self.power_iterations = power_iterations
         self.mask_fraction = mask_fraction
         self.p_uncond = p_uncond
-        self.ema = (
-            AveragedModel(module.score_net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
-            if stage == "B" and ema_decay > 0 else None
-        )
+        self.ema_decay = ema_decay
+        self.ema = ExponentialMovingAverage(module.score_net, ema_decay) if (
+            stage == "B" and ema_decay > 0) else None
 
     # ------------------------------------------------------------------ stage A
     def _input_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -195,16 +230,16 @@ class LapDDPMTrainingPlan(TrainingPlan):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None:
-            self.ema.update_parameters(self.module.score_net)
+            self.ema.update(self.module.score_net)
 
     def on_train_end(self):
-        if self.ema is not None and self.ema.n_averaged.item() > 0:
-            self.module.score_net.load_state_dict(self.ema.module.state_dict())
+        if self.ema is not None and self.ema.n_updates.item() > 0:
+            self.ema.copy_to(self.module.score_net)
 
     def configure_optimizers(self):
         if self.stage == "A":
             params = [*self.module.encoder.parameters(), *self.module.decoder.parameters()]
-            return torch.optim.Adam(params, lr=self.lr, eps=0.01,
+            return torch.optim.Adam(params, lr=self.lr, eps=self.eps,
                                     weight_decay=self.weight_decay)
         optimizer = torch.optim.AdamW(self.module.score_net.parameters(), lr=self.lr,
                                       weight_decay=self.weight_decay)
