@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.scldiff-installed
 
-.PHONY: install demo test lint docs benchmark clean
+.PHONY: install demo test lint docs tutorials benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[docs]"
 	$(VENV)/bin/sphinx-build -b html docs docs/_build/html
+
+# re-run the tutorial notebooks in place (their outputs are committed; docs do not execute)
+tutorials: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[docs]"
+	$(VENV)/bin/jupyter-execute --inplace tutorials/*.ipynb
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/quality.py

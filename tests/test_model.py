@@ -297,3 +297,24 @@ def test_datasets_pbmc3k_is_bundled_raw_counts():
     assert (adata.X.data == np.round(adata.X.data)).all()
     assert adata.obs["cell_type"].value_counts()["B cells"] == 342
     assert isinstance(adata, anndata.AnnData)
+
+
+def test_training_again_runs_in_train_mode_and_appends_history():
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=200, n_genes=300)
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=8, n_lpe=4)
+    model = LapDDPM(adata, n_latent=4, n_hidden=32, score_hidden=32, score_blocks=1)
+    model.train(n_epochs_stage_a=3, n_epochs_stage_b=4, **QUIET)
+    modes = []
+    handle = model.module.encoder.register_forward_pre_hook(
+        lambda module, args: modes.append(module.training))
+    try:
+        model.train(n_epochs_stage_a=1, n_epochs_stage_b=1, **QUIET)
+    finally:
+        handle.remove()
+    assert True in modes  # stage A ran with dropout (the posterior pass is in eval mode)
+    history = model.history
+    assert len(history["elbo_train"]) == 4 and len(history["diffusion_loss_train"]) == 5
+    assert history["elbo_train"].index[-1] == 7  # after the first run's 3 + 4 epochs
+    assert history["diffusion_loss_train"].index[-1] == 8
+    assert not model.module.training

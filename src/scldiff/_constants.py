@@ -30,7 +30,6 @@ class _BATCH_KEYS_NT(NamedTuple):
     """
 
     LABELS: str = "labels"  # (n_seed, 1) label codes of the seed cells
-    SEED_INDEX: str = "seed_index"  # (n_seed,) row of each seed cell in the AnnData
     NODE_CROW: str = "node_crow"  # (n_node + 1,) CSR row pointer of the nodes' expression
     NODE_COL: str = "node_col"  # (nnz,) gene index of each stored value
     NODE_INPUT: str = "node_input"  # (nnz,) log1p(1e4 * count / library): the encoder input

@@ -43,7 +43,8 @@ class ObspField(BaseAnnDataField):
 
     def validate_field(self, adata: AnnData) -> None:
         if self.attr_key not in adata.obsp:
-            raise ValueError(f"adata.obsp[{self.attr_key!r}] is missing; run setup_anndata.")
+            raise ValueError(f"adata.obsp[{self.attr_key!r}] (the cell graph) is missing; run "
+                             "LapDDPM.setup_anndata on this AnnData first.")
         shape = adata.obsp[self.attr_key].shape
         if shape != (adata.n_obs, adata.n_obs):
             raise ValueError(f"adata.obsp[{self.attr_key!r}] has shape {shape}, expected "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Literal
 
 import numpy as np
@@ -17,9 +18,10 @@ from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.train._trainrunner import _safe_load_logger_history
-from tqdm.auto import tqdm
+from scvi.utils import track
 
 from .._constants import ADATA_KEYS, REGISTRY_KEYS
+from .._version import __version__
 from ..diffusion import DEFAULT_STEPS, SAMPLERS
 from ..graph import SubgraphSampler, knn_graph, laplacian_positional_encoding, pca_embedding
 from ..module import LIKELIHOODS, LapDDPMModule
@@ -28,6 +30,7 @@ from ..train import (
     PERTURBATIONS,
     LapDDPMTrainingPlan,
     LatentDataModule,
+    StageProgressBar,
     SubgraphCollator,
     SubgraphDataModule,
 )
@@ -107,19 +110,14 @@ def _epochs_for_steps(steps: int, n_cells: int, batch_size: int) -> int:
 def _merge_history(old: dict | None, new: dict | None) -> dict:
     """Append a training run's per-epoch history to the model's, continuing the epochs."""
     old, new = dict(old or {}), dict(new or {})
-    offset = max((len(frame) for frame in old.values()), default=0)
+    offset = max((int(frame.index.max()) + 1 for frame in old.values() if len(frame)),
+                 default=0)
     for key, frame in new.items():
         frame = frame.copy()
         frame.index = np.arange(offset, offset + len(frame))
         frame.index.name = "epoch"
         old[key] = pd.concat([old[key], frame]) if key in old else frame
     return old
-
-
-def _lightning_trainer_kwargs(trainer_kwargs: dict) -> dict:
-    out = {"enable_checkpointing": False, "logger": None}
-    out.update(trainer_kwargs)
-    return out
 
 
 class LapDDPM(BaseModelClass):
@@ -318,7 +316,7 @@ class LapDDPM(BaseModelClass):
                    batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior means and log-variances of the given cells on the full graph."""
         self.module.eval()
-        loader = SubgraphDataModule(collator, indices, [], batch_size).predict_dataloader()
+        loader = SubgraphDataModule(collator, indices, [], batch_size).inference_loader()
         means, logvars = [], []
         device = self.device
         for batch in loader:
@@ -331,8 +329,15 @@ class LapDDPM(BaseModelClass):
 
     # ------------------------------------------------------------------- training
     def _fit(self, plan, datamodule, max_epochs: int, accelerator, devices,
-             trainer_kwargs: dict) -> None:
-        previous = self.history_
+             trainer_kwargs: dict, stage: str) -> None:
+        # a copy: scvi-tools' runner appends to the model's history dict in place
+        previous = dict(self.history_ or {})
+        trainer_kwargs = dict(trainer_kwargs)
+        if trainer_kwargs.get("enable_progress_bar", True) and trainer_kwargs.get(
+                "simple_progress_bar", True):
+            trainer_kwargs["simple_progress_bar"] = False
+            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []),
+                                           StageProgressBar(stage)]
         runner = TrainRunner(self, training_plan=plan, data_splitter=datamodule,
                              max_epochs=max_epochs, accelerator=accelerator, devices=devices,
                              **trainer_kwargs)
@@ -447,9 +452,8 @@ class LapDDPM(BaseModelClass):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
         if n_a + n_b == 0:
             raise ValueError("Both stages have 0 epochs; nothing to train.")
-        trainer_kwargs = _lightning_trainer_kwargs(trainer_kwargs)
-        if not any(k in trainer_kwargs for k in ("check_val_every_n_epoch",)) and len(val_idx):
-            trainer_kwargs["check_val_every_n_epoch"] = 1
+        if len(val_idx):
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         plan_kwargs = dict(plan_kwargs or {})
         collator = self._collator()
 
@@ -463,7 +467,8 @@ class LapDDPM(BaseModelClass):
                 power_iterations=power_iterations, mask_fraction=mask_fraction, **plan_kwargs,
             )
             data_a = SubgraphDataModule(collator, train_idx, val_idx, batch_size)
-            self._fit(plan_a, data_a, n_a, accelerator, devices, trainer_kwargs)
+            self._fit(plan_a, data_a, n_a, accelerator, devices, trainer_kwargs,
+                      "Stage A (graph VAE)")
 
         if n_b > 0:
             logger.info("Stage B: latent diffusion, %d epochs.", n_b)
@@ -479,7 +484,8 @@ class LapDDPM(BaseModelClass):
                 self.module, stage="B", lr=lr_stage_b, p_uncond=p_uncond if
                 self.is_conditional else 0.0, ema_decay=ema_decay, **plan_kwargs,
             )
-            self._fit(plan_b, data_b, n_b, accelerator, devices, trainer_kwargs)
+            self._fit(plan_b, data_b, n_b, accelerator, devices, trainer_kwargs,
+                      "Stage B (diffusion)")
 
         self._fit_library_size(train_idx, collator)
         self.train_indices_, self.validation_indices_ = train_idx, val_idx
@@ -591,8 +597,8 @@ class LapDDPM(BaseModelClass):
 
         self.module.eval()
         blocks = []
-        for start in tqdm(range(0, codes.size, batch_size), desc="Generating cells",
-                          disable=not progress_bar):
+        for start in track(range(0, codes.size, batch_size), description="Generating cells",
+                           disable=not progress_bar, style="tqdm"):
             stop = min(start + batch_size, codes.size)
             counts = self.module.sample(
                 torch.from_numpy(codes[start:stop]), torch.from_numpy(library[start:stop]),
@@ -606,11 +612,9 @@ class LapDDPM(BaseModelClass):
             obs[self.labels_key] = pd.Categorical.from_codes(codes, categories=categories)
         obs["synthetic"] = True
         var = pd.DataFrame(index=pd.Index(np.asarray(self.get_var_names(), dtype=str)))
-        import scldiff
-
         provenance = {
             "model": "LapDDPM",
-            "scldiff_version": scldiff.__version__,
+            "scldiff_version": __version__,
             "scvi_tools_version": self.registry_.get("scvi_version", ""),
             "torch_version": str(torch.__version__),
             "seed": "" if seed is None else str(seed),
@@ -656,11 +660,9 @@ class LapDDPM(BaseModelClass):
         """
         if prefix is not None:
             raise ValueError("prefix is not supported by LapDDPM.save; use dir_path.")
-        import scldiff
-
         attributes = {
             "model_name": type(self).__name__,
-            "scldiff_version": scldiff.__version__,
+            "scldiff_version": __version__,
             "init_params_": self.init_params_,
             "registry_": self.registry_,
             "var_names": np.asarray(self.get_var_names(), dtype=str),
@@ -695,8 +697,6 @@ class LapDDPM(BaseModelClass):
         accelerator, device
             Where to put the model.
         """
-        import os
-
         from scvi.model._utils import parse_device_args
 
         state_dict, attributes = read_model_dir(dir_path)

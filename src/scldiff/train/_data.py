@@ -61,7 +61,6 @@ class SubgraphCollator:
         seed_counts = self.counts[seeds].data
         return {
             BATCH_KEYS.LABELS: torch.from_numpy(self.labels[seeds][:, None]),
-            BATCH_KEYS.SEED_INDEX: torch.from_numpy(seeds),
             BATCH_KEYS.NODE_CROW: torch.from_numpy(x.indptr.astype(np.int64, copy=False)),
             BATCH_KEYS.NODE_COL: torch.from_numpy(x.indices.astype(np.int64, copy=False)),
             BATCH_KEYS.NODE_INPUT: torch.from_numpy(x.data),
@@ -101,7 +100,8 @@ class SubgraphDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_idx, shuffle=False) if self.n_val else []
 
-    def predict_dataloader(self, indices: np.ndarray | None = None) -> DataLoader:
+    def inference_loader(self, indices: np.ndarray | None = None) -> DataLoader:
+        """Unshuffled batches of the given cells (default: the training cells)."""
         return self._loader(self.train_idx if indices is None else indices, shuffle=False)
 
 

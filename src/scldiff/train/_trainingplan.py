@@ -217,6 +217,11 @@ class LapDDPMTrainingPlan(TrainingPlan):
         return loss
 
     # --------------------------------------------------------------- lightning hooks
+    def on_fit_start(self):
+        # Lightning keeps the modes it finds, and scvi-tools' runner leaves the module in
+        # eval mode after each fit: without this a second train() would run without dropout.
+        self.module.train()
+
     def training_step(self, batch, batch_idx):
         if self.stage == "A":
             return self._vae_step(batch, "train")
