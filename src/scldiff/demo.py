@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs-a", type=int, default=None, help="stage A epochs")
     parser.add_argument("--epochs-b", type=int, default=None, help="stage B epochs")
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (default: the model's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -66,9 +67,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     counts = test.obs["cell_type"].value_counts()
     t0 = time.perf_counter()
+    guidance = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     synth = model.generate(labels={k: int(v) for k, v in counts.items() if v > 0},
-                           guidance_scale=args.guidance_scale, seed=args.seed,
-                           progress_bar=not args.no_progress)
+                           seed=args.seed, progress_bar=not args.no_progress, **guidance)
     generate_s = time.perf_counter() - t0
     synth.write_h5ad(os.path.join(args.out, "synthetic.h5ad"))
     model.save(os.path.join(args.out, "model"), overwrite=True)

@@ -1,6 +1,6 @@
 """Cell graph, Laplacian positional encodings, spectral perturbation, subgraph batching."""
 
-from ._knn import knn_graph, log_normalize, pca_embedding
+from ._knn import knn_graph, log_normalize, nearest_neighbors, pca_embedding
 from ._laplacian import laplacian_positional_encoding, normalized_adjacency, normalized_laplacian
 from ._spectral import (
     perturb_edge_weights,
@@ -16,6 +16,7 @@ __all__ = [
     "knn_graph",
     "laplacian_positional_encoding",
     "log_normalize",
+    "nearest_neighbors",
     "normalized_adjacency",
     "normalized_laplacian",
     "pca_embedding",

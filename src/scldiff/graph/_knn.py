@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import scipy.sparse as sp
+
+# Up to this many cells an exact search is faster than pynndescent, whose numba functions
+# are compiled afresh in every process (~40 s on 2 cores, whatever the data size).
+EXACT_KNN_LIMIT = 50_000
 
 
 def log_normalize(counts: sp.spmatrix | np.ndarray, target_sum: float = 1e4) -> sp.csr_matrix:
@@ -42,12 +48,45 @@ def pca_embedding(
     return np.asarray(sc.pp.pca(x, n_comps=n_comps, random_state=random_state), dtype=np.float32)
 
 
+def nearest_neighbors(
+    embedding: np.ndarray,
+    n_neighbors: int,
+    method: Literal["auto", "exact", "pynndescent"] = "auto",
+    random_state: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and Euclidean distances of each cell's ``n_neighbors + 1`` nearest cells.
+
+    ``"exact"`` is a brute-force search (:class:`sklearn.neighbors.NearestNeighbors`),
+    ``"pynndescent"`` the approximate :class:`pynndescent.NNDescent`; ``"auto"`` picks the
+    exact search up to ``EXACT_KNN_LIMIT`` cells. The lists include the cell itself.
+    """
+    if method == "auto":
+        method = "exact" if embedding.shape[0] <= EXACT_KNN_LIMIT else "pynndescent"
+    if method == "exact":
+        from sklearn.neighbors import NearestNeighbors
+
+        search = NearestNeighbors(n_neighbors=n_neighbors + 1, algorithm="brute")
+        distances, neighbors = search.fit(embedding).kneighbors(embedding)
+        return neighbors, distances
+    if method == "pynndescent":
+        from pynndescent import NNDescent
+
+        index = NNDescent(embedding, n_neighbors=n_neighbors + 1, metric="euclidean",
+                          random_state=random_state, low_memory=True, verbose=False)
+        return index.neighbor_graph
+    raise ValueError(f"method must be 'auto', 'exact' or 'pynndescent', got {method!r}.")
+
+
 def knn_graph(
-    embedding: np.ndarray, n_neighbors: int = 15, random_state: int = 0
+    embedding: np.ndarray,
+    n_neighbors: int = 15,
+    random_state: int = 0,
+    method: Literal["auto", "exact", "pynndescent"] = "auto",
 ) -> sp.csr_matrix:
     r"""Symmetric k-nearest-neighbour graph with self-tuning Gaussian weights.
 
-    Neighbours come from :class:`pynndescent.NNDescent` (Euclidean). An edge joins *i* and
+    Neighbours come from :func:`nearest_neighbors` (Euclidean; pynndescent for large
+    data, an exact search for small data). An edge joins *i* and
     *j* when either is among the other's ``n_neighbors`` nearest cells, with weight
 
     .. math::
@@ -61,23 +100,13 @@ def knn_graph(
     -------
     ``(n_cells, n_cells)`` CSR matrix, sorted indices.
     """
-    from pynndescent import NNDescent
-
     n_obs = embedding.shape[0]
     if n_obs <= n_neighbors:
         raise ValueError(
             f"A {n_neighbors}-nearest-neighbour graph needs more than {n_neighbors} cells; "
             f"got {n_obs}. Pass a smaller n_neighbors or more cells."
         )
-    index = NNDescent(
-        embedding,
-        n_neighbors=n_neighbors + 1,
-        metric="euclidean",
-        random_state=random_state,
-        low_memory=True,
-        verbose=False,
-    )
-    neighbors, distances = index.neighbor_graph
+    neighbors, distances = nearest_neighbors(embedding, n_neighbors, method, random_state)
     # Drop each cell itself; duplicated cells may appear at any position, so mask by identity.
     rows = np.repeat(np.arange(n_obs), neighbors.shape[1])
     cols = neighbors.ravel()
