@@ -220,7 +220,8 @@ class LapDDPMTrainingPlan(TrainingPlan):
     def on_fit_start(self):
         # Lightning keeps the modes it finds, and scvi-tools' runner leaves the module in
         # eval mode after each fit: without this a second train() would run without dropout.
-        self.module.train()
+        # (The whole plan, so the EMA's copy of the ScoreNet is included.)
+        self.train()
 
     def training_step(self, batch, batch_idx):
         if self.stage == "A":
