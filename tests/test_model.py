@@ -318,3 +318,31 @@ def test_training_again_runs_in_train_mode_and_appends_history():
     assert history["elbo_train"].index[-1] == 7  # after the first run's 3 + 4 epochs
     assert history["diffusion_loss_train"].index[-1] == 8
     assert not model.module.training
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "poisson"])
+def test_other_likelihoods_train_and_generate(likelihood):
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=150, n_genes=200)
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
+    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1,
+                    likelihood=likelihood)
+    model.train(n_epochs_stage_a=2, n_epochs_stage_b=2, **QUIET)
+    assert np.isfinite(model.history["reconstruction_loss_train"].to_numpy(float)).all()
+    synth = model.generate(labels={"CD4 T cells": 20}, seed=0, progress_bar=False)
+    assert synth.n_obs == 20 and synth.uns["scldiff"]["likelihood"] == likelihood
+    assert (synth.X.data == np.round(synth.X.data)).all()
+
+
+def test_bad_model_arguments():
+    adata = small_pbmc(n_cells=100, n_genes=100)
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=5, n_lpe=2)
+    with pytest.raises(ValueError, match="likelihood"):
+        LapDDPM(adata, likelihood="gaussian")
+    model = LapDDPM(adata, n_latent=4, n_hidden=16)
+    with pytest.raises(ValueError, match="perturbation"):
+        model.train(perturbation="adversarial")
+    with pytest.raises(ValueError, match="train_size"):
+        model.train(train_size=1.5)
+    with pytest.raises(ValueError, match="mask_fraction"):
+        model.train(n_epochs_stage_a=1, n_epochs_stage_b=0, mask_fraction=1.0, **QUIET)
