@@ -8,7 +8,16 @@ import pytest
 import scipy.sparse as sp
 from anndata import AnnData
 
-from scldiff.metrics import evaluate, mmd_rbf, shared_pca, wasserstein
+from scldiff.metrics import (
+    classifier_auc,
+    count_diagnostics,
+    evaluate,
+    marker_overlap,
+    mmd_rbf,
+    shared_pca,
+    tstr_f1,
+    wasserstein,
+)
 
 
 def test_mmd_matches_a_hand_computation():
@@ -79,3 +88,94 @@ def test_evaluate_refuses_mismatched_genes():
     real, gen = toy_counts(50, 0), toy_counts(50, 1)
     with pytest.raises(ValueError, match="same var_names"):
         evaluate(real, gen[:, :30].copy())
+
+
+def test_classifier_auc_is_one_for_separable_and_half_for_identical_distributions():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(150, 10))
+    assert classifier_auc(real, real + 10.0, n_pcs=5) == pytest.approx(1.0)
+    same = classifier_auc(real, rng.normal(size=(150, 10)), n_pcs=5)
+    assert 0.4 < same < 0.6
+    # the larger set is subsampled; too few cells for the folds is an error
+    assert 0.4 < classifier_auc(real, rng.normal(size=(400, 10)), n_pcs=5) < 0.6
+    with pytest.raises(ValueError, match="n_folds"):
+        classifier_auc(real[:3], real[:3])
+
+
+def test_tstr_f1_hand_computed():
+    rng = np.random.default_rng(0)
+    centres = {"a": 0.0, "b": 10.0, "c": 20.0}
+    labels = np.repeat(list(centres), 30)
+    real = np.array([centres[x] for x in labels])[:, None] + rng.normal(size=(90, 2))
+    generated = np.array([centres[x] for x in labels])[:, None] + rng.normal(size=(90, 2))
+    assert tstr_f1(generated, labels, real, labels) == pytest.approx(1.0)
+    # generator that swaps a and b: per-label F1 is 0, 0, 1 -> macro 1/3
+    swapped = np.array([{"a": "b", "b": "a"}.get(x, x) for x in labels])
+    assert tstr_f1(generated, swapped, real, labels) == pytest.approx(1 / 3)
+
+
+def test_count_diagnostics_hand_computed():
+    real = sp.csr_matrix(np.array([[1, 0, 3], [0, 2, 0]], dtype=float))
+    generated = sp.csr_matrix(np.array([[2, 0, 6], [0, 4, 0]], dtype=float))
+    d = count_diagnostics(real, generated)
+    assert d["median library size (real)"] == 3.0
+    assert d["median library size (generated)"] == 6.0
+    assert d["median library relative error"] == pytest.approx(1.0)
+    assert d["mean zero fraction (real)"] == pytest.approx(0.5)
+    assert d["zeros per cell KS"] == 0.0  # same zeros per cell
+    # libraries {2, 4} vs {4, 8}: the ECDFs differ by at most 1/2 (on [2, 4) and [4, 8))
+    assert d["library size KS"] == 0.5
+    mean_r, mean_g = np.array([0.5, 1.0, 1.5]), np.array([1.0, 2.0, 3.0])
+    var_r = np.array([0.25, 1.0, 2.25])
+    assert d["gene mean correlation"] == pytest.approx(
+        np.corrcoef(np.log1p(mean_r), np.log1p(mean_g))[0, 1])
+    assert d["gene variance correlation"] == pytest.approx(
+        np.corrcoef(np.log1p(var_r), np.log1p(4 * var_r))[0, 1])
+    # Pearson correlations do not change when every count doubles
+    assert d["gene-gene correlation error"] == pytest.approx(0.0, abs=1e-12)
+    flipped = count_diagnostics(real, sp.csr_matrix(np.array([[0, 2, 0], [1, 0, 3]], float)))
+    assert flipped["gene-gene correlation error"] == pytest.approx(0.0, abs=1e-12)
+    anti = count_diagnostics(real, sp.csr_matrix(np.array([[1, 2, 0], [0, 0, 3]], float)))
+    # real: corr(g0,g1)=-1, corr(g0,g2)=1, corr(g1,g2)=-1; generated: -1, -1, 1
+    assert anti["gene-gene correlation error"] == pytest.approx((0 + 2 + 2) * 2 / 6)
+
+
+def test_marker_overlap_finds_planted_markers():
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(20)]
+    labels = np.repeat(["a", "b"], 40)
+
+    def data(markers_a, markers_b):
+        x = rng.poisson(1.0, size=(80, 20)).astype(float)
+        x[:40, markers_a] += 20
+        x[40:, markers_b] += 20
+        return np.log1p(x)
+
+    real = data([0, 1, 2], [3, 4, 5])
+    same = marker_overlap(real, labels, data([0, 1, 2], [3, 4, 5]), labels, genes, ["a", "b"], 3)
+    assert same == {"a": 1.0, "b": 1.0}
+    moved = marker_overlap(real, labels, data([0, 1, 9], [10, 11, 12]), labels, genes,
+                           ["a", "b"], 3)
+    assert moved["a"] == pytest.approx(2 / 3) and moved["b"] == 0.0
+
+
+def test_evaluate_reports_every_metric_and_is_ideal_on_a_copy():
+    real = toy_counts(200, 0)
+    same = evaluate(real, real.copy(), labels_key="cell_type", n_hvg=40, n_pcs=5, n_markers=10)
+    # a fresh sample of the same distribution is indistinguishable (exact copies are not a
+    # fair test: each held-out cell's twin sits in the training fold with the other label)
+    twin = evaluate(real, toy_counts(200, 1), labels_key="cell_type", n_hvg=40, n_pcs=5,
+                    n_markers=10)
+    assert 0.35 < twin.loc["RF AUC", "unconditional"] < 0.65
+    assert same.loc["TSTR macro F1", "conditional"] == pytest.approx(1.0)
+    assert same.loc["marker overlap", "conditional"] == pytest.approx(1.0)
+    assert same.loc["gene-gene correlation error", "unconditional"] == pytest.approx(0.0, abs=1e-9)
+    assert same.loc["median library relative error", "unconditional"] == 0.0
+    far = evaluate(real, toy_counts(200, 1, shift=3.0), labels_key="cell_type", n_hvg=40,
+                   n_pcs=5, n_markers=10)
+    # 4x the counts: normalisation removes the scale, the lower Poisson noise is still found
+    assert far.loc["RF AUC", "unconditional"] > 0.8
+    unlabelled = evaluate(real, real.copy(), n_hvg=40, n_pcs=5)
+    assert "TSTR macro F1" not in unlabelled.index and "conditional" not in unlabelled.columns
+    with pytest.raises(ValueError, match="labels_key 'nope'"):
+        evaluate(real, real.copy(), labels_key="nope", n_hvg=40, n_pcs=5)

@@ -9,7 +9,10 @@ import scipy.sparse as sp
 from anndata import AnnData
 from sklearn.decomposition import PCA
 
+from ._classifier import classifier_auc, tstr_f1
+from ._counts import count_diagnostics
 from ._distances import mmd_rbf, wasserstein
+from ._markers import marker_overlap
 
 
 def _counts(adata: AnnData, layer: str | None):
@@ -17,10 +20,14 @@ def _counts(adata: AnnData, layer: str | None):
     return sp.csr_matrix(x, dtype=np.float32)
 
 
-def _log_normalize(x: sp.csr_matrix) -> np.ndarray:
+def _log_normalize_sparse(x: sp.csr_matrix) -> sp.csr_matrix:
     library = np.asarray(x.sum(1)).ravel()
     scale = np.divide(1e4, library, out=np.zeros_like(library), where=library > 0)
-    return np.log1p(sp.diags(scale) @ x).toarray()
+    return sp.csr_matrix(sp.diags(scale) @ x).log1p()
+
+
+def _log_normalize(x: sp.csr_matrix) -> np.ndarray:
+    return _log_normalize_sparse(x).toarray()
 
 
 def _seurat_v3_genes(counts: sp.csr_matrix, n_top: int) -> np.ndarray:
@@ -69,26 +76,46 @@ def evaluate(
     n_pcs: int = 30,
     layer: str | None = None,
     min_cells: int = 2,
+    random_state: int = 0,
+    classifier: bool = True,
+    markers: bool = True,
+    n_markers: int = 100,
 ) -> pd.DataFrame:
-    """Distances between generated cells and held-out real cells (lower is better).
+    """Compare generated cells with held-out real cells, the protocol of DESIGN.md.
 
-    The protocol of the LapDDPM paper as coded by CFGen: Seurat-v3 HVGs chosen on the real
-    counts, normalise + log1p, PCA fitted on the real cells, generated cells projected;
-    RBF-kernel MMD (biased MMD², kernel scales 0.01-100), exact W2 and W1. *Conditional*
-    values are averaged over the labels present in both sets with at least ``min_cells``
-    cells each; *unconditional* ones use all cells. Also compares median library size and
-    mean fraction of zeros per cell.
+    Distances (the LapDDPM paper's, as coded by CFGen): ``n_hvg`` Seurat-v3 genes chosen on
+    the real counts, normalise to 1e4 + log1p, PCA(``n_pcs``) fitted on the real cells with
+    the generated cells projected; RBF-kernel MMD (biased MMD², kernel scales 0.01-100),
+    exact W2 and W1. *Conditional* values are averaged over the labels with at least
+    ``min_cells`` cells in both sets; *unconditional* ones use all cells.
+
+    With ``classifier``: ``RF AUC``, a random forest telling real from generated cells in
+    its own PCA of the pooled cells (:func:`classifier_auc`; 0.5 is ideal), and with labels
+    ``TSTR macro F1``, a forest trained on the generated cells' labels and tested on the
+    real cells (:func:`tstr_f1`). With ``markers`` and labels: ``marker overlap``, the mean
+    over labels of the shared fraction of the top ``n_markers`` Wilcoxon marker genes
+    (:func:`marker_overlap`). Always: count diagnostics on all genes
+    (:func:`count_diagnostics`).
 
     Returns
     -------
-    DataFrame indexed by metric with columns ``conditional`` and ``unconditional``.
+    DataFrame indexed by metric with columns ``conditional`` and ``unconditional`` (the
+    column that does not apply to a metric is NaN).
     """
-    pcs_real, pcs_gen = shared_pca(real, generated, n_hvg, n_pcs, layer)
+    if list(real.var_names) != list(generated.var_names):
+        raise ValueError("real and generated must have the same var_names in the same order.")
+    real_counts, gen_counts = _counts(real, layer), _counts(generated, layer)
+    pcs_real, pcs_gen = shared_pca(real, generated, n_hvg, n_pcs, layer, random_state)
     rows = {"MMD": (mmd_rbf, {}), "W2": (wasserstein, {"power": 2}),
             "W1": (wasserstein, {"power": 1})}
     result = {name: {"unconditional": fn(pcs_gen, pcs_real, **kw)}
               for name, (fn, kw) in rows.items()}
+    shared: list[str] = []
     if labels_key is not None:
+        for adata, name in ((real, "real"), (generated, "generated")):
+            if labels_key not in adata.obs:
+                raise ValueError(f"labels_key {labels_key!r} is not a column of the {name} "
+                                 "cells' obs; pass labels_key=None for unconditional metrics.")
         real_labels = np.asarray(real.obs[labels_key].astype(str))
         gen_labels = np.asarray(generated.obs[labels_key].astype(str))
         shared = [label for label in np.unique(real_labels)
@@ -100,11 +127,25 @@ def evaluate(
             per_label = [fn(pcs_gen[gen_labels == label], pcs_real[real_labels == label], **kw)
                          for label in shared]
             result[name]["conditional"] = float(np.mean(per_label))
-    real_counts, gen_counts = _counts(real, layer), _counts(generated, layer)
-    for name, fn in (("median library size", lambda x: np.median(np.asarray(x.sum(1)))),
-                     ("mean zero fraction", lambda x: 1.0 - x.getnnz(1).mean() / x.shape[1])):
-        result[f"{name} (real)"] = {"unconditional": float(fn(real_counts))}
-        result[f"{name} (generated)"] = {"unconditional": float(fn(gen_counts))}
+
+    real_log, gen_log = _log_normalize_sparse(real_counts), _log_normalize_sparse(gen_counts)
+    if classifier:
+        hvg = _seurat_v3_genes(real_counts, min(n_hvg, real.n_vars))
+        result["RF AUC"] = {"unconditional": classifier_auc(
+            real_log[:, hvg].toarray(), gen_log[:, hvg].toarray(), n_pcs=n_pcs,
+            random_state=random_state)}
+        if labels_key is not None:
+            result["TSTR macro F1"] = {"conditional": tstr_f1(
+                pcs_gen, gen_labels, pcs_real, real_labels, random_state=random_state)}
+    if markers and labels_key is not None and len(shared) >= 2:
+        keep_real, keep_gen = np.isin(real_labels, shared), np.isin(gen_labels, shared)
+        overlap = marker_overlap(real_log[keep_real], real_labels[keep_real],
+                                 gen_log[keep_gen], gen_labels[keep_gen],
+                                 real.var_names, shared, n_markers)
+        result["marker overlap"] = {"conditional": float(np.mean(list(overlap.values())))}
+    diagnostics = count_diagnostics(real_counts, gen_counts, real_log, gen_log)
+    for name, value in diagnostics.items():
+        result[name] = {"unconditional": value}
     frame = pd.DataFrame(result).T
     return frame.reindex(columns=[c for c in ("conditional", "unconditional")
                                   if c in frame.columns])

@@ -1,0 +1,405 @@
+"""Quality benchmark: LapDDPM vs scVI vs the real-vs-real floor, same splits, several seeds.
+
+Usage (from the repository root, after ``make install``)::
+
+    python benchmarks/quality.py                              # everything (hours on 2 cores)
+    python benchmarks/quality.py --datasets pbmc3k --seeds 0  # one dataset, one seed
+    python benchmarks/quality.py --ablations --datasets pbmc3k
+    python benchmarks/quality.py --report                     # tables from finished runs only
+
+For each dataset and seed the cells are split 80/20, stratified by cell type
+(:func:`scldiff.metrics.stratified_split`); every generator produces the held-out label
+counts and is scored by :func:`scldiff.metrics.evaluate` against the held-out cells:
+
+* **LapDDPM** with its defaults (``setup_anndata`` + ``train()`` + ``generate()``).
+* **scVI** with its default epochs, the label as a decoder covariate
+  (``categorical_covariate_keys``), z ~ N(0, I) and library sizes drawn from the label's
+  training cells, counts sampled from its negative binomial.
+* **floor**: training cells with the held-out label counts (real vs real).
+
+Datasets: ``pbmc3k`` (bundled with scldiff) and ``zheng17`` (``zheng17_pbmc_facs.h5ad`` read
+from ``--data-dir``, by default ``../shared/data`` beside the repository; the script stops
+with a message naming the file when it is absent).
+
+Every finished run is written at once to ``benchmarks/results/runs/<dataset>/seed<k>/
+<method>.json`` (metrics, fit time, versions), and the generated cells to
+``benchmarks/.cache/`` (not committed), so an interrupted benchmark resumes where it stopped
+(``--force`` refits) and a change of metrics re-scores without refitting (``--rescore``).
+The summary (mean ± sd over seeds, the share of the scVI-to-floor gap LapDDPM closes, and the
+targets of the quality issue) goes to ``benchmarks/results/quality.json`` and ``quality.md``;
+ablations to ``ablations.json`` / ``ablations.md``.
+
+Fit times are only comparable inside one invocation with one ``--threads`` setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+import scldiff
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+RUNS = os.path.join(RESULTS, "runs")
+CACHE = os.path.join(HERE, ".cache")
+DEFAULT_DATA_DIR = os.path.join(HERE, "..", "..", "shared", "data")
+LABELS = "cell_type"
+DATASETS = ("pbmc3k", "zheng17")
+
+# LapDDPM variants: (setup kwargs, train kwargs, generate kwargs). Variants that differ only
+# in generation reuse the trained model of the variant named in GENERATE_FROM.
+ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
+    "lapddpm": ({}, {}, {}),
+    "no perturbation": ({}, {"perturbation": "none"}, {}),
+    "random perturbation": ({}, {"perturbation": "random"}, {}),
+    "no LPE": ({"n_lpe": 0}, {}, {}),
+    "no masking": ({}, {"mask_fraction": 0.0}, {}),
+    "guidance 0": ({}, {}, {"guidance_scale": 0.0}),
+    "guidance 1": ({}, {}, {"guidance_scale": 1.0}),
+    "guidance 2": ({}, {}, {"guidance_scale": 2.0}),
+    "guidance 4": ({}, {}, {"guidance_scale": 4.0}),
+    "unconditional": ({"labels_key": None}, {}, {}),
+}
+GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 2, 4)}
+
+
+# --------------------------------------------------------------------------- data
+def load_dataset(name: str, data_dir: str) -> ad.AnnData:
+    if name == "pbmc3k":
+        return scldiff.datasets.pbmc3k()
+    if name == "zheng17":
+        path = os.path.join(data_dir, "zheng17_pbmc_facs.h5ad")
+        if not os.path.exists(path):
+            sys.exit(f"benchmarks/quality.py: {os.path.abspath(path)} not found. The Zheng 2017 "
+                     "FACS PBMC set is read from ../shared/data beside the repository; put it "
+                     "there, pass --data-dir DIR, or run with --datasets pbmc3k.")
+        adata = ad.read_h5ad(path)
+        return ad.AnnData(sp.csr_matrix(adata.X, dtype=np.float32),
+                          obs=adata.obs[[LABELS]].copy(), var=pd.DataFrame(index=adata.var_names))
+    raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}.")
+
+
+def cache_path(dataset: str, seed: int, method: str) -> str:
+    return os.path.join(CACHE, dataset, f"seed{seed}", method.replace(" ", "_") + ".h5ad")
+
+
+def run_path(dataset: str, seed: int, method: str) -> str:
+    return os.path.join(RUNS, dataset, f"seed{seed}", method.replace(" ", "_") + ".json")
+
+
+# --------------------------------------------------------------------------- generators
+def fit_scvi(train: ad.AnnData, label_counts: dict, seed: int) -> tuple[ad.AnnData, float]:
+    """scVI (default epochs), labels as decoder covariate; prior samples with label libraries."""
+    import scvi
+
+    scvi.settings.seed = seed
+    data = train.copy()
+    start = time.perf_counter()
+    scvi.model.SCVI.setup_anndata(data, categorical_covariate_keys=[LABELS])
+    model = scvi.model.SCVI(data)
+    model.train(enable_progress_bar=False)
+    fit_seconds = time.perf_counter() - start
+
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([[label] * n for label, n in label_counts.items()])
+    categories = list(data.obs[LABELS].cat.categories)
+    train_labels = data.obs[LABELS].astype(str).to_numpy()
+    library = np.asarray(data.X.sum(1)).ravel()
+    libs = np.array([rng.choice(library[train_labels == label]) for label in labels])
+    codes = np.array([categories.index(label) for label in labels])
+    model.module.eval()
+    with torch.no_grad():
+        z = torch.from_numpy(rng.standard_normal((len(labels), model.module.n_latent))).float()
+        out = model.module.generative(
+            z=z, library=torch.log(torch.from_numpy(libs).float())[:, None],
+            batch_index=torch.zeros(len(labels), 1, dtype=torch.long),
+            cat_covs=torch.from_numpy(codes)[:, None])
+        mu = out["px"].mu.double().numpy()
+        theta = out["px"].theta.double().numpy()
+    counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
+    obs = pd.DataFrame({LABELS: pd.Categorical(labels, categories=categories)},
+                       index=[f"scvi-{i}" for i in range(len(labels))])
+    generated = ad.AnnData(sp.csr_matrix(counts), obs=obs,
+                           var=pd.DataFrame(index=train.var_names))
+    generated.uns["epochs"] = int(model.history["train_loss_epoch"].shape[0])
+    return generated, fit_seconds
+
+
+def fit_lapddpm(train: ad.AnnData, label_counts: dict, seed: int, setup_kwargs: dict,
+                train_kwargs: dict) -> tuple[scldiff.LapDDPM, float]:
+    import scvi
+
+    scvi.settings.seed = seed
+    data = train.copy()
+    start = time.perf_counter()
+    setup = {"labels_key": LABELS, **setup_kwargs}
+    scldiff.LapDDPM.setup_anndata(data, **setup)
+    model = scldiff.LapDDPM(data)
+    model.train(enable_progress_bar=False, **train_kwargs)
+    return model, time.perf_counter() - start
+
+
+def lapddpm_generate(model: scldiff.LapDDPM, label_counts: dict, seed: int,
+                     generate_kwargs: dict, test: ad.AnnData) -> ad.AnnData:
+    if model.adata_manager.registry["setup_args"].get("labels_key") is None:
+        generated = model.generate(n_samples=test.n_obs, seed=seed, progress_bar=False,
+                                   **generate_kwargs)
+        return generated
+    return model.generate(labels=label_counts, seed=seed, progress_bar=False, **generate_kwargs)
+
+
+# --------------------------------------------------------------------------- scoring
+def score(test: ad.AnnData, generated: ad.AnnData, seed: int) -> dict:
+    has_labels = LABELS in generated.obs
+    frame = scldiff.metrics.evaluate(test, generated, labels_key=LABELS if has_labels else None,
+                                     random_state=seed)
+    return {f"{metric} | {column}": float(value)
+            for metric, row in frame.iterrows() for column, value in row.items()
+            if pd.notna(value)}
+
+
+def meta() -> dict:
+    import scvi
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"scldiff": scldiff.__version__, "commit": commit, "scvi-tools": scvi.__version__,
+            "torch": str(torch.__version__), "threads": torch.get_num_threads(),
+            "machine": platform.platform(), "processor": platform.processor() or "unknown",
+            "cpus": os.cpu_count()}
+
+
+def save_run(dataset: str, seed: int, method: str, test: ad.AnnData, generated: ad.AnnData,
+             fit_seconds: float | None, extra: dict | None = None) -> dict:
+    path = cache_path(dataset, seed, method)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    generated = generated.copy()
+    generated.uns = {}
+    generated.write_h5ad(path)
+    record = {"dataset": dataset, "seed": seed, "method": method, "fit_seconds": fit_seconds,
+              "n_test": test.n_obs, "metrics": score(test, generated, seed), "meta": meta(),
+              **(extra or {})}
+    path = run_path(dataset, seed, method)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=2)
+    print(f"[{dataset} seed {seed}] {method}: fit {fit_seconds or 0:.0f} s, "
+          f"cond W2 {record['metrics'].get('W2 | conditional', float('nan')):.3f}, "
+          f"cond MMD {record['metrics'].get('MMD | conditional', float('nan')):.3f}, "
+          f"RF AUC {record['metrics'].get('RF AUC | unconditional', float('nan')):.3f}",
+          flush=True)
+    return record
+
+
+def rescore(dataset: str, seed: int, method: str, test: ad.AnnData) -> None:
+    path = run_path(dataset, seed, method)
+    with open(path) as handle:
+        record = json.load(handle)
+    generated = ad.read_h5ad(cache_path(dataset, seed, method))
+    record["metrics"] = score(test, generated, seed)
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=2)
+
+
+def run_dataset(dataset: str, seeds: list[int], methods: list[str], args) -> None:
+    adata = load_dataset(dataset, args.data_dir)
+    for seed in seeds:
+        train, test = scldiff.metrics.stratified_split(adata, LABELS, 0.2, seed=seed)
+        label_counts = {k: int(v) for k, v in test.obs[LABELS].value_counts().items() if v}
+
+        def todo(method: str, seed: int = seed, test: ad.AnnData = test) -> bool:
+            done = os.path.exists(run_path(dataset, seed, method))
+            if done and args.rescore and os.path.exists(cache_path(dataset, seed, method)):
+                rescore(dataset, seed, method, test)
+                print(f"[{dataset} seed {seed}] {method}: re-scored", flush=True)
+            return args.force or not done
+
+        if "floor" in methods and todo("floor"):
+            floor = scldiff.metrics.label_matched_sample(train, test, LABELS, seed=seed)
+            save_run(dataset, seed, "floor", test, floor, None)
+        if "scvi" in methods and todo("scvi"):
+            generated, seconds = fit_scvi(train, label_counts, seed)
+            save_run(dataset, seed, "scvi", test, generated, seconds,
+                     {"epochs": generated.uns["epochs"]})
+        trained: dict[str, tuple[scldiff.LapDDPM, float]] = {}
+        for method in [m for m in methods if m in ABLATIONS]:
+            if not todo(method):
+                continue
+            setup_kwargs, train_kwargs, generate_kwargs = ABLATIONS[method]
+            source = GENERATE_FROM.get(method, method)
+            if source not in trained:
+                s_setup, s_train, _ = ABLATIONS[source]
+                trained[source] = fit_lapddpm(train, label_counts, seed, s_setup, s_train)
+            model, seconds = trained[source]
+            start = time.perf_counter()
+            generated = lapddpm_generate(model, label_counts, seed, generate_kwargs, test)
+            save_run(dataset, seed, method, test, generated, seconds,
+                     {"generate_seconds": time.perf_counter() - start,
+                      "trained_as": source})
+
+
+# --------------------------------------------------------------------------- report
+SUMMARY_METRICS = {
+    "cond. W2": "W2 | conditional",
+    "cond. MMD": "MMD | conditional",
+    "cond. W1": "W1 | conditional",
+    "W2": "W2 | unconditional",
+    "MMD": "MMD | unconditional",
+    "RF AUC": "RF AUC | unconditional",
+    "TSTR F1": "TSTR macro F1 | conditional",
+    "marker overlap": "marker overlap | conditional",
+    "median library": "median library size (generated) | unconditional",
+    "zero fraction": "mean zero fraction (generated) | unconditional",
+    "gene corr. error": "gene-gene correlation error | unconditional",
+}
+
+
+def load_runs() -> pd.DataFrame:
+    rows = []
+    for root, _, files in os.walk(RUNS):
+        for name in files:
+            if name.endswith(".json"):
+                with open(os.path.join(root, name)) as handle:
+                    record = json.load(handle)
+                row = {"dataset": record["dataset"], "seed": record["seed"],
+                       "method": record["method"], "fit seconds": record["fit_seconds"]}
+                row.update(record["metrics"])
+                row["median library (real)"] = record["metrics"].get(
+                    "median library size (real) | unconditional")
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mean_sd(values: pd.Series, digits: int = 3) -> str:
+    values = values.dropna().astype(float)
+    if values.empty:
+        return ""
+    if len(values) == 1:
+        return f"{values.iloc[0]:.{digits}f} (n=1)"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def summarise(runs: pd.DataFrame, methods: list[str]) -> tuple[dict, str]:
+    summary: dict = {}
+    lines: list[str] = []
+    for dataset in [d for d in DATASETS if d in set(runs["dataset"])]:
+        sub = runs[runs["dataset"] == dataset]
+        present = [m for m in methods if m in set(sub["method"])]
+        columns = ["seeds"] + list(SUMMARY_METRICS) + ["fit seconds"]
+        table = pd.DataFrame(index=present, columns=columns, dtype=object)
+        stats: dict = {}
+        for method in present:
+            rows = sub[sub["method"] == method]
+            table.loc[method, "seeds"] = ",".join(str(s) for s in sorted(rows["seed"]))
+            stats[method] = {"seeds": sorted(int(s) for s in rows["seed"])}
+            for name, key in {**SUMMARY_METRICS, "fit seconds": "fit seconds"}.items():
+                if key in rows:
+                    table.loc[method, name] = mean_sd(rows[key], 1 if "seconds" in name else 3)
+                    values = rows[key].dropna().astype(float)
+                    if not values.empty:
+                        stats[method][name] = {"mean": values.mean(),
+                                               "sd": values.std(ddof=1) if len(values) > 1
+                                               else None, "values": values.tolist()}
+        summary[dataset] = {"methods": stats}
+        lines += [f"### {dataset}", "", scldiff.metrics.to_markdown(table.fillna("")), ""]
+        if {"lapddpm", "scvi", "floor"} <= set(present):
+            # gap closed and targets on the seeds all three share
+            seeds = sorted(set.intersection(*(set(sub[sub["method"] == m]["seed"])
+                                              for m in ("lapddpm", "scvi", "floor"))))
+            mean = {m: sub[(sub["method"] == m) & sub["seed"].isin(seeds)].mean(numeric_only=True)
+                    for m in ("lapddpm", "scvi", "floor")}
+            checks = {}
+            for name in ("cond. W2", "cond. MMD"):
+                key = SUMMARY_METRICS[name]
+                gap = (mean["scvi"][key] - mean["lapddpm"][key]) / (
+                    mean["scvi"][key] - mean["floor"][key])
+                checks[f"{name}: gap closed (target >= 0.75)"] = (gap, gap >= 0.75)
+            auc = mean["lapddpm"][SUMMARY_METRICS["RF AUC"]]
+            checks["RF AUC (target <= 0.65)"] = (auc, auc <= 0.65)
+            f1, f1_scvi = (mean[m][SUMMARY_METRICS["TSTR F1"]] for m in ("lapddpm", "scvi"))
+            checks["TSTR F1 (target >= scVI's)"] = (f1, f1 >= f1_scvi)
+            lib = mean["lapddpm"][SUMMARY_METRICS["median library"]]
+            lib_real = mean["floor"]["median library (real)"]
+            rel = abs(lib / lib_real - 1)
+            checks["median library, relative error (target <= 0.05)"] = (rel, rel <= 0.05)
+            fit, fit_scvi = mean["lapddpm"]["fit seconds"], mean["scvi"]["fit seconds"]
+            checks["fit seconds (target <= scVI's)"] = (fit, fit <= fit_scvi)
+            summary[dataset]["targets"] = {k: {"value": float(v), "met": bool(ok)}
+                                           for k, (v, ok) in checks.items()}
+            summary[dataset]["targets_seeds"] = seeds
+            lines += [f"Targets (means over seeds {', '.join(map(str, seeds))}):", ""]
+            lines += ["| target | value | met |", "|---|---|---|"]
+            lines += [f"| {k} | {v:.3f} | {'yes' if ok else 'no'} |"
+                      for k, (v, ok) in checks.items()]
+            lines.append("")
+    return summary, "\n".join(lines)
+
+
+def report(ablations: bool) -> None:
+    runs = load_runs()
+    if runs.empty:
+        print("no finished runs under", RUNS)
+        return
+    for stem, methods in (("quality", ["floor", "scvi", "lapddpm"]),
+                          ("ablations", list(ABLATIONS))):
+        if stem == "ablations" and not ablations:
+            continue
+        summary, markdown = summarise(runs, methods)
+        header = ("Mean ± sd over seeds (n=1: a single seed). Lower is better except TSTR F1 "
+                  "and marker overlap (higher) and RF AUC (0.5 is ideal). Produced by "
+                  "`python benchmarks/quality.py" + (" --ablations" if stem == "ablations"
+                                                     else "") + "`.\n\n")
+        with open(os.path.join(RESULTS, f"{stem}.md"), "w") as handle:
+            handle.write(header + markdown)
+        with open(os.path.join(RESULTS, f"{stem}.json"), "w") as handle:
+            json.dump({"summary": summary, "runs": runs[runs["method"].isin(methods)]
+                       .to_dict(orient="records")}, handle, indent=2, default=float)
+        print(markdown)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["floor", "scvi", "lapddpm"],
+                        choices=["floor", "scvi", *ABLATIONS])
+    parser.add_argument("--ablations", action="store_true",
+                        help="also run every LapDDPM ablation (PBMC3K only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    parser.add_argument("--force", action="store_true", help="refit finished runs")
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute the metrics of finished runs from cached cells")
+    parser.add_argument("--report", action="store_true", help="only write the tables")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.report:
+        for dataset in args.datasets:
+            methods = list(args.methods)
+            if args.ablations and dataset == "pbmc3k":
+                methods += [m for m in ABLATIONS if m not in methods]
+            run_dataset(dataset, args.seeds, methods, args)
+    report(args.ablations or os.path.exists(os.path.join(RUNS, "pbmc3k", "seed0",
+                                                         "no_masking.json")))
+
+
+if __name__ == "__main__":
+    main()
