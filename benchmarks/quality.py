@@ -134,7 +134,9 @@ def fit_scvi(train: ad.AnnData, label_counts: dict, seed: int) -> tuple[ad.AnnDa
                        index=[f"scvi-{i}" for i in range(len(labels))])
     generated = ad.AnnData(sp.csr_matrix(counts), obs=obs,
                            var=pd.DataFrame(index=train.var_names))
-    generated.uns["epochs"] = int(model.history["train_loss_epoch"].shape[0])
+    history = next((model.history[k] for k in ("elbo_train", "train_loss_epoch")
+                    if k in model.history), None)
+    generated.uns["epochs"] = -1 if history is None else int(len(history))
     return generated, fit_seconds
 
 

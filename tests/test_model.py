@@ -346,3 +346,20 @@ def test_bad_model_arguments():
         model.train(train_size=1.5)
     with pytest.raises(ValueError, match="mask_fraction"):
         model.train(n_epochs_stage_a=1, n_epochs_stage_b=0, mask_fraction=1.0, **QUIET)
+
+
+def test_library_size_by_diffusion_trains_and_follows_the_cells():
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=200, n_genes=200)
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=4)
+    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=32, score_blocks=1,
+                    library_size="diffusion")
+    model.train(n_epochs_stage_a=3, n_epochs_stage_b=30, **QUIET)
+    synth = model.generate(labels={"CD4 T cells": 200}, seed=0, progress_bar=False)
+    assert synth.uns["scldiff"]["library_size"] == "diffused jointly with the latent"
+    real = np.asarray(adata[adata.obs["cell_type"] == "CD4 T cells"].X.sum(1)).ravel()
+    generated = np.asarray(synth.X.sum(1)).ravel()
+    ratio = np.median(generated) / np.median(real)
+    assert 0.2 < ratio < 5.0  # a tiny, briefly trained model: the order of magnitude
+    with pytest.raises(ValueError, match="library_size"):
+        LapDDPM(adata, library_size="observed")

@@ -150,3 +150,62 @@ def test_ema_warms_up_and_tracks_the_weights():
     target = torch.nn.Linear(1, 1, bias=False)
     ema.copy_to(target)
     assert target.weight.item() == ema.shadow.weight.item()
+
+
+def test_dispersions_get_their_own_learning_rate(model_and_batch):
+    model, _ = model_and_batch
+    plan = LapDDPMTrainingPlan(model.module, stage="A", lr=2e-3, dispersion_lr_factor=5.0)
+    optimizer = plan.configure_optimizers()
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    log_theta = model.module.decoder.log_theta
+    assert groups[id(log_theta)]["lr"] == pytest.approx(1e-2)
+    assert groups[id(log_theta)]["weight_decay"] == 0.0
+    others = [p for p in model.module.decoder.parameters() if p is not log_theta]
+    assert all(groups[id(p)]["lr"] == pytest.approx(2e-3) for p in others)
+    n_trainable = len([*model.module.encoder.parameters(), *model.module.decoder.parameters()])
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == n_trainable
+    with pytest.raises(ValueError, match="dispersion_lr_factor"):
+        LapDDPMTrainingPlan(model.module, stage="A", dispersion_lr_factor=0.0)
+
+
+def test_diffused_library_is_an_exactly_known_coordinate():
+    from scldiff.module import LapDDPMModule
+
+    module = LapDDPMModule(n_input=30, n_labels=2, n_lpe=0, n_latent=4, n_hidden=8,
+                           score_hidden=16, score_blocks=1, diffuse_library=True)
+    assert module.score_net.inp.in_features == 5 and module.latent_mean.shape == (5,)
+    mean, logvar = torch.zeros(3, 4), torch.zeros(3, 4)
+    library = torch.tensor([10.0, 100.0, 1000.0])
+    aug_mean, aug_logvar = module.diffusion_inputs(mean, logvar, library)
+    torch.testing.assert_close(aug_mean[:, 4], library.log())
+    assert (aug_logvar[:, 4].exp() < 1e-12).all()
+    module.set_latent_statistics(aug_mean, aug_logvar)
+    assert module.latent_std[4].item() == pytest.approx(library.log().std(unbiased=False).item())
+    # the generated library sizes are exp of the last diffused coordinate. The exact noise
+    # predictor of a standard normal target, eps(z_t, t) = sigma_t z_t, samples N(0, I) in
+    # the standardised space, so log library ~ N(log 50, 0.1^2)
+    class ExactStandardNormal(torch.nn.Module):
+        null_label = 2
+
+        def forward(self, zt, t, labels):
+            return module.schedule.sigma(t).view(-1, 1) * zt
+
+    module.score_net = ExactStandardNormal()
+    with torch.no_grad():
+        module.latent_mean[4], module.latent_std[4] = float(np.log(50.0)), 0.1
+    module.eval()
+    generator = torch.Generator().manual_seed(0)
+    z = module.sample_latents(torch.zeros(200, dtype=torch.long), sampler="ode",
+                              generator=torch.Generator().manual_seed(0))
+    assert z.shape == (200, 5)
+    assert z[:, 4].mean().item() == pytest.approx(np.log(50.0), abs=0.03)
+    assert z[:, 4].std().item() == pytest.approx(0.1, abs=0.02)
+    counts = module.sample(torch.zeros(200, dtype=torch.long), None, np.random.default_rng(0),
+                           sampler="ode", generator=generator)
+    expected = z[:, 4].exp().numpy()
+    # Poisson-gamma totals: mean equal to the library, spread of a few sqrt(library)
+    ratio = counts.sum(1) / expected
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.15)
+    plain = LapDDPMModule(n_input=30, n_labels=2, n_lpe=0, n_latent=4, diffuse_library=False)
+    with pytest.raises(ValueError, match="library sizes are required"):
+        plain.sample(torch.zeros(2, dtype=torch.long), None, np.random.default_rng(0))

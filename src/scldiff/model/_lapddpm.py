@@ -45,6 +45,8 @@ from ._validation import (
 
 logger = logging.getLogger(__name__)
 
+LIBRARY_SIZES: tuple[str, ...] = ("diffusion", "label")
+
 _GRAPH_VERSION = 1
 # Attributes saved with the model besides init params and registry (all JSON-serialisable).
 _SAVED_ATTRIBUTES = (
@@ -151,6 +153,10 @@ class LapDDPM(BaseModelClass):
         Width and depth of the ScoreNet.
     beta_min, beta_max, t_min
         VP-SDE schedule, see :class:`scldiff.diffusion.VPSchedule`.
+    library_size
+        How generated cells get their library sizes: ``"diffusion"`` diffuses the log
+        library size jointly with the latent, so it follows the cell state; ``"label"``
+        draws it from a log-normal fitted to the training cells of the label.
 
     Examples
     --------
@@ -179,9 +185,13 @@ class LapDDPM(BaseModelClass):
         beta_min: float = 0.1,
         beta_max: float = 20.0,
         t_min: float = 1e-3,
+        library_size: Literal["diffusion", "label"] = "label",
     ):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
+        if library_size not in LIBRARY_SIZES:
+            raise ValueError(f"library_size must be one of {LIBRARY_SIZES}, got "
+                             f"{library_size!r}.")
         super().__init__(adata, registry)
         stats = self.summary_stats
         self.module = self._module_cls(
@@ -200,6 +210,7 @@ class LapDDPM(BaseModelClass):
             beta_min=beta_min,
             beta_max=beta_max,
             t_min=t_min,
+            diffuse_library=library_size == "diffusion",
         )
         self.library_log_mean_: list[float] | None = None
         self.library_log_std_: list[float] | None = None
@@ -472,12 +483,15 @@ class LapDDPM(BaseModelClass):
 
         if n_b > 0:
             logger.info("Stage B: latent diffusion, %d epochs.", n_b)
-            qz_mean, qz_logvar = self._posterior(collator, train_idx)
+            library = torch.from_numpy(collator.library.astype(np.float32))
+            qz_mean, qz_logvar = self.module.diffusion_inputs(
+                *self._posterior(collator, train_idx), library[train_idx])
             self.module.set_latent_statistics(qz_mean, qz_logvar)
             labels = torch.from_numpy(collator.labels)
             val = None
             if len(val_idx):
-                val = (*self._posterior(collator, val_idx), labels[val_idx])
+                val = (*self.module.diffusion_inputs(*self._posterior(collator, val_idx),
+                                                     library[val_idx]), labels[val_idx])
             data_b = LatentDataModule((qz_mean, qz_logvar, labels[train_idx]), val,
                                       batch_size_stage_b)
             plan_b = self._training_plan_cls(
@@ -594,9 +608,12 @@ class LapDDPM(BaseModelClass):
         generator = torch.Generator(device=device)
         generator.manual_seed(int(torch_seed.generate_state(1, np.uint64)[0] >> np.uint64(1)))
         rng = np.random.default_rng(numpy_seed)
-        log_mean = np.asarray(self.library_log_mean_)[codes]
-        log_std = np.asarray(self.library_log_std_)[codes]
-        library = np.exp(rng.normal(log_mean, log_std)).astype(np.float32)
+        if self.module.diffuse_library:
+            library = None
+        else:
+            log_mean = np.asarray(self.library_log_mean_)[codes]
+            log_std = np.asarray(self.library_log_std_)[codes]
+            library = np.exp(rng.normal(log_mean, log_std)).astype(np.float32)
 
         self.module.eval()
         blocks = []
@@ -604,7 +621,8 @@ class LapDDPM(BaseModelClass):
                            disable=not progress_bar, style="tqdm"):
             stop = min(start + batch_size, codes.size)
             counts = self.module.sample(
-                torch.from_numpy(codes[start:stop]), torch.from_numpy(library[start:stop]),
+                torch.from_numpy(codes[start:stop]),
+                None if library is None else torch.from_numpy(library[start:stop]),
                 rng, guidance_scale=scale, sampler=sampler, n_steps=steps, generator=generator,
             )
             blocks.append(sp.csr_matrix(counts))
@@ -627,7 +645,8 @@ class LapDDPM(BaseModelClass):
             "guidance_scale": scale,
             "likelihood": self.module.likelihood,
             "labels_key": self.labels_key or "",
-            "library_size": "per-label log-normal fit of the training cells",
+            "library_size": ("diffused jointly with the latent" if self.module.diffuse_library
+                             else "per-label log-normal fit of the training cells"),
         }
         synth = AnnData(X=x, obs=obs, var=var, layers={"counts": x.copy()},
                         uns={"scldiff": provenance})

@@ -19,6 +19,10 @@ _ENCODER_INPUTS = (
 )
 
 
+# log-variance of a coordinate known exactly (the observed log library size)
+_KNOWN_LOGVAR = -30.0
+
+
 def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
     r"""KL(N(mean, exp(logvar)) || N(0, I)) per row.
 
@@ -57,6 +61,9 @@ class LapDDPMModule(BaseModuleClass):
         :class:`~scldiff.module.GraphEncoder`).
     score_hidden, score_blocks
         ScoreNet width and depth.
+    diffuse_library
+        Diffuse the log library size jointly with the latent (one extra coordinate), so
+        generated library sizes depend on the cell state, not only on the label.
     beta_min, beta_max, t_min
         VP-SDE schedule (:class:`~scldiff.diffusion.VPSchedule`).
     """
@@ -79,19 +86,25 @@ class LapDDPMModule(BaseModuleClass):
         beta_min: float = 0.1,
         beta_max: float = 20.0,
         t_min: float = 1e-3,
+        diffuse_library: bool = False,
     ):
         super().__init__()
         self.n_latent = n_latent
+        self.diffuse_library = diffuse_library
+        self.n_diffusion = n_latent + int(diffuse_library)
         self.likelihood = likelihood
         self.encoder = GraphEncoder(n_input, n_lpe, n_latent, n_hidden, cheb_k, n_cheb_layers,
                                     dropout_rate, neighbour_gradients)
         self.decoder = CountDecoder(n_latent, n_input, n_hidden, likelihood=likelihood)
-        self.score_net = ScoreNet(n_latent, n_labels, score_hidden, score_blocks)
+        self.score_net = ScoreNet(self.n_diffusion, n_labels, score_hidden, score_blocks)
         self.schedule = VPSchedule(beta_min, beta_max, t_min)
         self.register_buffer("lpe_scale", torch.tensor(float(lpe_scale)))
         # Standardisation of the aggregate posterior, set between the two training stages.
-        self.register_buffer("latent_mean", torch.zeros(n_latent))
-        self.register_buffer("latent_std", torch.ones(n_latent))
+        # (with diffuse_library, the last coordinate is the log library size)
+        self.register_buffer("latent_mean", torch.zeros(self.n_diffusion))
+        self.register_buffer("latent_std", torch.ones(self.n_diffusion))
+        # range of the training cells' log library sizes; diffused ones are clipped to it
+        self.register_buffer("log_library_range", torch.tensor([-torch.inf, torch.inf]))
 
     # ------------------------------------------------------------------ VAE (stage A)
     def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict:
@@ -167,6 +180,20 @@ class LapDDPMModule(BaseModuleClass):
     def unstandardize(self, z: Tensor) -> Tensor:
         return z * self.latent_std + self.latent_mean
 
+    def diffusion_inputs(self, qz_mean: Tensor, qz_logvar: Tensor, library: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+        """Posterior parameters of what is diffused: the latent, and with
+        ``diffuse_library`` the log library size appended as an exactly known coordinate.
+
+        Also records the range of the log library sizes, to which generated ones are
+        clipped (the diffusion's tails must not produce a library no training cell had).
+        """
+        if not self.diffuse_library:
+            return qz_mean, qz_logvar
+        log_library = library.to(qz_mean).log().view(-1, 1)
+        known = torch.full_like(log_library, _KNOWN_LOGVAR)
+        return torch.cat([qz_mean, log_library], 1), torch.cat([qz_logvar, known], 1)
+
     @torch.no_grad()
     def set_latent_statistics(self, qz_mean: Tensor, qz_logvar: Tensor) -> None:
         """Mean and std of the aggregate posterior (a mixture of the cells' Gaussians)."""
@@ -174,6 +201,11 @@ class LapDDPMModule(BaseModuleClass):
         var = qz_logvar.exp().mean(0) + qz_mean.var(0, unbiased=False)
         self.latent_mean.copy_(mean)
         self.latent_std.copy_(var.sqrt().clamp_min(1e-6))
+        if self.diffuse_library:
+            # generated log library sizes are clipped to the training cells' range: the
+            # diffusion's tails must not produce a library size no training cell had
+            log_library = qz_mean[:, self.n_latent]
+            self.log_library_range.copy_(torch.stack([log_library.min(), log_library.max()]))
 
     def diffusion_loss(
         self, qz_mean: Tensor, qz_logvar: Tensor, labels: Tensor, p_uncond: float = 0.1
@@ -203,10 +235,14 @@ class LapDDPMModule(BaseModuleClass):
         n_steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Guided reverse diffusion from N(0, I) to latents of the given labels."""
+        """Guided reverse diffusion from N(0, I) to latents of the given labels.
+
+        Returns ``(n, n_latent)`` latents, or ``(n, n_latent + 1)`` with the log library
+        size last when the library size is diffused.
+        """
         device = self.latent_mean.device
         labels = labels.to(device).long()
-        z = torch.randn(labels.shape[0], self.n_latent, generator=generator, device=device)
+        z = torch.randn(labels.shape[0], self.n_diffusion, generator=generator, device=device)
         eps_fn = ClassifierFreeGuidance(self.score_net, labels, self.score_net.null_label,
                                         guidance_scale)
         steps = n_steps or DEFAULT_STEPS[sampler]
@@ -217,14 +253,23 @@ class LapDDPMModule(BaseModuleClass):
     def sample(
         self,
         labels: Tensor,
-        library: Tensor,
+        library: Tensor | None,
         rng: np.random.Generator,
         guidance_scale: float = 1.0,
         sampler: str = "ode",
         n_steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> np.ndarray:
-        """Counts for cells of the given labels and library sizes: latents, decoder, likelihood."""
+        """Counts for cells of the given labels: latents, decoder, likelihood.
+
+        ``library`` gives the cells' library sizes; it is ignored (may be ``None``) when the
+        library size is diffused with the latent, which then supplies it.
+        """
         z = self.sample_latents(labels, guidance_scale, sampler, n_steps, generator)
+        if self.diffuse_library:
+            low, high = self.log_library_range.tolist()
+            z, library = z[:, : self.n_latent], z[:, self.n_latent].clamp(low, high).exp()
+        elif library is None:
+            raise ValueError("library sizes are required when they are not diffused.")
         params = {k: v.cpu() for k, v in self.decoder(z).items()}
         return sample_counts(self.likelihood, params, library.view(-1, 1).cpu(), rng)
