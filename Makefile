@@ -36,7 +36,7 @@ tutorials: $(STAMP)
 	$(VENV)/bin/jupyter-execute --inplace tutorials/*.ipynb
 
 benchmark: $(STAMP)
-	$(PY) benchmarks/pbmc3k_vs_scvi.py
+	$(PY) benchmarks/quality.py --threads 1
 
 clean:
 	rm -rf $(VENV) demo_output docs/_build .pytest_cache
