@@ -72,7 +72,12 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "guidance 2": ({}, {}, {"guidance_scale": 2.0}),
     "guidance 4": ({}, {}, {"guidance_scale": 4.0}),
     "unconditional": ({"labels_key": None}, {}, {}),
+    "NB likelihood": ({}, {}, {}),
+    "library by diffusion": ({}, {}, {}),
 }
+# variants that change the model's constructor arguments
+MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
+                "library by diffusion": {"library_size": "diffusion"}}
 GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 2, 4)}
 
 
@@ -141,7 +146,8 @@ def fit_scvi(train: ad.AnnData, label_counts: dict, seed: int) -> tuple[ad.AnnDa
 
 
 def fit_lapddpm(train: ad.AnnData, label_counts: dict, seed: int, setup_kwargs: dict,
-                train_kwargs: dict) -> tuple[scldiff.LapDDPM, float]:
+                train_kwargs: dict, model_kwargs: dict | None = None
+                ) -> tuple[scldiff.LapDDPM, float]:
     import scvi
 
     scvi.settings.seed = seed
@@ -149,7 +155,7 @@ def fit_lapddpm(train: ad.AnnData, label_counts: dict, seed: int, setup_kwargs: 
     start = time.perf_counter()
     setup = {"labels_key": LABELS, **setup_kwargs}
     scldiff.LapDDPM.setup_anndata(data, **setup)
-    model = scldiff.LapDDPM(data)
+    model = scldiff.LapDDPM(data, **(model_kwargs or {}))
     model.train(enable_progress_bar=False, **train_kwargs)
     return model, time.perf_counter() - start
 
@@ -247,7 +253,8 @@ def run_dataset(dataset: str, seeds: list[int], methods: list[str], args) -> Non
             source = GENERATE_FROM.get(method, method)
             if source not in trained:
                 s_setup, s_train, _ = ABLATIONS[source]
-                trained[source] = fit_lapddpm(train, label_counts, seed, s_setup, s_train)
+                trained[source] = fit_lapddpm(train, label_counts, seed, s_setup, s_train,
+                                              MODEL_KWARGS.get(source))
             model, seconds = trained[source]
             start = time.perf_counter()
             generated = lapddpm_generate(model, label_counts, seed, generate_kwargs, test)

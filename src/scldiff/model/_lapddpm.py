@@ -146,7 +146,10 @@ class LapDDPM(BaseModelClass):
     n_cheb_layers
         Number of graph layers.
     likelihood
-        ``"nb"`` (negative binomial), ``"zinb"`` or ``"poisson"``.
+        ``"zinb"`` (zero-inflated negative binomial, default), ``"nb"`` or ``"poisson"``.
+        On PBMC3K the ZINB's posterior predictive is closer to held-out cells than the NB's
+        (conditional MMD 0.622 vs 0.677, random-forest AUC 0.649 vs 0.659;
+        ``benchmarks/``).
     dropout_rate
         Encoder dropout.
     score_hidden, score_blocks
@@ -178,7 +181,7 @@ class LapDDPM(BaseModelClass):
         n_hidden: int = 128,
         cheb_k: int = 2,
         n_cheb_layers: int = 1,
-        likelihood: Likelihood = "nb",
+        likelihood: Likelihood = "zinb",
         dropout_rate: float = 0.1,
         score_hidden: int = 256,
         score_blocks: int = 3,
@@ -391,6 +394,7 @@ class LapDDPM(BaseModelClass):
         mask_fraction: float = 0.1,
         p_uncond: float = 0.1,
         ema_decay: float = 0.999,
+        dispersion_lr_factor: float = 30.0,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         plan_kwargs: dict | None = None,
@@ -440,6 +444,11 @@ class LapDDPM(BaseModelClass):
             Probability of dropping a cell's label in stage B (classifier-free guidance).
         ema_decay
             Exponential moving average of the ScoreNet's weights (0 disables it).
+        dispersion_lr_factor
+            Learning rate of the decoder's gene dispersions relative to ``lr``. At the shared
+            rate they barely leave their start (1) in the step budget and generated cells are
+            too noisy: on PBMC3K the random-forest AUC of the posterior predictive falls from
+            0.87 (factor 1) to 0.71 (10) and 0.66 (30) (``benchmarks/``).
         accelerator, devices
             Lightning accelerator and devices.
         plan_kwargs
@@ -475,7 +484,8 @@ class LapDDPM(BaseModelClass):
                 n_epochs_kl_warmup=max(n_a // 4, 1) if n_epochs_kl_warmup is None
                 else n_epochs_kl_warmup,
                 rec_weight=rec_weight, perturbation=perturbation, epsilon=epsilon,
-                power_iterations=power_iterations, mask_fraction=mask_fraction, **plan_kwargs,
+                power_iterations=power_iterations, mask_fraction=mask_fraction,
+                **{"dispersion_lr_factor": dispersion_lr_factor, **plan_kwargs},
             )
             data_a = SubgraphDataModule(collator, train_idx, val_idx, batch_size)
             self._fit(plan_a, data_a, n_a, accelerator, devices, trainer_kwargs,

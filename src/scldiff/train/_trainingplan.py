@@ -127,7 +127,7 @@ class LapDDPMTrainingPlan(TrainingPlan):
         mask_fraction: float = 0.1,
         p_uncond: float = 0.1,
         ema_decay: float = 0.999,
-        dispersion_lr_factor: float = 10.0,
+        dispersion_lr_factor: float = 30.0,
         **kwargs,
     ):
         if stage not in ("A", "B"):
