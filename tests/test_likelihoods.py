@@ -123,3 +123,26 @@ def test_sparse_log_likelihood_gradients_match_the_dense_ones():
     (g_dense,) = torch.autograd.grad(decoder.distribution(decoder(z), library).log_prob(
         torch.from_numpy(counts)).sum(), z)
     torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-4)
+
+
+def test_zinb_generated_totals_match_the_library_size():
+    from scldiff.module import LapDDPMModule
+
+    decoder = CountDecoder(3, 4, 8, likelihood="zinb")
+    params = {"scale": torch.tensor([[0.1, 0.2, 0.3, 0.4]]),
+              "zi_logits": torch.tensor([[0.0, 0.0, float("-inf"), float("inf")]])}
+    # sum (1 - pi) rho = 0.5 * 0.1 + 0.5 * 0.2 + 1 * 0.3 + 0 * 0.4
+    assert decoder.expected_fraction(params).item() == pytest.approx(0.45)
+    assert CountDecoder(3, 4, 8, likelihood="nb").expected_fraction(params).item() == 1.0
+
+    torch.manual_seed(0)
+    module = LapDDPMModule(n_input=50, n_labels=1, n_lpe=0, n_latent=3, n_hidden=8,
+                           score_hidden=8, score_blocks=1, likelihood="zinb")
+    with torch.no_grad():
+        module.decoder.dropout_logits.bias.fill_(0.0)  # about half of the counts zeroed
+    module.eval()
+    n = 3000
+    counts = module.sample(torch.zeros(n, dtype=torch.long), torch.full((n,), 400.0),
+                           np.random.default_rng(0), sampler="ddim", n_steps=3,
+                           generator=torch.Generator().manual_seed(0))
+    assert counts.sum(1).mean() == pytest.approx(400.0, rel=0.03)

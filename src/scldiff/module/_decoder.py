@@ -73,6 +73,13 @@ class CountDecoder(nn.Module):
             params["zi_logits"] = self.dropout_logits(h)
         return params
 
+    def expected_fraction(self, params: dict[str, Tensor]) -> Tensor:
+        r"""Expected total count per unit library, :math:`\sum_g (1 - \pi_g)\rho_g` (ZINB),
+        1 for NB and Poisson; shape ``(batch,)``."""
+        if self.dropout_logits is None:
+            return torch.ones(params["scale"].shape[0], device=params["scale"].device)
+        return (torch.sigmoid(-params["zi_logits"]) * params["scale"]).sum(-1)
+
     def distribution(self, params: dict[str, Tensor], library: Tensor) -> Distribution:
         """The count distribution for cells of the given library sizes ``(batch, 1)``."""
         mu = library * params["scale"]

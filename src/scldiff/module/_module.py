@@ -262,8 +262,9 @@ class LapDDPMModule(BaseModuleClass):
     ) -> np.ndarray:
         """Counts for cells of the given labels: latents, decoder, likelihood.
 
-        ``library`` gives the cells' library sizes; it is ignored (may be ``None``) when the
-        library size is diffused with the latent, which then supplies it.
+        ``library`` gives the cells' library sizes (the expected total counts); it is
+        ignored (may be ``None``) when the library size is diffused with the latent, which
+        then supplies it.
         """
         z = self.sample_latents(labels, guidance_scale, sampler, n_steps, generator)
         if self.diffuse_library:
@@ -271,5 +272,9 @@ class LapDDPMModule(BaseModuleClass):
             z, library = z[:, : self.n_latent], z[:, self.n_latent].clamp(low, high).exp()
         elif library is None:
             raise ValueError("library sizes are required when they are not diffused.")
-        params = {k: v.cpu() for k, v in self.decoder(z).items()}
+        params = self.decoder(z)
+        # a ZINB's zeros remove part of the mean l * rho: scale l so that the expected total
+        # count of a generated cell is its library size (training fits l = observed total)
+        library = library.view(-1).to(z) / self.decoder.expected_fraction(params)
+        params = {k: v.cpu() for k, v in params.items()}
         return sample_counts(self.likelihood, params, library.view(-1, 1).cpu(), rng)
