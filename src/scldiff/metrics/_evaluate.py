@@ -40,7 +40,7 @@ def _seurat_v3_genes(counts: sp.csr_matrix, n_top: int) -> np.ndarray:
         except ValueError:
             continue
     raise ValueError("Seurat v3 gene selection failed on the real cells even with span=1; "
-                     "pass more real cells or n_hvg=None.")
+                     "pass more real cells or a smaller n_hvg.")
 
 
 def shared_pca(
@@ -50,17 +50,19 @@ def shared_pca(
     n_pcs: int = 30,
     layer: str | None = None,
     random_state: int = 0,
+    hvg: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Project real and generated cells into the real cells' principal components.
 
     ``n_hvg`` highly variable genes (Seurat v3, on the real counts), library-size
     normalisation to 1e4 and ``log1p``, then PCA fitted on the real cells only; the
-    generated cells are projected with the same loadings.
+    generated cells are projected with the same loadings. ``hvg`` (a boolean gene mask)
+    skips the gene selection when the caller has made it already.
     """
     if list(real.var_names) != list(generated.var_names):
         raise ValueError("real and generated must have the same var_names in the same order.")
-    n_hvg = min(n_hvg, real.n_vars)
-    hvg = _seurat_v3_genes(_counts(real, layer), n_hvg)
+    if hvg is None:
+        hvg = _seurat_v3_genes(_counts(real, layer), min(n_hvg, real.n_vars))
     x_real = _log_normalize(_counts(real, layer)[:, hvg])
     x_gen = _log_normalize(_counts(generated, layer)[:, hvg])
     n_pcs = min(n_pcs, x_real.shape[0] - 1, x_real.shape[1])
@@ -105,7 +107,8 @@ def evaluate(
     if list(real.var_names) != list(generated.var_names):
         raise ValueError("real and generated must have the same var_names in the same order.")
     real_counts, gen_counts = _counts(real, layer), _counts(generated, layer)
-    pcs_real, pcs_gen = shared_pca(real, generated, n_hvg, n_pcs, layer, random_state)
+    hvg = _seurat_v3_genes(real_counts, min(n_hvg, real.n_vars))
+    pcs_real, pcs_gen = shared_pca(real, generated, n_hvg, n_pcs, layer, random_state, hvg)
     rows = {"MMD": (mmd_rbf, {}), "W2": (wasserstein, {"power": 2}),
             "W1": (wasserstein, {"power": 1})}
     result = {name: {"unconditional": fn(pcs_gen, pcs_real, **kw)}
@@ -130,7 +133,6 @@ def evaluate(
 
     real_log, gen_log = _log_normalize_sparse(real_counts), _log_normalize_sparse(gen_counts)
     if classifier:
-        hvg = _seurat_v3_genes(real_counts, min(n_hvg, real.n_vars))
         result["RF AUC"] = {"unconditional": classifier_auc(
             real_log[:, hvg].toarray(), gen_log[:, hvg].toarray(), n_pcs=n_pcs,
             random_state=random_state)}
