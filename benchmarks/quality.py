@@ -101,6 +101,33 @@ def cache_path(dataset: str, seed: int, method: str) -> str:
     return os.path.join(CACHE, dataset, f"seed{seed}", method.replace(" ", "_") + ".h5ad")
 
 
+def model_path(dataset: str, seed: int, method: str) -> str:
+    return os.path.join(CACHE, dataset, f"seed{seed}", method.replace(" ", "_") + "_model")
+
+
+def cache_model(dataset: str, seed: int, method: str, model: scldiff.LapDDPM,
+                fit_seconds: float) -> None:
+    """Keep a trained model, so variants that only generate differently reuse it."""
+    path = model_path(dataset, seed, method)
+    model.save(path, overwrite=True)
+    with open(os.path.join(path, "fit.json"), "w") as handle:
+        json.dump({"fit_seconds": fit_seconds, "commit": meta()["commit"]}, handle)
+
+
+def cached_model(dataset: str, seed: int, method: str
+                 ) -> tuple[scldiff.LapDDPM, float] | None:
+    """The model ``cache_model`` kept for this run, if it was trained at this commit."""
+    path = model_path(dataset, seed, method)
+    try:
+        with open(os.path.join(path, "fit.json")) as handle:
+            fit = json.load(handle)
+    except OSError:
+        return None
+    if fit.get("commit") != meta()["commit"]:
+        return None
+    return scldiff.LapDDPM.load(path, adata=False), fit["fit_seconds"]
+
+
 def run_path(dataset: str, seed: int, method: str) -> str:
     return os.path.join(RUNS, dataset, f"seed{seed}", method.replace(" ", "_") + ".json")
 
@@ -252,9 +279,12 @@ def run_dataset(dataset: str, seeds: list[int], methods: list[str], args) -> Non
             setup_kwargs, train_kwargs, generate_kwargs = ABLATIONS[method]
             source = GENERATE_FROM.get(method, method)
             if source not in trained:
+                trained[source] = cached_model(dataset, seed, source)
+            if trained[source] is None or (source == method and args.force):
                 s_setup, s_train, _ = ABLATIONS[source]
                 trained[source] = fit_lapddpm(train, label_counts, seed, s_setup, s_train,
                                               MODEL_KWARGS.get(source))
+                cache_model(dataset, seed, source, *trained[source])
             model, seconds = trained[source]
             start = time.perf_counter()
             generated = lapddpm_generate(model, label_counts, seed, generate_kwargs, test)

@@ -19,7 +19,14 @@ class CountDecoder(nn.Module):
     r"""MLP :math:`z \mapsto` gene proportions :math:`\rho` (softmax), mean :math:`\ell\rho`.
 
     The negative binomial has one inverse dispersion :math:`\theta_g` per gene, the ZINB
-    adds per-cell dropout logits; both as in scVI and CFGen.
+    adds per-cell dropout probabilities :math:`\pi_g`.
+
+    Unlike scVI, whose ZINB puts :math:`\ell\rho` on the negative binomial so that the
+    zeros remove part of it, the ZINB's own mean is :math:`\ell\rho`: the negative binomial
+    has mean :math:`\mu_g = \ell\rho_g / \sum_h (1 - \pi_h)\rho_h`, so a cell's expected
+    total count is exactly its library size :math:`\ell`, in training as at generation (on
+    PBMC3K this lowered the real-vs-generated random-forest AUC from 0.72 to 0.62;
+    ``benchmarks/``). ``params["scale"]`` is :math:`\mu / \ell`.
 
     Parameters
     ----------
@@ -70,15 +77,13 @@ class CountDecoder(nn.Module):
             params["theta"] = self.log_theta.exp().expand_as(log_scale)
             params["log_theta"] = self.log_theta
         if self.dropout_logits is not None:
-            params["zi_logits"] = self.dropout_logits(h)
+            zi_logits = self.dropout_logits(h)
+            params["zi_logits"] = zi_logits
+            # NB mean per unit library rho_g / sum_h (1 - pi_h) rho_h: the ZINB mean is l*rho
+            log_kept = torch.logsumexp(log_scale + F.logsigmoid(-zi_logits), -1, keepdim=True)
+            params["log_scale"] = log_scale - log_kept
+            params["scale"] = params["log_scale"].exp()
         return params
-
-    def expected_fraction(self, params: dict[str, Tensor]) -> Tensor:
-        r"""Expected total count per unit library, :math:`\sum_g (1 - \pi_g)\rho_g` (ZINB),
-        1 for NB and Poisson; shape ``(batch,)``."""
-        if self.dropout_logits is None:
-            return torch.ones(params["scale"].shape[0], device=params["scale"].device)
-        return (torch.sigmoid(-params["zi_logits"]) * params["scale"]).sum(-1)
 
     def distribution(self, params: dict[str, Tensor], library: Tensor) -> Distribution:
         """The count distribution for cells of the given library sizes ``(batch, 1)``."""

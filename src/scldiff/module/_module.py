@@ -273,8 +273,6 @@ class LapDDPMModule(BaseModuleClass):
         elif library is None:
             raise ValueError("library sizes are required when they are not diffused.")
         params = self.decoder(z)
-        # a ZINB's zeros remove part of the mean l * rho: scale l so that the expected total
-        # count of a generated cell is its library size (training fits l = observed total)
-        library = library.view(-1).to(z) / self.decoder.expected_fraction(params)
+        library = library.view(-1).to(z)
         params = {k: v.cpu() for k, v in params.items()}
         return sample_counts(self.likelihood, params, library.view(-1, 1).cpu(), rng)
