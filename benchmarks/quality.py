@@ -178,7 +178,10 @@ def fit_lapddpm(train: ad.AnnData, label_counts: dict, seed: int, setup_kwargs: 
     import scvi
 
     scvi.settings.seed = seed
-    data = train.copy()
+    # genes without a count in the training cells are refused by setup_anndata; the
+    # generated cells get zeros for them (lapddpm_generate), as any generator would
+    expressed = np.asarray(train.X.sum(0)).ravel() > 0
+    data = train[:, expressed].copy()
     start = time.perf_counter()
     setup = {"labels_key": LABELS, **setup_kwargs}
     scldiff.LapDDPM.setup_anndata(data, **setup)
@@ -189,11 +192,26 @@ def fit_lapddpm(train: ad.AnnData, label_counts: dict, seed: int, setup_kwargs: 
 
 def lapddpm_generate(model: scldiff.LapDDPM, label_counts: dict, seed: int,
                      generate_kwargs: dict, test: ad.AnnData) -> ad.AnnData:
-    if model.adata_manager.registry["setup_args"].get("labels_key") is None:
+    if model.registry_["setup_args"].get("labels_key") is None:
         generated = model.generate(n_samples=test.n_obs, seed=seed, progress_bar=False,
                                    **generate_kwargs)
-        return generated
-    return model.generate(labels=label_counts, seed=seed, progress_bar=False, **generate_kwargs)
+    else:
+        generated = model.generate(labels=label_counts, seed=seed, progress_bar=False,
+                                   **generate_kwargs)
+    return with_all_genes(generated, test.var_names)
+
+
+def with_all_genes(generated: ad.AnnData, var_names: pd.Index) -> ad.AnnData:
+    """``generated`` with zero columns for the genes the model was not trained on."""
+    columns = var_names.get_indexer(generated.var_names)
+    if (columns < 0).any():
+        raise ValueError("the generated cells have genes the data lacks.")
+    x = sp.csr_matrix(generated.X)
+    coo = x.tocoo()
+    full = sp.csr_matrix((coo.data, (coo.row, columns[coo.col])),
+                         shape=(generated.n_obs, len(var_names)), dtype=x.dtype)
+    return ad.AnnData(full, obs=generated.obs.copy(), var=pd.DataFrame(index=var_names),
+                      uns=dict(generated.uns))
 
 
 # --------------------------------------------------------------------------- scoring
