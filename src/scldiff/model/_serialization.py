@@ -8,10 +8,14 @@ only rebuilds numbers, strings, lists, dicts and numeric/string numpy arrays.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -22,6 +26,7 @@ from safetensors.torch import load_file, save_file
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
 ADATA_FILE = "adata.h5ad"
+BACKUP_SUFFIX = ".scldiff-previous"
 FORMAT_VERSION = 1
 _ARRAY_TAG = "__ndarray__"
 _FRAME_TAG = "__dataframe__"
@@ -89,13 +94,41 @@ def _decode(obj):
     return {k: _decode(v) for k, v in obj.items()}
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns ``False`` where the system cannot (another OS, an old kernel or file system).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
 def write_model_dir(
     dir_path: str, state_dict: dict[str, torch.Tensor], attributes: dict,
     write_adata=None, overwrite: bool = False,
 ) -> None:
-    """Write a model directory atomically: build it beside ``dir_path``, then rename.
+    """Write a model directory atomically: build it beside ``dir_path``, then swap it in.
 
-    An interrupted save leaves the previous directory (or none), never a half-written one.
+    Everything is written to a staging directory first. A new directory is renamed into
+    place; an existing one is exchanged with the staging directory in one atomic step
+    (Linux), so an interruption at any point leaves the old model or the new one. Where
+    the system cannot exchange, the old directory is first renamed to
+    ``<dir_path>.scldiff-previous``, and :func:`read_model_dir` falls back to it if the
+    save was interrupted between the two renames.
     """
     dir_path = os.path.abspath(dir_path)
     if os.path.exists(dir_path) and not overwrite:
@@ -111,17 +144,29 @@ def write_model_dir(
             json.dump(payload, handle)
         if write_adata is not None:
             write_adata(os.path.join(staging, ADATA_FILE))
-        if os.path.exists(dir_path):
-            backup = tempfile.mkdtemp(prefix=".scldiff-old-", dir=parent)
-            os.rmdir(backup)
+        backup = dir_path + BACKUP_SUFFIX
+        if not os.path.exists(dir_path):
+            os.rename(staging, dir_path)
+        elif not _exchange(staging, dir_path):  # staging holds the old model after a swap
+            shutil.rmtree(backup, ignore_errors=True)
             os.rename(dir_path, backup)
             os.rename(staging, dir_path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(staging, dir_path)
-    except BaseException:
+        shutil.rmtree(backup, ignore_errors=True)  # also one an interrupted save left
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+
+def resolve_model_dir(dir_path: str) -> str:
+    """``dir_path``, or the previous model if a save that was replacing it was interrupted."""
+    backup = os.path.abspath(dir_path) + BACKUP_SUFFIX
+    if not os.path.exists(dir_path) and os.path.isdir(backup):
+        warnings.warn(
+            f"{dir_path} is missing but {backup} holds the model a save was replacing when it "
+            "was interrupted; loading that one. Save again to restore the directory.",
+            UserWarning, stacklevel=3,
+        )
+        return backup
+    return dir_path
 
 
 def read_model_dir(dir_path: str) -> tuple[dict[str, torch.Tensor], dict]:
