@@ -15,7 +15,7 @@ QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 
 
 def small_pbmc(n_cells: int = 400, n_genes: int = 600, seed: int = 0):
-    """Cells from every PBMC3K label, the genes with most counts; raw counts, no setup."""
+    """PBMC3K cells (labels with at least 2 of them), the genes with most counts; raw."""
     adata = scldiff.datasets.pbmc3k()
     rng = np.random.default_rng(seed)
     keep = rng.choice(adata.n_obs, n_cells, replace=False)
@@ -23,6 +23,10 @@ def small_pbmc(n_cells: int = 400, n_genes: int = 600, seed: int = 0):
     totals = np.asarray(adata.X.sum(0)).ravel()
     adata = adata[:, np.sort(np.argsort(-totals)[:n_genes])].copy()
     sc.pp.filter_cells(adata, min_counts=1)
+    # setup_anndata refuses labels with a single cell; a small sample can draw one
+    keep = adata.obs["cell_type"].map(adata.obs["cell_type"].value_counts()).to_numpy() > 1
+    adata = adata[keep].copy()
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.remove_unused_categories()
     return adata
 
 

@@ -15,7 +15,9 @@ def pbmc3k() -> AnnData:
     a Healthy Donor" after QC (200 < genes < 2500, < 5% mitochondrial counts); genes seen in
     at least 3 of the 2,700 unfiltered cells. ``X`` is CSR float32 holding whole numbers;
     ``obs["cell_type"]`` (categorical, 8 types, = the scanpy tutorial's ``louvain``) and
-    ``obs["seurat_annotation"]`` hold labels. One gene has no counts in these cells.
+    ``obs["seurat_annotation"]`` hold labels. One gene has no counts in these cells;
+    remove it (``sc.pp.filter_genes(adata, min_counts=1)``) before
+    :meth:`~scldiff.LapDDPM.setup_anndata`, which refuses genes without counts.
 
     The file ships inside the package; each call returns a fresh copy. Provenance: see
     ``scldiff/datasets/data/README.md``.

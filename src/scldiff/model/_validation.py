@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -33,8 +32,7 @@ def _values(block) -> np.ndarray:
 def check_counts(adata: AnnData, layer: str | None) -> None:
     """Raise ``ValueError`` unless the layer holds finite, non-negative whole numbers.
 
-    Also rejects cells without counts; genes without counts only warn (the model learns a
-    near-zero expression for them).
+    Also rejects cells and genes without counts.
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     matrix = _layer(adata, layer)
@@ -79,14 +77,13 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
             f"{empty_cells} cells have no counts in {where}; remove them first, e.g. "
             "sc.pp.filter_cells(adata, min_counts=1)."
         )
-    empty_genes = int((gene_total == 0).sum())
-    if empty_genes:
-        warnings.warn(
-            f"{empty_genes} genes have no counts in {where}; the model will give them a "
-            "near-zero expression. Remove them with sc.pp.filter_genes(adata, min_cells=1) "
-            "if they are not wanted.",
-            UserWarning,
-            stacklevel=3,
+    empty_genes = np.flatnonzero(gene_total == 0)
+    if empty_genes.size:
+        names = list(adata.var_names[empty_genes[:5]])
+        raise ValueError(
+            f"{empty_genes.size} genes have no counts in {where} (e.g. {names}); the model "
+            "cannot learn anything about them. Remove them first, e.g. "
+            "sc.pp.filter_genes(adata, min_counts=1)."
         )
 
 
@@ -105,6 +102,16 @@ def check_labels(adata: AnnData, labels_key: str | None) -> None:
         raise ValueError(
             f"adata.obs[{labels_key!r}] has {missing} missing values; drop those cells or "
             "fill in their labels."
+        )
+    counts = adata.obs[labels_key].value_counts()
+    single = [str(label) for label in counts.index[counts == 1]]
+    if single:
+        raise ValueError(
+            f"{len(single)} label{'s' if len(single) > 1 else ''} of adata.obs[{labels_key!r}] "
+            f"{'have' if len(single) > 1 else 'has'} a single cell ({single[:5]}); a label "
+            "needs at least 2 cells to learn its cells and library sizes from. Merge those "
+            "labels into others or drop their cells, e.g. adata = adata[adata.obs"
+            f"[{labels_key!r}].map(adata.obs[{labels_key!r}].value_counts()) > 1].copy()."
         )
 
 
@@ -143,6 +150,12 @@ def resolve_generation_labels(
         if key not in index:
             raise ValueError(
                 f"Unknown label {label!r}; the model was trained on: {list(categories)}."
+            )
+        if conditional and proportions[index[key]] == 0:
+            trained = [str(c) for c, p in zip(categories, proportions, strict=True) if p > 0]
+            raise ValueError(
+                f"Label {label!r} is a category of the labels column but had no training "
+                f"cells, so the model knows nothing about it; generate one of {trained}."
             )
         return index[key]
 
