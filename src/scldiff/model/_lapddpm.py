@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
+from lightning.pytorch.callbacks import ModelCheckpoint
 from scvi import settings
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
@@ -35,7 +36,13 @@ from ..train import (
     SubgraphDataModule,
 )
 from ._fields import ObspField
-from ._serialization import ADATA_FILE, ModelFileError, read_model_dir, write_model_dir
+from ._serialization import (
+    ADATA_FILE,
+    ModelFileError,
+    read_model_dir,
+    resolve_model_dir,
+    write_model_dir,
+)
 from ._validation import (
     check_counts,
     check_graph_parameters,
@@ -109,6 +116,32 @@ def _epochs_for_steps(steps: int, n_cells: int, batch_size: int) -> int:
     return max(1, round(steps / per_epoch))
 
 
+def _read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The ``scldiff`` entry and module weights of a Lightning checkpoint, without pickle.
+
+    ``torch.load(weights_only=True)`` rebuilds tensors and plain containers only, so a
+    checkpoint carrying code is refused rather than run.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"ckpt_path {path!r} is not a file; pass a checkpoint written by "
+                         "a ModelCheckpoint callback during train().")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means: refuse
+        raise ModelFileError(
+            f"{path} cannot be read as a plain checkpoint ({type(err).__name__}: {err}); "
+            "checkpoints that need code to load are refused."
+        ) from err
+    meta = checkpoint.get("scldiff") if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict) or meta.get("stage") not in ("A", "B") or not isinstance(
+            meta.get("seed"), int):
+        raise ModelFileError(f"{path} is not a checkpoint of LapDDPM.train().")
+    prefix = "module."
+    module_state = {k[len(prefix):]: v for k, v in checkpoint.get("state_dict", {}).items()
+                    if k.startswith(prefix)}
+    return meta, module_state
+
+
 def _merge_history(old: dict | None, new: dict | None) -> dict:
     """Append a training run's per-epoch history to the model's, continuing the epochs."""
     old, new = dict(old or {}), dict(new or {})
@@ -164,6 +197,7 @@ class LapDDPM(BaseModelClass):
     Examples
     --------
     >>> adata = scldiff.datasets.pbmc3k()
+    >>> sc.pp.filter_genes(adata, min_counts=1)
     >>> scldiff.LapDDPM.setup_anndata(adata, labels_key="cell_type")
     >>> model = scldiff.LapDDPM(adata)
     >>> model.train()
@@ -343,7 +377,7 @@ class LapDDPM(BaseModelClass):
 
     # ------------------------------------------------------------------- training
     def _fit(self, plan, datamodule, max_epochs: int, accelerator, devices,
-             trainer_kwargs: dict, stage: str) -> None:
+             trainer_kwargs: dict, stage: str, ckpt_path: str | None = None) -> None:
         # a copy: scvi-tools' runner appends to the model's history dict in place
         previous = dict(self.history_ or {})
         trainer_kwargs = dict(trainer_kwargs)
@@ -352,10 +386,19 @@ class LapDDPM(BaseModelClass):
             trainer_kwargs["simple_progress_bar"] = False
             trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []),
                                            StageProgressBar(stage)]
+        if ckpt_path is not None:
+            trainer_kwargs["ckpt_path"] = ckpt_path
+        if any(isinstance(c, ModelCheckpoint) for c in trainer_kwargs.get("callbacks", [])):
+            trainer_kwargs.setdefault("enable_checkpointing", True)  # scvi's default is off
         runner = TrainRunner(self, training_plan=plan, data_splitter=datamodule,
                              max_epochs=max_epochs, accelerator=accelerator, devices=devices,
                              **trainer_kwargs)
-        runner()
+        try:
+            runner()
+        except BaseException:
+            self.is_trained_ = False  # an unfinished run: generate() refuses until trained
+            self.module.eval()
+            raise
         self.history_ = _merge_history(previous, _safe_load_logger_history(runner.trainer))
 
     def _fit_library_size(self, indices: np.ndarray, collator: SubgraphCollator) -> None:
@@ -454,7 +497,23 @@ class LapDDPM(BaseModelClass):
         plan_kwargs
             Extra keyword arguments of :class:`~scldiff.train.LapDDPMTrainingPlan`.
         **trainer_kwargs
-            Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar=False``).
+            Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar=False``,
+            ``callbacks=[ModelCheckpoint(dirpath=..., save_last=True)]``), except
+            ``ckpt_path``: a checkpoint written by such a callback during an earlier call
+            with the same arguments; training resumes from it (in stage A or B, whichever
+            it was written in) and ends as the uninterrupted run would have.
+
+        Notes
+        -----
+        Reproducibility: a run draws one seed from torch's global generator (set by
+        ``scvi.settings.seed``); the batch order of each epoch and every random draw of
+        each step derive from it, so the same seed gives the same weights on CPU. On GPUs
+        some kernels (scatter-adds of the graph convolution) are non-deterministic, so
+        weights agree only to floating-point tolerance.
+
+        A NaN or infinite loss or gradient stops training with
+        :class:`~scldiff.train.NonFiniteLossError`, naming the stage and the loss term;
+        the model keeps the weights of the last finite step.
         """
         if self.adata is None:
             raise ValueError("This model was loaded without an AnnData; pass adata to "
@@ -475,8 +534,21 @@ class LapDDPM(BaseModelClass):
         if len(val_idx):
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         plan_kwargs = dict(plan_kwargs or {})
+        resume = trainer_kwargs.pop("ckpt_path", None)
+        if resume is not None:
+            meta, module_state = _read_checkpoint(resume)
+            seed, resume_stage = meta["seed"], meta["stage"]
+        else:  # one draw from the global generator (scvi.settings.seed) seeds the run
+            seed, resume_stage = int(torch.randint(0, 2**31 - 1, ()).item()), None
         collator = self._collator()
 
+        if resume_stage == "B":  # stage A had finished: its weights are in the checkpoint
+            missing = set(self.module.state_dict()) - set(module_state)
+            if missing:
+                raise ValueError(f"The checkpoint {resume} does not fit this model (missing "
+                                 f"{sorted(missing)[:5]}); resume with the same model.")
+            self.module.load_state_dict(module_state)
+            n_a = 0
         if n_a > 0:
             logger.info("Stage A: graph VAE, %d epochs.", n_a)
             plan_a = self._training_plan_cls(
@@ -485,11 +557,11 @@ class LapDDPM(BaseModelClass):
                 else n_epochs_kl_warmup,
                 rec_weight=rec_weight, perturbation=perturbation, epsilon=epsilon,
                 power_iterations=power_iterations, mask_fraction=mask_fraction,
-                **{"dispersion_lr_factor": dispersion_lr_factor, **plan_kwargs},
+                **{"dispersion_lr_factor": dispersion_lr_factor, "seed": seed, **plan_kwargs},
             )
-            data_a = SubgraphDataModule(collator, train_idx, val_idx, batch_size)
+            data_a = SubgraphDataModule(collator, train_idx, val_idx, batch_size, seed=seed)
             self._fit(plan_a, data_a, n_a, accelerator, devices, trainer_kwargs,
-                      "Stage A (graph VAE)")
+                      "Stage A (graph VAE)", resume if resume_stage == "A" else None)
 
         if n_b > 0:
             logger.info("Stage B: latent diffusion, %d epochs.", n_b)
@@ -503,13 +575,14 @@ class LapDDPM(BaseModelClass):
                 val = (*self.module.diffusion_inputs(*self._posterior(collator, val_idx),
                                                      library[val_idx]), labels[val_idx])
             data_b = LatentDataModule((qz_mean, qz_logvar, labels[train_idx]), val,
-                                      batch_size_stage_b)
+                                      batch_size_stage_b, seed=seed)
             plan_b = self._training_plan_cls(
                 self.module, stage="B", lr=lr_stage_b, p_uncond=p_uncond if
-                self.is_conditional else 0.0, ema_decay=ema_decay, **plan_kwargs,
+                self.is_conditional else 0.0, ema_decay=ema_decay,
+                **{"seed": seed, **plan_kwargs},
             )
             self._fit(plan_b, data_b, n_b, accelerator, devices, trainer_kwargs,
-                      "Stage B (diffusion)")
+                      "Stage B (diffusion)", resume if resume_stage == "B" else None)
 
         self._fit_library_size(train_idx, collator)
         self.train_indices_, self.validation_indices_ = train_idx, val_idx
@@ -674,8 +747,10 @@ class LapDDPM(BaseModelClass):
         """Save the model (and optionally its AnnData) without pickle.
 
         Writes ``model.safetensors`` (weights) and ``model.json`` (everything else), plus
-        ``adata.h5ad`` with ``save_anndata=True``, atomically: the directory appears only
-        once complete.
+        ``adata.h5ad`` with ``save_anndata=True``, atomically: the files are written to a
+        staging directory that is then renamed into place (or, over an existing model,
+        exchanged with it in one step), so an interrupted save leaves the old model or the
+        new one, never a mixture.
 
         Parameters
         ----------
@@ -731,6 +806,7 @@ class LapDDPM(BaseModelClass):
         """
         from scvi.model._utils import parse_device_args
 
+        dir_path = resolve_model_dir(dir_path)
         state_dict, attributes = read_model_dir(dir_path)
         for key in ("model_name", "init_params_", "registry_", "var_names"):
             if key not in attributes:

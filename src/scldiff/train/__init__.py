@@ -1,14 +1,17 @@
 """Training: the two-stage plan and its data modules."""
 
-from ._data import LatentDataModule, SubgraphCollator, SubgraphDataModule
+from ._data import EpochBatchSampler, LatentDataModule, SubgraphCollator, SubgraphDataModule
 from ._progress import StageProgressBar
-from ._trainingplan import PERTURBATIONS, LapDDPMTrainingPlan
+from ._trainingplan import PERTURBATIONS, LapDDPMTrainingPlan, NonFiniteLossError, step_seed
 
 __all__ = [
     "PERTURBATIONS",
+    "EpochBatchSampler",
     "LapDDPMTrainingPlan",
     "LatentDataModule",
+    "NonFiniteLossError",
     "StageProgressBar",
     "SubgraphCollator",
     "SubgraphDataModule",
+    "step_seed",
 ]

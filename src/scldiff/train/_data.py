@@ -6,10 +6,54 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._constants import BATCH_KEYS, LATENT_KEYS
 from ..graph import SubgraphSampler, log_normalize
+
+
+class EpochBatchSampler(Sampler):
+    """Minibatches of positions ``0..n-1``, shuffled by ``(seed, epoch)`` alone.
+
+    The order of an epoch does not depend on any global random state, so a run resumed
+    from a checkpoint sees the same batches as an uninterrupted one. Lightning calls
+    :meth:`set_epoch` before each epoch.
+
+    Parameters
+    ----------
+    n
+        Number of items.
+    batch_size
+        Items per batch.
+    shuffle
+        Shuffle each epoch (else in order).
+    drop_last
+        Drop a last incomplete batch (only when there is more than one batch).
+    seed
+        Seed of the shuffles.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool = True, drop_last: bool = False,
+                 seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last = drop_last and n > batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+                 if self.shuffle else np.arange(self.n))
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start : start + self.batch_size].tolist()
 
 
 class _Indices(Dataset):
@@ -81,8 +125,9 @@ class SubgraphDataModule(LightningDataModule):
     """
 
     def __init__(self, collator: SubgraphCollator, train_idx: np.ndarray, val_idx: np.ndarray,
-                 batch_size: int = 128):
+                 batch_size: int = 128, seed: int = 0):
         super().__init__()
+        self.seed = seed
         self.collator = collator
         self.train_idx = np.asarray(train_idx, dtype=np.int64)
         self.val_idx = np.asarray(val_idx, dtype=np.int64)
@@ -91,8 +136,8 @@ class SubgraphDataModule(LightningDataModule):
         self.batch_size = batch_size
 
     def _loader(self, indices: np.ndarray, shuffle: bool) -> DataLoader:
-        return DataLoader(_Indices(indices), batch_size=self.batch_size, shuffle=shuffle,
-                          collate_fn=self.collator)
+        batches = EpochBatchSampler(len(indices), self.batch_size, shuffle, seed=self.seed)
+        return DataLoader(_Indices(indices), batch_sampler=batches, collate_fn=self.collator)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_idx, shuffle=True)
@@ -120,19 +165,19 @@ class _Latents(Dataset):
                 LATENT_KEYS.QZ_LOGVAR: self.qz_logvar[index],
                 LATENT_KEYS.LABELS: self.labels[index]}
 
-    def loader(self, batch_size: int, shuffle: bool) -> DataLoader:
-        base = RandomSampler(self) if shuffle else SequentialSampler(self)
-        drop_last = shuffle and len(self) > batch_size
-        sampler = BatchSampler(base, batch_size=batch_size, drop_last=drop_last)
-        return DataLoader(self, sampler=sampler, batch_size=None)
+    def loader(self, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+        batches = EpochBatchSampler(len(self), batch_size, shuffle, drop_last=shuffle,
+                                    seed=seed)
+        return DataLoader(self, sampler=batches, batch_size=None)
 
 
 class LatentDataModule(LightningDataModule):
     """Stage B: posterior parameters of the training cells (the encoder is frozen)."""
 
     def __init__(self, train: tuple[torch.Tensor, ...], val: tuple[torch.Tensor, ...] | None,
-                 batch_size: int = 256):
+                 batch_size: int = 256, seed: int = 0):
         super().__init__()
+        self.seed = seed
         self.train_set = _Latents(*train)
         self.val_set = _Latents(*val) if val is not None and len(val[2]) else None
         self.n_train = len(self.train_set)
@@ -140,7 +185,7 @@ class LatentDataModule(LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return self.train_set.loader(self.batch_size, shuffle=True)
+        return self.train_set.loader(self.batch_size, shuffle=True, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader | list:
         return self.val_set.loader(self.batch_size, shuffle=False) if self.val_set else []

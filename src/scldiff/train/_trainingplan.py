@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Literal
 
+import numpy as np
 import torch
 from scvi.train import TrainingPlan
 from torch import nn
@@ -50,6 +51,19 @@ class ExponentialMovingAverage(nn.Module):
     def copy_to(self, network: nn.Module) -> None:
         network.load_state_dict(self.shadow.state_dict())
 PERTURBATIONS: tuple[str, ...] = ("spectral", "random", "none")
+STAGE_NAMES = {"A": "Stage A (graph VAE)", "B": "Stage B (diffusion)"}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped because a loss or gradient became NaN or infinite.
+
+    The model keeps the weights of the last step whose loss and gradients were finite.
+    """
+
+
+def step_seed(seed: int, stage: str, step: int, rank: int = 0) -> int:
+    """The seed of one training step: a function of the run's seed and the step alone."""
+    return int(np.random.SeedSequence([seed, ord(stage), step, rank]).generate_state(1)[0])
 
 
 class LapDDPMTrainingPlan(TrainingPlan):
@@ -108,6 +122,17 @@ class LapDDPMTrainingPlan(TrainingPlan):
         dispersions start at 1 and their maximum-likelihood values are several times
         larger; at the network's learning rate they stay near the start within the default
         step budget and the generated counts come out overdispersed (``benchmarks/``).
+    seed
+        Seed of the run. Every random draw of a training step (input masks, perturbation
+        directions, dropout, posterior and diffusion noise, label dropout) comes from a
+        generator seeded by ``(seed, stage, step, rank)``, so a run resumed from a
+        checkpoint continues exactly as an uninterrupted one would.
+
+    Notes
+    -----
+    A NaN or infinite loss, or gradient, raises :class:`NonFiniteLossError` naming the
+    stage and the loss term before the optimiser step, so the weights stay those of the
+    last finite step. Checkpoints carry ``checkpoint["scldiff"] = {"stage", "seed"}``.
     """
 
     def __init__(
@@ -128,6 +153,7 @@ class LapDDPMTrainingPlan(TrainingPlan):
         p_uncond: float = 0.1,
         ema_decay: float = 0.999,
         dispersion_lr_factor: float = 30.0,
+        seed: int = 0,
         **kwargs,
     ):
         if stage not in ("A", "B"):
@@ -152,6 +178,7 @@ class LapDDPMTrainingPlan(TrainingPlan):
         if not dispersion_lr_factor > 0:
             raise ValueError(f"dispersion_lr_factor must be > 0, got {dispersion_lr_factor}.")
         self.dispersion_lr_factor = dispersion_lr_factor
+        self.seed = int(seed)
         self.ema = ExponentialMovingAverage(module.score_net, ema_decay) if (
             stage == "B" and ema_decay > 0) else None
 
@@ -208,6 +235,9 @@ class LapDDPMTrainingPlan(TrainingPlan):
             mask = None
         _, _, out = self.forward(batch, inference_kwargs={"input_mask": mask},
                                  loss_kwargs=self.loss_kwargs)
+        if mode == "train":
+            self._check_finite(out.loss, {"reconstruction loss": out.reconstruction_loss,
+                                          "KL divergence": out.kl_local})
         self.log(f"{'train' if mode == 'train' else 'validation'}_loss", out.loss,
                  on_step=False, on_epoch=True, prog_bar=mode == "train",
                  batch_size=out.n_obs_minibatch, sync_dist=self.use_sync_dist)
@@ -220,12 +250,45 @@ class LapDDPMTrainingPlan(TrainingPlan):
         loss = self.module.diffusion_loss(batch[LATENT_KEYS.QZ_MEAN],
                                           batch[LATENT_KEYS.QZ_LOGVAR],
                                           batch[LATENT_KEYS.LABELS], self.p_uncond)
+        if mode == "train":
+            self._check_finite(loss, {"diffusion loss": loss})
         self.log(f"diffusion_loss_{mode}", loss, on_step=False, on_epoch=True,
                  prog_bar=mode == "train", batch_size=batch[LATENT_KEYS.LABELS].shape[0],
                  sync_dist=self.use_sync_dist)
         return loss
 
+    # ------------------------------------------------------------- numerical faults
+    def _fault(self, what: str) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"{STAGE_NAMES[self.stage]}: {what} at epoch {self.current_epoch}, step "
+            f"{self.global_step}. Training stopped before the optimiser step, so the model "
+            "keeps the weights of the last finite step. Check the input for extreme values, "
+            "or lower the learning rate (lr / lr_stage_b)."
+        )
+
+    def _check_finite(self, loss: torch.Tensor, terms: dict) -> None:
+        if bool(torch.isfinite(loss).all()):
+            return
+        def finite(value) -> bool:  # scvi's LossOutput keeps its terms as dicts of tensors
+            if isinstance(value, dict):
+                return all(finite(v) for v in value.values())
+            return not isinstance(value, torch.Tensor) or bool(torch.isfinite(value).all())
+
+        bad = [name for name, value in terms.items() if not finite(value)]
+        raise self._fault(f"the {' and the '.join(bad) or 'loss'} became "
+                          f"{'NaN' if bool(torch.isnan(loss).any()) else 'infinite'}")
+
+    def on_before_optimizer_step(self, optimizer):
+        for name, parameter in self.named_parameters():
+            if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
+                raise self._fault(f"the gradient of {name} became NaN or infinite")
+
     # --------------------------------------------------------------- lightning hooks
+    def on_train_batch_start(self, batch, batch_idx):
+        torch.manual_seed(step_seed(self.seed, self.stage, self.global_step, self.global_rank))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["scldiff"] = {"stage": self.stage, "seed": self.seed}
     def on_fit_start(self):
         # Lightning keeps the modes it finds, and scvi-tools' runner leaves the module in
         # eval mode after each fit: without this a second train() would run without dropout.
