@@ -69,6 +69,7 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "no masking": ({}, {"mask_fraction": 0.0}, {}),
     "guidance 0": ({}, {}, {"guidance_scale": 0.0}),
     "guidance 1": ({}, {}, {"guidance_scale": 1.0}),
+    "guidance 1.5": ({}, {}, {"guidance_scale": 1.5}),
     "guidance 2": ({}, {}, {"guidance_scale": 2.0}),
     "guidance 4": ({}, {}, {"guidance_scale": 4.0}),
     "unconditional": ({"labels_key": None}, {}, {}),
@@ -78,7 +79,7 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
 # variants that change the model's constructor arguments
 MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
                 "library by diffusion": {"library_size": "diffusion"}}
-GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 2, 4)}
+GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 1.5, 2, 4)}
 
 
 # --------------------------------------------------------------------------- data
