@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import scanpy as sc
 import scvi
 import torch
+from hypothesis import HealthCheck, settings
 
 import scldiff
 
 torch.set_num_threads(2)
+
+# property-based tests: a fixed, quick set in CI; SCLDIFF_HYPOTHESIS_PROFILE=explore
+# (environment variable) draws many more examples
+_quiet_checks = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+                          suppress_health_check=_quiet_checks, database=None)
+settings.register_profile("explore", max_examples=200, deadline=None,
+                          suppress_health_check=_quiet_checks)
+settings.load_profile(os.environ.get("SCLDIFF_HYPOTHESIS_PROFILE", "ci"))
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 
 

@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 import scvi
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from scipy.sparse.csgraph import connected_components
@@ -373,8 +373,6 @@ def test_a_disconnected_graph_gets_encodings_per_component_and_trains():
     assert np.isfinite(generated.X.toarray()).all()
 
 
-@settings(max_examples=12, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_random_small_count_matrices_train_and_generate_or_raise_documented_errors(data):
     n_cells = data.draw(st.integers(2, 40), label="cells")
