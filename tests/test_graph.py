@@ -69,6 +69,17 @@ def test_pca_embedding_shape_and_determinism():
     np.testing.assert_allclose(a, b)
 
 
+@pytest.mark.parametrize("shape", [(5, 1), (2, 1)])  # found by the property-based test
+def test_pca_embedding_of_a_single_gene_is_the_centred_data(shape):
+    counts = sp.csr_matrix(np.arange(1, shape[0] * shape[1] + 1, dtype=np.float32)
+                           .reshape(shape))
+    embedding = pca_embedding(counts, n_pcs=50)
+    assert embedding.shape == shape
+    np.testing.assert_allclose(embedding.mean(0), 0.0, atol=1e-6)
+    lognorm = np.log1p(counts.toarray() / counts.toarray().sum(1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(embedding, lognorm - lognorm.mean(0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n", [300, 900])  # dense eigendecomposition and ARPACK paths
 def test_lpe_are_orthonormal_laplacian_eigenvectors(n):
     graph = knn_graph(blobs(n=n, seed=1), n_neighbors=10)

@@ -45,6 +45,9 @@ def pca_embedding(
         top = np.sort(np.argsort(-(mean_sq - mean**2), kind="stable")[:n_top_genes])
         x = x[:, top]
     n_comps = int(min(n_pcs, min(x.shape) - 1))
+    if n_comps < 1:  # a single gene (or cell): nothing for ARPACK; the centred data will do
+        dense = x.toarray() if sp.issparse(x) else np.asarray(x)
+        return (dense - dense.mean(axis=0)).astype(np.float32)
     return np.asarray(sc.pp.pca(x, n_comps=n_comps, random_state=random_state), dtype=np.float32)
 
 
