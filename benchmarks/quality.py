@@ -225,14 +225,28 @@ def score(test: ad.AnnData, generated: ad.AnnData, seed: int) -> dict:
             if pd.notna(value)}
 
 
+def _code_commit() -> str:
+    """The commit of the code this process runs, ``-dirty`` if ``src/`` had changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--", "../src") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# taken when the process starts: a run that lasts an hour records the code it ran, not the
+# commit the repository has reached when it ends
+CODE_COMMIT = _code_commit()
+
+
 def meta() -> dict:
     import scvi
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = CODE_COMMIT
     return {"scldiff": scldiff.__version__, "commit": commit, "scvi-tools": scvi.__version__,
             "torch": str(torch.__version__), "threads": torch.get_num_threads(),
             "machine": platform.platform(), "processor": platform.processor() or "unknown",
