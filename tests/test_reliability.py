@@ -179,15 +179,16 @@ class _Crash(Callback):
 
 @pytest.mark.parametrize("stage", ["A", "B"])
 def test_a_run_resumed_from_a_checkpoint_ends_as_an_uninterrupted_one(tmp_path, stage):
+    run = EPOCHS
     whole = _tiny_model()
-    whole.train(**EPOCHS, **QUIET)
+    whole.train(**run, **QUIET)
     crashed = _tiny_model()
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     with pytest.raises(Interrupt):
-        crashed.train(**EPOCHS, callbacks=[checkpoints, _Crash(stage, 2)], **QUIET)
+        crashed.train(**run, callbacks=[checkpoints, _Crash(stage, 2)], **QUIET)
     resumed = _tiny_model()  # a new session: fresh weights, another global seed
     scvi.settings.seed = 123
-    resumed.train(**EPOCHS, ckpt_path=str(tmp_path / "last.ckpt"), **QUIET)
+    resumed.train(**run, ckpt_path=str(tmp_path / "last.ckpt"), **QUIET)
     _assert_same_weights(_weights(whole), _weights(resumed), atol=1e-6)
     kw = dict(labels={"B cells": 20}, seed=0, progress_bar=False)
     assert (whole.generate(**kw).X != resumed.generate(**kw).X).nnz == 0

@@ -345,7 +345,7 @@ class LapDDPM(BaseModelClass):
         sampler = SubgraphSampler(graph, n_hops=self.module.encoder.n_hops)
         return SubgraphCollator(counts, labels, lpe, sampler)
 
-    def _split(self, train_size: float, validation_size: float | None
+    def _split(self, train_size: float, validation_size: float | None, seed: int
                ) -> tuple[np.ndarray, np.ndarray]:
         n = self.adata.n_obs
         if not 0.0 < train_size <= 1.0:
@@ -356,7 +356,7 @@ class LapDDPM(BaseModelClass):
         if n_train < 1 or n_train + n_val > n:
             raise ValueError(f"train_size={train_size}, validation_size={validation_size} do "
                              f"not split {n} cells.")
-        permutation = np.random.default_rng(settings.seed).permutation(n)
+        permutation = np.random.default_rng(seed).permutation(n)
         return np.sort(permutation[:n_train]), np.sort(permutation[n_train:n_train + n_val])
 
     @torch.inference_mode()
@@ -521,7 +521,14 @@ class LapDDPM(BaseModelClass):
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got "
                              f"{perturbation!r}.")
-        train_idx, val_idx = self._split(train_size, validation_size)
+        resume = trainer_kwargs.pop("ckpt_path", None)
+        if resume is not None:
+            meta, module_state = _read_checkpoint(resume)
+            seed, resume_stage = meta["seed"], meta["stage"]
+        else:  # one draw from the global generator (scvi.settings.seed) seeds the run
+            seed, resume_stage = int(torch.randint(0, 2**31 - 1, ()).item()), None
+        # the split derives from the run's seed, so a resumed run trains on the same cells
+        train_idx, val_idx = self._split(train_size, validation_size, seed)
         n_a = (_epochs_for_steps(STAGE_A_STEPS, train_idx.size, batch_size)
                if n_epochs_stage_a is None else n_epochs_stage_a)
         n_b = (_epochs_for_steps(STAGE_B_STEPS, train_idx.size, batch_size_stage_b)
@@ -534,12 +541,6 @@ class LapDDPM(BaseModelClass):
         if len(val_idx):
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         plan_kwargs = dict(plan_kwargs or {})
-        resume = trainer_kwargs.pop("ckpt_path", None)
-        if resume is not None:
-            meta, module_state = _read_checkpoint(resume)
-            seed, resume_stage = meta["seed"], meta["stage"]
-        else:  # one draw from the global generator (scvi.settings.seed) seeds the run
-            seed, resume_stage = int(torch.randint(0, 2**31 - 1, ()).item()), None
         collator = self._collator()
 
         if resume_stage == "B":  # stage A had finished: its weights are in the checkpoint
