@@ -411,3 +411,39 @@ def test_a_label_category_without_training_cells_cannot_be_generated():
         model.generate(labels={"Unseen": 3}, seed=0, progress_bar=False)
     with pytest.raises(ValueError, match="Unknown label 'Nope'"):
         model.generate(labels=["Nope"], seed=0, progress_bar=False)
+
+
+def test_a_nan_gradient_stops_training_before_the_update():
+    model = _tiny_model()
+    weight = model.module.decoder.scale.weight
+    snapshot = {}
+
+    class Poison(Callback):
+        def on_train_batch_start(self, trainer, plan, batch, batch_idx):
+            if plan.stage == "A" and trainer.global_step == 3:
+                snapshot.update(_weights(model))
+                weight.register_hook(lambda grad: grad * float("nan"))
+
+    with pytest.raises(NonFiniteLossError,
+                       match=r"Stage A.*gradient of module\.decoder\.scale\.weight became NaN"):
+        model.train(**EPOCHS, callbacks=[Poison()], **QUIET)
+    _assert_same_weights(snapshot, _weights(model))  # the finite loss was never applied
+
+
+def test_epoch_batches_depend_on_seed_and_epoch_only():
+    from scldiff.train import EpochBatchSampler
+
+    def epoch(sampler, e):
+        sampler.set_epoch(e)
+        return list(sampler)
+
+    a, b = EpochBatchSampler(10, 4, seed=3), EpochBatchSampler(10, 4, seed=3)
+    torch.manual_seed(0)
+    first = epoch(a, 2)
+    torch.manual_seed(1)  # the global generator plays no part
+    assert epoch(b, 2) == first and epoch(a, 2) == first
+    assert epoch(a, 3) != first and epoch(EpochBatchSampler(10, 4, seed=4), 2) != first
+    assert [len(x) for x in first] == [4, 4, 2] and sorted(sum(first, [])) == list(range(10))
+    dropped = epoch(EpochBatchSampler(10, 4, drop_last=True), 0)
+    assert [len(x) for x in dropped] == [4, 4]
+    assert epoch(EpochBatchSampler(5, 2, shuffle=False), 7) == [[0, 1], [2, 3], [4]]

@@ -29,6 +29,7 @@ from ..module import LIKELIHOODS, LapDDPMModule
 from ..module._decoder import Likelihood
 from ..train import (
     PERTURBATIONS,
+    STAGE_NAMES,
     LapDDPMTrainingPlan,
     LatentDataModule,
     StageProgressBar,
@@ -562,7 +563,7 @@ class LapDDPM(BaseModelClass):
             )
             data_a = SubgraphDataModule(collator, train_idx, val_idx, batch_size, seed=seed)
             self._fit(plan_a, data_a, n_a, accelerator, devices, trainer_kwargs,
-                      "Stage A (graph VAE)", resume if resume_stage == "A" else None)
+                      STAGE_NAMES["A"], resume if resume_stage == "A" else None)
 
         if n_b > 0:
             logger.info("Stage B: latent diffusion, %d epochs.", n_b)
@@ -583,7 +584,7 @@ class LapDDPM(BaseModelClass):
                 **{"seed": seed, **plan_kwargs},
             )
             self._fit(plan_b, data_b, n_b, accelerator, devices, trainer_kwargs,
-                      "Stage B (diffusion)", resume if resume_stage == "B" else None)
+                      STAGE_NAMES["B"], resume if resume_stage == "B" else None)
 
         self._fit_library_size(train_idx, collator)
         self.train_indices_, self.validation_indices_ = train_idx, val_idx

@@ -2,10 +2,17 @@
 
 from ._data import EpochBatchSampler, LatentDataModule, SubgraphCollator, SubgraphDataModule
 from ._progress import StageProgressBar
-from ._trainingplan import PERTURBATIONS, LapDDPMTrainingPlan, NonFiniteLossError, step_seed
+from ._trainingplan import (
+    PERTURBATIONS,
+    STAGE_NAMES,
+    LapDDPMTrainingPlan,
+    NonFiniteLossError,
+    step_seed,
+)
 
 __all__ = [
     "PERTURBATIONS",
+    "STAGE_NAMES",
     "EpochBatchSampler",
     "LapDDPMTrainingPlan",
     "LatentDataModule",

@@ -279,9 +279,14 @@ class LapDDPMTrainingPlan(TrainingPlan):
                           f"{'NaN' if bool(torch.isnan(loss).any()) else 'infinite'}")
 
     def on_before_optimizer_step(self, optimizer):
-        for name, parameter in self.named_parameters():
-            if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
-                raise self._fault(f"the gradient of {name} became NaN or infinite")
+        grads = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(grad).all() for _, grad in grads])
+        if bool(finite.all()):  # one device sync per step, not one per parameter
+            return
+        name = grads[int((~finite).nonzero()[0])][0]
+        raise self._fault(f"the gradient of {name} became NaN or infinite")
 
     # --------------------------------------------------------------- lightning hooks
     def on_train_batch_start(self, batch, batch_idx):
