@@ -177,19 +177,24 @@ class _Crash(Callback):
             raise Interrupt
 
 
-@pytest.mark.parametrize("stage", ["A", "B"])
-def test_a_run_resumed_from_a_checkpoint_ends_as_an_uninterrupted_one(tmp_path, stage):
-    run = EPOCHS
+@pytest.mark.parametrize("stage,train_size", [("A", 1.0), ("B", 1.0), ("B", 0.8)])
+def test_a_run_resumed_from_a_checkpoint_ends_as_an_uninterrupted_one(
+        tmp_path, monkeypatch, stage, train_size):
+    # with a validation split, scvi-tools' Trainer would add a checkpoint callback that
+    # monitors `validation_loss` (which stage B does not log) in scvi's logging directory
+    monkeypatch.setattr(scvi.settings, "logging_dir", str(tmp_path / "scvi_log"))
+    run = dict(EPOCHS, train_size=train_size)
     whole = _tiny_model()
     whole.train(**run, **QUIET)
     crashed = _tiny_model()
-    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
     with pytest.raises(Interrupt):
         crashed.train(**run, callbacks=[checkpoints, _Crash(stage, 2)], **QUIET)
     resumed = _tiny_model()  # a new session: fresh weights, another global seed
     scvi.settings.seed = 123
-    resumed.train(**run, ckpt_path=str(tmp_path / "last.ckpt"), **QUIET)
+    resumed.train(**run, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"), **QUIET)
     _assert_same_weights(_weights(whole), _weights(resumed), atol=1e-6)
+    assert not (tmp_path / "scvi_log").exists()
     kw = dict(labels={"B cells": 20}, seed=0, progress_bar=False)
     assert (whole.generate(**kw).X != resumed.generate(**kw).X).nnz == 0
 

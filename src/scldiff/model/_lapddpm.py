@@ -17,7 +17,6 @@ from scvi import settings
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass
-from scvi.train import TrainRunner
 from scvi.train._trainrunner import _safe_load_logger_history
 from scvi.utils import track
 
@@ -31,6 +30,7 @@ from ..train import (
     PERTURBATIONS,
     STAGE_NAMES,
     LapDDPMTrainingPlan,
+    LapDDPMTrainRunner,
     LatentDataModule,
     StageProgressBar,
     SubgraphCollator,
@@ -391,9 +391,9 @@ class LapDDPM(BaseModelClass):
             trainer_kwargs["ckpt_path"] = ckpt_path
         if any(isinstance(c, ModelCheckpoint) for c in trainer_kwargs.get("callbacks", [])):
             trainer_kwargs.setdefault("enable_checkpointing", True)  # scvi's default is off
-        runner = TrainRunner(self, training_plan=plan, data_splitter=datamodule,
-                             max_epochs=max_epochs, accelerator=accelerator, devices=devices,
-                             **trainer_kwargs)
+        runner = LapDDPMTrainRunner(self, training_plan=plan, data_splitter=datamodule,
+                                    max_epochs=max_epochs, accelerator=accelerator,
+                                    devices=devices, **trainer_kwargs)
         try:
             runner()
         except BaseException:

@@ -2,6 +2,7 @@
 
 from ._data import EpochBatchSampler, LatentDataModule, SubgraphCollator, SubgraphDataModule
 from ._progress import StageProgressBar
+from ._runner import LapDDPMTrainer, LapDDPMTrainRunner
 from ._trainingplan import (
     PERTURBATIONS,
     STAGE_NAMES,
@@ -14,6 +15,8 @@ __all__ = [
     "PERTURBATIONS",
     "STAGE_NAMES",
     "EpochBatchSampler",
+    "LapDDPMTrainRunner",
+    "LapDDPMTrainer",
     "LapDDPMTrainingPlan",
     "LatentDataModule",
     "NonFiniteLossError",
