@@ -400,7 +400,11 @@ class LapDDPM(BaseModelClass):
             self.is_trained_ = False  # an unfinished run: generate() refuses until trained
             self.module.eval()
             raise
-        self.history_ = _merge_history(previous, _safe_load_logger_history(runner.trainer))
+        if runner.trainer.is_global_zero:  # under DDP only rank 0's logger has a history
+            self.history_ = _merge_history(previous,
+                                           _safe_load_logger_history(runner.trainer))
+        else:
+            self.history_ = previous
 
     def _fit_library_size(self, indices: np.ndarray, collator: SubgraphCollator) -> None:
         """Per-label log-normal fit of the training cells' total counts."""

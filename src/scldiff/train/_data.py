@@ -31,14 +31,28 @@ class EpochBatchSampler(Sampler):
         Drop a last incomplete batch (only when there is more than one batch).
     seed
         Seed of the shuffles.
+    num_replicas, rank
+        Distributed training: the epoch's permutation is shared by all ranks and rank ``r``
+        takes positions ``r, r + num_replicas, ...`` of it, so ranks draw disjoint items.
+        Each rank gets ``n // num_replicas`` items (the permutation's last ``n %
+        num_replicas`` items sit the epoch out; they differ from epoch to epoch), so all
+        ranks run the same number of steps.
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, num_replicas: int = 1, rank: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, "
+                             f"num_replicas={num_replicas}.")
+        if num_replicas > 1 and n < num_replicas:
+            raise ValueError(f"{n} items cannot be shared among {num_replicas} ranks; use "
+                             f"fewer devices or more cells.")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.drop_last = drop_last and n > batch_size
+        self.num_replicas, self.rank = num_replicas, rank
+        self.n_rank = n // num_replicas
+        self.drop_last = drop_last and self.n_rank > batch_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -46,18 +60,27 @@ class EpochBatchSampler(Sampler):
 
     def __len__(self) -> int:
         if self.drop_last:
-            return self.n // self.batch_size
-        return -(-self.n // self.batch_size)
+            return self.n_rank // self.batch_size
+        return -(-self.n_rank // self.batch_size)
 
     def __iter__(self):
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
                  if self.shuffle else np.arange(self.n))
+        order = order[self.rank : self.n_rank * self.num_replicas : self.num_replicas]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             yield order[start : start + self.batch_size].tolist()
 
 
+def _replicas(datamodule: LightningDataModule) -> tuple[int, int]:
+    """``(world_size, global_rank)`` of the trainer running ``datamodule`` (1, 0 outside)."""
+    trainer = datamodule.trainer
+    if trainer is None:
+        return 1, 0
+    return trainer.world_size, trainer.global_rank
+
+
 class _Indices(Dataset):
-    """A map-style dataset of cell indices (Lightning shards it across ranks under DDP)."""
+    """A map-style dataset of cell indices, read through :class:`EpochBatchSampler`."""
 
     def __init__(self, indices: np.ndarray):
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -135,15 +158,19 @@ class SubgraphDataModule(LightningDataModule):
         self.n_train, self.n_val = self.train_idx.size, self.val_idx.size
         self.batch_size = batch_size
 
-    def _loader(self, indices: np.ndarray, shuffle: bool) -> DataLoader:
-        batches = EpochBatchSampler(len(indices), self.batch_size, shuffle, seed=self.seed)
+    def _loader(self, indices: np.ndarray, shuffle: bool, replicas: tuple[int, int] = (1, 0)
+                ) -> DataLoader:
+        batches = EpochBatchSampler(len(indices), self.batch_size, shuffle, seed=self.seed,
+                                    num_replicas=replicas[0], rank=replicas[1])
         return DataLoader(_Indices(indices), batch_sampler=batches, collate_fn=self.collator)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_idx, shuffle=True)
+        return self._loader(self.train_idx, shuffle=True, replicas=_replicas(self))
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_idx, shuffle=False) if self.n_val else []
+        if not self.n_val:
+            return []
+        return self._loader(self.val_idx, shuffle=False, replicas=_replicas(self))
 
     def inference_loader(self, indices: np.ndarray | None = None) -> DataLoader:
         """Unshuffled batches of the given cells (default: the training cells)."""
@@ -165,9 +192,10 @@ class _Latents(Dataset):
                 LATENT_KEYS.QZ_LOGVAR: self.qz_logvar[index],
                 LATENT_KEYS.LABELS: self.labels[index]}
 
-    def loader(self, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    def loader(self, batch_size: int, shuffle: bool, seed: int = 0,
+               replicas: tuple[int, int] = (1, 0)) -> DataLoader:
         batches = EpochBatchSampler(len(self), batch_size, shuffle, drop_last=shuffle,
-                                    seed=seed)
+                                    seed=seed, num_replicas=replicas[0], rank=replicas[1])
         return DataLoader(self, sampler=batches, batch_size=None)
 
 
@@ -185,7 +213,10 @@ class LatentDataModule(LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return self.train_set.loader(self.batch_size, shuffle=True, seed=self.seed)
+        return self.train_set.loader(self.batch_size, shuffle=True, seed=self.seed,
+                                     replicas=_replicas(self))
 
     def val_dataloader(self) -> DataLoader | list:
-        return self.val_set.loader(self.batch_size, shuffle=False) if self.val_set else []
+        if self.val_set is None:
+            return []
+        return self.val_set.loader(self.batch_size, shuffle=False, replicas=_replicas(self))

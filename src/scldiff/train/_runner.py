@@ -14,10 +14,16 @@ class LapDDPMTrainer(Trainer):
     that callback would stop a run that has a validation split, and it would write files
     the user did not ask for. Checkpoints here are exactly the user's
     :class:`~lightning.pytorch.callbacks.ModelCheckpoint` callbacks.
+
+    Lightning's distributed sampler is off: under DDP the data modules give each rank a
+    disjoint share of every epoch through :class:`~scldiff.train.EpochBatchSampler`.
     """
 
     def __init__(self, *args, callbacks=None, **kwargs):
         given = {id(callback) for callback in callbacks or []}
+        # the data modules shard each epoch across ranks themselves (EpochBatchSampler),
+        # so that every rank draws disjoint seed cells from the same seeded permutation
+        kwargs.setdefault("use_distributed_sampler", False)
         super().__init__(*args, callbacks=list(callbacks or []), **kwargs)
         self.callbacks = [c for c in self.callbacks
                           if id(c) in given or type(c) is not SaveCheckpoint]

@@ -294,6 +294,26 @@ class LapDDPMTrainingPlan(TrainingPlan):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["scldiff"] = {"stage": self.stage, "seed": self.seed}
+    def _trained_here(self) -> list[nn.Module]:
+        if self.stage == "A":
+            return [self.module.encoder, self.module.decoder]
+        return [self.module.score_net]
+
+    def setup(self, stage: str) -> None:
+        # Only this stage's networks take gradients: under DDP, whose reducer expects a
+        # gradient for every parameter that requires one, the other stage's would stall it.
+        # Called before Lightning wraps the plan; teardown() restores the flags.
+        trained = {id(p) for net in self._trained_here() for p in net.parameters()}
+        self._frozen = [p for p in self.module.parameters()
+                        if p.requires_grad and id(p) not in trained]
+        for p in self._frozen:
+            p.requires_grad_(False)
+
+    def teardown(self, stage: str) -> None:
+        for p in getattr(self, "_frozen", []):
+            p.requires_grad_(True)
+        self._frozen = []
+
     def on_fit_start(self):
         # Lightning keeps the modes it finds, and scvi-tools' runner leaves the module in
         # eval mode after each fit: without this a second train() would run without dropout.
