@@ -71,7 +71,9 @@ def test_sampled_counts_have_the_likelihood_moments(likelihood):
     params = {k: v.detach().expand(100_000, -1) for k, v in params.items()}
     library = torch.full((100_000, 1), 200.0)
     counts = sample_counts(likelihood, params, library, np.random.default_rng(0))
-    assert counts.dtype == np.float32 and (counts == np.round(counts)).all()
+    assert sp.issparse(counts) and counts.dtype == np.float32
+    assert (counts.data == np.round(counts.data)).all() and (counts.data >= 1).all()
+    counts = counts.toarray()
     mean = (200.0 * params["scale"][0]).double().numpy()
     var = mean if likelihood == "poisson" else mean + mean**2 / params["theta"][0].numpy()
     if likelihood == "zinb":  # a point mass at zero with probability pi
@@ -145,3 +147,54 @@ def test_zinb_generated_totals_match_the_library_size():
                            np.random.default_rng(0), sampler="ddim", n_steps=3,
                            generator=torch.Generator().manual_seed(0))
     assert counts.sum(1).mean() == pytest.approx(400.0, rel=0.03)
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+def test_sampled_counts_follow_the_scipy_pmf(likelihood):
+    # means on both sides of the inverse-CDF / Gamma-Poisson switch, tiny and large
+    # dispersions; each column has its own parameters, 40,000 cells each
+    mu = np.array([1e-3, 0.05, 0.7, 3.0, 9.9, 10.1, 40.0, 300.0])
+    theta = np.array([0.05, 2.0, 0.3, 50.0, 1.5, 0.2, 8.0, 3.0])
+    pi = np.array([0.0, 0.1, 0.5, 0.2, 0.0, 0.3, 0.05, 0.6])
+    n = 40_000
+    params = {"scale": torch.tensor(mu / 10.0, dtype=torch.float32).expand(n, -1)}
+    if likelihood != "poisson":
+        params["theta"] = torch.tensor(theta, dtype=torch.float32).expand(n, -1)
+    if likelihood == "zinb":
+        params["zi_logits"] = torch.tensor(np.log(pi + 1e-12) - np.log1p(-pi),
+                                           dtype=torch.float32).expand(n, -1)
+    counts = sample_counts(likelihood, params, torch.full((n, 1), 10.0),
+                           np.random.default_rng(3)).toarray()
+    for g in range(mu.size):
+        if likelihood == "poisson":
+            dist = stats.poisson(mu[g])
+        else:
+            dist = stats.nbinom(theta[g], theta[g] / (theta[g] + mu[g]))
+        values = counts[:, g].astype(int)
+        support = np.arange(values.max() + 2)
+        pmf = dist.pmf(support)
+        if likelihood == "zinb":
+            pmf = (1 - pi[g]) * pmf
+            pmf[0] += pi[g]
+        # pool the tail so that every bin expects at least 20 draws, then a chi-square test
+        expected, observed, acc_e, acc_o = [], [], 0.0, 0
+        for k in support:
+            acc_e += n * pmf[k]
+            acc_o += int((values == k).sum())
+            if acc_e >= 20:
+                expected.append(acc_e)
+                observed.append(acc_o)
+                acc_e, acc_o = 0.0, 0
+        tail = n - sum(expected)
+        expected.append(tail)
+        observed.append(n - sum(observed))
+        expected, observed = np.array(expected), np.array(observed)
+        if expected[-1] < 20:  # merge a small tail into the last bin
+            expected[-2:] = [expected[-2] + expected[-1], 0]
+            observed[-2:] = [observed[-2] + observed[-1], 0]
+            expected, observed = expected[:-1], observed[:-1]
+        if expected.size < 2:
+            assert observed[0] == n
+            continue
+        chi2 = ((observed - expected) ** 2 / expected).sum()
+        assert stats.chi2.sf(chi2, expected.size - 1) > 1e-4, (g, mu[g], theta[g], chi2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from scvi.module.base import BaseModuleClass, LossOutput
 from torch import Tensor
@@ -259,8 +260,8 @@ class LapDDPMModule(BaseModuleClass):
         sampler: str = "ode",
         n_steps: int | None = None,
         generator: torch.Generator | None = None,
-    ) -> np.ndarray:
-        """Counts for cells of the given labels: latents, decoder, likelihood.
+    ) -> sp.csr_matrix:
+        """Counts for cells of the given labels (CSR): latents, decoder, likelihood.
 
         ``library`` gives the cells' library sizes (the expected total counts); it is
         ignored (may be ``None``) when the library size is diffused with the latent, which
