@@ -1,0 +1,494 @@
+"""Speed and scale benchmark: generation, training steps, atlas-size setup, against scVI.
+
+Usage (from the repository root, after ``make install``)::
+
+    python benchmarks/speed.py                         # all parts, atlases of 10k and 100k cells
+    python benchmarks/speed.py --sizes 10000 100000 1000000
+    python benchmarks/speed.py --parts generation training
+    python benchmarks/speed.py --quick                 # small and short: checks the script runs
+
+Parts:
+
+* **generation**: 10,000 cells from a PBMC3K model with the default architecture and
+  sampler (``generate()``; best of ``--repeats``), split into latent sampling, decoder and
+  count sampling, next to scVI's prior sampling (z ~ N(0, I), decoder, Gamma-Poisson
+  counts) in the same process. The model's weights come from a short training run, since
+  they do not change the cost.
+* **training**: time per optimisation step of LapDDPM's stage A (subgraph VAE) and stage B
+  (latent diffusion) and of scVI, on PBMC3K, the median over a few epochs after a warm-up,
+  and the default run's time estimated from them (LapDDPM's default step counts, scVI's
+  400 epochs).
+* **scale**: a synthetic atlas made from PBMC3K: per-label negative binomial resampling of
+  its 2,000 most variable genes, with library sizes of real cells of the label. For each
+  size, in a fresh process: wall time and peak resident memory of ``setup_anndata`` (PCA,
+  k-NN graph, Laplacian encodings), of the first 100 steps of stage A (time per step
+  after the first 10, memory growth over the steps), and of generating 100,000 cells
+  (after 100 steps of stage B).
+
+Peak memory is the process's resident set size, sampled every 20 ms during a stage; "growth"
+is the peak minus the resident size when the stage began. Timings depend on the machine and
+on what else runs on it. The results are meaningful only on an otherwise idle machine, and
+the table records the thread count. Writes ``benchmarks/results/speed.json`` and
+``speed.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+import scldiff
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+LABELS = "cell_type"
+PARTS = ("generation", "training", "scale")
+
+
+# --------------------------------------------------------------------------- helpers
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the process's peak so far, the best available
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Measure:
+    """Wall time and peak resident memory of a block (RSS sampled by a thread)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+
+    def __enter__(self):
+        self.start_rss = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        self.start = time.perf_counter()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        self.peak_gib = self.peak / 2**30
+        self.growth_gib = (self.peak - self.start_rss) / 2**30
+        return False
+
+
+def meta() -> dict:
+    import scvi
+
+    def commit() -> str:
+        try:
+            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+
+    return {"scldiff": scldiff.__version__, "commit": commit(), "scvi-tools": scvi.__version__,
+            "torch": str(torch.__version__), "threads": torch.get_num_threads(),
+            "machine": platform.platform(), "processor": platform.processor() or "unknown",
+            "cpus": os.cpu_count(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+class StepTimer:
+    """Lightning callback: the duration of each optimisation step; stops after ``limit``."""
+
+    def __new__(cls, *args, **kwargs):
+        from lightning.pytorch.callbacks import Callback
+
+        class _StepTimer(Callback):
+            def __init__(self, limit: int | None = None):
+                self.limit, self.times, self._t = limit, {}, None
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                self._t = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                stage = getattr(module, "stage", "scvi")
+                self.times.setdefault(stage, []).append(time.perf_counter() - self._t)
+                if self.limit is not None and len(self.times[stage]) >= self.limit:
+                    trainer.should_stop = True
+
+        return _StepTimer(*args, **kwargs)
+
+
+def _median_step(times: list[float], warmup: int) -> float:
+    return float(np.median(times[warmup:] if len(times) > warmup else times))
+
+
+# --------------------------------------------------------------------------- generation
+def _train_pbmc3k(epochs_a: int, epochs_b: int) -> scldiff.LapDDPM:
+    import scanpy as sc
+    import scvi
+
+    scvi.settings.seed = 0
+    adata = scldiff.datasets.pbmc3k()
+    sc.pp.filter_genes(adata, min_counts=1)
+    scldiff.LapDDPM.setup_anndata(adata, labels_key=LABELS)
+    model = scldiff.LapDDPM(adata)
+    model.train(n_epochs_stage_a=epochs_a, n_epochs_stage_b=epochs_b, enable_progress_bar=False)
+    return model
+
+
+def _scvi_prior_sampler(adata: ad.AnnData, epochs: int):
+    """A briefly trained scVI (labels as covariate) and a function sampling its prior."""
+    import scvi
+
+    scvi.settings.seed = 0
+    data = adata.copy()
+    scvi.model.SCVI.setup_anndata(data, categorical_covariate_keys=[LABELS])
+    model = scvi.model.SCVI(data)
+    model.train(max_epochs=epochs, enable_progress_bar=False)
+    model.module.eval()
+    codes_all = data.obs[LABELS].cat.codes.to_numpy()
+    library = np.asarray(data.X.sum(1)).ravel()
+
+    def sample(n: int, seed: int = 0) -> sp.csr_matrix:
+        rng = np.random.default_rng(seed)
+        pick = rng.integers(0, data.n_obs, n)
+        with torch.no_grad():
+            z = torch.from_numpy(rng.standard_normal((n, model.module.n_latent))).float()
+            out = model.module.generative(
+                z=z, library=torch.log(torch.from_numpy(library[pick]).float())[:, None],
+                batch_index=torch.zeros(n, 1, dtype=torch.long),
+                cat_covs=torch.from_numpy(codes_all[pick].astype(np.int64))[:, None])
+            mu, theta = out["px"].mu.double().numpy(), out["px"].theta.double().numpy()
+        return sp.csr_matrix(rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32))
+
+    return sample
+
+
+def bench_generation(n_cells: int, repeats: int, epochs: tuple[int, int]) -> dict:
+    model = _train_pbmc3k(*epochs)
+    module = model.module.eval()
+    # warm-up (allocator, lazy initialisation), then the best of the repeats
+    model.generate(n_samples=min(n_cells, 500), seed=0, progress_bar=False)
+    walls = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        generated = model.generate(n_samples=n_cells, seed=r, progress_bar=False)
+        walls.append(time.perf_counter() - start)
+    # the parts, on the same number of cells in one batch
+    from scldiff.module import sample_counts
+
+    rng = np.random.default_rng(0)
+    codes = torch.from_numpy(rng.integers(0, len(model.label_categories), n_cells))
+    with torch.no_grad():
+        start = time.perf_counter()
+        z = module.sample_latents(codes, guidance_scale=2.0)
+        t_latents = time.perf_counter() - start
+        start = time.perf_counter()
+        params = module.decoder(z)
+        t_decoder = time.perf_counter() - start
+    start = time.perf_counter()
+    sample_counts(module.likelihood, params, torch.full((n_cells, 1), 2000.0), rng)
+    t_counts = time.perf_counter() - start
+
+    scvi_sample = _scvi_prior_sampler(model.adata, epochs=max(1, epochs[0] // 2))
+    scvi_sample(min(n_cells, 500))
+    scvi_walls = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        scvi_sample(n_cells, seed=r)
+        scvi_walls.append(time.perf_counter() - start)
+    best, scvi_best = min(walls), min(scvi_walls)
+    return {"n_cells": n_cells, "n_genes": int(generated.n_vars),
+            "sampler": generated.uns["scldiff"]["sampler"],
+            "n_steps": generated.uns["scldiff"]["n_steps"],
+            "lapddpm_seconds": best, "lapddpm_cells_per_second": n_cells / best,
+            "lapddpm_all_seconds": walls,
+            "parts_seconds": {"latents": t_latents, "decoder": t_decoder, "counts": t_counts},
+            "scvi_prior_seconds": scvi_best, "scvi_cells_per_second": n_cells / scvi_best,
+            "target_seconds": 1.0, "met": best <= 1.0}
+
+
+# --------------------------------------------------------------------------- training
+def bench_training(epochs: int) -> dict:
+    import scanpy as sc
+    import scvi
+
+    adata = scldiff.datasets.pbmc3k()
+    sc.pp.filter_genes(adata, min_counts=1)
+    scvi.settings.seed = 0
+    data = adata.copy()
+    scldiff.LapDDPM.setup_anndata(data, labels_key=LABELS)
+    model = scldiff.LapDDPM(data)
+    timer = StepTimer()
+    model.train(n_epochs_stage_a=epochs, n_epochs_stage_b=epochs, callbacks=[timer],
+                enable_progress_bar=False)
+    n_train = len(model.train_indices_)
+    a_steps_epoch = -(-n_train // 128)
+    b_steps_epoch = max(n_train // 256, 1)
+    from scldiff.model._lapddpm import STAGE_A_STEPS, STAGE_B_STEPS, _epochs_for_steps
+
+    defaults = (_epochs_for_steps(STAGE_A_STEPS, n_train, 128),
+                _epochs_for_steps(STAGE_B_STEPS, n_train, 256))
+
+    scvi_data = adata.copy()
+    scvi.model.SCVI.setup_anndata(scvi_data, categorical_covariate_keys=[LABELS])
+    scvi_model = scvi.model.SCVI(scvi_data)
+    scvi_timer = StepTimer()
+    scvi_model.train(max_epochs=epochs, callbacks=[scvi_timer], enable_progress_bar=False)
+    scvi_steps_epoch = len(scvi_timer.times["scvi"]) // epochs
+
+    warmup = 5
+    step_a = _median_step(timer.times["A"], warmup)
+    step_b = _median_step(timer.times["B"], warmup)
+    step_scvi = _median_step(scvi_timer.times["scvi"], warmup)
+    record = {"n_train_cells": n_train,
+              "lapddpm_stage_a_step_seconds": step_a, "lapddpm_stage_b_step_seconds": step_b,
+              "lapddpm_stage_a_epoch_seconds": step_a * a_steps_epoch,
+              "lapddpm_stage_b_epoch_seconds": step_b * b_steps_epoch,
+              "scvi_step_seconds": step_scvi,
+              "scvi_epoch_seconds": step_scvi * scvi_steps_epoch}
+    n_a, n_b = defaults
+    record["lapddpm_default_epochs"] = [n_a, n_b]
+    record["lapddpm_default_seconds_estimate"] = (n_a * a_steps_epoch * step_a
+                                                  + n_b * b_steps_epoch * step_b)
+    record["scvi_default_seconds_estimate"] = 400 * scvi_steps_epoch * step_scvi
+    return record
+
+
+# --------------------------------------------------------------------------- scale
+def synthetic_atlas(n_cells: int, seed: int = 0, n_genes: int = 2000,
+                    chunk: int = 20_000) -> ad.AnnData:
+    """``n_cells`` drawn from PBMC3K's labels: per-label NB on its most variable genes.
+
+    Each cell takes a label with PBMC3K's proportions and the library size of a random
+    real cell of that label. Counts are drawn from a negative binomial whose mean is the
+    label's gene proportions times that library, with a per-gene inverse dispersion fitted
+    by moments on the real cells (clipped to [0.05, 100]).
+    """
+    import scanpy as sc
+
+    from scldiff.module import sample_counts
+
+    real = scldiff.datasets.pbmc3k()
+    sc.pp.filter_genes(real, min_counts=1)
+    hvg = sc.pp.highly_variable_genes(real, flavor="seurat_v3", n_top_genes=n_genes,
+                                      inplace=False)["highly_variable"].to_numpy()
+    x = sp.csr_matrix(real.X[:, hvg], dtype=np.float64)
+    labels = real.obs[LABELS].cat.codes.to_numpy()
+    categories = real.obs[LABELS].cat.categories
+    library = np.asarray(x.sum(1)).ravel()
+    n_labels = len(categories)
+    proportions = np.zeros((n_labels, x.shape[1]))
+    for code in range(n_labels):
+        proportions[code] = np.asarray(x[labels == code].sum(0)).ravel()
+        proportions[code] = (proportions[code] + 1e-3) / (proportions[code] + 1e-3).sum()
+    # moments of the size-normalised counts, per gene (pooled within labels)
+    norm = sp.diags(library.mean() / library) @ x
+    mean = np.asarray(norm.mean(0)).ravel()
+    var = np.asarray(norm.multiply(norm).mean(0)).ravel() - mean**2
+    theta = np.clip(mean**2 / np.maximum(var - mean, 1e-8), 0.05, 100.0)
+
+    rng = np.random.default_rng(seed)
+    weights = np.bincount(labels, minlength=n_labels) / labels.size
+    codes = rng.choice(n_labels, n_cells, p=weights)
+    by_label = [np.flatnonzero(labels == code) for code in range(n_labels)]
+    libs = np.empty(n_cells)
+    for code in range(n_labels):
+        where = np.flatnonzero(codes == code)
+        libs[where] = library[rng.choice(by_label[code], where.size)]
+    blocks = []
+    theta_t = torch.from_numpy(theta).float()
+    for start in range(0, n_cells, chunk):
+        stop = min(start + chunk, n_cells)
+        scale = torch.from_numpy(proportions[codes[start:stop]]).float()
+        params = {"scale": scale, "theta": theta_t.expand_as(scale)}
+        blocks.append(sample_counts("nb", params,
+                                    torch.from_numpy(libs[start:stop]).float()[:, None], rng))
+    counts = sp.vstack(blocks, format="csr")
+    obs = pd.DataFrame({LABELS: pd.Categorical.from_codes(codes, categories=categories)},
+                       index=pd.Index([f"cell-{i}" for i in range(n_cells)]))
+    atlas = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=real.var_names[hvg].astype(str)))
+    # a small atlas can miss a rare gene entirely; setup_anndata refuses genes without counts
+    expressed = np.asarray(counts.sum(0)).ravel() > 0
+    return atlas if expressed.all() else atlas[:, expressed].copy()
+
+
+def scale_worker(n_cells: int, steps: int, n_generate: int) -> dict:
+    """One atlas size, in its own process so that peak memory is its own."""
+    import scvi
+
+    with Measure() as build:
+        adata = synthetic_atlas(n_cells)
+    record = {"n_cells": n_cells, "n_genes": adata.n_vars, "nnz": int(adata.X.nnz),
+              "atlas_seconds": build.seconds, "atlas_peak_gib": build.peak_gib}
+    with Measure() as setup:
+        scldiff.LapDDPM.setup_anndata(adata, labels_key=LABELS)
+    record.update(setup_seconds=setup.seconds, setup_peak_gib=setup.peak_gib,
+                  setup_growth_gib=setup.growth_gib)
+    scvi.settings.seed = 0
+    model = scldiff.LapDDPM(adata)
+    timer = StepTimer(limit=steps)
+    with Measure() as train:
+        model.train(n_epochs_stage_a=1, n_epochs_stage_b=1, callbacks=[timer],
+                    enable_progress_bar=False)
+    step_times = timer.times["A"]
+    record.update(train_steps_a=len(step_times),
+                  step_seconds=_median_step(step_times, 10),
+                  first_steps_seconds=float(np.sum(step_times)),
+                  train_peak_gib=train.peak_gib, train_growth_gib=train.growth_gib,
+                  train_seconds_with_stage_b=train.seconds)
+    with Measure() as gen:
+        model.generate(n_samples=n_generate, seed=0, progress_bar=False)
+    record.update(generate_cells=n_generate, generate_seconds=gen.seconds,
+                  generate_peak_gib=gen.peak_gib, generate_growth_gib=gen.growth_gib)
+    return record
+
+
+def bench_scale(sizes: list[int], steps: int, n_generate: int, threads: int) -> list[dict]:
+    records = []
+    for n in sizes:
+        print(f"[scale] {n:,} cells ...", flush=True)
+        done = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--scale-worker", str(n),
+             "--steps", str(steps), "--generate-cells", str(n_generate),
+             "--threads", str(threads)],
+            capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            records.append({"n_cells": n, "error": done.stderr.strip().splitlines()[-1]})
+            continue
+        records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = next((r for r in records if "step_seconds" in r), None)
+    for r in records:
+        if base is not None and "step_seconds" in r:
+            r["step_time_vs_smallest"] = r["step_seconds"] / base["step_seconds"]
+    return records
+
+
+# --------------------------------------------------------------------------- report
+def _fmt(value, digits=3) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def report(results: dict) -> str:
+    lines = [f"Produced by `python benchmarks/speed.py` at commit {results['meta']['commit']} "
+             f"on {results['meta']['processor']} ({results['meta']['cpus']} CPUs, "
+             f"{results['meta']['threads']} torch threads, {results['meta']['device']}).", ""]
+    if "generation" in results:
+        g = results["generation"]
+        lines += ["### Generation", "",
+                  f"{g['n_cells']:,} cells, {g['n_genes']:,} genes, sampler {g['sampler']} "
+                  f"({g['n_steps']} steps); best of {len(g['lapddpm_all_seconds'])}.", "",
+                  "| | seconds | cells/s |", "|---|---|---|",
+                  f"| LapDDPM `generate()` | {_fmt(g['lapddpm_seconds'])} | "
+                  f"{_fmt(g['lapddpm_cells_per_second'], 0)} |",
+                  f"| – latent sampling | {_fmt(g['parts_seconds']['latents'])} | |",
+                  f"| – decoder | {_fmt(g['parts_seconds']['decoder'])} | |",
+                  f"| – count sampling | {_fmt(g['parts_seconds']['counts'])} | |",
+                  f"| scVI prior sampling | {_fmt(g['scvi_prior_seconds'])} | "
+                  f"{_fmt(g['scvi_cells_per_second'], 0)} |", "",
+                  f"Target ≤ {g['target_seconds']} s: {'met' if g['met'] else 'not met'}.", ""]
+    if "training" in results:
+        t = results["training"]
+        lines += ["### Training (PBMC3K)", "", "| | s/step | s/epoch | default run, s (est.) |",
+                  "|---|---|---|---|",
+                  f"| LapDDPM stage A | {_fmt(t['lapddpm_stage_a_step_seconds'], 4)} | "
+                  f"{_fmt(t['lapddpm_stage_a_epoch_seconds'])} | "
+                  f"{_fmt(t.get('lapddpm_default_seconds_estimate', float('nan')), 0)} |",
+                  f"| LapDDPM stage B | {_fmt(t['lapddpm_stage_b_step_seconds'], 4)} | "
+                  f"{_fmt(t['lapddpm_stage_b_epoch_seconds'])} | |",
+                  f"| scVI | {_fmt(t['scvi_step_seconds'], 4)} | "
+                  f"{_fmt(t['scvi_epoch_seconds'])} | "
+                  f"{_fmt(t['scvi_default_seconds_estimate'], 0)} |", ""]
+    if "scale" in results:
+        lines += ["### Scale (synthetic atlas from PBMC3K, 2,000 genes)", "",
+                  "| cells | setup s | setup peak GiB | step s | step vs smallest | "
+                  "step memory growth GiB | generate 100k s | generate peak GiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in results["scale"]:
+            if "error" in r:
+                lines.append(f"| {r['n_cells']:,} | failed: {r['error']} | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['n_cells']:,} | {_fmt(r['setup_seconds'], 1)} | "
+                f"{_fmt(r['setup_peak_gib'], 2)} | {_fmt(r['step_seconds'], 4)} | "
+                f"{_fmt(r.get('step_time_vs_smallest', float('nan')), 2)} | "
+                f"{_fmt(r['train_growth_gib'], 2)} | {_fmt(r['generate_seconds'], 1)} | "
+                f"{_fmt(r['generate_peak_gib'], 2)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000])
+    parser.add_argument("--generate-cells", type=int, default=100_000,
+                        help="cells generated in the scale part")
+    parser.add_argument("--steps", type=int, default=100, help="stage-A steps in the scale part")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and short runs: checks that the script works")
+    parser.add_argument("--output", default=RESULTS)
+    parser.add_argument("--scale-worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    for name in ("lightning", "lightning.pytorch", "scvi"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    if args.scale_worker is not None:
+        print(json.dumps(scale_worker(args.scale_worker, args.steps, args.generate_cells)))
+        return
+
+    n_gen, epochs, gen_epochs = 10_000, 3, (10, 20)
+    if args.quick:
+        n_gen, epochs, gen_epochs = 2_000, 1, (1, 1)
+        args.sizes, args.steps, args.generate_cells, args.repeats = [3_000], 20, 5_000, 1
+    results: dict = {"meta": meta()}
+    if "generation" in args.parts:
+        print("[generation] ...", flush=True)
+        results["generation"] = bench_generation(n_gen, args.repeats, gen_epochs)
+    if "training" in args.parts:
+        print("[training] ...", flush=True)
+        results["training"] = bench_training(epochs)
+    if "scale" in args.parts:
+        results["scale"] = bench_scale(args.sizes, args.steps, args.generate_cells,
+                                       args.threads or torch.get_num_threads())
+    text = report(results)
+    print(text)
+    if args.quick:
+        return  # a check, not a measurement: nothing is written
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "speed.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    with open(os.path.join(args.output, "speed.md"), "w") as handle:
+        handle.write(text)
+
+
+if __name__ == "__main__":
+    main()
