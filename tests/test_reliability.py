@@ -452,3 +452,19 @@ def test_epoch_batches_depend_on_seed_and_epoch_only():
     dropped = epoch(EpochBatchSampler(10, 4, drop_last=True), 0)
     assert [len(x) for x in dropped] == [4, 4]
     assert epoch(EpochBatchSampler(5, 2, shuffle=False), 7) == [[0, 1], [2, 3], [4]]
+
+
+def test_a_run_after_a_crash_trains_every_network():
+    # each stage freezes the other stage's networks while it runs (DDP needs it); a crash
+    # must not leave them frozen for the next train()
+    model = _tiny_model()
+    with pytest.raises(Interrupt):
+        model.train(**EPOCHS, callbacks=[_Crash("A", 1)], **QUIET)
+    with pytest.raises(Interrupt):
+        model.train(**EPOCHS, callbacks=[_Crash("B", 1)], **QUIET)
+    before = {k: v.clone() for k, v in _weights(model).items()}
+    model.train(**EPOCHS, **QUIET)
+    after = _weights(model)
+    assert all(p.requires_grad for p in model.module.parameters())
+    for prefix in ("encoder.", "decoder.", "score_net."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix))

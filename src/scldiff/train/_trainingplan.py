@@ -302,17 +302,16 @@ class LapDDPMTrainingPlan(TrainingPlan):
     def setup(self, stage: str) -> None:
         # Only this stage's networks take gradients: under DDP, whose reducer expects a
         # gradient for every parameter that requires one, the other stage's would stall it.
-        # Called before Lightning wraps the plan; teardown() restores the flags.
+        # Called before Lightning wraps the plan; teardown() unfreezes everything. The flags
+        # are set, not toggled, so a run that crashed before its teardown leaves nothing
+        # frozen for the next one.
         trained = {id(p) for net in self._trained_here() for p in net.parameters()}
-        self._frozen = [p for p in self.module.parameters()
-                        if p.requires_grad and id(p) not in trained]
-        for p in self._frozen:
-            p.requires_grad_(False)
+        for p in self.module.parameters():
+            p.requires_grad_(id(p) in trained)
 
     def teardown(self, stage: str) -> None:
-        for p in getattr(self, "_frozen", []):
+        for p in self.module.parameters():
             p.requires_grad_(True)
-        self._frozen = []
 
     def on_fit_start(self):
         # Lightning keeps the modes it finds, and scvi-tools' runner leaves the module in
