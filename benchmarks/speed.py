@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from lightning.pytorch.callbacks import Callback
 
 import scldiff
 
@@ -113,26 +114,20 @@ def meta() -> dict:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
-class StepTimer:
+class StepTimer(Callback):
     """Lightning callback: the duration of each optimisation step; stops after ``limit``."""
 
-    def __new__(cls, *args, **kwargs):
-        from lightning.pytorch.callbacks import Callback
+    def __init__(self, limit: int | None = None):
+        self.limit, self.times, self._t = limit, {}, None
 
-        class _StepTimer(Callback):
-            def __init__(self, limit: int | None = None):
-                self.limit, self.times, self._t = limit, {}, None
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._t = time.perf_counter()
 
-            def on_train_batch_start(self, trainer, module, batch, batch_idx):
-                self._t = time.perf_counter()
-
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                stage = getattr(module, "stage", "scvi")
-                self.times.setdefault(stage, []).append(time.perf_counter() - self._t)
-                if self.limit is not None and len(self.times[stage]) >= self.limit:
-                    trainer.should_stop = True
-
-        return _StepTimer(*args, **kwargs)
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        stage = getattr(module, "stage", "scvi")
+        self.times.setdefault(stage, []).append(time.perf_counter() - self._t)
+        if self.limit is not None and len(self.times[stage]) >= self.limit:
+            trainer.should_stop = True
 
 
 def _median_step(times: list[float], warmup: int) -> float:
