@@ -294,6 +294,7 @@ class LapDDPMTrainingPlan(TrainingPlan):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["scldiff"] = {"stage": self.stage, "seed": self.seed}
+
     def _trained_here(self) -> list[nn.Module]:
         if self.stage == "A":
             return [self.module.encoder, self.module.decoder]
