@@ -160,3 +160,30 @@ def test_guided_sampling_of_two_gaussians_moves_towards_the_condition():
     assert out1.mean().item() == pytest.approx(1.0, abs=0.01)
     assert out1.var().item() == pytest.approx(s2, rel=0.05)
     assert out3.mean().item() > 1.0
+
+
+def test_scorenet_shares_conditions_across_a_batch_with_one_time():
+    """At sampling time all cells share t: conditions are computed once per label."""
+    from scldiff.module import ScoreNet
+
+    torch.manual_seed(0)
+    net = ScoreNet(n_latent=5, n_labels=4, n_hidden=32, n_blocks=2).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # FiLM starts at zero: randomise it so labels matter
+            p.normal_(0, 0.3)
+    z, labels = torch.randn(50, 5), torch.randint(0, 5, (50,))
+    t = torch.full((50,), 0.37)
+
+    def per_cell(z, t, labels):  # the plain per-cell computation
+        cond, h = net.condition(t, labels), net.inp(z)
+        for block in net.blocks:
+            h = block(h, cond)
+        return net.out(net.out_norm(h))
+
+    with torch.no_grad():
+        shared, reference = net(z, t, labels), per_cell(z, t, labels)
+        # each cell's output depends on its own label only
+        assert not torch.allclose(shared, net(z, t, torch.zeros_like(labels)), atol=1e-3)
+        torch.testing.assert_close(shared, reference, rtol=1e-5, atol=1e-5)
+        t_varied = torch.rand(50)
+        torch.testing.assert_close(net(z, t_varied, labels), per_cell(z, t_varied, labels))

@@ -31,8 +31,11 @@ class _ResidualBlock(nn.Module):
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
 
-    def forward(self, h: Tensor, cond: Tensor) -> Tensor:
-        scale, shift = self.film(cond).chunk(2, dim=-1)
+    def forward(self, h: Tensor, cond: Tensor, index: Tensor | None = None) -> Tensor:
+        film = self.film(cond)
+        if index is not None:  # cond holds one row per distinct condition
+            film = film[index]
+        scale, shift = film.chunk(2, dim=-1)
         return h + self.mlp(self.norm(h) * (1 + scale) + shift)
 
 
@@ -84,10 +87,20 @@ class ScoreNet(nn.Module):
     def null_label(self) -> int:
         return self.n_labels
 
-    def forward(self, z: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    def condition(self, t: Tensor, labels: Tensor) -> Tensor:
+        """The condition vector of each (time, label) pair."""
         cond = self.time_mlp(sinusoidal_embedding(t, self.time_embedding_dim))
-        cond = F.gelu(cond + self.label_embedding(labels))
+        return F.gelu(cond + self.label_embedding(labels))
+
+    def forward(self, z: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        index = None
+        if t.numel() > 1 and bool((t == t[0]).all()):
+            # Sampling: one time for the whole batch, so only the few distinct labels need
+            # a condition and a scale-and-shift (about a third of each block's arithmetic).
+            labels, index = torch.unique(labels, return_inverse=True)
+            t = t[: labels.numel()]
+        cond = self.condition(t, labels)
         h = self.inp(z)
         for block in self.blocks:
-            h = block(h, cond)
+            h = block(h, cond, index)
         return self.out(self.out_norm(h))
