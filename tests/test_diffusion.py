@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from scldiff.diffusion import (
+    DEFAULT_STEPS,
     SAMPLERS,
     ClassifierFreeGuidance,
     VPSchedule,
@@ -70,7 +71,8 @@ def test_first_order_ddim_converges_and_second_order_ode_is_more_accurate():
     assert err["ode", 40] < err["ddim", 40] / 10
 
 
-@pytest.mark.parametrize("name,n_steps,tol", [("ddim", 400, 0.01), ("ode", 50, 0.01),
+@pytest.mark.parametrize("name,n_steps,tol", [("ddim", 400, 0.01),
+                                              ("ode", DEFAULT_STEPS["ode"], 0.01),
                                               ("sde", 1000, 0.01)])
 def test_sampler_reproduces_1d_gaussian(name, n_steps, tol):
     mean = torch.tensor([2.0], dtype=torch.float64)
@@ -83,7 +85,8 @@ def test_sampler_reproduces_1d_gaussian(name, n_steps, tol):
     assert out.var().item() == pytest.approx(0.25, rel=3 * tol)
 
 
-@pytest.mark.parametrize("name,n_steps", [("ddim", 400), ("ode", 50), ("sde", 1000)])
+@pytest.mark.parametrize("name,n_steps", [("ddim", 400), ("ode", DEFAULT_STEPS["ode"]),
+                                          ("sde", 1000)])
 def test_sampler_reproduces_correlated_2d_gaussian(name, n_steps):
     mean = torch.tensor([-1.0, 3.0], dtype=torch.float64)
     cov = torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64)

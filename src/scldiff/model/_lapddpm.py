@@ -655,7 +655,7 @@ class LapDDPM(BaseModelClass):
             ``"ode"`` (probability-flow ODE, DPM-Solver++(2M)), ``"ddim"`` or ``"sde"``
             (reverse SDE, Euler–Maruyama).
         n_steps
-            Sampler steps (default 50 for ``"ode"``, 200 for ``"ddim"``, 500 for ``"sde"``).
+            Sampler steps (default 30 for ``"ode"``, 200 for ``"ddim"``, 500 for ``"sde"``).
         batch_size
             Cells generated at a time.
         seed
