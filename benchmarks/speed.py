@@ -107,9 +107,19 @@ def meta() -> dict:
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
 
+    def processor() -> str:  # platform.processor() is empty on most Linux systems
+        try:
+            with open("/proc/cpuinfo") as handle:
+                for line in handle:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or "unknown"
+
     return {"scldiff": scldiff.__version__, "commit": commit(), "scvi-tools": scvi.__version__,
             "torch": str(torch.__version__), "threads": torch.get_num_threads(),
-            "machine": platform.platform(), "processor": platform.processor() or "unknown",
+            "machine": platform.platform(), "processor": processor(),
             "cpus": os.cpu_count(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
