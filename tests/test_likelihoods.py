@@ -149,6 +149,35 @@ def test_zinb_generated_totals_match_the_library_size():
     assert counts.sum(1).mean() == pytest.approx(400.0, rel=0.03)
 
 
+def test_decode_counts_in_chunks_keeps_each_cell_with_its_latent_and_library():
+    from scldiff.module import LapDDPMModule
+
+    torch.manual_seed(0)
+    module = LapDDPMModule(n_input=40, n_labels=1, n_lpe=0, n_latent=3, n_hidden=8,
+                           score_hidden=8, score_blocks=1, likelihood="nb").eval()
+    with torch.no_grad():  # distinct proportions per cell, little count noise
+        module.decoder.scale.weight.mul_(8.0)
+        module.decoder.log_theta.fill_(5.0)
+    n = 11
+    z = torch.randn(n, 3)
+    z[1::2] += 6.0  # two kinds of cells, alternating, with different gene proportions
+    library = torch.tensor([50.0, 5000.0] * 5 + [50.0])
+    with torch.no_grad():
+        scale = module.decoder(z)["scale"].double().numpy()
+    counts = module.decode_counts(z, library, np.random.default_rng(0), chunk_size=3)
+    assert sp.isspmatrix_csr(counts) and counts.shape == (n, 40)
+    counts.check_format(full_check=True)
+    totals = np.asarray(counts.sum(1)).ravel()
+    assert (totals[1::2] > 2000).all() and (totals[0::2] < 200).all()
+    # each large cell's genes follow its own proportions, not its neighbour's
+    for i in range(1, n, 2):
+        x = counts[i].toarray().ravel()
+        own = np.corrcoef(x, scale[i])[0, 1]
+        assert own > np.corrcoef(x, scale[i - 1])[0, 1] and own > 0.8
+    again = module.decode_counts(z, library, np.random.default_rng(0), chunk_size=3)
+    assert (counts != again).nnz == 0
+
+
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
 def test_sampled_counts_follow_the_scipy_pmf(likelihood):
     # means on both sides of the inverse-CDF / Gamma-Poisson switch, tiny and large
