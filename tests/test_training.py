@@ -209,3 +209,19 @@ def test_diffused_library_is_an_exactly_known_coordinate():
     plain = LapDDPMModule(n_input=30, n_labels=2, n_lpe=0, n_latent=4, diffuse_library=False)
     with pytest.raises(ValueError, match="library sizes are required"):
         plain.sample(torch.zeros(2, dtype=torch.long), None, np.random.default_rng(0))
+
+
+def test_adam_is_fused_only_where_torch_has_the_kernel():
+    from scldiff.train._trainingplan import _fused_kwargs
+
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    expected = {"fused": True} if version >= (2, 4) else {}
+    assert _fused_kwargs([torch.nn.Parameter(torch.zeros(3)), None]) == expected
+    assert _fused_kwargs([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]) == {}
+    # and the optimiser built with it takes a step like the unfused one
+    weights = [torch.nn.Parameter(torch.tensor([1.0, -2.0])) for _ in range(2)]
+    for w in weights:
+        w.grad = torch.tensor([0.5, 0.25])
+    torch.optim.Adam([weights[0]], lr=0.1, **_fused_kwargs([weights[0]])).step()
+    torch.optim.Adam([weights[1]], lr=0.1).step()
+    torch.testing.assert_close(weights[0], weights[1])

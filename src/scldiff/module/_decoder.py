@@ -81,7 +81,7 @@ class CountDecoder(nn.Module):
             zi_logits = self.dropout_logits(h)
             params["zi_logits"] = zi_logits
             # NB mean per unit library rho_g / sum_h (1 - pi_h) rho_h: the ZINB mean is l*rho;
-            # log(1 - pi) = -softplus(logits) (several times faster than logsigmoid on CPU)
+            # log(1 - pi) = -softplus(logits)
             log_kept = torch.logsumexp(log_scale - F.softplus(zi_logits), -1, keepdim=True)
             log_scale = log_scale - log_kept
         params["log_scale"] = log_scale
