@@ -395,12 +395,17 @@ def _fmt(value, digits=3) -> str:
 
 
 def report(results: dict) -> str:
-    lines = [f"Produced by `python benchmarks/speed.py` at commit {results['meta']['commit']} "
-             f"on {results['meta']['processor']} ({results['meta']['cpus']} CPUs, "
-             f"{results['meta']['threads']} torch threads, {results['meta']['device']}).", ""]
+    lines = ["Produced by `python benchmarks/speed.py` (`--parts` runs some parts and keeps "
+             "the others' earlier results).", ""]
+
+    def measured(part: str) -> list[str]:
+        m = results["meta"].get("parts", {}).get(part, results["meta"])
+        return [f"Measured at commit {m.get('commit', '?')} on {m.get('processor', '?')} "
+                f"({m.get('cpus', '?')} CPUs, {m.get('threads', '?')} torch threads, "
+                f"{m.get('device', '?')}).", ""]
     if "generation" in results:
         g = results["generation"]
-        lines += ["### Generation", "",
+        lines += ["### Generation", "", *measured("generation"),
                   f"{g['n_cells']:,} cells, {g['n_genes']:,} genes, sampler {g['sampler']} "
                   f"({g['n_steps']} steps); best of {len(g['lapddpm_all_seconds'])}.", "",
                   "| | seconds | cells/s |", "|---|---|---|",
@@ -413,7 +418,7 @@ def report(results: dict) -> str:
                   f"Target ≤ {g['target_seconds']} s: {'met' if g['met'] else 'not met'}.", ""]
     if "training" in results:
         t = results["training"]
-        lines += ["### Training (PBMC3K)", "", "| | s/step | s/epoch | default run, s (est.) |",
+        lines += ["### Training (PBMC3K)", "", *measured("training"), "| | s/step | s/epoch | default run, s (est.) |",
                   "|---|---|---|---|",
                   f"| LapDDPM stage A | {_fmt(t['lapddpm_stage_a_step_seconds'], 4)} | "
                   f"{_fmt(t['lapddpm_stage_a_epoch_seconds'])} | "
@@ -424,7 +429,7 @@ def report(results: dict) -> str:
                   f"{_fmt(t['scvi_epoch_seconds'])} | "
                   f"{_fmt(t['scvi_default_seconds_estimate'], 0)} |", ""]
     if "scale" in results:
-        lines += ["### Scale (synthetic atlas from PBMC3K, 2,000 genes)", "",
+        lines += ["### Scale (synthetic atlas from PBMC3K, 2,000 genes)", "", *measured("scale"),
                   "| cells | setup s | setup peak GiB | step s | step vs smallest | "
                   "step memory growth GiB | generate 100k s | generate peak GiB |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -483,12 +488,25 @@ def main(argv: list[str] | None = None) -> None:
     if "scale" in args.parts:
         results["scale"] = bench_scale(args.sizes, args.steps, args.generate_cells,
                                        args.threads or torch.get_num_threads())
+    # each part keeps the conditions it was measured under; parts not run this time keep
+    # their earlier results
+    now = dict(results["meta"])
+    results["meta"]["parts"] = {part: now for part in PARTS if part in results}
+    path = os.path.join(args.output, "speed.json")
+    if not args.quick and os.path.exists(path):
+        with open(path) as handle:
+            previous = json.load(handle)
+        parts_meta = previous.get("meta", {}).get("parts", {})
+        for part in PARTS:
+            if part in previous and part not in results:
+                results[part] = previous[part]
+                results["meta"]["parts"][part] = parts_meta.get(part, previous.get("meta", {}))
     text = report(results)
     print(text)
     if args.quick:
         return  # a check, not a measurement: nothing is written
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "speed.json"), "w") as handle:
+    with open(path, "w") as handle:
         json.dump(results, handle, indent=2)
     with open(os.path.join(args.output, "speed.md"), "w") as handle:
         handle.write(text)
