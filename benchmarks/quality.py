@@ -75,6 +75,7 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "unconditional": ({"labels_key": None}, {}, {}),
     "NB likelihood": ({}, {}, {}),
     "library by diffusion": ({}, {}, {}),
+    "KL 0.5": ({}, {"kl_weight": 0.5}, {}),
 }
 # variants that change the model's constructor arguments
 MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
