@@ -380,6 +380,11 @@ def bench_scale(sizes: list[int], steps: int, n_generate: int, threads: int) -> 
             records.append({"n_cells": n, "error": done.stderr.strip().splitlines()[-1]})
             continue
         records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return _relative_steps(records)
+
+
+def _relative_steps(records: list[dict]) -> list[dict]:
+    """Each size's step time relative to the smallest atlas measured."""
     base = next((r for r in records if "step_seconds" in r), None)
     for r in records:
         if base is not None and "step_seconds" in r:
@@ -501,6 +506,12 @@ def main(argv: list[str] | None = None) -> None:
             if part in previous and part not in results:
                 results[part] = previous[part]
                 results["meta"]["parts"][part] = parts_meta.get(part, previous.get("meta", {}))
+        if "scale" in args.parts and previous.get("scale"):
+            # atlas sizes not run this time keep their earlier records
+            sizes = {r["n_cells"] for r in results["scale"]}
+            kept = [r for r in previous["scale"] if r["n_cells"] not in sizes]
+            results["scale"] = _relative_steps(sorted(kept + results["scale"],
+                                                      key=lambda r: r["n_cells"]))
     text = report(results)
     print(text)
     if args.quick:
