@@ -242,7 +242,7 @@ def sample_counts(
             log_p0 = torch.neg(mu)
         else:
             theta = params["theta"].float()
-            log_p0 = torch.div(mu, theta).log1p_().mul_(-theta)  # log (1 + mu/theta)^-theta
+            log_p0 = torch.div(mu, theta).log1p_().mul_(theta).neg_()  # log P_NB(0)
         p_nonzero = torch.expm1(log_p0).neg_()  # 1 - P(0), without cancellation
         if likelihood == "zinb":
             p_nonzero.mul_(torch.sigmoid(torch.neg(params["zi_logits"].float())))  # 1 - pi

@@ -285,8 +285,8 @@ class LapDDPMModule(BaseModuleClass):
         The decoder and the count draws run on ``chunk_size`` cells at a time (default: 512
         on a CPU, all at once on a GPU). On a CPU each of the few passes over the dense
         ``(cells, genes)`` parameters then reuses memory the previous chunk freed instead of
-        faulting in fresh pages, which made decoding and sampling 10,000 PBMC3K cells about
-        three times faster than in one block (``benchmarks/speed.py``).
+        faulting in fresh pages: for 10,000 PBMC3K cells on 2 threads, chunks of 512 took
+        4.4 s and chunks of 2,048 took 7.1 s.
         """
         if chunk_size is None:
             chunk_size = _COUNT_CHUNK if z.device.type == "cpu" else max(z.shape[0], 1)
