@@ -486,7 +486,8 @@ def per_label(datasets: list[str], seeds: list[int], methods: list[str], data_di
                     label: scldiff.metrics.mmd_rbf(x_real[real_labels == label],
                                                    x_gen[gen_labels == label])
                     for label in np.unique(real_labels) if (gen_labels == label).any()}
-            labels = sorted(np.unique(real_labels), key=lambda l: -(real_labels == l).sum())
+            labels = sorted(np.unique(real_labels),
+                            key=lambda label: -(real_labels == label).sum())
             lines += [f"### {dataset}, seed {seed}", "",
                       "| cell type | " + " | ".join(table) + " |",
                       "|---|" + "---|" * len(table)]

@@ -11,9 +11,9 @@ Parts:
 
 * **generation**: 10,000 cells from a PBMC3K model with the default architecture and
   sampler (``generate()``; best of ``--repeats``), split into latent sampling and the
-  decoder with the count draws, next to scVI's prior sampling (z ~ N(0, I), decoder, Gamma-Poisson
-  counts) in the same process. The model's weights come from a short training run, since
-  they do not change the cost.
+  decoder with the count draws, next to scVI's prior sampling (z ~ N(0, I), decoder,
+  Gamma-Poisson counts) in the same process. The model's weights come from a short
+  training run, since they do not change the cost.
 * **training**: time per optimisation step of LapDDPM's stage A (subgraph VAE) and stage B
   (latent diffusion) and of scVI, on PBMC3K, the median over a few epochs after a warm-up,
   and the default run's time estimated from them (LapDDPM's default step counts, scVI's
@@ -405,7 +405,10 @@ def report(results: dict) -> str:
 
     def measured(part: str) -> list[str]:
         m = results["meta"].get("parts", {}).get(part, results["meta"])
-        return [f"Measured at commit {m.get('commit', '?')} on {m.get('processor', '?')} "
+        commits = {r["commit"] for r in results.get(part, []) if isinstance(r, dict)
+                   and "commit" in r} if part == "scale" else set()
+        commit = ", ".join(sorted(commits)) if len(commits) > 1 else m.get("commit", "?")
+        return [f"Measured at commit {commit} on {m.get('processor', '?')} "
                 f"({m.get('cpus', '?')} CPUs, {m.get('threads', '?')} torch threads, "
                 f"{m.get('device', '?')}).", ""]
     if "generation" in results:
@@ -423,8 +426,8 @@ def report(results: dict) -> str:
                   f"Target ≤ {g['target_seconds']} s: {'met' if g['met'] else 'not met'}.", ""]
     if "training" in results:
         t = results["training"]
-        lines += ["### Training (PBMC3K)", "", *measured("training"), "| | s/step | s/epoch | default run, s (est.) |",
-                  "|---|---|---|---|",
+        lines += ["### Training (PBMC3K)", "", *measured("training"),
+                  "| | s/step | s/epoch | default run, s (est.) |", "|---|---|---|---|",
                   f"| LapDDPM stage A | {_fmt(t['lapddpm_stage_a_step_seconds'], 4)} | "
                   f"{_fmt(t['lapddpm_stage_a_epoch_seconds'])} | "
                   f"{_fmt(t.get('lapddpm_default_seconds_estimate', float('nan')), 0)} |",
@@ -493,6 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     if "scale" in args.parts:
         results["scale"] = bench_scale(args.sizes, args.steps, args.generate_cells,
                                        args.threads or torch.get_num_threads())
+        for record in results["scale"]:  # sizes may later be re-measured one by one
+            record["commit"] = results["meta"]["commit"]
     # each part keeps the conditions it was measured under; parts not run this time keep
     # their earlier results
     now = dict(results["meta"])
@@ -510,6 +515,9 @@ def main(argv: list[str] | None = None) -> None:
             # atlas sizes not run this time keep their earlier records
             sizes = {r["n_cells"] for r in results["scale"]}
             kept = [r for r in previous["scale"] if r["n_cells"] not in sizes]
+            earlier = parts_meta.get("scale", previous.get("meta", {})).get("commit", "?")
+            for record in kept:
+                record.setdefault("commit", earlier)
             results["scale"] = _relative_steps(sorted(kept + results["scale"],
                                                       key=lambda r: r["n_cells"]))
     text = report(results)

@@ -176,6 +176,8 @@ def test_decode_counts_in_chunks_keeps_each_cell_with_its_latent_and_library():
         assert own > np.corrcoef(x, scale[i - 1])[0, 1] and own > 0.8
     again = module.decode_counts(z, library, np.random.default_rng(0), chunk_size=3)
     assert (counts != again).nnz == 0
+    empty = module.decode_counts(z[:0], library[:0], np.random.default_rng(0))
+    assert sp.isspmatrix_csr(empty) and empty.shape == (0, 40)
 
 
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])

@@ -297,6 +297,8 @@ class LapDDPMModule(BaseModuleClass):
             params = {k: v.cpu() for k, v in params.items()}
             lib = library[start : start + chunk_size].to(device="cpu", dtype=torch.float32)
             blocks.append(sample_counts(self.likelihood, params, lib, rng))
+        if not blocks:  # no cells
+            return sp.csr_matrix((0, self.decoder.scale.out_features), dtype=np.float32)
         if len(blocks) == 1:
             return blocks[0]
         return sp.vstack(blocks, format="csr")
