@@ -229,3 +229,45 @@ def test_sampled_counts_follow_the_scipy_pmf(likelihood):
             continue
         chi2 = ((observed - expected) ** 2 / expected).sum()
         assert stats.chi2.sf(chi2, expected.size - 1) > 1e-4, (g, mu[g], theta[g], chi2)
+
+
+class _UniformNearOne:
+    """Stands in for a Generator whose uniforms all lie 1e-12 below 1."""
+
+    def random(self, size):
+        return np.full(size, 1.0 - 1e-12)
+
+
+def _positive_draws_in_thread(mu, theta, p_zero, seconds=30.0):
+    import threading
+
+    from scldiff.module._decoder import _positive_draws
+
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(out=_positive_draws(mu, theta, p_zero, _UniformNearOne())),
+        daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "the inverse-CDF loop did not stop"
+    return result["out"]
+
+
+def test_inverse_cdf_draws_reach_the_far_tail_exactly():
+    # NB(mu=5, theta=1) is geometric: P(X > k) = (5/6)**(k + 1). A uniform u = 1 - 1e-12
+    # on (P(0), 1) is the CDF level v = 1 - (5/6) 1e-12, reached at the smallest k with
+    # (5/6)**k < 1e-12, i.e. 152
+    mu, theta = np.array([5.0]), np.array([1.0])
+    out = _positive_draws_in_thread(mu, theta, np.array([1.0 / 6.0]))
+    assert out[0] == 152
+
+
+def test_inverse_cdf_draws_stop_when_rounding_leaves_the_cdf_short_of_the_uniform():
+    # P(0) 1e-7 too small (a float32 rounding): the summed CDF never passes 1 - 1e-7, so a
+    # uniform near 1 is never reached. The pmf falls below the CDF's rounding, and the
+    # entry must stop there instead of running on (forever, once the pmf is subnormal).
+    mu, theta = np.array([5.0, 9.0]), np.array([1.0, 0.05])
+    p_zero = (theta / (theta + mu)) ** theta * (1 - 1e-7)
+    out = _positive_draws_in_thread(mu, theta, p_zero)
+    tail_start = [np.log(1e-7) / np.log(5 / 6) - 1, 0]  # where the true CDF passes 1 - 1e-7
+    assert np.isfinite(out).all() and (out >= tail_start).all() and (out < 1e5).all()

@@ -191,10 +191,13 @@ def _positive_draws(mu: np.ndarray, theta: np.ndarray | None, p_zero: np.ndarray
         k = 1.0
         pmf = p0 * (ratio_a + ratio_b)
         cdf = p0 + pmf
+        stalled = np.zeros(where.size, dtype=bool)
         while True:
-            # stop where the CDF has passed the uniform, or rounding left it just short of
-            # it with no probability mass to add
-            running = (cdf <= v) & (pmf > 0)
+            # Stop where the CDF has passed the uniform. Rounding can leave the summed CDF
+            # just short of a uniform near 1: once the pmf is past its mode (it only falls
+            # from there) and too small to change the CDF, the entry stops at k, which
+            # moves at most a rounding error of probability.
+            running = (cdf <= v) & (pmf > 0) & ~stalled
             out[where[~running]] = k
             if not running.any():
                 break
@@ -202,8 +205,11 @@ def _positive_draws(mu: np.ndarray, theta: np.ndarray | None, p_zero: np.ndarray
                 where[running], v[running], ratio_a[running], ratio_b[running],
                 pmf[running], cdf[running])
             k += 1.0
-            pmf *= (k * ratio_a + ratio_b) / k
-            cdf += pmf
+            factor = (k * ratio_a + ratio_b) / k
+            pmf *= factor
+            previous = cdf
+            cdf = cdf + pmf
+            stalled = (cdf == previous) & (factor < 1.0)
     idx = np.flatnonzero(~small)
     while idx.size:
         m = mu[idx]
@@ -249,10 +255,12 @@ def sample_counts(
         uniform = torch.from_numpy(rng.random(tuple(mu.shape), dtype=np.float32))
         nonzero = uniform < p_nonzero
         rows, cols = torch.nonzero(nonzero, as_tuple=True)  # row-major: CSR order
-        values = _positive_draws(
-            mu[rows, cols].double().numpy(),
-            None if theta is None else theta.expand_as(mu)[rows, cols].double().numpy(),
-            np.exp(log_p0[rows, cols].double().numpy()), rng)
+        mu_nz = mu[rows, cols].double().numpy()
+        theta_nz = None if theta is None else theta.expand_as(mu)[rows, cols].double().numpy()
+        # P(0) again in float64, so that the inverse CDF's pmf recursion sums to 1 to
+        # float64 precision rather than float32's
+        p0_nz = np.exp(-mu_nz if theta_nz is None else -theta_nz * np.log1p(mu_nz / theta_nz))
+        values = _positive_draws(mu_nz, theta_nz, p0_nz, rng)
     n_cells, n_genes = mu.shape
     indptr = np.zeros(n_cells + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows.numpy(), minlength=n_cells), out=indptr[1:])
