@@ -5,6 +5,7 @@ Usage (from the repository root, after ``make install``)::
     python benchmarks/speed.py                         # all parts, atlases of 10k and 100k cells
     python benchmarks/speed.py --sizes 10000 100000 1000000
     python benchmarks/speed.py --parts generation training
+    python benchmarks/speed.py --parts scale --sizes 1000000 --backed  # counts on disk
     python benchmarks/speed.py --quick                 # small and short: checks the script runs
 
 Parts:
@@ -23,7 +24,9 @@ Parts:
   size, in a fresh process: wall time and peak resident memory of ``setup_anndata`` (PCA,
   k-NN graph, Laplacian encodings), of the first 100 steps of stage A (time per step
   after the first 10, memory growth over the steps), and of generating 100,000 cells
-  (after 100 steps of stage B).
+  (after 100 steps of stage B). With ``--backed`` the atlas is first written to a
+  temporary ``.h5ad`` and opened with ``backed="r"``: its counts stay on disk throughout,
+  which the peak memory shows.
 
 Peak memory is the process's resident set size, sampled every 20 ms during a stage; "growth"
 is the peak minus the resident size when the stage began. Timings depend on the machine and
@@ -335,14 +338,31 @@ def synthetic_atlas(n_cells: int, seed: int = 0, n_genes: int = 2000,
     return atlas if expressed.all() else atlas[:, expressed].copy()
 
 
-def scale_worker(n_cells: int, steps: int, n_generate: int) -> dict:
-    """One atlas size, in its own process so that peak memory is its own."""
+def scale_worker(n_cells: int, steps: int, n_generate: int, backed: bool = False) -> dict:
+    """One atlas size, in its own process so that peak memory is its own.
+
+    ``backed``: the atlas is written to a temporary ``.h5ad`` and read back with
+    ``backed="r"``, so that its counts stay on disk through setup, training and generation.
+    """
+    import gc
+    import tempfile
+
     import scvi
 
     with Measure() as build:
         adata = synthetic_atlas(n_cells)
-    record = {"n_cells": n_cells, "n_genes": adata.n_vars, "nnz": int(adata.X.nnz),
-              "atlas_seconds": build.seconds, "atlas_peak_gib": build.peak_gib}
+    record = {"n_cells": n_cells, "backed": backed, "n_genes": adata.n_vars,
+              "nnz": int(adata.X.nnz), "atlas_seconds": build.seconds,
+              "atlas_peak_gib": build.peak_gib}
+    if backed:
+        folder = tempfile.TemporaryDirectory()
+        path = os.path.join(folder.name, "atlas.h5ad")
+        adata.write_h5ad(path)
+        del adata
+        gc.collect()
+        adata = ad.read_h5ad(path, backed="r")
+        record.update(file_gib=os.path.getsize(path) / 2**30,
+                      rss_before_setup_gib=_rss_bytes() / 2**30)
     with Measure() as setup:
         scldiff.LapDDPM.setup_anndata(adata, labels_key=LABELS)
     record.update(setup_seconds=setup.seconds, setup_peak_gib=setup.peak_gib,
@@ -366,26 +386,28 @@ def scale_worker(n_cells: int, steps: int, n_generate: int) -> dict:
     return record
 
 
-def bench_scale(sizes: list[int], steps: int, n_generate: int, threads: int) -> list[dict]:
+def bench_scale(sizes: list[int], steps: int, n_generate: int, threads: int,
+                backed: bool = False) -> list[dict]:
     records = []
     for n in sizes:
-        print(f"[scale] {n:,} cells ...", flush=True)
+        print(f"[scale] {n:,} cells{' (backed)' if backed else ''} ...", flush=True)
         done = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--scale-worker", str(n),
              "--steps", str(steps), "--generate-cells", str(n_generate),
-             "--threads", str(threads)],
+             "--threads", str(threads), *(["--backed"] if backed else [])],
             capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)
-            records.append({"n_cells": n, "error": done.stderr.strip().splitlines()[-1]})
+            records.append({"n_cells": n, "backed": backed,
+                            "error": done.stderr.strip().splitlines()[-1]})
             continue
         records.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return _relative_steps(records)
 
 
 def _relative_steps(records: list[dict]) -> list[dict]:
-    """Each size's step time relative to the smallest atlas measured."""
-    base = next((r for r in records if "step_seconds" in r), None)
+    """Each size's step time relative to the smallest in-memory atlas measured."""
+    base = next((r for r in records if "step_seconds" in r and not r.get("backed")), None)
     for r in records:
         if base is not None and "step_seconds" in r:
             r["step_time_vs_smallest"] = r["step_seconds"] / base["step_seconds"]
@@ -438,15 +460,17 @@ def report(results: dict) -> str:
                   f"{_fmt(t['scvi_default_seconds_estimate'], 0)} |", ""]
     if "scale" in results:
         lines += ["### Scale (synthetic atlas from PBMC3K, 2,000 genes)", "", *measured("scale"),
-                  "| cells | setup s | setup peak GiB | step s | step vs smallest | "
+                  "| cells | counts | setup s | setup peak GiB | step s | step vs smallest | "
                   "step memory growth GiB | generate 100k s | generate peak GiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in results["scale"]:
+            storage = "backed" if r.get("backed") else "in memory"
             if "error" in r:
-                lines.append(f"| {r['n_cells']:,} | failed: {r['error']} | | | | | | |")
+                lines.append(f"| {r['n_cells']:,} | {storage} | failed: {r['error']} "
+                             "| | | | | | |")
                 continue
             lines.append(
-                f"| {r['n_cells']:,} | {_fmt(r['setup_seconds'], 1)} | "
+                f"| {r['n_cells']:,} | {storage} | {_fmt(r['setup_seconds'], 1)} | "
                 f"{_fmt(r['setup_peak_gib'], 2)} | {_fmt(r['step_seconds'], 4)} | "
                 f"{_fmt(r.get('step_time_vs_smallest', float('nan')), 2)} | "
                 f"{_fmt(r['train_growth_gib'], 2)} | {_fmt(r['generate_seconds'], 1)} | "
@@ -462,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generate-cells", type=int, default=100_000,
                         help="cells generated in the scale part")
     parser.add_argument("--steps", type=int, default=100, help="stage-A steps in the scale part")
+    parser.add_argument("--backed", action="store_true",
+                        help="scale part: read each atlas from a backed .h5ad (counts on disk)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice)")
@@ -479,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
     if args.scale_worker is not None:
-        print(json.dumps(scale_worker(args.scale_worker, args.steps, args.generate_cells)))
+        print(json.dumps(scale_worker(args.scale_worker, args.steps, args.generate_cells,
+                                      args.backed)))
         return
 
     n_gen, epochs, gen_epochs = 10_000, 3, (10, 20)
@@ -495,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         results["training"] = bench_training(epochs)
     if "scale" in args.parts:
         results["scale"] = bench_scale(args.sizes, args.steps, args.generate_cells,
-                                       args.threads or torch.get_num_threads())
+                                       args.threads or torch.get_num_threads(), args.backed)
         for record in results["scale"]:  # sizes may later be re-measured one by one
             record["commit"] = results["meta"]["commit"]
     # each part keeps the conditions it was measured under; parts not run this time keep
@@ -512,14 +539,15 @@ def main(argv: list[str] | None = None) -> None:
                 results[part] = previous[part]
                 results["meta"]["parts"][part] = parts_meta.get(part, previous.get("meta", {}))
         if "scale" in args.parts and previous.get("scale"):
-            # atlas sizes not run this time keep their earlier records
-            sizes = {r["n_cells"] for r in results["scale"]}
-            kept = [r for r in previous["scale"] if r["n_cells"] not in sizes]
+            # atlas sizes (in memory or backed) not run this time keep their earlier records
+            sizes = {(r["n_cells"], r.get("backed", False)) for r in results["scale"]}
+            kept = [r for r in previous["scale"]
+                    if (r["n_cells"], r.get("backed", False)) not in sizes]
             earlier = parts_meta.get("scale", previous.get("meta", {})).get("commit", "?")
             for record in kept:
                 record.setdefault("commit", earlier)
-            results["scale"] = _relative_steps(sorted(kept + results["scale"],
-                                                      key=lambda r: r["n_cells"]))
+            results["scale"] = _relative_steps(sorted(
+                kept + results["scale"], key=lambda r: (r.get("backed", False), r["n_cells"])))
     text = report(results)
     print(text)
     if args.quick:

@@ -7,6 +7,8 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
+from .._matrix import as_csr, is_in_memory, row_chunks
+
 # Up to this many cells an exact search is faster than pynndescent, whose numba functions
 # are compiled afresh in every process (~40 s on 2 cores, whatever the data size).
 EXACT_KNN_LIMIT = 50_000
@@ -24,7 +26,7 @@ def log_normalize(counts: sp.spmatrix | np.ndarray, target_sum: float = 1e4) -> 
 
 
 def pca_embedding(
-    counts: sp.spmatrix | np.ndarray,
+    counts,
     n_pcs: int = 50,
     n_top_genes: int = 2000,
     random_state: int = 0,
@@ -33,20 +35,40 @@ def pca_embedding(
 
     The genes are ranked by the variance of their log-normalised expression; PCA is the
     implicitly centred sparse PCA of :func:`scanpy.pp.pca` (ARPACK), so the count matrix is
-    never densified.
+    never densified. ``counts`` may be a backed matrix (``read_h5ad(..., backed="r")``):
+    it is then read twice in blocks of rows, and only the log-normalised selected genes are
+    held in memory.
     """
     import scanpy as sc
 
-    x = log_normalize(counts)
-    n_obs, n_vars = x.shape
+    n_obs, n_vars = counts.shape
+    # an in-memory matrix is normalised once; a backed one block by block on each pass
+    cache = [log_normalize(as_csr(counts))] if is_in_memory(counts) else None
+
+    def normalised_blocks():
+        if cache is not None:
+            yield from cache
+        else:
+            for block in row_chunks(counts):
+                yield log_normalize(block)
+
     if n_vars > n_top_genes:
-        mean = np.asarray(x.mean(axis=0)).ravel()
-        mean_sq = np.asarray(x.multiply(x).mean(axis=0)).ravel()
-        top = np.sort(np.argsort(-(mean_sq - mean**2), kind="stable")[:n_top_genes])
-        x = x[:, top]
+        total, total_sq = np.zeros(n_vars), np.zeros(n_vars)
+        for x in normalised_blocks():
+            total += np.asarray(x.sum(axis=0, dtype=np.float64)).ravel()
+            total_sq += np.asarray(x.multiply(x).sum(axis=0, dtype=np.float64)).ravel()
+        mean = total / n_obs
+        variance = total_sq / n_obs - mean**2
+        top = np.sort(np.argsort(-variance, kind="stable")[:n_top_genes])
+        blocks = [x[:, top] for x in normalised_blocks()]
+    else:
+        blocks = list(normalised_blocks())
+    cache = None
+    x = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+    del blocks
     n_comps = int(min(n_pcs, min(x.shape) - 1))
     if n_comps < 1:  # a single gene (or cell): nothing for ARPACK; the centred data will do
-        dense = x.toarray() if sp.issparse(x) else np.asarray(x)
+        dense = x.toarray()
         return (dense - dense.mean(axis=0)).astype(np.float32)
     return np.asarray(sc.pp.pca(x, n_comps=n_comps, random_state=random_state), dtype=np.float32)
 

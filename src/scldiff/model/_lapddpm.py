@@ -63,15 +63,6 @@ _SAVED_ATTRIBUTES = (
 )
 
 
-def _as_csr(matrix) -> sp.csr_matrix:
-    """The count matrix in memory as float32 CSR (dense, CSR, CSC or backed input)."""
-    if not (sp.issparse(matrix) or isinstance(matrix, np.ndarray)):
-        matrix = matrix[:]  # backed h5ad dataset
-    out = sp.csr_matrix(matrix, dtype=np.float32)
-    out.sort_indices()
-    return out
-
-
 def _graph_params(layer: str | None, n_obs: int, n_neighbors: int, n_pcs: int,
                   n_lpe: int) -> dict:
     return {"version": _GRAPH_VERSION, "source": "X" if layer is None else f"layers/{layer}",
@@ -93,7 +84,7 @@ def _ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: in
     ):
         logger.info("Reusing the cell graph stored in the AnnData.")
         return
-    counts = _as_csr(adata.X if layer is None else adata.layers[layer])
+    counts = adata.X if layer is None else adata.layers[layer]  # may be backed: read in blocks
     seed = settings.seed if settings.seed is not None else 0
     embedding = pca_embedding(counts, n_pcs=n_pcs, random_state=seed)
     graph = knn_graph(embedding, n_neighbors=n_neighbors, random_state=seed)
@@ -339,7 +330,7 @@ class LapDDPM(BaseModelClass):
     def _collator(self, adata: AnnData | None = None) -> SubgraphCollator:
         adata = self.adata if adata is None else adata
         manager = self.get_anndata_manager(adata, required=True)
-        counts = _as_csr(manager.get_from_registry(REGISTRY_KEYS.X_KEY))
+        counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)  # backed: read per minibatch
         labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
         lpe = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LPE_KEY), dtype=np.float32)
         graph = manager.get_from_registry(REGISTRY_KEYS.GRAPH_KEY)

@@ -9,7 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-_CHUNK = 10_000  # rows checked at a time, so a dense or backed matrix is never copied whole
+from .._matrix import row_blocks
 
 
 def _layer(adata: AnnData, layer: str | None):
@@ -43,8 +43,7 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
         raise ValueError(f"{where} has shape {adata.shape}; it needs cells and genes.")
     gene_total = np.zeros(n_vars)
     empty_cells = 0
-    for start in range(0, n_obs, _CHUNK):
-        block = matrix[start : start + _CHUNK]
+    for block in row_blocks(matrix):  # a dense or backed matrix is never copied whole
         if not (sp.issparse(block) or isinstance(block, np.ndarray)):
             block = np.asarray(block)
         values = _values(block)

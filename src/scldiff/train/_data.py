@@ -9,6 +9,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._constants import BATCH_KEYS, LATENT_KEYS
+from .._matrix import as_csr, is_in_memory, read_rows, row_sums
 from ..graph import SubgraphSampler, log_normalize
 
 
@@ -98,7 +99,9 @@ class SubgraphCollator:
     Parameters
     ----------
     counts
-        ``(n_cells, n_genes)`` CSR raw counts.
+        ``(n_cells, n_genes)`` raw counts: a CSR matrix, or a backed matrix
+        (``read_h5ad(..., backed="r")``), whose rows are then read for each minibatch so
+        that the whole matrix is never in memory.
     labels
         ``(n_cells,)`` integer label codes.
     lpe
@@ -107,25 +110,36 @@ class SubgraphCollator:
         Builds the seed cells' neighbourhood subgraph.
     """
 
-    def __init__(self, counts: sp.csr_matrix, labels: np.ndarray, lpe: np.ndarray,
-                 sampler: SubgraphSampler):
-        # int64 indices once, so that slicing rows needs no conversion per batch
-        self.counts = sp.csr_matrix((counts.data.astype(np.float32, copy=False),
-                                     counts.indices.astype(np.int64),
-                                     counts.indptr.astype(np.int64)), shape=counts.shape)
-        self.counts.sort_indices()
-        # the encoder's input, computed once: same sparsity structure as the counts
-        self.inputs = log_normalize(self.counts)
+    def __init__(self, counts, labels: np.ndarray, lpe: np.ndarray, sampler: SubgraphSampler):
+        if is_in_memory(counts):
+            counts = as_csr(counts)
+            # int64 indices once, so that slicing rows needs no conversion per batch
+            self.counts = sp.csr_matrix((counts.data, counts.indices.astype(np.int64),
+                                         counts.indptr.astype(np.int64)), shape=counts.shape)
+            # the encoder's input, computed once: same sparsity structure as the counts
+            self.inputs = log_normalize(self.counts)
+        else:
+            self.counts, self.inputs = counts, None
         self.labels = np.asarray(labels, dtype=np.int64).ravel()
         self.lpe = np.asarray(lpe, dtype=np.float32)
-        self.library = np.asarray(self.counts.sum(axis=1), dtype=np.float32).ravel()
+        self.library = row_sums(self.counts).astype(np.float32)
         self.sampler = sampler
+
+    @property
+    def backed(self) -> bool:
+        """Whether the counts are read from disk for each minibatch."""
+        return self.inputs is None
 
     def __call__(self, seeds: list[int]) -> dict[str, torch.Tensor]:
         seeds = np.asarray(seeds, dtype=np.int64)
-        sub = self.sampler(seeds)
-        x = self.inputs[sub.nodes]
-        seed_counts = self.counts[seeds].data
+        sub = self.sampler(seeds)  # the seeds come first among the nodes
+        if self.inputs is not None:
+            x = self.inputs[sub.nodes]
+            seed_counts = self.counts[seeds].data
+        else:
+            counts = read_rows(self.counts, sub.nodes)
+            seed_counts = counts[: seeds.size].data.copy()
+            x = log_normalize(counts)
         return {
             BATCH_KEYS.LABELS: torch.from_numpy(self.labels[seeds][:, None]),
             BATCH_KEYS.NODE_CROW: torch.from_numpy(x.indptr.astype(np.int64, copy=False)),

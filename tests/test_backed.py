@@ -1,0 +1,119 @@
+"""Backed AnnData: setup, training batches and generation read the counts block by block."""
+
+import anndata
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scvi
+
+import scldiff
+from scldiff import _matrix
+from scldiff._constants import ADATA_KEYS
+from scldiff.graph import SubgraphSampler, knn_graph, pca_embedding
+from scldiff.train import SubgraphCollator
+
+from .conftest import QUIET, small_pbmc
+
+
+class Recorder:
+    """A backed-like matrix (no ``toarray``, not a SciPy or NumPy type) that logs its reads.
+
+    A read of all rows at once fails the test: that is what a backed file must not get.
+    """
+
+    def __init__(self, matrix: sp.csr_matrix):
+        self.matrix, self.shape, self.reads = matrix, matrix.shape, []
+
+    def __getitem__(self, key):
+        rows = np.arange(self.shape[0])[key]
+        assert rows.size < self.shape[0], "the whole matrix was read at once"
+        if isinstance(key, np.ndarray):
+            assert (np.diff(key) > 0).all(), "HDF5 needs increasing row indices"
+        self.reads.append(rows.size)
+        return self.matrix[key]
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return small_pbmc(300, 400).X.astype(np.float32).tocsr()
+
+
+def test_row_helpers_read_the_same_rows_as_memory(counts, monkeypatch):
+    monkeypatch.setattr(_matrix, "ROW_CHUNK", 64)
+    backed = Recorder(counts)
+    blocks = list(_matrix.row_chunks(backed))
+    assert [b.shape[0] for b in blocks] == [64, 64, 64, 64, counts.shape[0] - 256]
+    np.testing.assert_array_equal(sp.vstack(blocks).toarray(), counts.toarray())
+    rows = np.array([250, 3, 17, 120, 4])  # not sorted: returned in this order
+    np.testing.assert_array_equal(_matrix.read_rows(backed, rows).toarray(),
+                                  counts[rows].toarray())
+    np.testing.assert_allclose(_matrix.row_sums(backed), np.asarray(counts.sum(1)).ravel())
+    assert max(backed.reads) <= 64
+
+
+def test_pca_of_a_backed_matrix_equals_the_in_memory_one(counts, monkeypatch):
+    monkeypatch.setattr(_matrix, "ROW_CHUNK", 50)
+    backed = Recorder(counts)
+    expected = pca_embedding(counts, n_pcs=10, n_top_genes=150)
+    got = pca_embedding(backed, n_pcs=10, n_top_genes=150)
+    assert len(backed.reads) == 2 * 6  # two passes (gene variances, then the chosen genes)
+    # ARPACK on the same matrix; components are defined up to sign
+    signs = np.sign((expected * got).sum(0))
+    np.testing.assert_allclose(got * signs, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_backed_minibatches_equal_the_in_memory_ones(counts, monkeypatch):
+    monkeypatch.setattr(_matrix, "ROW_CHUNK", 100)
+    embedding = pca_embedding(counts, n_pcs=10)
+    graph = knn_graph(embedding, n_neighbors=5)
+    labels = np.arange(counts.shape[0]) % 3
+    lpe = np.random.default_rng(0).normal(size=(counts.shape[0], 4)).astype(np.float32)
+    sampler = SubgraphSampler(graph, n_hops=2)
+    memory = SubgraphCollator(counts, labels, lpe, sampler)
+    backed = Recorder(counts)
+    disk = SubgraphCollator(backed, labels, lpe, sampler)
+    assert disk.backed and not memory.backed
+    np.testing.assert_array_equal(disk.library, memory.library)
+    seeds = [200, 5, 77, 31]
+    a, b = memory(seeds), disk(seeds)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+    assert backed.reads[-1] < counts.shape[0]  # only the subgraph's rows
+
+
+def test_a_backed_anndata_gives_the_graph_and_model_of_the_in_memory_one(tmp_path,
+                                                                         monkeypatch):
+    adata = small_pbmc(200, 300)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    # the file's counts are read in blocks of rows or a minibatch's rows, never as one
+    # slice of all rows (a minibatch's subgraph may cover all of so few cells)
+    monkeypatch.setattr(_matrix, "ROW_CHUNK", 64)
+    dataset = type(backed.X)
+    read = dataset.__getitem__
+
+    def read_a_block(self, key):
+        rows = key[0] if isinstance(key, tuple) else key
+        if isinstance(rows, slice):
+            assert np.arange(self.shape[0])[rows].size < self.shape[0], "read whole"
+        return read(self, key)
+
+    monkeypatch.setattr(dataset, "__getitem__", read_a_block)
+    models = []
+    for data in (adata, backed):
+        scldiff.LapDDPM.setup_anndata(data, labels_key="cell_type", n_neighbors=5, n_lpe=4)
+        scvi.settings.seed = 0
+        model = scldiff.LapDDPM(data, n_latent=4, n_hidden=16, score_hidden=16,
+                                score_blocks=1)
+        model.train(n_epochs_stage_a=1, n_epochs_stage_b=1, **QUIET)
+        models.append(model)
+    assert isinstance(backed.X, anndata.abc.CSRDataset)  # still on disk
+    np.testing.assert_array_equal(backed.obsp[ADATA_KEYS.GRAPH].toarray(),
+                                  adata.obsp[ADATA_KEYS.GRAPH].toarray())
+    np.testing.assert_allclose(np.abs(backed.obsm[ADATA_KEYS.LPE]),
+                               np.abs(adata.obsm[ADATA_KEYS.LPE]), atol=1e-5)
+    np.testing.assert_allclose(models[1].get_latent_representation(),
+                               models[0].get_latent_representation(), rtol=1e-4, atol=1e-5)
+    generated = models[1].generate(n_samples=20, seed=0, progress_bar=False)
+    assert generated.shape == (20, adata.n_vars)
