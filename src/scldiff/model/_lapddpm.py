@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -21,6 +22,7 @@ from scvi.train._trainrunner import _safe_load_logger_history
 from scvi.utils import track
 
 from .._constants import ADATA_KEYS, REGISTRY_KEYS
+from .._matrix import is_in_memory
 from .._version import __version__
 from ..diffusion import DEFAULT_STEPS, SAMPLERS
 from ..graph import SubgraphSampler, knn_graph, laplacian_positional_encoding, pca_embedding
@@ -61,6 +63,16 @@ _SAVED_ATTRIBUTES = (
     "is_trained_", "history_", "train_indices_", "validation_indices_", "test_indices_",
     "library_log_mean_", "library_log_std_", "label_proportions_",
 )
+
+
+def _warn_backed_csc(adata: AnnData, layer: str | None) -> None:
+    matrix = adata.X if layer is None else adata.layers[layer]
+    if not is_in_memory(matrix) and getattr(matrix, "format", None) == "csc":
+        warnings.warn(
+            "The counts are a backed CSC matrix: every block of rows that setup and training "
+            "read touches all of its columns, which is slow on a large file. Store them as "
+            "CSR (adata.X = adata.X.tocsr() before write_h5ad) to read rows directly.",
+            UserWarning, stacklevel=3)
 
 
 def _graph_params(layer: str | None, n_obs: int, n_neighbors: int, n_pcs: int,
@@ -298,6 +310,7 @@ class LapDDPM(BaseModelClass):
         check_graph_parameters(adata.n_obs, n_neighbors, n_pcs, n_lpe)
         check_labels(adata, labels_key)
         check_counts(adata, layer)
+        _warn_backed_csc(adata, layer)
         _ensure_graph(adata, layer, n_neighbors, n_pcs, n_lpe)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
