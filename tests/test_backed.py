@@ -117,3 +117,11 @@ def test_a_backed_anndata_gives_the_graph_and_model_of_the_in_memory_one(tmp_pat
                                models[0].get_latent_representation(), rtol=1e-4, atol=1e-5)
     generated = models[1].generate(n_samples=20, seed=0, progress_bar=False)
     assert generated.shape == (20, adata.n_vars)
+    # saved with its AnnData, and loaded onto the backed file again
+    models[1].save(tmp_path / "model", save_anndata=True)
+    monkeypatch.undo()
+    loaded = scldiff.LapDDPM.load(tmp_path / "model",
+                                  adata=anndata.read_h5ad(tmp_path / "a.h5ad", backed="r"))
+    assert loaded.adata.isbacked
+    np.testing.assert_array_equal(loaded.get_latent_representation(),
+                                  models[1].get_latent_representation())
