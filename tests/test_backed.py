@@ -125,3 +125,22 @@ def test_a_backed_anndata_gives_the_graph_and_model_of_the_in_memory_one(tmp_pat
     assert loaded.adata.isbacked
     np.testing.assert_array_equal(loaded.get_latent_representation(),
                                   models[1].get_latent_representation())
+
+
+def test_rows_of_a_backed_csr_file_are_read_range_by_range(tmp_path, monkeypatch):
+    adata = small_pbmc(200, 300)
+    x = adata.X.astype(np.float32).tocsr()
+    x[7] = 0  # an empty row
+    x.eliminate_zeros()
+    adata.X = x
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    # anndata's own indexing reads the whole matrix for an array of rows: not used
+    monkeypatch.setattr(type(backed.X), "__getitem__",
+                        lambda self, key: pytest.fail("read through anndata's indexing"))
+    read = _matrix.row_reader(backed.X)
+    for rows in ([5, 6, 7, 8, 150, 3, 199, 0], [7], list(range(200))[::-1], []):
+        rows = np.asarray(rows, dtype=np.int64)
+        got = read(rows)
+        assert got.dtype == np.float32 and got.has_sorted_indices
+        np.testing.assert_array_equal(got.toarray(), x[rows].toarray())

@@ -51,19 +51,89 @@ def row_chunks(matrix, chunk_size: int | None = None) -> Iterator[sp.csr_matrix]
         yield _to_csr(block)
 
 
-def read_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
-    """Rows ``rows`` (distinct, any order) as float32 CSR, in the order given.
+def _backed_csr_group(matrix):
+    """The HDF5/Zarr group of a backed CSR matrix (anndata's ``CSRDataset``), else ``None``."""
+    group = getattr(matrix, "group", None)
+    if getattr(matrix, "format", None) != "csr" or group is None:
+        return None
+    if not all(key in group for key in ("data", "indices", "indptr")):
+        return None
+    return group
 
-    A backed matrix is read in increasing row order (what HDF5 needs), then reordered.
+
+class _RowReader:
+    """Reads rows of a backed CSR matrix straight from its ``data`` and ``indices`` arrays.
+
+    anndata's backed CSR indexing reads the whole matrix for an array of rows; here only
+    spans covering the requested rows are read. Rows whose ranges lie at most ``max_gap``
+    stored entries apart share one read (each read has a fixed cost, about that of reading
+    that many entries). The row pointers are read once and kept (8 bytes per row).
     """
-    rows = np.asarray(rows, dtype=np.int64)
+
+    def __init__(self, group, shape, max_gap: int = 8_192):
+        self.data, self.indices = group["data"], group["indices"]
+        self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+        self.shape, self.max_gap = shape, max_gap
+
+    def __call__(self, rows: np.ndarray) -> sp.csr_matrix:
+        """``rows`` increasing and distinct."""
+        lo, hi = self.indptr[rows], self.indptr[rows + 1]
+        lengths = hi - lo
+        indptr = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        # spans: a new one where the gap to the previous row's end exceeds max_gap
+        new_span = np.ones(rows.size, dtype=bool)
+        new_span[1:] = lo[1:] - hi[:-1] > self.max_gap
+        span = np.cumsum(new_span) - 1
+        first = np.flatnonzero(new_span)
+        span_lo = lo[first]
+        span_hi = np.maximum.reduceat(hi, first) if rows.size else span_lo
+        offsets = np.zeros(first.size + 1, dtype=np.int64)
+        np.cumsum(span_hi - span_lo, out=offsets[1:])
+        # buffers in the file's own types: HDF5's type conversion is slow
+        data = np.empty(offsets[-1], dtype=self.data.dtype)
+        indices = np.empty(offsets[-1], dtype=self.indices.dtype)
+        for a, b, c, d in zip(span_lo, span_hi, offsets[:-1], offsets[1:], strict=True):
+            if b > a:
+                data[c:d] = self.data[a:b]
+                indices[c:d] = self.indices[a:b]
+        # each row's entries inside the buffer of its span
+        start = offsets[span] + lo - span_lo[span]
+        take = np.repeat(start - indptr[:-1], lengths) + np.arange(indptr[-1])
+        out = sp.csr_matrix((data[take].astype(np.float32, copy=False), indices[take], indptr),
+                            shape=(rows.size, self.shape[1]))
+        out.sort_indices()
+        return out
+
+
+def row_reader(matrix):
+    """A function ``rows -> float32 CSR`` for the rows ``rows`` (distinct, any order) of
+    ``matrix``, in the order given.
+
+    A backed CSR matrix is read range by range (:class:`_RowReader`); other backed
+    matrices through their own indexing, in increasing row order as HDF5 needs.
+    """
     if is_in_memory(matrix):
-        return _to_csr(matrix[rows])
-    order = np.argsort(rows, kind="stable")
-    block = _to_csr(matrix[rows[order]])
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
-    return block[inverse]
+        return lambda rows: _to_csr(matrix[np.asarray(rows, dtype=np.int64)])
+    group = _backed_csr_group(matrix)
+    read_sorted = (_RowReader(group, matrix.shape) if group is not None
+                   else lambda rows: _to_csr(matrix[rows]))
+
+    def read(rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        block = read_sorted(rows[order])
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return block[inverse]
+
+    return read
+
+
+def read_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """Rows ``rows`` (distinct, any order) of ``matrix`` as float32 CSR, in the order given
+    (see :func:`row_reader`, which keeps a backed matrix's row pointers between calls)."""
+    return row_reader(matrix)(rows)
 
 
 def row_sums(matrix, chunk_size: int | None = None) -> np.ndarray:

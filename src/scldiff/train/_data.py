@@ -9,7 +9,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._constants import BATCH_KEYS, LATENT_KEYS
-from .._matrix import as_csr, is_in_memory, read_rows, row_sums
+from .._matrix import as_csr, is_in_memory, row_reader, row_sums
 from ..graph import SubgraphSampler, log_normalize
 
 
@@ -120,6 +120,7 @@ class SubgraphCollator:
             self.inputs = log_normalize(self.counts)
         else:
             self.counts, self.inputs = counts, None
+        self._read_rows = row_reader(self.counts)
         self.labels = np.asarray(labels, dtype=np.int64).ravel()
         self.lpe = np.asarray(lpe, dtype=np.float32)
         self.library = row_sums(self.counts).astype(np.float32)
@@ -137,7 +138,7 @@ class SubgraphCollator:
             x = self.inputs[sub.nodes]
             seed_counts = self.counts[seeds].data
         else:
-            counts = read_rows(self.counts, sub.nodes)
+            counts = self._read_rows(sub.nodes)
             seed_counts = counts[: seeds.size].data.copy()
             x = log_normalize(counts)
         return {
