@@ -45,7 +45,7 @@ def test_row_helpers_read_the_same_rows_as_memory(counts, monkeypatch):
     assert [b.shape[0] for b in blocks] == [64, 64, 64, 64, counts.shape[0] - 256]
     np.testing.assert_array_equal(sp.vstack(blocks).toarray(), counts.toarray())
     rows = np.array([250, 3, 17, 120, 4])  # not sorted: returned in this order
-    np.testing.assert_array_equal(_matrix.read_rows(backed, rows).toarray(),
+    np.testing.assert_array_equal(_matrix.row_reader(backed)(rows).toarray(),
                                   counts[rows].toarray())
     np.testing.assert_allclose(_matrix.row_sums(backed), np.asarray(counts.sum(1)).ravel())
     assert max(backed.reads) <= 64

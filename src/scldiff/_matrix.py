@@ -66,8 +66,8 @@ class _RowReader:
 
     anndata's backed CSR indexing reads the whole matrix for an array of rows; here only
     spans covering the requested rows are read. Rows whose ranges lie at most ``max_gap``
-    stored entries apart share one read (each read has a fixed cost, about that of reading
-    that many entries). The row pointers are read once and kept (8 bytes per row).
+    stored entries apart share one read (each read has a fixed cost, and HDF5 reads at least
+    a whole chunk). The row pointers are read once and kept (8 bytes per row).
     """
 
     def __init__(self, group, shape, max_gap: int = 8_192):
@@ -128,12 +128,6 @@ def row_reader(matrix):
         return block[inverse]
 
     return read
-
-
-def read_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
-    """Rows ``rows`` (distinct, any order) of ``matrix`` as float32 CSR, in the order given
-    (see :func:`row_reader`, which keeps a backed matrix's row pointers between calls)."""
-    return row_reader(matrix)(rows)
 
 
 def row_sums(matrix, chunk_size: int | None = None) -> np.ndarray:
