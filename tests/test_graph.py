@@ -182,12 +182,27 @@ def test_subgraph_keeps_full_degrees_and_puts_seeds_first():
         inside = np.zeros(len(sub.nodes))
         np.add.at(inside, sub.edge_index[1], sub.edge_weight)
         np.testing.assert_allclose(inside + sub.degree_outside, degree[sub.nodes], rtol=1e-5)
-        # the edges are exactly the induced subgraph, in both directions
-        induced = graph[sub.nodes][:, sub.nodes].tocoo()
-        assert induced.nnz == sub.edge_index.shape[1]
-        # every neighbour of a seed is in a 1-hop subgraph
+        # the edges are exactly the induced subgraph, in both directions, with its weights
+        induced = graph[sub.nodes][:, sub.nodes].toarray()
+        built = sp.coo_matrix((sub.edge_weight, (sub.edge_index[1], sub.edge_index[0])),
+                              shape=induced.shape).toarray()
+        assert np.count_nonzero(induced) == sub.edge_index.shape[1]
+        np.testing.assert_allclose(built, induced, rtol=1e-6)
+        # every neighbour of a seed is in a 1-hop subgraph; a 2-hop one is the closure
         for s in seeds:
             assert np.isin(graph[s].indices, sub.nodes).all()
+        reach = sp.csr_matrix((np.ones(3), (np.zeros(3), seeds)), shape=(1, 200))
+        for _ in range(hops):
+            reach = reach + reach @ graph
+        assert set(sub.nodes) == set(reach.indices)
+    # the sampler reuses one cell-to-node map: it must leave no trace between calls, and a
+    # repeated seed keeps its place
+    sampler = SubgraphSampler(graph, n_hops=1)
+    first = sampler(seeds)
+    again = sampler(np.array([17, 17, 3]))
+    np.testing.assert_array_equal(again.nodes[:3], [17, 17, 3])
+    assert (sampler._local == -1).all()
+    np.testing.assert_array_equal(sampler(seeds).edge_index, first.edge_index)
 
 
 @pytest.mark.parametrize("cheb_k,hops", [(2, 1), (3, 2)])
@@ -208,6 +223,18 @@ def test_chebconv_on_a_subgraph_equals_the_full_graph_for_seed_cells(cheb_k, hop
     out = conv(x[sub.nodes], torch.from_numpy(sub.edge_index), torch.from_numpy(sub.edge_weight),
                torch.from_numpy(sub.degree_outside))
     torch.testing.assert_close(out[:4], full[seeds], atol=1e-5, rtol=1e-5)
+    # the seeds' outputs alone (n_out): the same values, and the same gradients with
+    # respect to every edge weight (the perturbation's direction depends on them)
+    weight = torch.from_numpy(sub.edge_weight).requires_grad_()
+    args = (x[sub.nodes], torch.from_numpy(sub.edge_index), weight,
+            torch.from_numpy(sub.degree_outside))
+    seeds_only = conv(*args, n_out=4)
+    assert seeds_only.shape == (4, 4)
+    torch.testing.assert_close(seeds_only, full[seeds], atol=1e-5, rtol=1e-5)
+    (grad_seeds,) = torch.autograd.grad(seeds_only.square().sum(), weight)
+    (grad_all,) = torch.autograd.grad(conv(*args)[:4].square().sum(), weight)
+    torch.testing.assert_close(grad_seeds, grad_all, atol=1e-6, rtol=1e-5)
+    assert grad_all.abs().sum() > 0
     # without the outside degrees the border cells would be normalised wrongly
     wrong = conv(x[sub.nodes], torch.from_numpy(sub.edge_index),
                  torch.from_numpy(sub.edge_weight), torch.zeros(len(sub.nodes)))

@@ -47,6 +47,11 @@ class SubgraphSampler:
         Symmetric ``(n_cells, n_cells)`` weight matrix.
     n_hops
         Neighbourhood depth.
+
+    Notes
+    -----
+    A sampler builds one subgraph at a time (it reuses a cell-to-node map of ``n_cells``
+    integers); DataLoader workers are processes, each with its own copy.
     """
 
     def __init__(self, graph: sp.spmatrix, n_hops: int = 1):
@@ -67,21 +72,33 @@ class SubgraphSampler:
         pos = np.repeat(starts, counts) + offsets
         return owner, self.indices[pos], self.data[pos]
 
+    def _local_index(self) -> np.ndarray:
+        """A reusable map from cell to local node index, ``-1`` for cells outside the
+        subgraph being built (O(1) membership tests instead of a search per edge)."""
+        if getattr(self, "_local", None) is None:
+            self._local = np.full(self.indptr.size - 1, -1, dtype=np.int64)
+        return self._local
+
     def __call__(self, seeds: np.ndarray) -> Subgraph:
         seeds = np.asarray(seeds, dtype=np.int64)
+        local = self._local_index()
         nodes, frontier = seeds, seeds
-        for _ in range(self.n_hops):
-            _, cols, _ = self._neighbours(frontier)
-            new = np.setdiff1d(cols, nodes)
-            if new.size == 0:
-                break
-            nodes, frontier = np.concatenate([nodes, new]), new
-        owner, cols, weights = self._neighbours(nodes)
-        order = np.argsort(nodes, kind="stable")
-        sorted_nodes = nodes[order]
-        pos = np.searchsorted(sorted_nodes, cols).clip(max=nodes.size - 1)
-        inside = sorted_nodes[pos] == cols
-        src_local = order[pos[inside]]
+        try:
+            # a repeated seed maps to its first position (the last assignment wins)
+            local[seeds[::-1]] = np.arange(seeds.size - 1, -1, -1)
+            for _ in range(self.n_hops):
+                _, cols, _ = self._neighbours(frontier)
+                new = np.unique(cols[local[cols] < 0])
+                if new.size == 0:
+                    break
+                nodes, frontier = np.concatenate([nodes, new]), new
+                local[new] = np.arange(nodes.size - new.size, nodes.size)
+            owner, cols, weights = self._neighbours(nodes)
+            src = local[cols]
+        finally:
+            local[nodes] = -1
+        inside = src >= 0
+        src_local = src[inside]
         dst_local = owner[inside]
         weight_inside = np.bincount(dst_local, weights=weights[inside], minlength=nodes.size)
         degree_outside = np.maximum(self.degree[nodes] - weight_inside, 0.0)
