@@ -8,8 +8,8 @@ import scvi
 
 import scldiff
 from scldiff import _matrix
-from scldiff._constants import ADATA_KEYS
-from scldiff.graph import SubgraphSampler, knn_graph, pca_embedding
+from scldiff._constants import ADATA_KEYS, BATCH_KEYS
+from scldiff.graph import SubgraphSampler, knn_graph, log_normalize, pca_embedding
 from scldiff.train import SubgraphCollator
 
 from .conftest import QUIET, small_pbmc
@@ -80,6 +80,19 @@ def test_backed_minibatches_equal_the_in_memory_ones(counts, monkeypatch):
     for key in a:
         np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
     assert backed.reads[-1] < counts.shape[0]  # only the subgraph's rows
+    # the encoding pass: subgraphs without expression, and the inputs block by block
+    a, b = memory.graph_batch(seeds), disk.graph_batch(seeds)
+    assert a.keys() == b.keys() and BATCH_KEYS.NODE_INPUT not in a
+    for key in a:
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+    np.testing.assert_array_equal(a[BATCH_KEYS.NODES].numpy(), sampler(seeds).nodes)
+    backed.reads.clear()
+    blocks = list(disk.input_blocks())
+    assert backed.reads == [100, 100, counts.shape[0] - 200]  # in order, a block at a time
+    inputs = sp.vstack(blocks)
+    np.testing.assert_array_equal(inputs.toarray(), sp.vstack(list(memory.input_blocks()))
+                                  .toarray())
+    np.testing.assert_allclose(inputs.toarray(), log_normalize(counts).toarray())
 
 
 def test_a_backed_anndata_gives_the_graph_and_model_of_the_in_memory_one(tmp_path,

@@ -270,6 +270,31 @@ def test_history_has_both_stages(trained_model):
     assert trained_model.get_latent_representation().shape == (trained_model.adata.n_obs, 8)
 
 
+
+def test_latent_representation_is_the_full_graph_encoding(trained_model):
+    """The encoding pass projects each cell's expression once and gathers the projections
+    per subgraph; it must equal the encoder run on the expression of the whole graph."""
+    import torch
+
+    model = trained_model
+    model.module.eval()
+    collator = model._collator()
+    n = model.adata.n_obs
+    with torch.inference_mode():
+        batch = collator(list(range(n)))  # one subgraph: every cell, the full graph
+        inputs = model.module._get_inference_input(batch)
+        expected = model.module.inference(**inputs, use_mean=True)
+    for batch_size in (37, 512):
+        latent = model.get_latent_representation(batch_size=batch_size)
+        np.testing.assert_allclose(latent, expected["qz_mean"].numpy(), rtol=1e-5, atol=1e-5)
+    order = np.random.default_rng(0).permutation(n)[:50]
+    np.testing.assert_allclose(model.get_latent_representation(indices=order, batch_size=16),
+                               expected["qz_mean"].numpy()[order], rtol=1e-5, atol=1e-5)
+    # and the log-variances, which stage B trains on
+    mean, logvar = model._posterior(collator, np.arange(n), batch_size=64)
+    np.testing.assert_allclose(logvar.numpy(), expected["qz_logvar"].numpy(), rtol=1e-5,
+                               atol=1e-5)
+
 def test_unconditional_model_with_validation_split():
     scvi.settings.seed = 0
     adata = small_pbmc(n_cells=200, n_genes=300)

@@ -39,6 +39,7 @@ class _BATCH_KEYS_NT(NamedTuple):
     EDGE_INDEX: str = "edge_index"  # (2, n_edge) local node indices, both directions
     EDGE_WEIGHT: str = "edge_weight"  # (n_edge,) symmetric edge weights
     DEGREE_OUTSIDE: str = "degree_outside"  # (n_node,) weighted degree to cells outside
+    NODES: str = "nodes"  # (n_node,) cell index of each node (encoding-only batches)
 
 
 class _LATENT_KEYS_NT(NamedTuple):

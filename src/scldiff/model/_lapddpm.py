@@ -21,7 +21,7 @@ from scvi.model.base import BaseModelClass
 from scvi.train._trainrunner import _safe_load_logger_history
 from scvi.utils import track
 
-from .._constants import ADATA_KEYS, REGISTRY_KEYS
+from .._constants import ADATA_KEYS, BATCH_KEYS, REGISTRY_KEYS
 from .._matrix import is_in_memory
 from .._version import __version__
 from ..diffusion import DEFAULT_STEPS, SAMPLERS
@@ -367,15 +367,33 @@ class LapDDPM(BaseModelClass):
     @torch.inference_mode()
     def _posterior(self, collator: SubgraphCollator, indices: np.ndarray,
                    batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior means and log-variances of the given cells on the full graph."""
+        """Posterior means and log-variances of the given cells on the full graph.
+
+        Each cell's expression is read and projected once, in a sequential pass over the
+        rows (a backed matrix is read in order, block by block); the subgraph batches then
+        gather the projections of their nodes instead of re-reading their expression.
+        """
         self.module.eval()
+        device = self.device
+        projection, start = None, 0
+        for block in collator.input_blocks():
+            h = self.module.project_expression(
+                torch.from_numpy(block.indptr.astype(np.int64)).to(device),
+                torch.from_numpy(block.indices.astype(np.int64)).to(device),
+                torch.from_numpy(block.data).to(device),
+            ).cpu()
+            if projection is None:  # (n_cells, n_hidden), filled block by block
+                projection = h.new_empty((collator.labels.size, h.shape[1]))
+            projection[start : start + h.shape[0]] = h
+            start += h.shape[0]
         loader = SubgraphDataModule(collator, indices, [], batch_size).inference_loader()
         means, logvars = [], []
-        device = self.device
         for batch in loader:
+            nodes = batch.pop(BATCH_KEYS.NODES)
+            n_seed = batch.pop(BATCH_KEYS.LABELS).shape[0]
             batch = {k: v.to(device) for k, v in batch.items()}
-            inputs = self.module._get_inference_input(batch)
-            out = self.module.inference(**inputs, use_mean=True)
+            out = self.module.inference_projected(projection[nodes].to(device),
+                                                  n_seed=n_seed, **batch)
             means.append(out["qz_mean"].cpu())
             logvars.append(out["qz_logvar"].cpu())
         return torch.cat(means), torch.cat(logvars)

@@ -32,11 +32,26 @@ class FullGraphChebConv(ChebConv):
     """
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, edge_index: Tensor, edge_weight: Tensor, degree_outside: Tensor
+        self, x: Tensor, edge_index: Tensor, edge_weight: Tensor, degree_outside: Tensor,
+        n_out: int | None = None,
     ) -> Tensor:
+        """``n_out``: return only the first ``n_out`` nodes' outputs. With ``K <= 2`` only
+        the edges into those nodes then carry messages (the degrees still come from all
+        edges), which is what a subgraph batch needs for its seed cells."""
         degree = degree_outside.index_add(0, edge_index[1], edge_weight)
         inv_sqrt = degree.clamp_min(torch.finfo(degree.dtype).tiny).rsqrt()
         norm = -edge_weight * inv_sqrt[edge_index[0]] * inv_sqrt[edge_index[1]]
+        if n_out is not None and len(self.lins) <= 2:
+            x_out = x[:n_out]
+            out = self.lins[0](x_out)
+            if len(self.lins) > 1:
+                into = edge_index[1] < n_out
+                tx_1 = self.propagate(edge_index[:, into], x=(x, x_out), norm=norm[into],
+                                      size=(x.shape[0], n_out))
+                out = out + self.lins[1](tx_1)
+            return out if self.bias is None else out + self.bias
+        if n_out is not None:
+            return self.forward(x, edge_index, edge_weight, degree_outside)[:n_out]
         tx_0, tx_1 = x, x
         out = self.lins[0](tx_0)
         if len(self.lins) > 1:
@@ -114,8 +129,9 @@ class GraphEncoder(nn.Module):
         self.logvar = nn.Linear(n_hidden, n_latent)
         nn.init.normal_(self.expression.weight, std=n_input**-0.5)
 
-    def _project(self, crow: Tensor, col: Tensor, value: Tensor) -> Tensor:
-        """Sparse ``X @ W + b`` over CSR rows (a weighted embedding-bag sum)."""
+    def project(self, crow: Tensor, col: Tensor, value: Tensor) -> Tensor:
+        """Sparse ``X @ W + b`` over CSR rows (a weighted embedding-bag sum): the input
+        projection of each cell, which depends on that cell's expression alone."""
         h = F.embedding_bag(col, self.expression.weight, crow[:-1], mode="sum",
                             per_sample_weights=value)
         return h + self.expression_bias
@@ -136,18 +152,40 @@ class GraphEncoder(nn.Module):
         degree_outside: Tensor,
         n_seed: int | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Encode every node; ``(crow, col, value)`` is the CSR input matrix."""
+        """Encode the nodes (only the first ``n_seed`` with ``n_seed``, see
+        :meth:`forward_projected`); ``(crow, col, value)`` is the CSR input matrix."""
         if self.training and not self.neighbour_gradients and n_seed is not None:
             split = int(crow[n_seed])
-            seeds = self._project(crow[: n_seed + 1], col[:split], value[:split])
+            seeds = self.project(crow[: n_seed + 1], col[:split], value[:split])
             with torch.no_grad():
-                others = self._project(crow[n_seed:] - split, col[split:], value[split:])
+                others = self.project(crow[n_seed:] - split, col[split:], value[split:])
             h = torch.cat([seeds, others])
         else:
-            h = self._project(crow, col, value)
+            h = self.project(crow, col, value)
+        return self.forward_projected(h, lpe, edge_index, edge_weight, degree_outside, n_seed)
+
+    def forward_projected(
+        self,
+        projection: Tensor,
+        lpe: Tensor | None,
+        edge_index: Tensor,
+        edge_weight: Tensor,
+        degree_outside: Tensor,
+        n_seed: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Encode from the nodes' input projections (:meth:`project`), so that a pass over
+        many subgraphs projects each cell's expression once, not once per subgraph.
+
+        With ``n_seed``, only the first ``n_seed`` nodes (the seed cells) are encoded: the
+        last graph layer computes just their outputs. Otherwise every node is encoded.
+        """
+        h = projection
         if self.lpe is not None and lpe is not None:
             h = h + self.lpe(lpe)
         h = self.dropout(F.gelu(self.input_norm(h)))
-        for conv, norm in zip(self.convs, self.norms, strict=True):
-            h = self.dropout(F.gelu(norm(conv(h, edge_index, edge_weight, degree_outside))))
+        last = len(self.convs) - 1
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            h = conv(h, edge_index, edge_weight, degree_outside,
+                     n_out=n_seed if i == last else None)
+            h = self.dropout(F.gelu(norm(h)))
         return self.mean(h), self.logvar(h).clamp(-12.0, 8.0)

@@ -143,6 +143,30 @@ class LapDDPMModule(BaseModuleClass):
         z = mean if use_mean else mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         return {"qz_mean": mean, "qz_logvar": logvar, "z": z}
 
+    def project_expression(self, node_crow: Tensor, node_col: Tensor, node_input: Tensor
+                           ) -> Tensor:
+        """The encoder's input projection of each cell (``(n_cells, n_hidden)``), which
+        :meth:`inference_projected` takes in place of the expression."""
+        return self.encoder.project(node_crow, node_col, node_input)
+
+    def inference_projected(
+        self,
+        node_projection: Tensor,
+        lpe: Tensor,
+        edge_index: Tensor,
+        edge_weight: Tensor,
+        degree_outside: Tensor,
+        n_seed: int,
+    ) -> dict[str, Tensor]:
+        """Posterior mean and log-variance of the seed cells from the nodes' input
+        projections (:meth:`project_expression`): what :meth:`inference` computes with
+        ``use_mean=True`` and no input mask."""
+        mean, logvar = self.encoder.forward_projected(
+            node_projection, lpe * self.lpe_scale, edge_index, edge_weight, degree_outside,
+            n_seed)
+        mean, logvar = mean[:n_seed], logvar[:n_seed]
+        return {"qz_mean": mean, "qz_logvar": logvar, "z": mean}
+
     def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:
         return {"z": inference_outputs["z"], "library": tensors[BATCH_KEYS.SEED_LIBRARY][:, None]}
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .. import _matrix
 from .._constants import BATCH_KEYS, LATENT_KEYS
-from .._matrix import as_csr, is_in_memory, row_reader, row_sums
+from .._matrix import as_csr, is_in_memory, row_chunks, row_reader, row_sums
 from ..graph import SubgraphSampler, log_normalize
 
 
@@ -131,6 +134,37 @@ class SubgraphCollator:
         """Whether the counts are read from disk for each minibatch."""
         return self.inputs is None
 
+    def input_blocks(self, chunk_size: int | None = None) -> Iterator[sp.csr_matrix]:
+        """The encoder's input (log-normalised expression) of all cells, in consecutive
+        blocks of rows read sequentially (default ``ROW_CHUNK`` rows per block)."""
+        chunk_size = _matrix.ROW_CHUNK if chunk_size is None else chunk_size
+        if self.inputs is not None:
+            for start in range(0, self.inputs.shape[0], chunk_size):
+                yield self.inputs[start : start + chunk_size]
+            return
+        for block in row_chunks(self.counts, chunk_size):
+            yield log_normalize(block)
+
+    def graph_batch(self, seeds: list[int]) -> dict[str, torch.Tensor]:
+        """The subgraph of ``seeds`` without expression: the cell index of each node
+        (``NODES``) instead, for a pass that reads the expression once per cell
+        (:meth:`input_blocks`) rather than once per subgraph the cell falls in."""
+        seeds = np.asarray(seeds, dtype=np.int64)
+        sub = self.sampler(seeds)
+        return {
+            BATCH_KEYS.LABELS: torch.from_numpy(self.labels[seeds][:, None]),
+            BATCH_KEYS.NODES: torch.from_numpy(np.asarray(sub.nodes, dtype=np.int64)),
+            **self._graph_tensors(sub),
+        }
+
+    def _graph_tensors(self, sub) -> dict[str, torch.Tensor]:
+        return {
+            BATCH_KEYS.LPE: torch.from_numpy(self.lpe[sub.nodes]),
+            BATCH_KEYS.EDGE_INDEX: torch.from_numpy(sub.edge_index),
+            BATCH_KEYS.EDGE_WEIGHT: torch.from_numpy(sub.edge_weight),
+            BATCH_KEYS.DEGREE_OUTSIDE: torch.from_numpy(sub.degree_outside),
+        }
+
     def __call__(self, seeds: list[int]) -> dict[str, torch.Tensor]:
         seeds = np.asarray(seeds, dtype=np.int64)
         sub = self.sampler(seeds)  # the seeds come first among the nodes
@@ -148,10 +182,7 @@ class SubgraphCollator:
             BATCH_KEYS.NODE_INPUT: torch.from_numpy(x.data),
             BATCH_KEYS.SEED_COUNTS: torch.from_numpy(seed_counts),
             BATCH_KEYS.SEED_LIBRARY: torch.from_numpy(self.library[seeds]),
-            BATCH_KEYS.LPE: torch.from_numpy(self.lpe[sub.nodes]),
-            BATCH_KEYS.EDGE_INDEX: torch.from_numpy(sub.edge_index),
-            BATCH_KEYS.EDGE_WEIGHT: torch.from_numpy(sub.edge_weight),
-            BATCH_KEYS.DEGREE_OUTSIDE: torch.from_numpy(sub.degree_outside),
+            **self._graph_tensors(sub),
         }
 
 
@@ -173,11 +204,12 @@ class SubgraphDataModule(LightningDataModule):
         self.n_train, self.n_val = self.train_idx.size, self.val_idx.size
         self.batch_size = batch_size
 
-    def _loader(self, indices: np.ndarray, shuffle: bool, replicas: tuple[int, int] = (1, 0)
-                ) -> DataLoader:
+    def _loader(self, indices: np.ndarray, shuffle: bool, replicas: tuple[int, int] = (1, 0),
+                collate_fn=None) -> DataLoader:
         batches = EpochBatchSampler(len(indices), self.batch_size, shuffle, seed=self.seed,
                                     num_replicas=replicas[0], rank=replicas[1])
-        return DataLoader(_Indices(indices), batch_sampler=batches, collate_fn=self.collator)
+        return DataLoader(_Indices(indices), batch_sampler=batches,
+                          collate_fn=self.collator if collate_fn is None else collate_fn)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_idx, shuffle=True, replicas=_replicas(self))
@@ -188,8 +220,10 @@ class SubgraphDataModule(LightningDataModule):
         return self._loader(self.val_idx, shuffle=False, replicas=_replicas(self))
 
     def inference_loader(self, indices: np.ndarray | None = None) -> DataLoader:
-        """Unshuffled batches of the given cells (default: the training cells)."""
-        return self._loader(self.train_idx if indices is None else indices, shuffle=False)
+        """Unshuffled encoding batches (:meth:`SubgraphCollator.graph_batch`: subgraphs
+        without expression) of the given cells (default: the training cells)."""
+        return self._loader(self.train_idx if indices is None else indices, shuffle=False,
+                            collate_fn=self.collator.graph_batch)
 
 
 class _Latents(Dataset):
