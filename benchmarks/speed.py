@@ -134,18 +134,21 @@ def meta() -> dict:
 
 
 class StepTimer(Callback):
-    """Lightning callback: the duration of each optimisation step and the resident memory
-    after it; stops after ``limit``."""
+    """Lightning callback: the wall time of each training step, from the end of the
+    previous one (so reading and building the minibatch count, not only the optimisation
+    step), and the resident memory after it; stops after ``limit``."""
 
     def __init__(self, limit: int | None = None):
         self.limit, self.times, self.rss, self._t = limit, {}, {}, None
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+    def on_train_epoch_start(self, trainer, module):
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         stage = getattr(module, "stage", "scvi")
-        self.times.setdefault(stage, []).append(time.perf_counter() - self._t)
+        now = time.perf_counter()
+        self.times.setdefault(stage, []).append(now - self._t)
+        self._t = now
         self.rss.setdefault(stage, []).append(_rss_bytes())
         if self.limit is not None and len(self.times[stage]) >= self.limit:
             trainer.should_stop = True

@@ -157,3 +157,39 @@ def test_rows_of_a_backed_csr_file_are_read_range_by_range(tmp_path, monkeypatch
         got = read(rows)
         assert got.dtype == np.float32 and got.has_sorted_indices
         np.testing.assert_array_equal(got.toarray(), x[rows].toarray())
+
+
+@pytest.mark.parametrize("layout", ["anndata", "small chunks", "contiguous", "gzip"])
+def test_backed_rows_through_a_memory_map_equal_hdf5_reads(tmp_path, layout):
+    """Uncompressed arrays are read through a memory map of the file's chunks; rows that
+    run across a chunk boundary, a contiguous layout and float64 values included.
+    Compressed arrays fall back to HDF5 reads."""
+    import h5py
+
+    adata = small_pbmc(200, 300)
+    x = adata.X.astype(np.float32).tocsr()
+    x[7] = 0
+    x.eliminate_zeros()
+    adata.X = x
+    path = tmp_path / "a.h5ad"
+    adata.write_h5ad(path, compression="gzip" if layout == "gzip" else None)
+    if layout in ("small chunks", "contiguous"):
+        with h5py.File(path, "r+") as f:
+            for key, values in (("data", x.data.astype(np.float64)), ("indices", x.indices)):
+                del f["X"][key]
+                chunks = (7,) if layout == "small chunks" else None
+                f["X"].create_dataset(key, data=values, chunks=chunks)
+    backed = anndata.read_h5ad(path, backed="r")
+    reader = _matrix._RowReader(_matrix._backed_csr_group(backed.X), backed.shape)
+    assert (reader.mapped is None) == (layout == "gzip")
+    if layout == "small chunks":
+        assert reader.mapped[0].chunk_len == 7
+    hdf5 = _matrix._RowReader(_matrix._backed_csr_group(backed.X), backed.shape,
+                              memory_map=False)
+    rng = np.random.default_rng(0)
+    for rows in (np.arange(200), np.array([7]), np.array([], dtype=np.int64),
+                 np.sort(rng.choice(200, 60, replace=False))):
+        got = reader(rows)
+        assert got.dtype == np.float32 and got.has_sorted_indices
+        np.testing.assert_array_equal(got.toarray(), x[rows].toarray())
+        np.testing.assert_array_equal(hdf5(rows).toarray(), x[rows].toarray())

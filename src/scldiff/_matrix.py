@@ -7,6 +7,7 @@ graph's setup and training never hold more than one block (or one minibatch) of 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -61,19 +62,95 @@ def _backed_csr_group(matrix):
     return group
 
 
+class _MappedArray:
+    """Random access to an uncompressed 1-D HDF5 dataset through a memory map of its file.
+
+    HDF5 reads at least a whole chunk per read; a memory map of the chunks' bytes touches
+    only the pages that hold the requested entries. :meth:`create` returns ``None`` where
+    that is not possible (filters such as compression, a driver other than a plain file,
+    unallocated or misaligned chunks), and the caller falls back to HDF5 reads.
+    """
+
+    def __init__(self, path: str, dtype: np.dtype, chunk_len: int, chunk_start: np.ndarray):
+        self.file = np.memmap(path, dtype=dtype, mode="r")
+        self.chunk_len, self.chunk_start = chunk_len, chunk_start
+
+    @classmethod
+    def create(cls, dataset) -> _MappedArray | None:
+        try:
+            import h5py
+        except ImportError:  # pragma: no cover - h5py comes with anndata
+            return None
+        if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 1 or dataset.size == 0:
+            return None
+        path = dataset.file.filename
+        if dataset.file.driver != "sec2" or not os.path.isfile(path):
+            return None
+        dsid, itemsize = dataset.id, dataset.dtype.itemsize
+        if dsid.get_create_plist().get_nfilters() != 0:
+            return None
+        if dataset.chunks is None:  # contiguous: one "chunk"
+            offset = dsid.get_offset()
+            if offset is None:
+                return None
+            chunk_len, offsets = dataset.size, np.array([offset], dtype=np.int64)
+        else:
+            chunk_len = dataset.chunks[0]
+            n_chunks = -(-dataset.size // chunk_len)
+            offsets = np.full(n_chunks, -1, dtype=np.int64)
+            try:
+                def record(info):
+                    offsets[info.chunk_offset[0] // chunk_len] = info.byte_offset
+                dsid.chunk_iter(record)
+            except (AttributeError, NotImplementedError, RuntimeError):  # older HDF5
+                for i in range(dsid.get_num_chunks()):
+                    info = dsid.get_chunk_info(i)
+                    offsets[info.chunk_offset[0] // chunk_len] = info.byte_offset
+            if (offsets < 0).any():
+                return None
+        if (offsets % itemsize).any():
+            return None
+        if offsets.max() + chunk_len * itemsize > os.path.getsize(path):
+            return None
+        return cls(path, dataset.dtype, chunk_len, offsets // itemsize)
+
+    def ranges(self, lo: np.ndarray, lengths: np.ndarray, out_start: np.ndarray) -> np.ndarray:
+        """The entries ``lo[i] : lo[i] + lengths[i]`` of the dataset for each ``i``, one
+        after the other (``out_start``: where each range starts in the result)."""
+        chunk, within = np.divmod(lo, self.chunk_len)
+        # where each range starts in the file (in entries); a range that runs into the next
+        # chunk is placed entry by entry below
+        shift = self.chunk_start[chunk] + within - out_start
+        positions = np.repeat(shift, lengths) + np.arange(out_start[-1] + lengths[-1]
+                                                          if lengths.size else 0)
+        crossing = np.flatnonzero(within + lengths > self.chunk_len)
+        for i in crossing:
+            entries = np.arange(lo[i], lo[i] + lengths[i])
+            c, w = np.divmod(entries, self.chunk_len)
+            positions[out_start[i] : out_start[i] + lengths[i]] = self.chunk_start[c] + w
+        return np.asarray(self.file[positions])
+
+
 class _RowReader:
     """Reads rows of a backed CSR matrix straight from its ``data`` and ``indices`` arrays.
 
     anndata's backed CSR indexing reads the whole matrix for an array of rows; here only
-    spans covering the requested rows are read. Rows whose ranges lie at most ``max_gap``
-    stored entries apart share one read (each read has a fixed cost, and HDF5 reads at least
-    a whole chunk). The row pointers are read once and kept (8 bytes per row).
+    the requested rows are read. Uncompressed HDF5 arrays (anndata's default) are read
+    through a memory map of the file (:class:`_MappedArray`), which touches only the pages
+    holding those rows. Otherwise (compressed, Zarr) spans covering the rows are read, rows
+    whose ranges lie at most ``max_gap`` stored entries apart sharing one read (each read
+    has a fixed cost, and HDF5 reads at least a whole chunk). The row pointers are read
+    once and kept (8 bytes per row).
     """
 
-    def __init__(self, group, shape, max_gap: int = 8_192):
+    def __init__(self, group, shape, max_gap: int = 8_192, memory_map: bool = True):
         self.data, self.indices = group["data"], group["indices"]
         self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
         self.shape, self.max_gap = shape, max_gap
+        self.mapped = None
+        if memory_map:
+            mapped = (_MappedArray.create(self.data), _MappedArray.create(self.indices))
+            self.mapped = mapped if None not in mapped else None
 
     def __call__(self, rows: np.ndarray) -> sp.csr_matrix:
         """``rows`` increasing and distinct."""
@@ -81,6 +158,12 @@ class _RowReader:
         lengths = hi - lo
         indptr = np.zeros(rows.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
+        if self.mapped is not None:
+            data, indices = (array.ranges(lo, lengths, indptr[:-1]) for array in self.mapped)
+            out = sp.csr_matrix((data.astype(np.float32, copy=False), indices, indptr),
+                                shape=(rows.size, self.shape[1]))
+            out.sort_indices()
+            return out
         # spans: a new one where the gap to the previous row's end exceeds max_gap
         new_span = np.ones(rows.size, dtype=bool)
         new_span[1:] = lo[1:] - hi[:-1] > self.max_gap
