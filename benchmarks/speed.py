@@ -200,7 +200,10 @@ def _scvi_prior_sampler(adata: ad.AnnData, epochs: int):
     return sample
 
 
-def bench_generation(n_cells: int, repeats: int, epochs: tuple[int, int]) -> dict:
+def bench_generation(n_cells: int, repeats: int, epochs: tuple[int, int],
+                     fewer_steps: tuple[int, ...] = (10,)) -> dict:
+    """``fewer_steps``: also time ``generate(n_steps=k)`` (their quality:
+    ``benchmarks/sampler_steps.py``)."""
     model = _train_pbmc3k(*epochs)
     module = model.module.eval()
     # warm-up (allocator, lazy initialisation), then the best of the repeats
@@ -210,6 +213,14 @@ def bench_generation(n_cells: int, repeats: int, epochs: tuple[int, int]) -> dic
         start = time.perf_counter()
         generated = model.generate(n_samples=n_cells, seed=r, progress_bar=False)
         walls.append(time.perf_counter() - start)
+    fewer = {}
+    for n_steps in fewer_steps:
+        times = []
+        for r in range(repeats):
+            start = time.perf_counter()
+            model.generate(n_samples=n_cells, seed=r, n_steps=n_steps, progress_bar=False)
+            times.append(time.perf_counter() - start)
+        fewer[str(n_steps)] = min(times)
     # the parts, on the same number of cells in one batch: the guided latent diffusion,
     # then the decoder and the count draws (chunked as generate() does)
     rng = np.random.default_rng(0)
@@ -234,7 +245,7 @@ def bench_generation(n_cells: int, repeats: int, epochs: tuple[int, int]) -> dic
             "sampler": generated.uns["scldiff"]["sampler"],
             "n_steps": generated.uns["scldiff"]["n_steps"],
             "lapddpm_seconds": best, "lapddpm_cells_per_second": n_cells / best,
-            "lapddpm_all_seconds": walls,
+            "lapddpm_all_seconds": walls, "lapddpm_seconds_with_n_steps": fewer,
             "parts_seconds": {"latents": t_latents, "decoder and counts": t_counts},
             "scvi_prior_seconds": scvi_best, "scvi_cells_per_second": n_cells / scvi_best,
             "target_seconds": 1.0, "met": best <= 1.0}
@@ -454,6 +465,9 @@ def report(results: dict) -> str:
                   f"{_fmt(g['lapddpm_cells_per_second'], 0)} |",
                   *[f"| – {PART_NAMES.get(part, part)} | {_fmt(seconds)} | |"
                     for part, seconds in g["parts_seconds"].items()],
+                  *[f"| LapDDPM `generate(n_steps={k})` | {_fmt(seconds)} | "
+                    f"{_fmt(g['n_cells'] / seconds, 0)} |"
+                    for k, seconds in g.get("lapddpm_seconds_with_n_steps", {}).items()],
                   f"| scVI prior sampling | {_fmt(g['scvi_prior_seconds'])} | "
                   f"{_fmt(g['scvi_cells_per_second'], 0)} |", "",
                   f"Target ≤ {g['target_seconds']} s: {'met' if g['met'] else 'not met'}.", ""]

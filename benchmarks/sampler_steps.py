@@ -1,0 +1,125 @@
+"""How many ODE steps does generation need? Quality against the number of sampler steps.
+
+Usage (from the repository root, after ``python benchmarks/quality.py --datasets pbmc3k``)::
+
+    python benchmarks/sampler_steps.py                    # 10, 15, 20, 30 steps, 3 seeds
+    python benchmarks/sampler_steps.py --steps 5 10 30 --seeds 0 --draws 1
+
+The latent ODE (DPM-Solver++ 2M) is three quarters of the generation time on a CPU, and
+its cost is proportional to the number of steps. This script takes the LapDDPM models that
+``quality.py`` trained and kept (``benchmarks/.cache/<dataset>/seed<k>/lapddpm_model``, the
+default settings), generates the held-out label counts of each split with each number of
+steps (``--draws`` draws each, different generation seeds), and scores them with
+:func:`scldiff.metrics.evaluate` as ``quality.py`` does. The floor and scVI rows of the
+same splits are read from ``quality.py``'s finished runs, for scale.
+
+Writes ``benchmarks/results/sampler_steps.json`` and ``sampler_steps.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import scldiff
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import quality  # noqa: E402  (the benchmark's split, scoring and cache)
+
+METRICS = {"cond. MMD": "MMD | conditional", "cond. W2": "W2 | conditional",
+           "RF AUC": "RF AUC | unconditional", "TSTR F1": "TSTR macro F1 | conditional"}
+RESULTS = os.path.join(HERE, "results")
+
+
+def run(dataset: str, seeds: list[int], steps: list[int], draws: int, data_dir: str) -> dict:
+    adata = quality.load_dataset(dataset, data_dir)
+    records = []
+    for seed in seeds:
+        path = quality.model_path(dataset, seed, "lapddpm")
+        if not os.path.isdir(path):
+            raise SystemExit(f"No trained LapDDPM model at {path}: run "
+                             f"`python benchmarks/quality.py --datasets {dataset} --seeds "
+                             f"{seed}` first.")
+        model = scldiff.LapDDPM.load(path, adata=False)
+        _, test = scldiff.metrics.stratified_split(adata, quality.LABELS, 0.2, seed=seed)
+        label_counts = {k: int(v) for k, v in test.obs[quality.LABELS].value_counts().items()
+                        if v}
+        for n_steps in steps:
+            for draw in range(draws):
+                generated = quality.lapddpm_generate(model, label_counts, seed + 100 * draw,
+                                                     {"n_steps": n_steps}, test)
+                metrics = quality.score(test, generated, seed)
+                record = {"seed": seed, "n_steps": n_steps, "draw": draw,
+                          **{name: metrics.get(key) for name, key in METRICS.items()}}
+                records.append(record)
+                print(json.dumps(record), flush=True)
+    references = {}
+    for method in ("floor", "scvi"):
+        rows = []
+        for seed in seeds:
+            try:
+                with open(quality.run_path(dataset, seed, method)) as handle:
+                    rows.append(json.load(handle)["metrics"])
+            except OSError:
+                continue
+        if rows:
+            references[method] = {name: float(np.mean([r[key] for r in rows if key in r]))
+                                  for name, key in METRICS.items()
+                                  if any(key in r for r in rows)}
+    return {"dataset": dataset, "seeds": seeds, "draws": draws, "records": records,
+            "references": references, "meta": quality.meta()}
+
+
+def report(result: dict) -> str:
+    records = result["records"]
+    lines = [f"Produced by `python benchmarks/sampler_steps.py` on {result['dataset']}: the "
+             f"LapDDPM models of `quality.py` (seeds {', '.join(map(str, result['seeds']))}), "
+             f"{result['draws']} generation draw(s) per seed and step count; mean ± sd over "
+             f"all draws. Code at commit {result['meta']['commit']}.", "",
+             "| sampler steps | " + " | ".join(METRICS) + " |",
+             "|---|" + "---|" * len(METRICS)]
+    for n_steps in sorted({r["n_steps"] for r in records}):
+        rows = [r for r in records if r["n_steps"] == n_steps]
+        cells = []
+        for name in METRICS:
+            values = np.array([r[name] for r in rows if r[name] is not None], dtype=float)
+            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+                         if values.size > 1 else (f"{values.mean():.3f}" if values.size
+                                                  else ""))
+        lines.append(f"| {n_steps} | " + " | ".join(cells) + " |")
+    for method, values in result["references"].items():
+        lines.append(f"| {method} (quality.py runs) | "
+                     + " | ".join(f"{values[name]:.3f}" if name in values else ""
+                                  for name in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="pbmc3k", choices=quality.DATASETS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", nargs="+", type=int, default=[10, 15, 20, 30])
+    parser.add_argument("--draws", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--data-dir", default=quality.DEFAULT_DATA_DIR)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args.dataset, args.seeds, args.steps, args.draws, args.data_dir)
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "sampler_steps.json"), "w") as handle:
+        json.dump(result, handle, indent=2)
+    table = report(result)
+    with open(os.path.join(RESULTS, "sampler_steps.md"), "w") as handle:
+        handle.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
