@@ -13,7 +13,7 @@ steps (``--draws`` draws each, different generation seeds), and scores them with
 :func:`scldiff.metrics.evaluate` as ``quality.py`` does. The floor and scVI rows of the
 same splits are read from ``quality.py``'s finished runs, for scale.
 
-Writes ``benchmarks/results/sampler_steps.json`` and ``sampler_steps.md``.
+Writes ``benchmarks/results/sampler_steps_<dataset>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -113,10 +113,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     result = run(args.dataset, args.seeds, args.steps, args.draws, args.data_dir)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "sampler_steps.json"), "w") as handle:
+    stem = os.path.join(RESULTS, f"sampler_steps_{args.dataset}")
+    with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=2)
     table = report(result)
-    with open(os.path.join(RESULTS, "sampler_steps.md"), "w") as handle:
+    with open(stem + ".md", "w") as handle:
         handle.write(table)
     print(table)
 
