@@ -72,7 +72,9 @@ class _MappedArray:
     """
 
     def __init__(self, path: str, dtype: np.dtype, chunk_len: int, chunk_start: np.ndarray):
-        self.file = np.memmap(path, dtype=dtype, mode="r")
+        # the whole file as entries of ``dtype`` (its size need not be a multiple of them)
+        n_entries = os.path.getsize(path) // dtype.itemsize
+        self.file = np.memmap(path, dtype=dtype, mode="r", shape=(n_entries,))
         self.chunk_len, self.chunk_start = chunk_len, chunk_start
 
     @classmethod
@@ -112,7 +114,10 @@ class _MappedArray:
             return None
         if offsets.max() + chunk_len * itemsize > os.path.getsize(path):
             return None
-        return cls(path, dataset.dtype, chunk_len, offsets // itemsize)
+        try:
+            return cls(path, dataset.dtype, chunk_len, offsets // itemsize)
+        except (OSError, ValueError):  # a file that cannot be mapped: read through HDF5
+            return None
 
     def ranges(self, lo: np.ndarray, lengths: np.ndarray, out_start: np.ndarray) -> np.ndarray:
         """The entries ``lo[i] : lo[i] + lengths[i]`` of the dataset for each ``i``, one
