@@ -271,7 +271,7 @@ def test_history_has_both_stages(trained_model):
 
 
 
-def test_latent_representation_is_the_full_graph_encoding(trained_model):
+def test_latent_representation_is_the_full_graph_encoding(trained_model, capsys):
     """The encoding pass projects each cell's expression once and gathers the projections
     per subgraph; it must equal the encoder run on the expression of the whole graph."""
     import torch
@@ -287,6 +287,9 @@ def test_latent_representation_is_the_full_graph_encoding(trained_model):
     for batch_size in (37, 512):
         latent = model.get_latent_representation(batch_size=batch_size)
         np.testing.assert_allclose(latent, expected["qz_mean"].numpy(), rtol=1e-5, atol=1e-5)
+    assert "Encoding cells" not in "".join(capsys.readouterr())
+    model.get_latent_representation(progress_bar=True)
+    assert "Encoding cells" in "".join(capsys.readouterr())
     # a large share of the cells (projected once) and a few (read per batch)
     for n_cells, batch_size in ((50, 16), (5, 2)):
         order = np.random.default_rng(0).permutation(n)[:n_cells]

@@ -366,7 +366,8 @@ class LapDDPM(BaseModelClass):
 
     @torch.inference_mode()
     def _posterior(self, collator: SubgraphCollator, indices: np.ndarray,
-                   batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                   batch_size: int = 512, progress_bar: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior means and log-variances of the given cells on the full graph.
 
         Each cell's expression is read and projected once, in a sequential pass over the
@@ -398,7 +399,8 @@ class LapDDPM(BaseModelClass):
             start += h.shape[0]
         loader = SubgraphDataModule(collator, indices, [], batch_size).inference_loader()
         means, logvars = [], []
-        for batch in loader:
+        for batch in track(loader, description="Encoding cells", disable=not progress_bar,
+                           style="tqdm"):
             nodes = batch.pop(BATCH_KEYS.NODES)
             n_seed = batch.pop(BATCH_KEYS.LABELS).shape[0]
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -604,14 +606,16 @@ class LapDDPM(BaseModelClass):
         if n_b > 0:
             logger.info("Stage B: latent diffusion, %d epochs.", n_b)
             library = torch.from_numpy(collator.library.astype(np.float32))
+            bar = bool(trainer_kwargs.get("enable_progress_bar", True))
             qz_mean, qz_logvar = self.module.diffusion_inputs(
-                *self._posterior(collator, train_idx), library[train_idx])
+                *self._posterior(collator, train_idx, progress_bar=bar), library[train_idx])
             self.module.set_latent_statistics(qz_mean, qz_logvar)
             labels = torch.from_numpy(collator.labels)
             val = None
             if len(val_idx):
-                val = (*self.module.diffusion_inputs(*self._posterior(collator, val_idx),
-                                                     library[val_idx]), labels[val_idx])
+                val = (*self.module.diffusion_inputs(
+                    *self._posterior(collator, val_idx, progress_bar=bar), library[val_idx]),
+                    labels[val_idx])
             data_b = LatentDataModule((qz_mean, qz_logvar, labels[train_idx]), val,
                                       batch_size_stage_b, seed=seed)
             plan_b = self._training_plan_cls(
@@ -634,6 +638,7 @@ class LapDDPM(BaseModelClass):
         adata: AnnData | None = None,
         indices: np.ndarray | None = None,
         batch_size: int = 512,
+        progress_bar: bool = False,
     ) -> np.ndarray:
         """Posterior mean of each cell's latent, encoded on the full cell graph.
 
@@ -645,6 +650,8 @@ class LapDDPM(BaseModelClass):
             Cells to encode (default: all).
         batch_size
             Seed cells per encoding batch.
+        progress_bar
+            Show a progress bar (about a minute for 1M cells on 2 CPU cores).
 
         Returns
         -------
@@ -653,7 +660,7 @@ class LapDDPM(BaseModelClass):
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
         indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-        mean, _ = self._posterior(self._collator(adata), indices, batch_size)
+        mean, _ = self._posterior(self._collator(adata), indices, batch_size, progress_bar)
         return mean.numpy()
 
     def generate(
