@@ -271,3 +271,41 @@ def test_inverse_cdf_draws_stop_when_rounding_leaves_the_cdf_short_of_the_unifor
     out = _positive_draws_in_thread(mu, theta, p_zero)
     tail_start = [np.log(1e-7) / np.log(5 / 6) - 1, 0]  # where the true CDF passes 1 - 1e-7
     assert np.isfinite(out).all() and (out >= tail_start).all() and (out < 1e5).all()
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+def test_sampling_params_equal_the_forward_ones(likelihood):
+    decoder, params = decoder_params(likelihood, n_cells=4, n_genes=30)
+    z = torch.randn(4, 4)
+    with torch.no_grad():
+        if likelihood == "zinb":  # dropout logits far out in both tails: exp overflows
+            decoder.dropout_logits.bias[:3] = torch.tensor([120.0, -120.0, 0.0])
+        params = decoder(z)
+        fast = decoder.sampling_params(z)
+    torch.testing.assert_close(fast["scale"], params["scale"], rtol=1e-5, atol=1e-9)
+    if likelihood != "poisson":
+        torch.testing.assert_close(fast["theta"], params["theta"][0])
+    if likelihood == "zinb":
+        torch.testing.assert_close(fast["kept"], torch.sigmoid(-params["zi_logits"]))
+        assert (fast["kept"][:, 0] == 0).all() and (fast["kept"][:, 1] == 1).all()
+    else:
+        assert "kept" not in fast
+
+
+class _FixedUniforms:
+    """A Generator stand-in: float32 uniforms 0, float64 ones 1/2."""
+
+    def random(self, size, dtype=np.float64):
+        return np.zeros(size, dtype) if dtype == np.float32 else np.full(size, 0.5)
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+def test_zero_decisions_resolve_probabilities_below_float32_spacing(likelihood):
+    # float32 uniforms are multiples of 2**-24 (6e-8): alone, u = 0 would make every entry
+    # with P(X > 0) > 0 nonzero. Completed to float64, u is 2**-25 (3e-8) here, so only
+    # the entries with P(X > 0) above it may be nonzero.
+    mu = torch.tensor([[1e-9, 2e-8, 4e-8, 1e-7, 0.5]])
+    params = {"scale": mu / 10.0, "theta": torch.full((5,), 2.0),
+              "kept": torch.ones(1, 5)}
+    counts = sample_counts(likelihood, params, torch.tensor([[10.0]]), _FixedUniforms())
+    assert counts.toarray().ravel().tolist() == [0, 0, 1, 1, 1]

@@ -88,6 +88,27 @@ class CountDecoder(nn.Module):
         params["scale"] = log_scale.exp()
         return params
 
+    @torch.no_grad()
+    def sampling_params(self, z: Tensor) -> dict[str, Tensor]:
+        r"""The parameters :func:`sample_counts` needs, in fewer passes than :meth:`forward`.
+
+        ``scale`` (:math:`\mu / \ell`, as in :meth:`forward`), ``theta`` (one per gene) and,
+        for the ZINB, ``kept`` (:math:`1 - \pi`), computed in linear rather than log space:
+        no gradients, and no ``log_scale`` or ``zi_logits``.
+        """
+        h = self.hidden(z)
+        scale = F.log_softmax(self.scale(h), dim=-1).exp_()  # rho
+        params: dict[str, Tensor] = {}
+        if self.log_theta is not None:
+            params["theta"] = self.log_theta.exp()
+        if self.dropout_logits is not None:
+            # 1 - pi = sigmoid(-logits) = 1 / (1 + exp(logits)); exp may overflow to inf -> 0
+            kept = self.dropout_logits(h).exp_().add_(1.0).reciprocal_()
+            scale.div_(torch.linalg.vecdot(kept, scale)[:, None])  # rho / sum (1 - pi) rho
+            params["kept"] = kept
+        params["scale"] = scale
+        return params
+
     def distribution(self, params: dict[str, Tensor], library: Tensor) -> Distribution:
         """The count distribution for cells of the given library sizes ``(batch, 1)``."""
         mu = library * params["scale"]
@@ -161,6 +182,11 @@ def sparse_log_likelihood(
     return zero.sum(-1).index_add(0, rows, nonzero - zero[rows, col])
 
 
+# P(X > 0) <= E[X]: the dense pre-selection's bound is E[X] times this, so that float32
+# rounding cannot push it below the exact probability
+_BOUND_SLACK = 1.0 + 1e-5
+# spacing of numpy's float32 uniforms (multiples of 2**-24)
+_FLOAT32_SPACING = 2.0**-24
 # means up to this are drawn by inverse CDF (a few steps each), larger ones as Gamma-Poisson
 _INVERSE_CDF_MAX_MEAN = 10.0
 
@@ -176,7 +202,7 @@ def _positive_draws(mu: np.ndarray, theta: np.ndarray | None, p_zero: np.ndarray
     entries still running, compacted, so its cost is about the number of entries. Larger
     means: Gamma–Poisson draws, redrawn while zero (rejection, exact).
     """
-    out = np.empty(mu.shape, dtype=np.float64)
+    out = np.ones(mu.shape, dtype=np.float64)  # every draw is at least 1
     small = mu <= _INVERSE_CDF_MAX_MEAN
     where = np.flatnonzero(small)
     if where.size:
@@ -191,20 +217,23 @@ def _positive_draws(mu: np.ndarray, theta: np.ndarray | None, p_zero: np.ndarray
         k = 1.0
         pmf = p0 * (ratio_a + ratio_b)
         cdf = p0 + pmf
-        stalled = np.zeros(where.size, dtype=bool)
+        stalled = None
         while True:
             # Stop where the CDF has passed the uniform. Rounding can leave the summed CDF
             # just short of a uniform near 1: once the pmf is past its mode (it only falls
             # from there) and too small to change the CDF, the entry stops at k, which
             # moves at most a rounding error of probability.
-            running = (cdf <= v) & (pmf > 0) & ~stalled
-            out[where[~running]] = k
-            if not running.any():
+            running = cdf <= v
+            running &= pmf > 0
+            if stalled is not None:
+                running &= ~stalled
+            keep = np.flatnonzero(running)  # indices, then takes: cheaper than masks
+            if not keep.size:
                 break
             where, v, ratio_a, ratio_b, pmf, cdf = (
-                where[running], v[running], ratio_a[running], ratio_b[running],
-                pmf[running], cdf[running])
+                where[keep], v[keep], ratio_a[keep], ratio_b[keep], pmf[keep], cdf[keep])
             k += 1.0
+            out[where] = k
             factor = (k * ratio_a + ratio_b) / k
             pmf *= factor
             previous = cdf
@@ -228,42 +257,75 @@ def sample_counts(
 ) -> sp.csr_matrix:
     r"""Draw counts from the decoder's likelihood with an explicit random generator.
 
-    Sparse and exact: one uniform :math:`u` per entry decides whether a count is nonzero,
-    :math:`u < P(X > 0) = (1 - \pi)\,(1 - (\theta / (\theta + \mu))^\theta)` (ZINB; NB
-    without :math:`\pi`, Poisson :math:`1 - e^{-\mu}`), computed in float32 over the dense
-    ``(n_cells, n_genes)`` parameters. Only the nonzero entries, a few percent of them in
-    single-cell data, are then drawn from :math:`X \mid X \ge 1` (:func:`_positive_draws`).
-    The cost is a few passes over the parameters instead of a Gamma and a Poisson draw per
-    entry; pass a few hundred cells at a time (:meth:`LapDDPMModule.decode_counts`), so
-    that the passes reuse memory instead of faulting in new pages.
+    Sparse and exact. A count is nonzero with probability :math:`P(X > 0) = (1 - \pi)\,(1 -
+    (\theta / (\theta + \mu))^\theta)` (ZINB; NB without :math:`\pi`, Poisson :math:`1 -
+    e^{-\mu}`), decided by one uniform :math:`u` per entry. Since :math:`P(X > 0) \le
+    E[X]` (Markov), a float32 pass over the dense ``(n_cells, n_genes)`` parameters keeps
+    only the entries with :math:`u < E[X]`, a tenth or so of them in single-cell data; the
+    exact probability, its logarithm and power, is computed in float64 for those alone. The
+    uniform there is completed to float64 resolution (:math:`u + 2^{-24} v` with a fresh
+    :math:`v`), so that probabilities below float32's spacing are not rounded. The nonzero
+    entries, a few percent, are then drawn from :math:`X \mid X \ge 1`
+    (:func:`_positive_draws`). Pass a few hundred cells at a time
+    (:meth:`LapDDPMModule.decode_counts`), so that the dense passes reuse memory instead of
+    faulting in new pages.
+
+    Parameters
+    ----------
+    likelihood
+        ``"nb"``, ``"zinb"`` or ``"poisson"``.
+    params
+        ``scale`` (:math:`\mu / \ell`, ``(n_cells, n_genes)``), ``theta`` (per gene or
+        broadcastable to ``scale``; not for Poisson) and, for the ZINB, ``kept``
+        (:math:`1 - \pi`) or ``zi_logits``: :meth:`CountDecoder.sampling_params` or
+        :meth:`CountDecoder.forward`.
+    library
+        ``(n_cells, 1)`` library sizes.
+    rng
+        The random generator.
 
     Returns
     -------
     ``(n_cells, n_genes)`` CSR matrix of float32 whole numbers.
     """
     with torch.no_grad():
-        mu = (library * params["scale"]).float()
+        scale = params["scale"].detach().to("cpu", torch.float32)
+        n_cells, n_genes = scale.shape
+        lib = library.detach().to("cpu", torch.float64).reshape(-1)
+        # E[X] per entry, a little inflated against float32 rounding: an upper bound of P(X>0)
+        bound = scale * (lib * _BOUND_SLACK).float()[:, None]
+        if likelihood == "zinb":
+            kept = params.get("kept")
+            if kept is None:
+                kept = torch.sigmoid(torch.neg(params["zi_logits"].detach().float()))
+            kept = kept.detach().to("cpu", torch.float32)
+            bound.mul_(kept)
+        uniform = rng.random((n_cells, n_genes), dtype=np.float32)
+        flat = np.flatnonzero(uniform < bound.numpy())
+        rows = flat // n_genes
+        cols = flat - rows * n_genes
+        mu = lib.numpy()[rows] * scale.numpy().ravel()[flat]
         if likelihood == "poisson":
             theta = None
-            log_p0 = torch.neg(mu)
+            log_p0 = -mu
         else:
-            theta = params["theta"].float()
-            log_p0 = torch.div(mu, theta).log1p_().mul_(theta).neg_()  # log P_NB(0)
-        p_nonzero = torch.expm1(log_p0).neg_()  # 1 - P(0), without cancellation
+            theta = params["theta"].detach()
+            if theta.dim() < 2 or theta.shape[0] == 1 or theta.stride(0) == 0:  # per gene
+                theta = theta.reshape(-1, theta.shape[-1])[0].expand(n_genes)
+                theta = theta.to("cpu", torch.float64).numpy()[cols]
+            else:
+                theta = theta.to("cpu", torch.float64).numpy().ravel()[flat]
+            log_p0 = -theta * np.log1p(mu / theta)
+        p_nonzero = -np.expm1(log_p0)
         if likelihood == "zinb":
-            p_nonzero.mul_(torch.sigmoid(torch.neg(params["zi_logits"].float())))  # 1 - pi
-        uniform = torch.from_numpy(rng.random(tuple(mu.shape), dtype=np.float32))
-        nonzero = uniform < p_nonzero
-        rows, cols = torch.nonzero(nonzero, as_tuple=True)  # row-major: CSR order
-        mu_nz = mu[rows, cols].double().numpy()
-        theta_nz = None if theta is None else theta.expand_as(mu)[rows, cols].double().numpy()
-        # P(0) again in float64, so that the inverse CDF's pmf recursion sums to 1 to
-        # float64 precision rather than float32's
-        p0_nz = np.exp(-mu_nz if theta_nz is None else -theta_nz * np.log1p(mu_nz / theta_nz))
-        values = _positive_draws(mu_nz, theta_nz, p0_nz, rng)
-    n_cells, n_genes = mu.shape
+            p_nonzero *= kept.numpy().ravel()[flat]
+        u = uniform.ravel()[flat] + rng.random(flat.size) * _FLOAT32_SPACING
+        keep = np.flatnonzero(u < p_nonzero)
+        rows, cols, mu, log_p0 = rows[keep], cols[keep], mu[keep], log_p0[keep]
+        values = _positive_draws(mu, None if theta is None else theta[keep], np.exp(log_p0),
+                                 rng)
     indptr = np.zeros(n_cells + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows.numpy(), minlength=n_cells), out=indptr[1:])
+    np.cumsum(np.bincount(rows, minlength=n_cells), out=indptr[1:])
     index_dtype = np.int32 if max(n_genes, values.size) < 2**31 else np.int64
-    return sp.csr_matrix((values.astype(np.float32), cols.numpy().astype(index_dtype),
+    return sp.csr_matrix((values.astype(np.float32), cols.astype(index_dtype),
                           indptr.astype(index_dtype)), shape=(n_cells, n_genes))
