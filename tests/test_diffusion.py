@@ -183,10 +183,19 @@ def test_scorenet_shares_conditions_across_a_batch_with_one_time():
             h = block(h, cond)
         return net.out(net.out_norm(h))
 
+    z_before = z.clone()
     with torch.no_grad():
         shared, reference = net(z, t, labels), per_cell(z, t, labels)
+        assert torch.equal(z, z_before)
         # each cell's output depends on its own label only
         assert not torch.allclose(shared, net(z, t, torch.zeros_like(labels)), atol=1e-3)
         torch.testing.assert_close(shared, reference, rtol=1e-5, atol=1e-5)
         t_varied = torch.rand(50)
         torch.testing.assert_close(net(z, t_varied, labels), per_cell(z, t_varied, labels))
+    # without autograd the rows are grouped by label and FiLM folded into the first layer;
+    # with autograd (or in training mode) the plain path runs: the same outputs
+    torch.testing.assert_close(net(z, t, labels).detach(), shared, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        one_label = torch.full_like(labels, 2)
+        torch.testing.assert_close(net(z, t, one_label), per_cell(z, t, one_label),
+                                   rtol=1e-5, atol=1e-5)
