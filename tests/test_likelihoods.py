@@ -65,12 +65,19 @@ def test_decoder_mean_is_library_times_proportions(likelihood):
     torch.testing.assert_close(px.mean.sum(-1), torch.full((3,), 1234.0))
 
 
+def _generator(backend, seed):
+    """numpy draws, or torch draws (the backend a GPU uses, here on the CPU)."""
+    return (np.random.default_rng(seed) if backend == "numpy"
+            else torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
-def test_sampled_counts_have_the_likelihood_moments(likelihood):
+def test_sampled_counts_have_the_likelihood_moments(likelihood, backend):
     decoder, params = decoder_params(likelihood, n_cells=1)
     params = {k: v.detach().expand(100_000, -1) for k, v in params.items()}
     library = torch.full((100_000, 1), 200.0)
-    counts = sample_counts(likelihood, params, library, np.random.default_rng(0))
+    counts = sample_counts(likelihood, params, library, _generator(backend, 0))
     assert sp.issparse(counts) and counts.dtype == np.float32
     assert (counts.data == np.round(counts.data)).all() and (counts.data >= 1).all()
     counts = counts.toarray()
@@ -180,8 +187,9 @@ def test_decode_counts_in_chunks_keeps_each_cell_with_its_latent_and_library():
     assert sp.isspmatrix_csr(empty) and empty.shape == (0, 40)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
-def test_sampled_counts_follow_the_scipy_pmf(likelihood):
+def test_sampled_counts_follow_the_scipy_pmf(likelihood, backend):
     # means on both sides of the inverse-CDF / Gamma-Poisson switch, tiny and large
     # dispersions; each column has its own parameters, 40,000 cells each
     mu = np.array([1e-3, 0.05, 0.7, 3.0, 9.9, 10.1, 40.0, 300.0])
@@ -195,7 +203,7 @@ def test_sampled_counts_follow_the_scipy_pmf(likelihood):
         params["zi_logits"] = torch.tensor(np.log(pi + 1e-12) - np.log1p(-pi),
                                            dtype=torch.float32).expand(n, -1)
     counts = sample_counts(likelihood, params, torch.full((n, 1), 10.0),
-                           np.random.default_rng(3)).toarray()
+                           _generator(backend, 3)).toarray()
     for g in range(mu.size):
         if likelihood == "poisson":
             dist = stats.poisson(mu[g])
@@ -309,3 +317,27 @@ def test_zero_decisions_resolve_probabilities_below_float32_spacing(likelihood):
               "kept": torch.ones(1, 5)}
     counts = sample_counts(likelihood, params, torch.tensor([[10.0]]), _FixedUniforms())
     assert counts.toarray().ravel().tolist() == [0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("shape", [0.05, 0.3, 1.0, 4.0, 60.0])
+def test_torch_gamma_draws_follow_scipy_and_the_generator(shape):
+    from scldiff.module._decoder import _standard_gamma
+
+    shapes = torch.full((50_000,), shape, dtype=torch.float64)
+    draws = _standard_gamma(shapes, torch.Generator().manual_seed(0))
+    assert torch.isfinite(draws).all() and (draws >= 0).all()
+    assert stats.kstest(draws.numpy(), stats.gamma(shape).cdf).pvalue > 1e-3
+    again = _standard_gamma(shapes, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_torch_count_draws_depend_only_on_the_generator():
+    decoder, params = decoder_params("zinb", n_cells=50, n_genes=40)
+    params = {k: v.detach() for k, v in params.items()}
+    library = torch.full((50, 1), 300.0)
+    first, second = (sample_counts("zinb", params, library, torch.Generator().manual_seed(5))
+                     for _ in range(2))
+    assert (first != second).nnz == 0 and first.nnz > 0
+    first.check_format(full_check=True)
+    other = sample_counts("zinb", params, library, torch.Generator().manual_seed(6))
+    assert (first != other).nnz > 0

@@ -699,7 +699,9 @@ class LapDDPM(BaseModelClass):
             Cells generated at a time.
         seed
             Seed of the random numbers; the same seed and ``batch_size`` give the same
-            counts, also after save and load.
+            counts, also after save and load, on the same kind of device. On a GPU the
+            counts are drawn there, from a torch generator, so they differ from a CPU's
+            for the same seed (with the same distribution).
         progress_bar
             Show a progress bar.
 

@@ -253,7 +253,7 @@ def sample_counts(
     likelihood: Likelihood,
     params: dict[str, Tensor],
     library: Tensor,
-    rng: np.random.Generator,
+    rng: np.random.Generator | torch.Generator,
 ) -> sp.csr_matrix:
     r"""Draw counts from the decoder's likelihood with an explicit random generator.
 
@@ -282,12 +282,17 @@ def sample_counts(
     library
         ``(n_cells, 1)`` library sizes.
     rng
-        The random generator.
+        A numpy ``Generator``: the draws run on the CPU with numpy. A ``torch.Generator``:
+        they run in torch on the parameters' device (a GPU's), from that generator, and
+        only the nonzero counts come back to the CPU. The two give different counts for
+        the same seed, with the same distribution.
 
     Returns
     -------
     ``(n_cells, n_genes)`` CSR matrix of float32 whole numbers.
     """
+    if isinstance(rng, torch.Generator):
+        return _sample_counts_torch(likelihood, params, library, rng)
     with torch.no_grad():
         scale = params["scale"].detach().to("cpu", torch.float32)
         n_cells, n_genes = scale.shape
@@ -324,8 +329,150 @@ def sample_counts(
         rows, cols, mu, log_p0 = rows[keep], cols[keep], mu[keep], log_p0[keep]
         values = _positive_draws(mu, None if theta is None else theta[keep], np.exp(log_p0),
                                  rng)
+    return _csr(rows, cols, values, n_cells, n_genes)
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_cells: int,
+         n_genes: int) -> sp.csr_matrix:
+    """CSR matrix of entries given in row-major order."""
     indptr = np.zeros(n_cells + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_cells), out=indptr[1:])
     index_dtype = np.int32 if max(n_genes, values.size) < 2**31 else np.int64
     return sp.csr_matrix((values.astype(np.float32), cols.astype(index_dtype),
                           indptr.astype(index_dtype)), shape=(n_cells, n_genes))
+
+
+def _standard_gamma(shape: Tensor, generator: torch.Generator) -> Tensor:
+    r"""Gamma(shape, 1) draws from ``generator`` (torch's own Gamma sampler takes none).
+
+    Marsaglia and Tsang (2000): for :math:`a \ge 1`, with :math:`d = a - 1/3`, :math:`c =
+    1/\sqrt{9d}`, :math:`x \sim N(0, 1)`, :math:`v = (1 + cx)^3`, accept :math:`dv` when
+    :math:`v > 0` and :math:`\log u < x^2/2 + d - dv + d\log v`; redraw the rest. For
+    :math:`a < 1`, :math:`G_{a+1}\,u^{1/a}`.
+    """
+    boost = shape < 1.0
+    d = torch.where(boost, shape + 1.0, shape) - 1.0 / 3.0
+    c = torch.rsqrt(9.0 * d)
+    out = torch.empty_like(shape)
+    todo = torch.arange(shape.numel(), device=shape.device)
+    while todo.numel():
+        x = torch.randn(todo.numel(), generator=generator, device=shape.device,
+                        dtype=shape.dtype)
+        u = torch.rand(todo.numel(), generator=generator, device=shape.device,
+                       dtype=shape.dtype)
+        dt = d[todo]
+        v = (1.0 + c[todo] * x) ** 3
+        positive = v > 0
+        log_v = torch.log(torch.where(positive, v, torch.ones_like(v)))
+        ok = positive & (torch.log(u) < 0.5 * x * x + dt - dt * v + dt * log_v)
+        accepted = torch.nonzero(ok).squeeze(1)
+        out[todo[accepted]] = dt[accepted] * v[accepted]
+        todo = todo[torch.nonzero(~ok).squeeze(1)]
+    small = torch.nonzero(boost).squeeze(1)
+    if small.numel():
+        u = torch.rand(small.numel(), generator=generator, device=shape.device,
+                       dtype=shape.dtype)
+        out[small] *= u ** (1.0 / shape[small])
+    return out
+
+
+def _positive_draws_torch(mu: Tensor, theta: Tensor | None, p_zero: Tensor,
+                          generator: torch.Generator) -> Tensor:
+    """:func:`_positive_draws` in torch (float64 tensors on any device)."""
+    def uniform(n: int) -> Tensor:
+        return torch.rand(n, generator=generator, device=mu.device, dtype=mu.dtype)
+
+    out = torch.ones_like(mu)
+    small = mu <= _INVERSE_CDF_MAX_MEAN
+    where = torch.nonzero(small).squeeze(1)
+    if where.numel():
+        m = mu[where]
+        p0 = p_zero[where]
+        v = p0 + (1.0 - p0) * uniform(where.numel())
+        if theta is None:
+            ratio_a, ratio_b = torch.zeros_like(m), m
+        else:
+            q = m / (m + theta[where])
+            ratio_a, ratio_b = q, (theta[where] - 1.0) * q
+        k = 1.0
+        pmf = p0 * (ratio_a + ratio_b)
+        cdf = p0 + pmf
+        stalled = None
+        while True:  # as in _positive_draws
+            running = (cdf <= v) & (pmf > 0)
+            if stalled is not None:
+                running &= ~stalled
+            keep = torch.nonzero(running).squeeze(1)
+            if not keep.numel():
+                break
+            where, v, ratio_a, ratio_b, pmf, cdf = (
+                where[keep], v[keep], ratio_a[keep], ratio_b[keep], pmf[keep], cdf[keep])
+            k += 1.0
+            out[where] = k
+            factor = (k * ratio_a + ratio_b) / k
+            pmf = pmf * factor
+            previous = cdf
+            cdf = cdf + pmf
+            stalled = (cdf == previous) & (factor < 1.0)
+    idx = torch.nonzero(~small).squeeze(1)
+    while idx.numel():
+        m = mu[idx]
+        rate = m if theta is None else _standard_gamma(theta[idx], generator) * (m / theta[idx])
+        draws = torch.poisson(rate, generator=generator)
+        out[idx] = draws
+        idx = idx[torch.nonzero(draws == 0).squeeze(1)]
+    return out
+
+
+@torch.no_grad()
+def _sample_counts_torch(likelihood: Likelihood, params: dict[str, Tensor], library: Tensor,
+                         generator: torch.Generator) -> sp.csr_matrix:
+    r""":func:`sample_counts` in torch on the parameters' device.
+
+    The dense uniforms are 24-bit integers :math:`k` (:math:`u = k\,2^{-24}`, as numpy's
+    float32 uniforms), so that the completion to float64 resolution is exact whatever the
+    device's float32 uniforms look like.
+    """
+    scale = params["scale"].detach().float()
+    device = scale.device
+    n_cells, n_genes = scale.shape
+    lib = library.detach().to(device, torch.float64).reshape(-1)
+    # the bound in units of 2**-24, against the integer uniforms
+    bound = scale * (lib * (_BOUND_SLACK / _FLOAT32_SPACING)).float()[:, None]
+    kept = None
+    if likelihood == "zinb":
+        kept = params.get("kept")
+        if kept is None:
+            kept = torch.sigmoid(torch.neg(params["zi_logits"].detach().float()))
+        kept = kept.detach().to(device, torch.float32)
+        bound.mul_(kept)
+    ticks = torch.randint(0, 2**24, (n_cells, n_genes), generator=generator, device=device,
+                          dtype=torch.int32)
+    flat = torch.nonzero((ticks < bound).reshape(-1)).squeeze(1)
+    del bound
+    rows = torch.div(flat, n_genes, rounding_mode="floor")
+    cols = flat - rows * n_genes
+    mu = lib[rows] * scale.reshape(-1)[flat].double()
+    theta = None
+    if likelihood == "poisson":
+        log_p0 = -mu
+    else:
+        theta = params["theta"].detach()
+        if theta.dim() < 2 or theta.shape[0] == 1 or theta.stride(0) == 0:  # per gene
+            theta = theta.reshape(-1, theta.shape[-1])[0].expand(n_genes)
+            theta = theta.to(device, torch.float64)[cols]
+        else:
+            theta = theta.to(device, torch.float64).reshape(-1)[flat]
+        log_p0 = -theta * torch.log1p(mu / theta)
+    p_nonzero = -torch.expm1(log_p0)
+    if kept is not None:
+        p_nonzero *= kept.reshape(-1)[flat].double()
+    u = (ticks.reshape(-1)[flat].double()
+         + torch.rand(flat.numel(), generator=generator, device=device, dtype=torch.float64)
+         ) * _FLOAT32_SPACING
+    keep = torch.nonzero(u < p_nonzero).squeeze(1)
+    rows, cols, mu, log_p0 = rows[keep], cols[keep], mu[keep], log_p0[keep]
+    values = _positive_draws_torch(mu, None if theta is None else theta[keep],
+                                   torch.exp(log_p0), generator)
+    return _csr(rows.cpu().numpy(), cols.cpu().numpy(), values.cpu().numpy(), n_cells,
+                n_genes)

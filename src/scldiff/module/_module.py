@@ -301,38 +301,53 @@ class LapDDPMModule(BaseModuleClass):
             z, library = z[:, : self.n_latent], z[:, self.n_latent].clamp(low, high).exp()
         elif library is None:
             raise ValueError("library sizes are required when they are not diffused.")
-        return self.decode_counts(z, library, rng)
+        return self.decode_counts(z, library, rng, generator=generator)
 
     @torch.no_grad()
     def decode_counts(self, z: Tensor, library: Tensor, rng: np.random.Generator,
-                      chunk_size: int | None = None) -> sp.csr_matrix:
+                      chunk_size: int | None = None,
+                      generator: torch.Generator | None = None) -> sp.csr_matrix:
         """Counts (CSR) of cells with latents ``z`` and library sizes ``library``.
 
-        The decoder (:meth:`CountDecoder.sampling_params`) and the count draws
-        (:func:`sample_counts`) run on ``chunk_size`` cells at a time (default: 256 on a
-        CPU, all at once on a GPU), the draws of one chunk in a second thread while the
-        decoder computes the next. On a CPU each of the few passes over the dense ``(cells,
-        genes)`` parameters then reuses memory the previous chunk freed instead of faulting
-        in fresh pages. For 10,000 PBMC3K cells on 2 threads (best of 5): 2.1 s with chunks
-        of 256, 2.5 s with 512; without the overlap 3.0 s; and 4.9 s before the sampler
-        skipped the exact zero probability of entries whose mean already rules them out.
+        On a CPU, the decoder (:meth:`CountDecoder.sampling_params`) and the count draws
+        (:func:`sample_counts`, numpy, from ``rng``) run on ``chunk_size`` cells at a time
+        (default 256), the draws of one chunk in a second thread while the decoder computes
+        the next. Each of the few passes over the dense ``(cells, genes)`` parameters then
+        reuses memory the previous chunk freed instead of faulting in fresh pages. For
+        10,000 PBMC3K cells on 2 threads (best of 5): 2.1 s with chunks of 256, 2.5 s with
+        512; without the overlap 3.0 s; and 4.9 s before the sampler skipped the exact zero
+        probability of entries whose mean already rules them out.
+
+        With ``z`` on another device (a GPU) and a ``generator`` on that device, the counts
+        are drawn there, in torch, from ``generator`` (all cells at once by default), and
+        only the nonzero counts come back. Without ``generator`` the draws run on the CPU.
         """
+        on_device = z.device.type != "cpu" and generator is not None
+        if on_device and generator.device.type != z.device.type:
+            raise ValueError(f"generator is on {generator.device}, the latents on {z.device}.")
         if chunk_size is None:
             chunk_size = _COUNT_CHUNK if z.device.type == "cpu" else max(z.shape[0], 1)
         library = library.reshape(-1, 1)
         blocks = []
-        # The count draws (numpy, one thread) of a chunk overlap with the decoder (torch) of
-        # the next. The draws run in chunk order, so the counts do not depend on timing.
-        with ThreadPoolExecutor(max_workers=1) as executor:
-            pending = None
+        if on_device:
             for start in range(0, z.shape[0], chunk_size):
                 params = self.decoder.sampling_params(z[start : start + chunk_size])
-                lib = library[start : start + chunk_size]
+                blocks.append(sample_counts(self.likelihood, params,
+                                            library[start : start + chunk_size], generator))
+        else:
+            # The count draws (numpy, one thread) of a chunk overlap with the decoder (torch)
+            # of the next. They run in chunk order, so the counts do not depend on timing.
+            with ThreadPoolExecutor(max_workers=1) as executor:
+                pending = None
+                for start in range(0, z.shape[0], chunk_size):
+                    params = self.decoder.sampling_params(z[start : start + chunk_size])
+                    lib = library[start : start + chunk_size]
+                    if pending is not None:
+                        blocks.append(pending.result())
+                    pending = executor.submit(sample_counts, self.likelihood, params, lib,
+                                              rng)
                 if pending is not None:
                     blocks.append(pending.result())
-                pending = executor.submit(sample_counts, self.likelihood, params, lib, rng)
-            if pending is not None:
-                blocks.append(pending.result())
         if not blocks:  # no cells
             return sp.csr_matrix((0, self.decoder.scale.out_features), dtype=np.float32)
         if len(blocks) == 1:
