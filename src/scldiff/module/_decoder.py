@@ -261,7 +261,7 @@ def sample_counts(
     (\theta / (\theta + \mu))^\theta)` (ZINB; NB without :math:`\pi`, Poisson :math:`1 -
     e^{-\mu}`), decided by one uniform :math:`u` per entry. Since :math:`P(X > 0) \le
     E[X]` (Markov), a float32 pass over the dense ``(n_cells, n_genes)`` parameters keeps
-    only the entries with :math:`u < E[X]`, a tenth or so of them in single-cell data; the
+    only the entries with :math:`u < E[X]`, about a seventh of them on PBMC3K; the
     exact probability, its logarithm and power, is computed in float64 for those alone. The
     uniform there is completed to float64 resolution (:math:`u + 2^{-24} v` with a fresh
     :math:`v`), so that probabilities below float32's spacing are not rounded. The nonzero

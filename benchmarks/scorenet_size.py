@@ -1,0 +1,166 @@
+"""How large must the ScoreNet be? Quality and sampling time against its width and depth.
+
+Usage (from the repository root, after ``python benchmarks/quality.py --datasets pbmc3k``)::
+
+    python benchmarks/scorenet_size.py                          # 256x3, 128x3, 128x2; 3 seeds
+    python benchmarks/scorenet_size.py --sizes 256x3 64x2 --seeds 0 --draws 1
+
+The guided latent ODE is most of the generation time on a CPU, and nearly all of it is the
+ScoreNet's matrix products, whose cost grows with the square of its width. This script
+keeps stage A fixed and varies only the ScoreNet: for each split it takes the LapDDPM
+model ``quality.py`` trained (``benchmarks/.cache/<dataset>/seed<k>/lapddpm_model``),
+copies its encoder and decoder into a model with another ScoreNet, and trains stage B
+alone (``train(n_epochs_stage_a=0)``, default stage-B length). The default size is
+retrained the same way, so that every row has had the same stage-B training. Each model
+generates the held-out label counts (``--draws`` draws), scored as ``quality.py`` does,
+and the time of 10,000 cells' latents (default sampler) is measured.
+
+Writes ``benchmarks/results/scorenet_size_<dataset>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import scldiff
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import quality  # noqa: E402  (the benchmark's split, scoring and cache)
+
+METRICS = {"cond. MMD": "MMD | conditional", "cond. W2": "W2 | conditional",
+           "RF AUC": "RF AUC | unconditional", "TSTR F1": "TSTR macro F1 | conditional"}
+RESULTS = os.path.join(HERE, "results")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, _, depth = text.partition("x")
+    try:
+        return int(width), int(depth)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes look like 128x2 (width x blocks), got "
+                                         f"{text!r}") from None
+
+
+def with_scorenet(base: scldiff.LapDDPM, data, width: int, blocks: int) -> scldiff.LapDDPM:
+    """A model on ``data`` with ``base``'s stage A and an untrained ScoreNet of this size."""
+    model = scldiff.LapDDPM(data, score_hidden=width, score_blocks=blocks)
+    state = {k: v for k, v in base.module.state_dict().items() if not k.startswith("score_net.")}
+    missing, unexpected = model.module.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("score_net.") for k in missing):
+        raise RuntimeError(f"stage-A weights do not fit: {missing}, {unexpected}")
+    return model
+
+
+def latent_seconds(model: scldiff.LapDDPM, n_cells: int = 10_000, repeats: int = 2) -> float:
+    module = model.module.eval()
+    codes = torch.from_numpy(np.random.default_rng(0).integers(
+        0, len(model.label_categories), n_cells))
+    times = []
+    with torch.no_grad():
+        module.sample_latents(codes[:500], guidance_scale=2.0)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            module.sample_latents(codes, guidance_scale=2.0)
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run(dataset: str, seeds: list[int], sizes: list[tuple[int, int]], draws: int,
+        data_dir: str) -> dict:
+    adata = quality.load_dataset(dataset, data_dir)
+    records = []
+    for seed in seeds:
+        path = quality.model_path(dataset, seed, "lapddpm")
+        if not os.path.isdir(path):
+            raise SystemExit(f"No trained LapDDPM model at {path}: run "
+                             f"`python benchmarks/quality.py --datasets {dataset} --seeds "
+                             f"{seed}` first.")
+        train, test = scldiff.metrics.stratified_split(adata, quality.LABELS, 0.2, seed=seed)
+        label_counts = {k: int(v) for k, v in test.obs[quality.LABELS].value_counts().items()
+                        if v}
+        expressed = np.asarray(train.X.sum(0)).ravel() > 0  # as quality.fit_lapddpm
+        data = train[:, expressed].copy()
+        scldiff.LapDDPM.setup_anndata(data, labels_key=quality.LABELS)
+        base = scldiff.LapDDPM.load(path, adata=False)
+        for width, blocks in sizes:
+            import scvi
+
+            scvi.settings.seed = seed
+            model = with_scorenet(base, data, width, blocks)
+            start = time.perf_counter()
+            model.train(n_epochs_stage_a=0, enable_progress_bar=False)
+            fit_seconds = time.perf_counter() - start
+            seconds = latent_seconds(model)
+            for draw in range(draws):
+                generated = quality.lapddpm_generate(model, label_counts, seed + 100 * draw,
+                                                     {}, test)
+                metrics = quality.score(test, generated, seed)
+                record = {"seed": seed, "size": f"{width}x{blocks}", "draw": draw,
+                          "stage_b_seconds": fit_seconds, "latents_10k_seconds": seconds,
+                          **{name: metrics.get(key) for name, key in METRICS.items()}}
+                records.append(record)
+                print(json.dumps(record), flush=True)
+    return {"dataset": dataset, "seeds": seeds, "draws": draws, "records": records,
+            "threads": torch.get_num_threads(), "meta": quality.meta()}
+
+
+def report(result: dict) -> str:
+    records = result["records"]
+    names = list(METRICS) + ["latents_10k_seconds"]
+    lines = [f"Produced by `python benchmarks/scorenet_size.py` on {result['dataset']}: the "
+             f"stage A of `quality.py`'s LapDDPM models (seeds "
+             f"{', '.join(map(str, result['seeds']))}), stage B retrained for each ScoreNet "
+             f"size (width x blocks), {result['draws']} generation draw(s) per seed; mean ± "
+             f"sd over all draws. Latents: 10,000 cells, default sampler, guidance 2, "
+             f"{result['threads']} threads, best of 2. Code at commit "
+             f"{result['meta']['commit']}.", "",
+             "| ScoreNet | " + " | ".join(METRICS) + " | latents, 10k cells (s) |",
+             "|---|" + "---|" * (len(METRICS) + 1)]
+    for size in dict.fromkeys(r["size"] for r in records):
+        rows = [r for r in records if r["size"] == size]
+        cells = []
+        for name in names:
+            values = np.array([r[name] for r in rows if r[name] is not None], dtype=float)
+            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+                         if values.size > 1 else (f"{values.mean():.3f}" if values.size
+                                                  else ""))
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="pbmc3k", choices=quality.DATASETS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--sizes", nargs="+", type=parse_size,
+                        default=[(256, 3), (128, 3), (128, 2)])
+    parser.add_argument("--draws", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--data-dir", default=quality.DEFAULT_DATA_DIR)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    result = run(args.dataset, args.seeds, args.sizes, args.draws, args.data_dir)
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = os.path.join(RESULTS, f"scorenet_size_{args.dataset}")
+    with open(stem + ".json", "w") as handle:
+        json.dump(result, handle, indent=2)
+    table = report(result)
+    with open(stem + ".md", "w") as handle:
+        handle.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
