@@ -310,12 +310,14 @@ def synthetic_atlas(n_cells: int, seed: int = 0, n_genes: int = 2000,
     """
     import scanpy as sc
 
+    from scldiff._threads import torch_threads_kept
     from scldiff.module import sample_counts
 
     real = scldiff.datasets.pbmc3k()
     sc.pp.filter_genes(real, min_counts=1)
-    hvg = sc.pp.highly_variable_genes(real, flavor="seurat_v3", n_top_genes=n_genes,
-                                      inplace=False)["highly_variable"].to_numpy()
+    with torch_threads_kept():  # numba's OpenMP layer would reset torch's thread count
+        hvg = sc.pp.highly_variable_genes(real, flavor="seurat_v3", n_top_genes=n_genes,
+                                          inplace=False)["highly_variable"].to_numpy()
     x = sp.csr_matrix(real.X[:, hvg], dtype=np.float64)
     labels = real.obs[LABELS].cat.codes.to_numpy()
     categories = real.obs[LABELS].cat.categories

@@ -179,3 +179,21 @@ def test_evaluate_reports_every_metric_and_is_ideal_on_a_copy():
     assert "TSTR macro F1" not in unlabelled.index and "conditional" not in unlabelled.columns
     with pytest.raises(ValueError, match="labels_key 'nope'"):
         evaluate(real, real.copy(), labels_key="nope", n_hvg=40, n_pcs=5)
+
+
+def test_evaluate_keeps_torch_thread_count():
+    # scanpy's Seurat-v3 selection runs numba-parallel code, whose OpenMP layer resets the
+    # process's OpenMP thread count (torch's) to numba's own
+    import numba
+    import torch
+
+    before = torch.get_num_threads()
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here: nothing would change the count")
+    try:
+        torch.set_num_threads(1)
+        evaluate(toy_counts(200, 0), toy_counts(200, 1), labels_key="cell_type", n_hvg=40,
+                 n_pcs=5, n_markers=10)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -9,6 +9,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from sklearn.decomposition import PCA
 
+from .._threads import torch_threads_kept
 from ._classifier import classifier_auc, tstr_f1
 from ._counts import count_diagnostics
 from ._distances import mmd_rbf, wasserstein
@@ -34,8 +35,10 @@ def _seurat_v3_genes(counts: sp.csr_matrix, n_top: int) -> np.ndarray:
     """Seurat v3 HVG mask; the loess fit of small sets can be singular, so widen its span."""
     for span in (0.3, 0.5, 1.0):
         try:
-            table = sc.pp.highly_variable_genes(AnnData(counts), flavor="seurat_v3",
-                                                n_top_genes=n_top, span=span, inplace=False)
+            with torch_threads_kept():  # its numba code resets torch's thread count
+                table = sc.pp.highly_variable_genes(AnnData(counts), flavor="seurat_v3",
+                                                    n_top_genes=n_top, span=span,
+                                                    inplace=False)
             return table["highly_variable"].to_numpy()
         except ValueError:
             continue
