@@ -12,8 +12,10 @@ model ``quality.py`` trained (``benchmarks/.cache/<dataset>/seed<k>/lapddpm_mode
 copies its encoder and decoder into a model with another ScoreNet, and trains stage B
 alone (``train(n_epochs_stage_a=0)``, default stage-B length). The default size is
 retrained the same way, so that every row has had the same stage-B training. Each model
-generates the held-out label counts (``--draws`` draws), scored as ``quality.py`` does,
-and the time of 10,000 cells' latents (default sampler) is measured.
+generates the held-out label counts (``--draws`` draws), scored as ``quality.py`` does.
+The time of 10,000 cells' latents (default sampler) is measured on an untrained ScoreNet
+of each size (the cost does not depend on the weights); ``--retime`` measures it again
+into the existing results, for an idle machine.
 
 Writes ``benchmarks/results/scorenet_size_<dataset>.json`` and ``.md``.
 """
@@ -59,10 +61,19 @@ def with_scorenet(base: scldiff.LapDDPM, data, width: int, blocks: int) -> scldi
     return model
 
 
-def latent_seconds(model: scldiff.LapDDPM, n_cells: int = 10_000, repeats: int = 2) -> float:
-    module = model.module.eval()
-    codes = torch.from_numpy(np.random.default_rng(0).integers(
-        0, len(model.label_categories), n_cells))
+def latent_seconds(width: int, blocks: int, n_labels: int, n_cells: int = 10_000,
+                   repeats: int = 3) -> float:
+    """Best time of the guided latents of ``n_cells`` cells (default sampler, guidance 2).
+
+    The cost does not depend on the weights, so an untrained module of the same size is
+    timed, apart from the training runs and at a fixed thread count.
+    """
+    from scldiff.module import LapDDPMModule
+
+    torch.manual_seed(0)
+    module = LapDDPMModule(n_input=10, n_labels=n_labels, n_lpe=0, score_hidden=width,
+                           score_blocks=blocks).eval()
+    codes = torch.from_numpy(np.random.default_rng(0).integers(0, n_labels, n_cells))
     times = []
     with torch.no_grad():
         module.sample_latents(codes[:500], guidance_scale=2.0)
@@ -71,6 +82,21 @@ def latent_seconds(model: scldiff.LapDDPM, n_cells: int = 10_000, repeats: int =
             module.sample_latents(codes, guidance_scale=2.0)
             times.append(time.perf_counter() - start)
     return min(times)
+
+
+def retime(result: dict) -> dict:
+    """Measure each size's latent time again (``--retime``), on an idle machine."""
+    n_labels = result.get("n_labels", 8)
+    timings = {}
+    for size in dict.fromkeys(r["size"] for r in result["records"]):
+        width, blocks = parse_size(size)
+        timings[size] = latent_seconds(width, blocks, n_labels)
+        print(f"{size}: {timings[size]:.2f} s", flush=True)
+    for record in result["records"]:
+        record["latents_10k_seconds"] = timings[record["size"]]
+    result["threads"] = torch.get_num_threads()
+    result["timing_meta"] = quality.meta()
+    return result
 
 
 def run(dataset: str, seeds: list[int], sizes: list[tuple[int, int]], draws: int,
@@ -98,7 +124,7 @@ def run(dataset: str, seeds: list[int], sizes: list[tuple[int, int]], draws: int
             start = time.perf_counter()
             model.train(n_epochs_stage_a=0, enable_progress_bar=False)
             fit_seconds = time.perf_counter() - start
-            seconds = latent_seconds(model)
+            seconds = latent_seconds(width, blocks, len(model.label_categories))
             for draw in range(draws):
                 generated = quality.lapddpm_generate(model, label_counts, seed + 100 * draw,
                                                      {}, test)
@@ -109,6 +135,7 @@ def run(dataset: str, seeds: list[int], sizes: list[tuple[int, int]], draws: int
                 records.append(record)
                 print(json.dumps(record), flush=True)
     return {"dataset": dataset, "seeds": seeds, "draws": draws, "records": records,
+            "n_labels": int(adata.obs[quality.LABELS].nunique()),
             "threads": torch.get_num_threads(), "meta": quality.meta()}
 
 
@@ -120,7 +147,8 @@ def report(result: dict) -> str:
              f"{', '.join(map(str, result['seeds']))}), stage B retrained for each ScoreNet "
              f"size (width x blocks), {result['draws']} generation draw(s) per seed; mean ± "
              f"sd over all draws. Latents: 10,000 cells, default sampler, guidance 2, "
-             f"{result['threads']} threads, best of 2. Code at commit "
+             f"{result['threads']} threads, best of 3, timed at commit "
+             f"{result.get('timing_meta', result['meta'])['commit']}. Code at commit "
              f"{result['meta']['commit']}.", "",
              "| ScoreNet | " + " | ".join(METRICS) + " | latents, 10k cells (s) |",
              "|---|" + "---|" * (len(METRICS) + 1)]
@@ -130,8 +158,8 @@ def report(result: dict) -> str:
         for name in names:
             values = np.array([r[name] for r in rows if r[name] is not None], dtype=float)
             cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
-                         if values.size > 1 else (f"{values.mean():.3f}" if values.size
-                                                  else ""))
+                         if values.size > 1 and np.ptp(values) > 0
+                         else (f"{values.mean():.3f}" if values.size else ""))
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -145,15 +173,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draws", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data-dir", default=quality.DEFAULT_DATA_DIR)
+    parser.add_argument("--retime", action="store_true",
+                        help="only measure the latent times again, into the existing results")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import warnings
 
     warnings.filterwarnings("ignore")
-    result = run(args.dataset, args.seeds, args.sizes, args.draws, args.data_dir)
-    os.makedirs(RESULTS, exist_ok=True)
     stem = os.path.join(RESULTS, f"scorenet_size_{args.dataset}")
+    if args.retime:
+        with open(stem + ".json") as handle:
+            result = retime(json.load(handle))
+    else:
+        result = run(args.dataset, args.seeds, args.sizes, args.draws, args.data_dir)
+    os.makedirs(RESULTS, exist_ok=True)
     with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=2)
     table = report(result)
