@@ -37,19 +37,33 @@ METRICS = {"cond. MMD": "MMD | conditional", "cond. W2": "W2 | conditional",
 RESULTS = os.path.join(HERE, "results")
 
 
+def cached_split(adata, dataset: str, seed: int):
+    """``quality.py``'s split of this seed (train, test, test label counts) and the path of
+    the LapDDPM model it trained on it (an error naming the command when there is none)."""
+    path = quality.model_path(dataset, seed, "lapddpm")
+    if not os.path.isdir(path):
+        raise SystemExit(f"No trained LapDDPM model at {path}: run "
+                         f"`python benchmarks/quality.py --datasets {dataset} --seeds "
+                         f"{seed}` first.")
+    train, test = scldiff.metrics.stratified_split(adata, quality.LABELS, 0.2, seed=seed)
+    label_counts = {k: int(v) for k, v in test.obs[quality.LABELS].value_counts().items()
+                    if v}
+    return train, test, label_counts, path
+
+
+def mean_sd(values: np.ndarray) -> str:
+    """``mean ± sd`` of a table cell (the mean alone for one value or equal values)."""
+    if values.size > 1 and np.ptp(values) > 0:
+        return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+    return f"{values.mean():.3f}" if values.size else ""
+
+
 def run(dataset: str, seeds: list[int], steps: list[int], draws: int, data_dir: str) -> dict:
     adata = quality.load_dataset(dataset, data_dir)
     records = []
     for seed in seeds:
-        path = quality.model_path(dataset, seed, "lapddpm")
-        if not os.path.isdir(path):
-            raise SystemExit(f"No trained LapDDPM model at {path}: run "
-                             f"`python benchmarks/quality.py --datasets {dataset} --seeds "
-                             f"{seed}` first.")
+        _, test, label_counts, path = cached_split(adata, dataset, seed)
         model = scldiff.LapDDPM.load(path, adata=False)
-        _, test = scldiff.metrics.stratified_split(adata, quality.LABELS, 0.2, seed=seed)
-        label_counts = {k: int(v) for k, v in test.obs[quality.LABELS].value_counts().items()
-                        if v}
         for n_steps in steps:
             for draw in range(draws):
                 generated = quality.lapddpm_generate(model, label_counts, seed + 100 * draw,
@@ -86,12 +100,8 @@ def report(result: dict) -> str:
              "|---|" + "---|" * len(METRICS)]
     for n_steps in sorted({r["n_steps"] for r in records}):
         rows = [r for r in records if r["n_steps"] == n_steps]
-        cells = []
-        for name in METRICS:
-            values = np.array([r[name] for r in rows if r[name] is not None], dtype=float)
-            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
-                         if values.size > 1 else (f"{values.mean():.3f}" if values.size
-                                                  else ""))
+        cells = [mean_sd(np.array([r[name] for r in rows if r[name] is not None],
+                                  dtype=float)) for name in METRICS]
         lines.append(f"| {n_steps} | " + " | ".join(cells) + " |")
     for method, values in result["references"].items():
         lines.append(f"| {method} (quality.py runs) | "
@@ -112,11 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.dataset, args.seeds, args.steps, args.draws, args.data_dir)
-    os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, f"sampler_steps_{args.dataset}")
+    write_results(os.path.join(RESULTS, f"sampler_steps_{args.dataset}"), result,
+                  report(result))
+
+
+def write_results(stem: str, result: dict, table: str) -> None:
+    """``<stem>.json`` and ``<stem>.md``; the table is printed too."""
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=2)
-    table = report(result)
     with open(stem + ".md", "w") as handle:
         handle.write(table)
     print(table)

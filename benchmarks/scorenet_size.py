@@ -33,13 +33,9 @@ import torch
 
 import scldiff
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402  (the benchmark's split, scoring and cache)
-
-METRICS = {"cond. MMD": "MMD | conditional", "cond. W2": "W2 | conditional",
-           "RF AUC": "RF AUC | unconditional", "TSTR F1": "TSTR macro F1 | conditional"}
-RESULTS = os.path.join(HERE, "results")
+from sampler_steps import METRICS, RESULTS, cached_split, mean_sd, write_results  # noqa: E402
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -104,14 +100,7 @@ def run(dataset: str, seeds: list[int], sizes: list[tuple[int, int]], draws: int
     adata = quality.load_dataset(dataset, data_dir)
     records = []
     for seed in seeds:
-        path = quality.model_path(dataset, seed, "lapddpm")
-        if not os.path.isdir(path):
-            raise SystemExit(f"No trained LapDDPM model at {path}: run "
-                             f"`python benchmarks/quality.py --datasets {dataset} --seeds "
-                             f"{seed}` first.")
-        train, test = scldiff.metrics.stratified_split(adata, quality.LABELS, 0.2, seed=seed)
-        label_counts = {k: int(v) for k, v in test.obs[quality.LABELS].value_counts().items()
-                        if v}
+        train, test, label_counts, path = cached_split(adata, dataset, seed)
         expressed = np.asarray(train.X.sum(0)).ravel() > 0  # as quality.fit_lapddpm
         data = train[:, expressed].copy()
         scldiff.LapDDPM.setup_anndata(data, labels_key=quality.LABELS)
@@ -154,12 +143,8 @@ def report(result: dict) -> str:
              "|---|" + "---|" * (len(METRICS) + 1)]
     for size in dict.fromkeys(r["size"] for r in records):
         rows = [r for r in records if r["size"] == size]
-        cells = []
-        for name in names:
-            values = np.array([r[name] for r in rows if r[name] is not None], dtype=float)
-            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
-                         if values.size > 1 and np.ptp(values) > 0
-                         else (f"{values.mean():.3f}" if values.size else ""))
+        cells = [mean_sd(np.array([r[name] for r in rows if r[name] is not None],
+                                  dtype=float)) for name in names]
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -187,13 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             result = retime(json.load(handle))
     else:
         result = run(args.dataset, args.seeds, args.sizes, args.draws, args.data_dir)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(stem + ".json", "w") as handle:
-        json.dump(result, handle, indent=2)
-    table = report(result)
-    with open(stem + ".md", "w") as handle:
-        handle.write(table)
-    print(table)
+    write_results(stem, result, report(result))
 
 
 if __name__ == "__main__":
