@@ -202,15 +202,24 @@ def _positive_draws(mu: np.ndarray, theta: np.ndarray | None, p_zero: np.ndarray
     entries still running, compacted, so its cost is about the number of entries. Larger
     means: Gamma–Poisson draws, redrawn while zero (rejection, exact).
     """
-    out = np.ones(mu.shape, dtype=np.float64)  # every draw is at least 1
+    return _positive_draws_with(
+        mu, theta, p_zero, np, np.flatnonzero, lambda n: rng.random(n),
+        lambda shape, scale: rng.gamma(shape, scale), lambda rate: rng.poisson(rate))
+
+
+def _positive_draws_with(mu, theta, p_zero, xp, indices, uniform, gamma, poisson):
+    """:func:`_positive_draws` for numpy or torch arrays: ``xp`` is the module,
+    ``indices(mask)`` the positions of a mask, ``uniform(n)``, ``gamma(shape, scale)`` and
+    ``poisson(rate)`` draw from the caller's generator."""
+    out = xp.ones_like(mu)  # every draw is at least 1
     small = mu <= _INVERSE_CDF_MAX_MEAN
-    where = np.flatnonzero(small)
-    if where.size:
+    where = indices(small)
+    if len(where):
         m = mu[where]
         p0 = p_zero[where]
-        v = p0 + (1.0 - p0) * rng.random(where.size)
+        v = p0 + (1.0 - p0) * uniform(len(where))
         if theta is None:
-            ratio_a, ratio_b = np.zeros_like(m), m  # p(k)/p(k-1) = (k*a + b)/k
+            ratio_a, ratio_b = xp.zeros_like(m), m  # p(k)/p(k-1) = (k*a + b)/k
         else:
             q = m / (m + theta[where])
             ratio_a, ratio_b = q, (theta[where] - 1.0) * q
@@ -227,8 +236,8 @@ def _positive_draws(mu: np.ndarray, theta: np.ndarray | None, p_zero: np.ndarray
             running &= pmf > 0
             if stalled is not None:
                 running &= ~stalled
-            keep = np.flatnonzero(running)  # indices, then takes: cheaper than masks
-            if not keep.size:
+            keep = indices(running)  # indices, then takes: cheaper than masks
+            if not len(keep):
                 break
             where, v, ratio_a, ratio_b, pmf, cdf = (
                 where[keep], v[keep], ratio_a[keep], ratio_b[keep], pmf[keep], cdf[keep])
@@ -239,13 +248,13 @@ def _positive_draws(mu: np.ndarray, theta: np.ndarray | None, p_zero: np.ndarray
             previous = cdf
             cdf = cdf + pmf
             stalled = (cdf == previous) & (factor < 1.0)
-    idx = np.flatnonzero(~small)
-    while idx.size:
+    idx = indices(~small)
+    while len(idx):
         m = mu[idx]
-        rate = m if theta is None else rng.gamma(theta[idx], m / theta[idx])
-        draws = rng.poisson(rate)
+        rate = m if theta is None else gamma(theta[idx], m / theta[idx])
+        draws = poisson(rate)
         out[idx] = draws
-        idx = idx[draws == 0]
+        idx = idx[indices(draws == 0)]
     return out
 
 
@@ -379,49 +388,11 @@ def _standard_gamma(shape: Tensor, generator: torch.Generator) -> Tensor:
 def _positive_draws_torch(mu: Tensor, theta: Tensor | None, p_zero: Tensor,
                           generator: torch.Generator) -> Tensor:
     """:func:`_positive_draws` in torch (float64 tensors on any device)."""
-    def uniform(n: int) -> Tensor:
-        return torch.rand(n, generator=generator, device=mu.device, dtype=mu.dtype)
-
-    out = torch.ones_like(mu)
-    small = mu <= _INVERSE_CDF_MAX_MEAN
-    where = torch.nonzero(small).squeeze(1)
-    if where.numel():
-        m = mu[where]
-        p0 = p_zero[where]
-        v = p0 + (1.0 - p0) * uniform(where.numel())
-        if theta is None:
-            ratio_a, ratio_b = torch.zeros_like(m), m
-        else:
-            q = m / (m + theta[where])
-            ratio_a, ratio_b = q, (theta[where] - 1.0) * q
-        k = 1.0
-        pmf = p0 * (ratio_a + ratio_b)
-        cdf = p0 + pmf
-        stalled = None
-        while True:  # as in _positive_draws
-            running = (cdf <= v) & (pmf > 0)
-            if stalled is not None:
-                running &= ~stalled
-            keep = torch.nonzero(running).squeeze(1)
-            if not keep.numel():
-                break
-            where, v, ratio_a, ratio_b, pmf, cdf = (
-                where[keep], v[keep], ratio_a[keep], ratio_b[keep], pmf[keep], cdf[keep])
-            k += 1.0
-            out[where] = k
-            factor = (k * ratio_a + ratio_b) / k
-            pmf = pmf * factor
-            previous = cdf
-            cdf = cdf + pmf
-            stalled = (cdf == previous) & (factor < 1.0)
-    idx = torch.nonzero(~small).squeeze(1)
-    while idx.numel():
-        m = mu[idx]
-        rate = m if theta is None else _standard_gamma(theta[idx], generator) * (m / theta[idx])
-        draws = torch.poisson(rate, generator=generator)
-        out[idx] = draws
-        idx = idx[torch.nonzero(draws == 0).squeeze(1)]
-    return out
+    return _positive_draws_with(
+        mu, theta, p_zero, torch, lambda mask: torch.nonzero(mask).squeeze(1),
+        lambda n: torch.rand(n, generator=generator, device=mu.device, dtype=mu.dtype),
+        lambda shape, scale: _standard_gamma(shape, generator) * scale,
+        lambda rate: torch.poisson(rate, generator=generator))
 
 
 @torch.no_grad()
