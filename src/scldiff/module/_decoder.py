@@ -303,42 +303,61 @@ def sample_counts(
     if isinstance(rng, torch.Generator):
         return _sample_counts_torch(likelihood, params, library, rng)
     with torch.no_grad():
-        scale = params["scale"].detach().to("cpu", torch.float32)
+        scale, lib, theta, kept, bound = _dense_bound(likelihood, params, library,
+                                                      torch.device("cpu"), 1.0)
         n_cells, n_genes = scale.shape
-        lib = library.detach().to("cpu", torch.float64).reshape(-1)
-        # E[X] per entry, a little inflated against float32 rounding: an upper bound of P(X>0)
-        bound = scale * (lib * _BOUND_SLACK).float()[:, None]
-        if likelihood == "zinb":
-            kept = params.get("kept")
-            if kept is None:
-                kept = torch.sigmoid(torch.neg(params["zi_logits"].detach().float()))
-            kept = kept.detach().to("cpu", torch.float32)
-            bound.mul_(kept)
         uniform = rng.random((n_cells, n_genes), dtype=np.float32)
         flat = np.flatnonzero(uniform < bound.numpy())
+        del bound
         rows = flat // n_genes
         cols = flat - rows * n_genes
         mu = lib.numpy()[rows] * scale.numpy().ravel()[flat]
-        if likelihood == "poisson":
-            theta = None
-            log_p0 = -mu
-        else:
-            theta = params["theta"].detach()
-            if theta.dim() < 2 or theta.shape[0] == 1 or theta.stride(0) == 0:  # per gene
-                theta = theta.reshape(-1, theta.shape[-1])[0].expand(n_genes)
-                theta = theta.to("cpu", torch.float64).numpy()[cols]
-            else:
-                theta = theta.to("cpu", torch.float64).numpy().ravel()[flat]
-            log_p0 = -theta * np.log1p(mu / theta)
-        p_nonzero = -np.expm1(log_p0)
-        if likelihood == "zinb":
-            p_nonzero *= kept.numpy().ravel()[flat]
+        if theta is not None:
+            theta = theta.numpy()
+            theta = theta[cols] if theta.ndim == 1 else theta.ravel()[flat]
         u = uniform.ravel()[flat] + rng.random(flat.size) * _FLOAT32_SPACING
-        keep = np.flatnonzero(u < p_nonzero)
-        rows, cols, mu, log_p0 = rows[keep], cols[keep], mu[keep], log_p0[keep]
+        keep, log_p0 = _exact_nonzero(np, np.flatnonzero, u, mu, theta,
+                                      None if kept is None else kept.numpy().ravel()[flat])
+        rows, cols, mu = rows[keep], cols[keep], mu[keep]
         values = _positive_draws(mu, None if theta is None else theta[keep], np.exp(log_p0),
                                  rng)
     return _csr(rows, cols, values, n_cells, n_genes)
+
+
+def _dense_bound(likelihood: Likelihood, params: dict[str, Tensor], library: Tensor,
+                 device: torch.device, unit: float
+                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    """The sampler's inputs on ``device``: ``scale`` (float32), the libraries (float64),
+    ``theta`` (float64, one per gene or one per entry; ``None`` for Poisson), ``kept``
+    (float32 ``1 - pi``; ``None`` but for the ZINB) and the dense bound ``E[X] / unit``,
+    a little inflated against float32 rounding, which :math:`P(X > 0)` never exceeds."""
+    scale = params["scale"].detach().to(device, torch.float32)
+    lib = library.detach().to(device, torch.float64).reshape(-1)
+    bound = scale * (lib * (_BOUND_SLACK / unit)).float()[:, None]
+    theta = kept = None
+    if likelihood != "poisson":
+        theta = params["theta"].detach()
+        if theta.dim() < 2 or theta.shape[0] == 1 or theta.stride(0) == 0:  # per gene
+            theta = theta.reshape(-1, theta.shape[-1])[0].expand(scale.shape[1])
+        theta = theta.to(device, torch.float64)
+    if likelihood == "zinb":
+        kept = params.get("kept")
+        if kept is None:
+            kept = torch.sigmoid(torch.neg(params["zi_logits"].detach().float()))
+        kept = kept.detach().to(device, torch.float32)
+        bound.mul_(kept)
+    return scale, lib, theta, kept, bound
+
+
+def _exact_nonzero(xp, indices, u, mu, theta, kept):
+    r"""Which pre-selected entries are nonzero, :math:`u < P(X > 0)` in float64, and
+    :math:`\log P_{NB}(0)` of those (numpy or torch arrays; ``xp`` is the module)."""
+    log_p0 = -mu if theta is None else -theta * xp.log1p(mu / theta)
+    p_nonzero = -xp.expm1(log_p0)  # 1 - P(0), without cancellation
+    if kept is not None:
+        p_nonzero = p_nonzero * kept
+    keep = indices(u < p_nonzero)
+    return keep, log_p0[keep]
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_cells: int,
@@ -404,19 +423,10 @@ def _sample_counts_torch(likelihood: Likelihood, params: dict[str, Tensor], libr
     float32 uniforms), so that the completion to float64 resolution is exact whatever the
     device's float32 uniforms look like.
     """
-    scale = params["scale"].detach().float()
-    device = scale.device
+    device = params["scale"].device
+    scale, lib, theta, kept, bound = _dense_bound(likelihood, params, library, device,
+                                                  _FLOAT32_SPACING)  # in units of 2**-24
     n_cells, n_genes = scale.shape
-    lib = library.detach().to(device, torch.float64).reshape(-1)
-    # the bound in units of 2**-24, against the integer uniforms
-    bound = scale * (lib * (_BOUND_SLACK / _FLOAT32_SPACING)).float()[:, None]
-    kept = None
-    if likelihood == "zinb":
-        kept = params.get("kept")
-        if kept is None:
-            kept = torch.sigmoid(torch.neg(params["zi_logits"].detach().float()))
-        kept = kept.detach().to(device, torch.float32)
-        bound.mul_(kept)
     ticks = torch.randint(0, 2**24, (n_cells, n_genes), generator=generator, device=device,
                           dtype=torch.int32)
     flat = torch.nonzero((ticks < bound).reshape(-1)).squeeze(1)
@@ -424,25 +434,15 @@ def _sample_counts_torch(likelihood: Likelihood, params: dict[str, Tensor], libr
     rows = torch.div(flat, n_genes, rounding_mode="floor")
     cols = flat - rows * n_genes
     mu = lib[rows] * scale.reshape(-1)[flat].double()
-    theta = None
-    if likelihood == "poisson":
-        log_p0 = -mu
-    else:
-        theta = params["theta"].detach()
-        if theta.dim() < 2 or theta.shape[0] == 1 or theta.stride(0) == 0:  # per gene
-            theta = theta.reshape(-1, theta.shape[-1])[0].expand(n_genes)
-            theta = theta.to(device, torch.float64)[cols]
-        else:
-            theta = theta.to(device, torch.float64).reshape(-1)[flat]
-        log_p0 = -theta * torch.log1p(mu / theta)
-    p_nonzero = -torch.expm1(log_p0)
-    if kept is not None:
-        p_nonzero *= kept.reshape(-1)[flat].double()
+    if theta is not None:
+        theta = theta[cols] if theta.dim() == 1 else theta.reshape(-1)[flat]
     u = (ticks.reshape(-1)[flat].double()
          + torch.rand(flat.numel(), generator=generator, device=device, dtype=torch.float64)
          ) * _FLOAT32_SPACING
-    keep = torch.nonzero(u < p_nonzero).squeeze(1)
-    rows, cols, mu, log_p0 = rows[keep], cols[keep], mu[keep], log_p0[keep]
+    keep, log_p0 = _exact_nonzero(
+        torch, lambda mask: torch.nonzero(mask).squeeze(1), u, mu, theta,
+        None if kept is None else kept.reshape(-1)[flat].double())
+    rows, cols, mu = rows[keep], cols[keep], mu[keep]
     values = _positive_draws_torch(mu, None if theta is None else theta[keep],
                                    torch.exp(log_p0), generator)
     return _csr(rows.cpu().numpy(), cols.cpu().numpy(), values.cpu().numpy(), n_cells,

@@ -293,7 +293,8 @@ class LapDDPMModule(BaseModuleClass):
 
         ``library`` gives the cells' library sizes (the expected total counts); it is
         ignored (may be ``None``) when the library size is diffused with the latent, which
-        then supplies it.
+        then supplies it. ``generator`` draws the latents and, on a GPU, the counts;
+        ``rng`` draws the counts on a CPU (:meth:`decode_counts`).
         """
         z = self.sample_latents(labels, guidance_scale, sampler, n_steps, generator)
         if self.diffuse_library:
