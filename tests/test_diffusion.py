@@ -72,7 +72,8 @@ def test_first_order_ddim_converges_and_second_order_ode_is_more_accurate():
 
 
 @pytest.mark.parametrize("name,n_steps,tol", [("ddim", 400, 0.01),
-                                              ("ode", DEFAULT_STEPS["ode"], 0.01),
+                                              ("ode", 30, 0.01),
+                                              ("ode", DEFAULT_STEPS["ode"], 0.025),
                                               ("sde", 1000, 0.01)])
 def test_sampler_reproduces_1d_gaussian(name, n_steps, tol):
     mean = torch.tensor([2.0], dtype=torch.float64)
@@ -85,7 +86,7 @@ def test_sampler_reproduces_1d_gaussian(name, n_steps, tol):
     assert out.var().item() == pytest.approx(0.25, rel=3 * tol)
 
 
-@pytest.mark.parametrize("name,n_steps", [("ddim", 400), ("ode", DEFAULT_STEPS["ode"]),
+@pytest.mark.parametrize("name,n_steps", [("ddim", 400), ("ode", 30),
                                           ("sde", 1000)])
 def test_sampler_reproduces_correlated_2d_gaussian(name, n_steps):
     mean = torch.tensor([-1.0, 3.0], dtype=torch.float64)

@@ -86,7 +86,7 @@ class LapDDPMModule(BaseModuleClass):
         likelihood: Likelihood = "nb",
         dropout_rate: float = 0.1,
         neighbour_gradients: bool = False,
-        score_hidden: int = 256,
+        score_hidden: int = 128,
         score_blocks: int = 3,
         beta_min: float = 0.1,
         beta_max: float = 20.0,

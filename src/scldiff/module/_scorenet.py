@@ -87,7 +87,7 @@ class ScoreNet(nn.Module):
         self,
         n_latent: int,
         n_labels: int,
-        n_hidden: int = 256,
+        n_hidden: int = 128,
         n_blocks: int = 3,
         time_embedding_dim: int = 64,
         dropout_rate: float = 0.0,
