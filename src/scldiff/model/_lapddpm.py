@@ -664,6 +664,76 @@ class LapDDPM(BaseModelClass):
         mean, _ = self._posterior(self._collator(adata), indices, batch_size, progress_bar)
         return mean.numpy()
 
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices: np.ndarray | None = None,
+        batch_size: int = 512,
+        seed: int | None = None,
+        progress_bar: bool = False,
+    ) -> AnnData:
+        r"""Counts drawn from each cell's posterior predictive: the stage-A model's
+        reconstruction, with no diffusion.
+
+        For every cell, a latent :math:`z \sim q(z \mid x)` (encoded on the full cell
+        graph) is decoded with the cell's own library size (its total count) and counts are
+        drawn from the likelihood. Comparing these cells with :meth:`generate`'s tells the
+        count model's share of a gap to real data from the latent diffusion's: the diffusion
+        cannot do better than the posterior it was trained on (``benchmarks/prior_gap.py``).
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the training data (default: the model's).
+        indices
+            Cells to draw, in this order; repeat an index for several draws of a cell
+            (default: all cells once).
+        batch_size
+            Seed cells per encoding batch.
+        seed
+            Seed of the latent and count draws.
+        progress_bar
+            Show a progress bar while encoding.
+
+        Returns
+        -------
+        AnnData like :meth:`generate`'s: integer counts in ``X`` (CSR) and
+        ``layers["counts"]``, the training ``var_names``, the cells' own labels and
+        ``obs["synthetic"] = True``; ``obs["source_cell"]`` names the cell each row was
+        drawn from.
+        """
+        self._check_if_trained(warn=True)
+        adata = self._validate_anndata(adata)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        if indices.ndim != 1 or (indices.size and (
+                not np.issubdtype(indices.dtype, np.integer) or indices.min() < 0
+                or indices.max() >= adata.n_obs)):
+            raise ValueError(f"indices must be integer positions of cells in [0, "
+                             f"{adata.n_obs}), got {indices!r}.")
+        collator = self._collator(adata)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        mean, logvar = self._posterior(collator, unique, batch_size, progress_bar)
+        rng = np.random.default_rng(seed)
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        mean, logvar = mean[inverse], logvar[inverse]
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+        library = torch.from_numpy(collator.library[indices].astype(np.float32))
+        self.module.eval()
+        x = self.module.decode_counts(z.to(self.device), library.to(self.device), rng)
+        x = sp.csr_matrix(x, dtype=np.float32)
+        obs = pd.DataFrame(index=pd.Index([f"posterior-{i}" for i in range(indices.size)]))
+        if self.is_conditional:
+            obs[self.labels_key] = pd.Categorical.from_codes(
+                collator.labels[indices], categories=self.label_categories)
+        obs["synthetic"] = True
+        obs["source_cell"] = np.asarray(adata.obs_names[indices], dtype=str)
+        var = pd.DataFrame(index=pd.Index(np.asarray(self.get_var_names(), dtype=str)))
+        return AnnData(X=x, obs=obs, var=var, layers={"counts": x.copy()},
+                       uns={"scldiff": {"model": "LapDDPM", "scldiff_version": __version__,
+                                        "seed": "" if seed is None else str(seed),
+                                        "draw": "posterior predictive",
+                                        "likelihood": self.module.likelihood}})
+
     def generate(
         self,
         labels=None,
