@@ -4,6 +4,7 @@ Usage (from the repository root, after ``python benchmarks/quality.py --datasets
 
     python benchmarks/prior_gap.py                         # PBMC3K, seeds 0-2, 3 draws
     python benchmarks/prior_gap.py --dataset zheng17 --seeds 0 --draws 2
+    python benchmarks/prior_gap.py --seeds 1 --name kl025 --train-kwargs '{"kl_weight": 0.25}'
 
 The generated cells pass through two learned parts: the latent diffusion (the prior) and
 the stage-A count model (decoder and likelihood). The diffusion is trained on the
@@ -23,7 +24,11 @@ and the diffusion above it, the gap is in the prior; if both sit above the floor
 the count model. The conditional MMD is also given on the cell types with at least 30
 held-out cells, where it is not dominated by the few-cell types' sampling noise.
 
-Writes ``benchmarks/results/prior_gap_<dataset>.json`` and ``.md``.
+With ``--model-kwargs`` or ``--train-kwargs`` (JSON), a model of that variant is trained on
+each split instead (as ``quality.py`` trains, not cached), to see whether a stage-A change
+brings the posterior predictive closer; ``--name`` then labels the output files.
+
+Writes ``benchmarks/results/prior_gap_<dataset>[_<name>].json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -76,18 +81,28 @@ def record(seed: int, source: str, draw: int, test, generated) -> dict:
     return out
 
 
-def run(dataset: str, seeds: list[int], draws: int, data_dir: str) -> dict:
+def run(dataset: str, seeds: list[int], draws: int, data_dir: str,
+        model_kwargs: dict | None = None, train_kwargs: dict | None = None) -> dict:
+    variant = bool(model_kwargs or train_kwargs)
     adata = quality.load_dataset(dataset, data_dir)
     records = []
     for seed in seeds:
-        train, test, label_counts, path = cached_split(adata, dataset, seed)
+        if variant:
+            train, test = scldiff.metrics.stratified_split(adata, quality.LABELS, 0.2,
+                                                           seed=seed)
+            label_counts = {k: int(v) for k, v in
+                            test.obs[quality.LABELS].value_counts().items() if v}
+            model, _ = quality.fit_lapddpm(train, label_counts, seed, {}, train_kwargs or {},
+                                           model_kwargs)
+        else:
+            train, test, label_counts, path = cached_split(adata, dataset, seed)
+            expressed = np.asarray(train.X.sum(0)).ravel() > 0  # as quality.fit_lapddpm
+            data = train[:, expressed].copy()
+            scldiff.LapDDPM.setup_anndata(data, labels_key=quality.LABELS)
+            model = scldiff.LapDDPM.load(path, adata=data)
         records.append(record(seed, "floor", 0, test, scldiff.metrics.label_matched_sample(
             train, test, quality.LABELS, seed=seed)))
-        expressed = np.asarray(train.X.sum(0)).ravel() > 0  # as quality.fit_lapddpm
-        data = train[:, expressed].copy()
-        scldiff.LapDDPM.setup_anndata(data, labels_key=quality.LABELS)
-        model = scldiff.LapDDPM.load(path, adata=data)
-        train_labels = data.obs[quality.LABELS].astype(str).to_numpy()
+        train_labels = model.adata.obs[quality.LABELS].astype(str).to_numpy()
         for draw in range(draws):
             draw_seed = seed + 100 * draw
             indices = posterior_indices(train_labels, label_counts,
@@ -98,14 +113,18 @@ def run(dataset: str, seeds: list[int], draws: int, data_dir: str) -> dict:
             records.append(record(seed, "diffusion", draw, test, quality.lapddpm_generate(
                 model, label_counts, draw_seed, {}, test)))
     return {"dataset": dataset, "seeds": seeds, "draws": draws, "records": records,
+            "model_kwargs": model_kwargs or {}, "train_kwargs": train_kwargs or {},
             "meta": quality.meta()}
 
 
 def report(result: dict) -> str:
     records = result["records"]
     names = list(METRICS) + [LARGE_NAME]
+    kwargs = {k: result.get(k) for k in ("model_kwargs", "train_kwargs") if result.get(k)}
+    models = (f"LapDDPM models trained with {json.dumps(kwargs)}" if kwargs
+              else "LapDDPM models of `quality.py`")
     lines = [f"Produced by `python benchmarks/prior_gap.py` on {result['dataset']}: the "
-             f"LapDDPM models of `quality.py` (seeds {', '.join(map(str, result['seeds']))}), "
+             f"{models} (seeds {', '.join(map(str, result['seeds']))}), "
              f"{result['draws']} draw(s) per seed of the posterior predictive (training cells "
              f"decoded from their own posteriors and library sizes) and of the diffusion "
              f"(`generate()`); mean ± sd over all draws. Code at commit "
@@ -133,14 +152,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data-dir", default=quality.DEFAULT_DATA_DIR)
+    parser.add_argument("--model-kwargs", type=json.loads, default=None,
+                        help='LapDDPM(...) arguments of a variant, JSON: \'{"n_hidden": 256}\'')
+    parser.add_argument("--train-kwargs", type=json.loads, default=None,
+                        help="train(...) arguments of a variant, JSON")
+    parser.add_argument("--name", default=None, help="suffix of the output files")
     args = parser.parse_args(argv)
+    if (args.model_kwargs or args.train_kwargs) and not args.name:
+        parser.error("a variant (--model-kwargs/--train-kwargs) needs --name for its files.")
     if args.threads:
         torch.set_num_threads(args.threads)
     import warnings
 
     warnings.filterwarnings("ignore")
-    result = run(args.dataset, args.seeds, args.draws, args.data_dir)
-    write_results(os.path.join(RESULTS, f"prior_gap_{args.dataset}"), result, report(result))
+    result = run(args.dataset, args.seeds, args.draws, args.data_dir, args.model_kwargs,
+                 args.train_kwargs)
+    stem = f"prior_gap_{args.dataset}" + (f"_{args.name}" if args.name else "")
+    write_results(os.path.join(RESULTS, stem), result, report(result))
 
 
 if __name__ == "__main__":
