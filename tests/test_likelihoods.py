@@ -9,13 +9,21 @@ from scipy import stats
 from scldiff.module import CountDecoder, gaussian_kl, sample_counts, sparse_log_likelihood
 
 
-def decoder_params(likelihood, n_cells=3, n_genes=5, seed=0):
+def decoder_params(likelihood, n_cells=3, n_genes=5, seed=0, dispersion="gene"):
+    """A small decoder and its parameters; with ``dispersion="gene-label"``, 3 labels with
+    different inverse dispersions and the cells' labels cycling through them."""
     torch.manual_seed(seed)
-    decoder = CountDecoder(4, n_genes, n_hidden=8, likelihood=likelihood)
+    decoder = CountDecoder(4, n_genes, n_hidden=8, likelihood=likelihood,
+                           dispersion=dispersion, n_labels=3)
+    labels = None
     with torch.no_grad():
         if decoder.log_theta is not None:
-            decoder.log_theta.copy_(torch.linspace(-1.0, 2.0, n_genes))
-    return decoder, decoder(torch.randn(n_cells, 4))
+            theta = torch.linspace(-1.0, 2.0, n_genes)
+            if dispersion == "gene-label":
+                theta = torch.stack([theta, theta.flip(0), theta + 1.5])
+                labels = torch.arange(n_cells) % 3
+            decoder.log_theta.copy_(theta)
+    return decoder, decoder(torch.randn(n_cells, 4), labels)
 
 
 def test_negative_binomial_log_likelihood_matches_scipy():
@@ -99,10 +107,15 @@ def test_gaussian_kl_matches_torch_distributions():
                                torch.distributions.kl_divergence(q, p).sum(-1))
 
 
-@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
-def test_sparse_log_likelihood_equals_the_dense_one_and_scipy(likelihood):
+@pytest.mark.parametrize("likelihood,dispersion", [
+    ("nb", "gene"), ("zinb", "gene"), ("poisson", "gene"), ("nb", "gene-label"),
+    ("zinb", "gene-label")])
+def test_sparse_log_likelihood_equals_the_dense_one_and_scipy(likelihood, dispersion):
     rng = np.random.default_rng(1)
-    decoder, params = decoder_params(likelihood, n_cells=6, n_genes=40)
+    decoder, params = decoder_params(likelihood, n_cells=6, n_genes=40, dispersion=dispersion)
+    if dispersion == "gene-label":  # one row of inverse dispersions per cell, by label
+        assert params["theta"].shape == (6, 40)
+        torch.testing.assert_close(params["theta"][4], decoder.log_theta[1].exp())
     library = torch.tensor(rng.uniform(50, 3000, size=(6, 1)), dtype=torch.float32)
     counts = rng.poisson(rng.gamma(0.3, 4.0, size=(6, 40))).astype(np.float32)
     counts[0] = 0  # a row with no stored values
@@ -341,3 +354,54 @@ def test_torch_count_draws_depend_only_on_the_generator():
     first.check_format(full_check=True)
     other = sample_counts("zinb", params, library, torch.Generator().manual_seed(6))
     assert (first != other).nnz > 0
+
+
+def test_gene_label_dispersion_gradients_and_errors():
+    """The sparse likelihood's gradient reaches each label's own inverse dispersions."""
+    decoder, _ = decoder_params("zinb", n_cells=6, n_genes=30, dispersion="gene-label")
+    z, labels = torch.randn(6, 4), torch.tensor([0, 0, 2, 2, 2, 0])  # label 1 absent
+    counts = np.random.default_rng(3).poisson(2.0, size=(6, 30)).astype(np.float32)
+    x = sp.csr_matrix(counts)
+    library = torch.full((6, 1), 100.0)
+    args = (torch.from_numpy(x.indptr.astype(np.int64)), torch.from_numpy(x.indices.astype(
+        np.int64)), torch.from_numpy(x.data))
+    (g_sparse,) = torch.autograd.grad(
+        sparse_log_likelihood("zinb", decoder(z, labels), library, *args).sum(),
+        decoder.log_theta)
+    (g_dense,) = torch.autograd.grad(decoder.distribution(decoder(z, labels), library).log_prob(
+        torch.from_numpy(counts)).sum(), decoder.log_theta)
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-4)
+    assert g_sparse[1].abs().max() == 0 and g_sparse[0].abs().max() > 0
+    with pytest.raises(ValueError, match="label codes"):
+        decoder(z)
+    with pytest.raises(ValueError, match="dispersion must be one of"):
+        CountDecoder(4, 10, dispersion="cell")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_sampled_counts_follow_each_labels_dispersion(backend):
+    """Cells of two labels with the same means: each label's count variance is that of its
+    own inverse dispersion, mu + mu^2 / theta_label."""
+    from scldiff.module import LapDDPMModule
+
+    module = LapDDPMModule(n_input=6, n_labels=2, n_lpe=0, n_latent=2, n_hidden=8,
+                           score_hidden=8, score_blocks=1, likelihood="nb",
+                           dispersion="gene-label").eval()
+    theta = torch.tensor([[0.5, 2.0, 20.0, 0.5, 2.0, 20.0], [20.0, 0.5, 2.0, 20.0, 0.5, 2.0]])
+    with torch.no_grad():
+        module.decoder.log_theta.copy_(theta.log())
+    n = 40_000
+    z = torch.zeros(n, 2)  # the same gene proportions for every cell
+    labels = torch.arange(n) % 2
+    counts = module.decode_counts(z, torch.full((n,), 60.0), np.random.default_rng(0),
+                                  labels=labels) if backend == "numpy" else sample_counts(
+        "nb", module.decoder.sampling_params(z, labels), torch.full((n, 1), 60.0),
+        torch.Generator().manual_seed(0))
+    counts = counts.toarray()
+    with torch.no_grad():
+        mean = 60.0 * module.decoder(z[:1], labels[:1])["scale"][0].double().numpy()
+    for label in (0, 1):
+        rows = counts[labels.numpy() == label]
+        expected = mean + mean**2 / theta[label].double().numpy()
+        np.testing.assert_allclose(rows.mean(0), mean, rtol=0.04)
+        np.testing.assert_allclose(rows.var(0), expected, rtol=0.1)

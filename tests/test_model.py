@@ -10,6 +10,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import scvi
+import torch
 
 import scldiff
 from scldiff import LapDDPM, ModelFileError
@@ -410,6 +411,41 @@ def test_other_likelihoods_train_and_generate(likelihood):
     synth = model.generate(labels={"CD4 T cells": 20}, seed=0, progress_bar=False)
     assert synth.n_obs == 20 and synth.uns["scldiff"]["likelihood"] == likelihood
     assert (synth.X.data == np.round(synth.X.data)).all()
+
+
+def test_gene_label_dispersion_trains_generates_and_round_trips(tmp_path):
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=150, n_genes=200)
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
+    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1,
+                    dispersion="gene-label")
+    n_labels = len(model.label_categories)
+    assert model.module.decoder.log_theta.shape == (n_labels, adata.n_vars)
+    before = model.module.decoder.log_theta.detach().clone()
+    model.train(n_epochs_stage_a=3, n_epochs_stage_b=2, **QUIET)
+    after = model.module.decoder.log_theta.detach()
+    # every label present in training moved its own row
+    assert ((after - before).abs().amax(1) > 0).all()
+    assert not torch.allclose(after[0], after[1])
+    synth = model.generate(labels={"CD4 T cells": 20, "B cells": 10}, seed=0,
+                           progress_bar=False)
+    assert synth.n_obs == 30 and (synth.X.data == np.round(synth.X.data)).all()
+    assert model.posterior_predictive_sample(seed=0).n_obs == adata.n_obs
+    model.save(str(tmp_path / "m"), save_anndata=True)
+    again = LapDDPM.load(str(tmp_path / "m"))
+    assert again.module.decoder.dispersion == "gene-label"
+    repeat = again.generate(labels={"CD4 T cells": 20, "B cells": 10}, seed=0,
+                            progress_bar=False)
+    assert (repeat.X != synth.X).nnz == 0
+
+
+def test_gene_label_dispersion_needs_labels():
+    adata = small_pbmc(n_cells=100, n_genes=100)
+    LapDDPM.setup_anndata(adata, n_neighbors=5, n_lpe=2)
+    with pytest.raises(ValueError, match="needs labels"):
+        LapDDPM(adata, dispersion="gene-label")
+    with pytest.raises(ValueError, match="dispersion must be one of"):
+        LapDDPM(adata, dispersion="cell")
 
 
 def test_bad_model_arguments():

@@ -27,7 +27,7 @@ from .._version import __version__
 from ..diffusion import DEFAULT_STEPS, SAMPLERS
 from ..graph import SubgraphSampler, knn_graph, laplacian_positional_encoding, pca_embedding
 from ..module import LIKELIHOODS, LapDDPMModule
-from ..module._decoder import Likelihood
+from ..module._decoder import DISPERSIONS, Likelihood
 from ..train import (
     PERTURBATIONS,
     STAGE_NAMES,
@@ -198,6 +198,12 @@ class LapDDPM(BaseModelClass):
         How generated cells get their library sizes: ``"diffusion"`` diffuses the log
         library size jointly with the latent, so it follows the cell state; ``"label"``
         draws it from a log-normal fitted to the training cells of the label.
+    dispersion
+        ``"gene"`` (default): one inverse dispersion per gene, shared by all cells;
+        ``"gene-label"``: one per gene and label (scVI's option of that name), for labelled
+        models only. On the benchmark splits measured so far (PBMC3K and Zheng 2017, seed
+        1), ``"gene-label"`` put the posterior predictive and the generated cells slightly
+        farther from held-out cells (``benchmarks/prior_gap.py``, docs "Benchmarks").
 
     Examples
     --------
@@ -228,13 +234,19 @@ class LapDDPM(BaseModelClass):
         beta_max: float = 20.0,
         t_min: float = 1e-3,
         library_size: Literal["diffusion", "label"] = "label",
+        dispersion: Literal["gene", "gene-label"] = "gene",
     ):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
         if library_size not in LIBRARY_SIZES:
             raise ValueError(f"library_size must be one of {LIBRARY_SIZES}, got "
                              f"{library_size!r}.")
+        if dispersion not in DISPERSIONS:
+            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
         super().__init__(adata, registry)
+        if dispersion == "gene-label" and not self.is_conditional:
+            raise ValueError('dispersion="gene-label" needs labels: set up the AnnData with '
+                             'setup_anndata(adata, labels_key=...), or use dispersion="gene".')
         stats = self.summary_stats
         self.module = self._module_cls(
             n_input=stats["n_vars"],
@@ -253,6 +265,7 @@ class LapDDPM(BaseModelClass):
             beta_max=beta_max,
             t_min=t_min,
             diffuse_library=library_size == "diffusion",
+            dispersion=dispersion,
         )
         self.library_log_mean_: list[float] | None = None
         self.library_log_std_: list[float] | None = None
@@ -719,7 +732,9 @@ class LapDDPM(BaseModelClass):
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
         library = torch.from_numpy(collator.library[indices].astype(np.float32))
         self.module.eval()
-        x = self.module.decode_counts(z.to(self.device), library.to(self.device), rng)
+        codes = torch.from_numpy(collator.labels[indices]).to(self.device)
+        x = self.module.decode_counts(z.to(self.device), library.to(self.device), rng,
+                                      labels=codes)
         x = sp.csr_matrix(x, dtype=np.float32)
         obs = pd.DataFrame(index=pd.Index([f"posterior-{i}" for i in range(indices.size)]))
         if self.is_conditional:

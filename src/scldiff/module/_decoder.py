@@ -14,13 +14,16 @@ from torch.distributions import Distribution, Poisson
 
 Likelihood = Literal["nb", "zinb", "poisson"]
 LIKELIHOODS: tuple[str, ...] = ("nb", "zinb", "poisson")
+Dispersion = Literal["gene", "gene-label"]
+DISPERSIONS: tuple[str, ...] = ("gene", "gene-label")
 
 
 class CountDecoder(nn.Module):
     r"""MLP :math:`z \mapsto` gene proportions :math:`\rho` (softmax), mean :math:`\ell\rho`.
 
-    The negative binomial has one inverse dispersion :math:`\theta_g` per gene, the ZINB
-    adds per-cell dropout probabilities :math:`\pi_g`.
+    The negative binomial has one inverse dispersion :math:`\theta_g` per gene (or, with
+    ``dispersion="gene-label"``, one per gene and cell label, as scVI's option of that
+    name), the ZINB adds per-cell dropout probabilities :math:`\pi_g`.
 
     Unlike scVI, whose ZINB puts :math:`\ell\rho` on the negative binomial so that the
     zeros remove part of it, the ZINB's own mean is :math:`\ell\rho`: the negative binomial
@@ -43,6 +46,11 @@ class CountDecoder(nn.Module):
         ``"nb"``, ``"zinb"`` or ``"poisson"``.
     dropout_rate
         Dropout after each hidden layer.
+    dispersion
+        ``"gene"`` or ``"gene-label"``; the latter needs the cells' label codes in
+        :meth:`forward` and :meth:`sampling_params`.
+    n_labels
+        Number of labels (``dispersion="gene-label"``).
     """
 
     def __init__(
@@ -53,11 +61,16 @@ class CountDecoder(nn.Module):
         n_layers: int = 1,
         likelihood: Likelihood = "nb",
         dropout_rate: float = 0.0,
+        dispersion: Dispersion = "gene",
+        n_labels: int = 1,
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
+        if dispersion not in DISPERSIONS:
+            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
         self.likelihood = likelihood
+        self.dispersion = dispersion
         layers: list[nn.Module] = []
         width = n_latent
         for _ in range(n_layers):
@@ -67,16 +80,28 @@ class CountDecoder(nn.Module):
         self.hidden = nn.Sequential(*layers)
         self.scale = nn.Linear(width, n_output)
         self.dropout_logits = nn.Linear(width, n_output) if likelihood == "zinb" else None
-        self.log_theta = nn.Parameter(torch.zeros(n_output)) if likelihood != "poisson" else None
+        shape = (n_output,) if dispersion == "gene" else (n_labels, n_output)
+        self.log_theta = nn.Parameter(torch.zeros(shape)) if likelihood != "poisson" else None
 
-    def forward(self, z: Tensor) -> dict[str, Tensor]:
-        """Likelihood parameters that do not depend on the library size."""
+    def _log_theta(self, labels: Tensor | None) -> Tensor:
+        """One log inverse dispersion per gene (``(n_genes,)``), or with
+        ``dispersion="gene-label"`` one row per cell (``(n_cells, n_genes)``)."""
+        if self.dispersion == "gene":
+            return self.log_theta
+        if labels is None:
+            raise ValueError('dispersion="gene-label" needs the cells\' label codes.')
+        return self.log_theta[labels.reshape(-1).long()]
+
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """Likelihood parameters that do not depend on the library size (``labels``: the
+        cells' label codes, needed with ``dispersion="gene-label"``)."""
         h = self.hidden(z)
         log_scale = F.log_softmax(self.scale(h), dim=-1)
         params: dict[str, Tensor] = {}
         if self.log_theta is not None:
-            params["theta"] = self.log_theta.exp().expand_as(log_scale)
-            params["log_theta"] = self.log_theta
+            log_theta = self._log_theta(labels)
+            params["theta"] = log_theta.exp().expand_as(log_scale)
+            params["log_theta"] = log_theta
         if self.dropout_logits is not None:
             zi_logits = self.dropout_logits(h)
             params["zi_logits"] = zi_logits
@@ -89,10 +114,11 @@ class CountDecoder(nn.Module):
         return params
 
     @torch.no_grad()
-    def sampling_params(self, z: Tensor) -> dict[str, Tensor]:
+    def sampling_params(self, z: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
         r"""The parameters :func:`sample_counts` needs, in fewer passes than :meth:`forward`.
 
-        ``scale`` (:math:`\mu / \ell`, as in :meth:`forward`), ``theta`` (one per gene) and,
+        ``scale`` (:math:`\mu / \ell`, as in :meth:`forward`), ``theta`` (one per gene, or
+        one row per cell with ``dispersion="gene-label"``) and,
         for the ZINB, ``kept`` (:math:`1 - \pi`), computed in linear rather than log space:
         no gradients, and no ``log_scale`` or ``zi_logits``.
         """
@@ -100,7 +126,7 @@ class CountDecoder(nn.Module):
         scale = F.log_softmax(self.scale(h), dim=-1).exp_()  # rho
         params: dict[str, Tensor] = {}
         if self.log_theta is not None:
-            params["theta"] = self.log_theta.exp()
+            params["theta"] = self._log_theta(labels).exp()
         if self.dropout_logits is not None:
             # 1 - pi = sigmoid(-logits) = 1 / (1 + exp(logits)); exp may overflow to inf -> 0
             kept = self.dropout_logits(h).exp_().add_(1.0).reciprocal_()
@@ -163,14 +189,15 @@ def sparse_log_likelihood(
         zero = -log_mu.exp()
         nonzero = x * log_mu_nz - torch.lgamma(x + 1.0)  # the -mu part is already in `zero`
         return zero.sum(-1).index_add(0, rows, nonzero)
-    log_theta = params["log_theta"]
+    log_theta = params["log_theta"]  # (n_genes,) or, per gene and label, (n, n_genes)
     theta = log_theta.exp()
     log_theta_mu = torch.logaddexp(log_theta, log_mu)
     log_nb_zero = theta * (log_theta - log_theta_mu)
-    theta_nz = theta[col]
+    log_theta_nz = log_theta[col] if log_theta.dim() == 1 else log_theta[rows, col]
+    theta_nz = log_theta_nz.exp()
     log_nb_nz = (
         torch.lgamma(x + theta_nz) - torch.lgamma(theta_nz) - torch.lgamma(x + 1.0)
-        + theta_nz * (log_theta[col] - log_theta_mu[rows, col])
+        + theta_nz * (log_theta_nz - log_theta_mu[rows, col])
         + x * (log_mu_nz - log_theta_mu[rows, col])
     )
     if likelihood == "nb":

@@ -12,7 +12,13 @@ from torch import Tensor
 
 from .._constants import BATCH_KEYS
 from ..diffusion import DEFAULT_STEPS, SAMPLERS, ClassifierFreeGuidance, VPSchedule
-from ._decoder import CountDecoder, Likelihood, sample_counts, sparse_log_likelihood
+from ._decoder import (
+    CountDecoder,
+    Dispersion,
+    Likelihood,
+    sample_counts,
+    sparse_log_likelihood,
+)
 from ._encoder import GraphEncoder
 from ._scorenet import ScoreNet
 
@@ -71,6 +77,9 @@ class LapDDPMModule(BaseModuleClass):
         generated library sizes depend on the cell state, not only on the label.
     beta_min, beta_max, t_min
         VP-SDE schedule (:class:`~scldiff.diffusion.VPSchedule`).
+    dispersion
+        ``"gene"``: one inverse dispersion per gene; ``"gene-label"``: one per gene and
+        label (:class:`~scldiff.module.CountDecoder`).
     """
 
     def __init__(
@@ -92,6 +101,7 @@ class LapDDPMModule(BaseModuleClass):
         beta_max: float = 20.0,
         t_min: float = 1e-3,
         diffuse_library: bool = False,
+        dispersion: Dispersion = "gene",
     ):
         super().__init__()
         self.n_latent = n_latent
@@ -100,7 +110,8 @@ class LapDDPMModule(BaseModuleClass):
         self.likelihood = likelihood
         self.encoder = GraphEncoder(n_input, n_lpe, n_latent, n_hidden, cheb_k, n_cheb_layers,
                                     dropout_rate, neighbour_gradients)
-        self.decoder = CountDecoder(n_latent, n_input, n_hidden, likelihood=likelihood)
+        self.decoder = CountDecoder(n_latent, n_input, n_hidden, likelihood=likelihood,
+                                    dispersion=dispersion, n_labels=n_labels)
         self.score_net = ScoreNet(self.n_diffusion, n_labels, score_hidden, score_blocks)
         self.schedule = VPSchedule(beta_min, beta_max, t_min)
         self.register_buffer("lpe_scale", torch.tensor(float(lpe_scale)))
@@ -170,11 +181,13 @@ class LapDDPMModule(BaseModuleClass):
         return {"qz_mean": mean, "qz_logvar": logvar, "z": mean}
 
     def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:
-        return {"z": inference_outputs["z"], "library": tensors[BATCH_KEYS.SEED_LIBRARY][:, None]}
+        return {"z": inference_outputs["z"], "library": tensors[BATCH_KEYS.SEED_LIBRARY][:, None],
+                "labels": tensors[BATCH_KEYS.LABELS]}
 
-    def generative(self, z: Tensor, library: Tensor) -> dict:
-        """Likelihood parameters; ``px`` is the count distribution (scvi-tools objects)."""
-        params = self.decoder(z)
+    def generative(self, z: Tensor, library: Tensor, labels: Tensor | None = None) -> dict:
+        """Likelihood parameters; ``px`` is the count distribution (scvi-tools objects).
+        ``labels`` (codes) are needed with ``dispersion="gene-label"``."""
+        params = self.decoder(z, labels)
         return {"px": self.decoder.distribution(params, library), "params": params,
                 "library": library}
 
@@ -302,13 +315,15 @@ class LapDDPMModule(BaseModuleClass):
             z, library = z[:, : self.n_latent], z[:, self.n_latent].clamp(low, high).exp()
         elif library is None:
             raise ValueError("library sizes are required when they are not diffused.")
-        return self.decode_counts(z, library, rng, generator=generator)
+        return self.decode_counts(z, library, rng, generator=generator, labels=labels)
 
     @torch.no_grad()
     def decode_counts(self, z: Tensor, library: Tensor, rng: np.random.Generator,
                       chunk_size: int | None = None,
-                      generator: torch.Generator | None = None) -> sp.csr_matrix:
-        """Counts (CSR) of cells with latents ``z`` and library sizes ``library``.
+                      generator: torch.Generator | None = None,
+                      labels: Tensor | None = None) -> sp.csr_matrix:
+        """Counts (CSR) of cells with latents ``z`` and library sizes ``library``
+        (``labels``: the cells' label codes, needed with ``dispersion="gene-label"``).
 
         On a CPU, the decoder (:meth:`CountDecoder.sampling_params`) and the count draws
         (:func:`sample_counts`, numpy, from ``rng``) run on ``chunk_size`` cells at a time
@@ -329,10 +344,14 @@ class LapDDPMModule(BaseModuleClass):
         if chunk_size is None:
             chunk_size = _COUNT_CHUNK if z.device.type == "cpu" else max(z.shape[0], 1)
         library = library.reshape(-1, 1)
+        if labels is not None:
+            labels = labels.reshape(-1).to(z.device)
         blocks = []
         if on_device:
             for start in range(0, z.shape[0], chunk_size):
-                params = self.decoder.sampling_params(z[start : start + chunk_size])
+                params = self.decoder.sampling_params(
+                    z[start : start + chunk_size],
+                    None if labels is None else labels[start : start + chunk_size])
                 blocks.append(sample_counts(self.likelihood, params,
                                             library[start : start + chunk_size], generator))
         else:
@@ -341,7 +360,9 @@ class LapDDPMModule(BaseModuleClass):
             with ThreadPoolExecutor(max_workers=1) as executor:
                 pending = None
                 for start in range(0, z.shape[0], chunk_size):
-                    params = self.decoder.sampling_params(z[start : start + chunk_size])
+                    params = self.decoder.sampling_params(
+                        z[start : start + chunk_size],
+                        None if labels is None else labels[start : start + chunk_size])
                     lib = library[start : start + chunk_size]
                     if pending is not None:
                         blocks.append(pending.result())
