@@ -477,3 +477,19 @@ def test_a_run_after_a_crash_trains_every_network():
     assert all(p.requires_grad for p in model.module.parameters())
     for prefix in ("encoder.", "decoder.", "score_net."):
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix))
+
+
+def test_same_seed_same_weights_at_a_size_where_default_kernels_are_not_deterministic():
+    """Wider layers and more genes than the tiny model: with torch's default CPU kernels,
+    two runs at one seed ended with different weights here, even on one thread."""
+    def trained():
+        scvi.settings.seed = 0
+        adata = small_pbmc(400, 600)
+        LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=10, n_lpe=8)
+        model = LapDDPM(adata, n_latent=8, n_hidden=64, score_hidden=16, score_blocks=1)
+        model.train(n_epochs_stage_a=2, n_epochs_stage_b=1, **QUIET)
+        return model
+
+    before = torch.are_deterministic_algorithms_enabled()
+    _assert_same_weights(_weights(trained()), _weights(trained()))
+    assert torch.are_deterministic_algorithms_enabled() == before  # the user's setting is back

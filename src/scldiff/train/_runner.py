@@ -2,7 +2,35 @@
 
 from __future__ import annotations
 
+import torch
+from lightning.pytorch.callbacks import Callback
 from scvi.train import SaveCheckpoint, Trainer, TrainRunner
+
+
+class CpuDeterminism(Callback):
+    """Deterministic torch algorithms while training on a CPU, restored afterwards.
+
+    Some CPU kernels (scatter/index accumulation) pick a parallel, order-dependent
+    algorithm for large inputs by default, so two runs with the same seed could end with
+    slightly different weights, even on one thread (seen on PBMC3K-sized batches). Their
+    deterministic versions cost no measurable time on a CPU. On a GPU they can be much
+    slower, so nothing changes there.
+    """
+
+    def __init__(self):
+        self._previous: tuple[bool, bool] | None = None
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.strategy.root_device.type == "cpu":
+            self._previous = (torch.are_deterministic_algorithms_enabled(),
+                              torch.is_deterministic_algorithms_warn_only_enabled())
+            torch.use_deterministic_algorithms(True)
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._previous is not None:
+            enabled, warn_only = self._previous
+            torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+            self._previous = None
 
 
 class LapDDPMTrainer(Trainer):
@@ -17,6 +45,7 @@ class LapDDPMTrainer(Trainer):
 
     Lightning's distributed sampler is off: under DDP the data modules give each rank a
     disjoint share of every epoch through :class:`~scldiff.train.EpochBatchSampler`.
+    On a CPU, training uses torch's deterministic algorithms (:class:`CpuDeterminism`).
     """
 
     def __init__(self, *args, callbacks=None, **kwargs):
@@ -24,7 +53,9 @@ class LapDDPMTrainer(Trainer):
         # the data modules shard each epoch across ranks themselves (EpochBatchSampler),
         # so that every rank draws disjoint seed cells from the same seeded permutation
         kwargs.setdefault("use_distributed_sampler", False)
-        super().__init__(*args, callbacks=list(callbacks or []), **kwargs)
+        callbacks = [*(callbacks or []), CpuDeterminism()]
+        given.add(id(callbacks[-1]))
+        super().__init__(*args, callbacks=callbacks, **kwargs)
         self.callbacks = [c for c in self.callbacks
                           if id(c) in given or type(c) is not SaveCheckpoint]
 
