@@ -493,3 +493,8 @@ def test_same_seed_same_weights_at_a_size_where_default_kernels_are_not_determin
     before = torch.are_deterministic_algorithms_enabled()
     _assert_same_weights(_weights(trained()), _weights(trained()))
     assert torch.are_deterministic_algorithms_enabled() == before  # the user's setting is back
+    # also after a run that fails
+    model = _tiny_model()
+    with pytest.raises(Interrupt):
+        model.train(**EPOCHS, callbacks=[_Crash("A", 1)], **QUIET)
+    assert torch.are_deterministic_algorithms_enabled() == before

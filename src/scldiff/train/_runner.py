@@ -26,7 +26,13 @@ class CpuDeterminism(Callback):
                               torch.is_deterministic_algorithms_warn_only_enabled())
             torch.use_deterministic_algorithms(True)
 
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore()  # a failed run does not always reach teardown
+
     def teardown(self, trainer, pl_module, stage):
+        self._restore()
+
+    def _restore(self):
         if self._previous is not None:
             enabled, warn_only = self._previous
             torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
