@@ -841,8 +841,9 @@ class LapDDPM(BaseModelClass):
                 None if library is None else torch.from_numpy(library[start:stop]),
                 rng, guidance_scale=scale, sampler=sampler, n_steps=steps, generator=generator,
             )
-            blocks.append(sp.csr_matrix(counts))
-        x = sp.vstack(blocks, format="csr").astype(np.float32)
+            blocks.append(counts)
+        x = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+        x = x.astype(np.float32, copy=False)  # float32 already: no copy
 
         obs = pd.DataFrame(index=pd.Index([f"synthetic-{i}" for i in range(codes.size)]))
         if self.is_conditional:
