@@ -116,6 +116,8 @@ def test_generate_returns_a_well_formed_anndata(trained_model, tmp_path):
     assert (synth.X.data == np.round(synth.X.data)).all() and synth.X.data.min() > 0
     assert (synth.layers["counts"] != synth.X).nnz == 0
     assert synth.layers["counts"] is not synth.X
+    assert not np.shares_memory(synth.layers["counts"].data, synth.X.data)  # edits of X stay
+    assert synth.X.dtype == np.float32
     assert list(synth.var_names) == list(trained_model.adata.var_names)
     labels = synth.obs["cell_type"]
     assert isinstance(labels.dtype, pd.CategoricalDtype)
@@ -144,6 +146,17 @@ def test_generated_cells_go_through_scanpy_with_the_real_ones(trained_model):
     assert both.obsm["X_umap"].shape == (both.n_obs, 2)
     assert np.isfinite(both.obsm["X_umap"]).all()
     assert synth.X.data.max() == synth.layers["counts"].data.max()  # X and counts not shared
+
+
+def test_generate_in_several_batches(trained_model):
+    labels = ["B cells", "Megakaryocytes", "B cells", "NK cells"] * 10
+    synth = trained_model.generate(labels=labels, batch_size=16, seed=3, progress_bar=False)
+    again = trained_model.generate(labels=labels, batch_size=16, seed=3, progress_bar=False)
+    assert isinstance(synth.X, sp.csr_matrix) and synth.X.dtype == np.float32
+    assert synth.shape == (40, trained_model.adata.n_vars) and synth.X.has_canonical_format
+    assert synth.obs["cell_type"].astype(str).tolist() == labels  # rows stay in order
+    assert (synth.X != again.X).nnz == 0
+    assert (synth.layers["counts"] != synth.X).nnz == 0
 
 
 def test_generate_label_arguments(trained_model):
