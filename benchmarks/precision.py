@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     python benchmarks/precision.py               # 20,000 rows (10,000 guided cells)
     python benchmarks/precision.py --rows 2000
+    python benchmarks/precision.py --quality pbmc3k   # scores, float32 against bf16
 
 Generation's cost on a CPU is the ScoreNet (three quarters of it) and the decoder. This
 script times one ScoreNet forward pass over ``--rows`` latents (the guided batch of half as
@@ -15,6 +16,11 @@ instruction where the CPU lists AMX but the system does not enable it) is report
 fatal. On a GPU, pass ``--device cuda``.
 
 Writes ``benchmarks/results/precision.json`` and ``precision.md``.
+
+With ``--quality DATASET``, it instead takes the LapDDPM models ``quality.py`` trained on
+that dataset's splits and scores ``generate()`` in float32 and under ``torch.autocast`` in
+bf16, a few draws each, as ``quality.py`` scores: whether bf16 moves the cells beyond the
+spread between draws. Writes ``precision_quality_<dataset>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -75,15 +81,69 @@ def worker(rows: int, repeats: int, device: str) -> dict:
     return out
 
 
+def quality_check(dataset: str, seeds: list[int], draws: int, device: str) -> None:
+    """Scores of ``generate()`` in float32 and under bf16 autocast on ``quality.py``'s
+    models of ``dataset`` (the same seeds for both, so only the precision differs)."""
+    import warnings
+
+    import numpy as np
+
+    import scldiff
+
+    sys.path.insert(0, HERE)
+    import quality
+    from sampler_steps import METRICS, cached_split, mean_sd, write_results
+
+    warnings.filterwarnings("ignore")
+    adata = quality.load_dataset(dataset, quality.DEFAULT_DATA_DIR)
+    records = []
+    for seed in seeds:
+        _, test, label_counts, path = cached_split(adata, dataset, seed)
+        model = scldiff.LapDDPM.load(path, adata=False)
+        for draw in range(draws):
+            for precision in ("float32", "bfloat16"):
+                with torch.autocast(device_type=device, dtype=torch.bfloat16,
+                                    enabled=precision == "bfloat16"):
+                    generated = quality.lapddpm_generate(model, label_counts,
+                                                         seed + 100 * draw, {}, test)
+                metrics = quality.score(test, generated, seed)
+                record = {"seed": seed, "draw": draw, "precision": precision,
+                          **{name: metrics.get(key) for name, key in METRICS.items()}}
+                records.append(record)
+                print(json.dumps(record), flush=True)
+    result = {"dataset": dataset, "seeds": seeds, "draws": draws, "device": device,
+              "processor": _processor() if device == "cpu" else torch.cuda.get_device_name(),
+              "commit": quality.meta()["commit"], "records": records}
+    lines = [f"Produced by `python benchmarks/precision.py --quality {dataset}`: the LapDDPM "
+             f"models of `quality.py` (seeds {', '.join(map(str, seeds))}), {draws} draw(s) "
+             f"each, `generate()` in float32 and under `torch.autocast(\"{device}\", "
+             f"dtype=torch.bfloat16)` with the same seeds; mean ± sd over all draws. Code at "
+             f"commit {result['commit']}.", "",
+             "| precision | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for precision in ("float32", "bfloat16"):
+        rows = [r for r in records if r["precision"] == precision]
+        cells = [mean_sd(np.array([r[n] for r in rows], dtype=float)) for n in METRICS]
+        lines.append(f"| {precision} | " + " | ".join(cells) + " |")
+    write_results(os.path.join(RESULTS, f"precision_quality_{dataset}"), result,
+                  "\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quality", default=None, metavar="DATASET",
+                        help="score generate() in float32 and bf16 on quality.py's models")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--draws", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.quality:
+        quality_check(args.quality, args.seeds, args.draws, args.device)
+        return
     if args.worker:
         print(json.dumps(worker(args.rows, args.repeats, args.device)))
         return
@@ -105,11 +165,13 @@ def main(argv: list[str] | None = None) -> None:
             record["failed"] = f"{name}: {(done.stderr.strip().splitlines() or [''])[-1]}"
         records.append(record)
         print(json.dumps(record), flush=True)
+    processor = _processor() if args.device == "cpu" else torch.cuda.get_device_name()
     result = {"rows": args.rows, "threads": args.threads, "device": args.device,
-              "torch": str(torch.__version__), "machine": platform.platform(),
-              "records": records}
-    lines = [f"Produced by `python benchmarks/precision.py` ({args.device}, {args.threads} "
-             f"threads, torch {torch.__version__}): ScoreNet forward on {args.rows:,} rows and "
+              "processor": processor, "torch": str(torch.__version__),
+              "machine": platform.platform(), "records": records}
+    lines = [f"Produced by `python benchmarks/precision.py` ({args.device}: {processor}, "
+             f"{args.threads} threads, torch {torch.__version__}): ScoreNet forward on "
+             f"{args.rows:,} rows and "
              "the decoder's gene projection on 512 cells, best of "
              f"{args.repeats}.", "",
              "| oneDNN ISA | ScoreNet f32 s | ScoreNet bf16 s | rel. error | decoder f32 s | "
@@ -128,6 +190,18 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(RESULTS, "precision.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+def _processor() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on most Linux systems)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,18 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> T
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def _autocast(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for this device type. The grouped inference path
+    writes its matrix products into preallocated float32 buffers, which autocast's lower
+    precision cannot fill, so under autocast the modules' own layers run instead."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: one flag per device type
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
 class _ResidualBlock(nn.Module):
     """Pre-LayerNorm MLP block; the condition enters as a per-feature scale and shift."""
 
@@ -121,7 +133,7 @@ class ScoreNet(nn.Module):
             # a condition and a scale-and-shift (about a third of each block's arithmetic).
             labels, index = torch.unique(labels, return_inverse=True)
             t = t[: labels.numel()]
-            if not (self.training or torch.is_grad_enabled()):
+            if not (self.training or torch.is_grad_enabled() or _autocast(z.device.type)):
                 return self._forward_grouped(z, self.condition(t, labels), index)
         cond = self.condition(t, labels)
         h = self.inp(z)
