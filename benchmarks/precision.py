@@ -192,15 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines))
 
 def _processor() -> str:
-    """The CPU's model name (``platform.processor()`` is empty on most Linux systems)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    sys.path.insert(0, HERE)
+    from speed import processor
+
+    return processor()
 
 
 if __name__ == "__main__":

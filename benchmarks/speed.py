@@ -107,6 +107,18 @@ class Measure:
         return False
 
 
+def processor() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on most Linux systems)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def meta() -> dict:
     import scvi
 
@@ -116,16 +128,6 @@ def meta() -> dict:
                                   capture_output=True, text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
-
-    def processor() -> str:  # platform.processor() is empty on most Linux systems
-        try:
-            with open("/proc/cpuinfo") as handle:
-                for line in handle:
-                    if line.startswith("model name"):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or "unknown"
 
     return {"scldiff": scldiff.__version__, "commit": commit(), "scvi-tools": scvi.__version__,
             "torch": str(torch.__version__), "threads": torch.get_num_threads(),
