@@ -836,14 +836,14 @@ class LapDDPM(BaseModelClass):
         for start in track(range(0, codes.size, batch_size), description="Generating cells",
                            disable=not progress_bar, style="tqdm"):
             stop = min(start + batch_size, codes.size)
-            counts = self.module.sample(
+            # row blocks of all batches, stacked once below: every full-size copy of the
+            # counts costs fresh memory pages
+            blocks += self.module._sample_blocks(
                 torch.from_numpy(codes[start:stop]),
                 None if library is None else torch.from_numpy(library[start:stop]),
                 rng, guidance_scale=scale, sampler=sampler, n_steps=steps, generator=generator,
             )
-            blocks.append(counts)
-        x = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
-        x = x.astype(np.float32, copy=False)  # float32 already: no copy
+        x = self.module._stack(blocks).astype(np.float32, copy=False)  # float32 already
 
         obs = pd.DataFrame(index=pd.Index([f"synthetic-{i}" for i in range(codes.size)]))
         if self.is_conditional:

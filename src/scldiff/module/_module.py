@@ -309,13 +309,21 @@ class LapDDPMModule(BaseModuleClass):
         then supplies it. ``generator`` draws the latents and, on a GPU, the counts;
         ``rng`` draws the counts on a CPU (:meth:`decode_counts`).
         """
+        return self._stack(self._sample_blocks(labels, library, rng, guidance_scale, sampler,
+                                               n_steps, generator))
+
+    def _sample_blocks(self, labels: Tensor, library: Tensor | None, rng: np.random.Generator,
+                       guidance_scale: float = 1.0, sampler: str = "ode",
+                       n_steps: int | None = None,
+                       generator: torch.Generator | None = None) -> list[sp.csr_matrix]:
+        """:meth:`sample` as row blocks of counts, to be stacked once by the caller."""
         z = self.sample_latents(labels, guidance_scale, sampler, n_steps, generator)
         if self.diffuse_library:
             low, high = self.log_library_range.tolist()
             z, library = z[:, : self.n_latent], z[:, self.n_latent].clamp(low, high).exp()
         elif library is None:
             raise ValueError("library sizes are required when they are not diffused.")
-        return self.decode_counts(z, library, rng, generator=generator, labels=labels)
+        return self._decode_blocks(z, library, rng, generator=generator, labels=labels)
 
     @torch.no_grad()
     def decode_counts(self, z: Tensor, library: Tensor, rng: np.random.Generator,
@@ -338,6 +346,13 @@ class LapDDPMModule(BaseModuleClass):
         are drawn there, in torch, from ``generator`` (all cells at once by default), and
         only the nonzero counts come back. Without ``generator`` the draws run on the CPU.
         """
+        return self._stack(self._decode_blocks(z, library, rng, chunk_size, generator, labels))
+
+    def _decode_blocks(self, z: Tensor, library: Tensor, rng: np.random.Generator,
+                       chunk_size: int | None = None,
+                       generator: torch.Generator | None = None,
+                       labels: Tensor | None = None) -> list[sp.csr_matrix]:
+        """:meth:`decode_counts` as row blocks (one per chunk), not yet stacked."""
         on_device = z.device.type != "cpu" and generator is not None
         if on_device and generator.device.type != z.device.type:
             raise ValueError(f"generator is on {generator.device}, the latents on {z.device}.")
@@ -370,6 +385,10 @@ class LapDDPMModule(BaseModuleClass):
                                               rng)
                 if pending is not None:
                     blocks.append(pending.result())
+        return blocks
+
+    def _stack(self, blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
+        """Row blocks of counts as one CSR matrix (float32), copied once."""
         if not blocks:  # no cells
             return sp.csr_matrix((0, self.decoder.scale.out_features), dtype=np.float32)
         if len(blocks) == 1:
