@@ -791,6 +791,12 @@ class LapDDPM(BaseModelClass):
         progress_bar
             Show a progress bar.
 
+        Returns
+        -------
+        AnnData with integer counts in ``X`` (CSR) and ``layers["counts"]``, the training
+        ``var_names``, ``obs[labels_key]`` (categorical, training categories),
+        ``obs["synthetic"] = True`` and provenance in ``uns["scldiff"]``.
+
         Notes
         -----
         Called under ``torch.autocast(device, dtype=torch.bfloat16)``, the networks' matrix
@@ -798,12 +804,6 @@ class LapDDPM(BaseModelClass):
         softmax and the count draws stay in float32/float64. Faster only where the hardware
         computes bf16 natively; on the PBMC3K benchmark splits the scores stayed within the
         spread between draws (docs "Scaling", "Mixed precision").
-
-        Returns
-        -------
-        AnnData with integer counts in ``X`` (CSR) and ``layers["counts"]``, the training
-        ``var_names``, ``obs[labels_key]`` (categorical, training categories),
-        ``obs["synthetic"] = True`` and provenance in ``uns["scldiff"]``.
         """
         self._check_if_trained(warn=False)
         if sampler not in SAMPLERS:
