@@ -802,7 +802,7 @@ class LapDDPM(BaseModelClass):
         Called under ``torch.autocast(device, dtype=torch.bfloat16)``, the networks' matrix
         products run in bf16 (their outputs move by about 0.3-0.4%); the ODE's state, the
         softmax and the count draws stay in float32/float64. Faster only where the hardware
-        computes bf16 natively; on the PBMC3K benchmark splits the scores stayed within the
+        computes bf16 natively; on the benchmark splits the scores stayed within the
         spread between draws (docs "Scaling", "Mixed precision").
         """
         self._check_if_trained(warn=False)
