@@ -312,6 +312,7 @@ class LapDDPMModule(BaseModuleClass):
         return self._stack(self._sample_blocks(labels, library, rng, guidance_scale, sampler,
                                                n_steps, generator))
 
+    @torch.no_grad()
     def _sample_blocks(self, labels: Tensor, library: Tensor | None, rng: np.random.Generator,
                        guidance_scale: float = 1.0, sampler: str = "ode",
                        n_steps: int | None = None,
@@ -348,6 +349,7 @@ class LapDDPMModule(BaseModuleClass):
         """
         return self._stack(self._decode_blocks(z, library, rng, chunk_size, generator, labels))
 
+    @torch.no_grad()
     def _decode_blocks(self, z: Tensor, library: Tensor, rng: np.random.Generator,
                        chunk_size: int | None = None,
                        generator: torch.Generator | None = None,
