@@ -339,7 +339,7 @@ class LapDDPMModule(BaseModuleClass):
         (default 256), the draws of one chunk in a second thread while the decoder computes
         the next. Each of the few passes over the dense ``(cells, genes)`` parameters then
         reuses memory the previous chunk freed instead of faulting in fresh pages. For
-        10,000 PBMC3K cells on 2 threads (best of 5, Intel Xeon VM): 2.1 s with chunks of
+        10,000 PBMC3K cells on 2 threads (best of 5, an earlier VM): 2.1 s with chunks of
         256, 2.5 s with 512; without the overlap 3.0 s; and 4.9 s before the sampler skipped
         the exact zero probability of entries whose mean already rules them out. On an AMD
         EPYC VM with the fused softmax (best of 4): 1.2 s with chunks of 256, 1.3 s with
