@@ -226,9 +226,9 @@ def bench_generation(n_cells: int, repeats: int, epochs: tuple[int, int],
         fewer[str(n_steps)] = min(times)
     # the same under torch.autocast in bf16: fast only where the CPU computes bf16 natively
     # (benchmarks/precision.py); the network outputs move by about 0.3-0.4%
-    autocast = []
+    autocast, device_type = [], model.device.type
     for r in range(repeats):
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
             start = time.perf_counter()
             model.generate(n_samples=n_cells, seed=r, progress_bar=False)
             autocast.append(time.perf_counter() - start)
@@ -272,7 +272,7 @@ def bench_generation(n_cells: int, repeats: int, epochs: tuple[int, int],
             "n_steps": generated.uns["scldiff"]["n_steps"],
             "lapddpm_seconds": best, "lapddpm_cells_per_second": n_cells / best,
             "lapddpm_all_seconds": walls, "lapddpm_seconds_with_n_steps": fewer,
-            "lapddpm_seconds_bf16_autocast": min(autocast),
+            "lapddpm_seconds_bf16_autocast": min(autocast), "autocast_device": device_type,
             "parts_seconds": {"latents": t_latents, "decoder and counts": t_counts,
                               "decoder products": t_products},
             "scvi_prior_seconds": scvi_best, "scvi_cells_per_second": n_cells / scvi_best,
@@ -498,7 +498,8 @@ def report(results: dict) -> str:
                   *[f"| LapDDPM `generate(n_steps={k})` | {_fmt(seconds)} | "
                     f"{_fmt(g['n_cells'] / seconds, 0)} |"
                     for k, seconds in g.get("lapddpm_seconds_with_n_steps", {}).items()],
-                  *([f"| LapDDPM `generate()` under `torch.autocast(\"cpu\", "
+                  *([f"| LapDDPM `generate()` under `torch.autocast("
+                     f"\"{g.get('autocast_device', 'cpu')}\", "
                      f"dtype=torch.bfloat16)` | {_fmt(g['lapddpm_seconds_bf16_autocast'])} | "
                      f"{_fmt(g['n_cells'] / g['lapddpm_seconds_bf16_autocast'], 0)} |"]
                     if "lapddpm_seconds_bf16_autocast" in g else []),
