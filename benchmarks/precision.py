@@ -16,7 +16,8 @@ own process (``ONEDNN_MAX_CPU_ISA``): a process that dies (for instance an illeg
 instruction where the CPU lists AMX but the system does not enable it) is reported, not
 fatal. On a GPU, pass ``--device cuda``.
 
-Writes ``benchmarks/results/precision.json`` and ``precision.md``.
+Writes ``benchmarks/results/precision.json`` and ``precision.md`` (on a GPU
+``precision_cuda.*``, with the decoder on half of ``--rows`` cells, a GPU's batch).
 
 With ``--quality DATASET``, it instead takes the LapDDPM models ``quality.py`` trained on
 that dataset's splits and scores ``generate()`` in float32 and under ``torch.autocast`` in
@@ -65,7 +66,8 @@ def worker(rows: int, repeats: int, device: str) -> dict:
     t = torch.full((rows,), 0.5, device=device)
     labels = torch.randint(0, 10, (rows,), device=device)
     decoder = torch.nn.Linear(128, 13_713).to(device)
-    h = torch.randn(512, 128, device=device)
+    # the decoder's input: a CPU's chunk of cells (decode_counts), a GPU's whole batch
+    h = torch.randn(512 if device == "cpu" else rows // 2, 128, device=device)
     out = {}
     with torch.inference_mode():
         reference = net(z, t, labels)
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"Produced by `python benchmarks/precision.py` ({args.device}: {processor}, "
              f"{args.threads} threads, torch {torch.__version__}): ScoreNet forward on "
              f"{args.rows:,} rows and "
-             "the decoder's gene projection on 512 cells, best of "
+             "the decoder's gene projection on "
+             f"{512 if args.device == 'cpu' else args.rows // 2:,} cells, best of "
              f"{args.repeats}.", "",
              "| oneDNN ISA | ScoreNet f32 s | ScoreNet bf16 s | rel. error | decoder f32 s | "
              "decoder bf16 s | rel. error |", "|---|---|---|---|---|---|---|"]
@@ -187,9 +190,10 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['decoder_float32_s']:.4f} | {r['decoder_bfloat16_s']:.4f} | "
                      f"{r['decoder_relative_error']:.4f} |")
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "precision.json"), "w") as handle:
+    name = "precision" if args.device == "cpu" else f"precision_{args.device}"
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as handle:
         json.dump(result, handle, indent=2)
-    with open(os.path.join(RESULTS, "precision.md"), "w") as handle:
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

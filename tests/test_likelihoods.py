@@ -356,6 +356,47 @@ def test_torch_count_draws_depend_only_on_the_generator():
     assert (first != other).nnz > 0
 
 
+@pytest.mark.parametrize("poisson", [False, True])
+def test_inverse_cdf_tail_on_the_host_gives_the_same_draws(poisson):
+    # on a GPU the last entries of the inverse CDF finish in numpy: the same float64
+    # arithmetic, so the same draws as stepping them all in torch (here every entry moves
+    # to numpy at once, and again after a few steps)
+    from scldiff.module._decoder import _positive_draws_with, _standard_gamma
+
+    rng = np.random.default_rng(0)
+    mu = torch.from_numpy(rng.uniform(0.01, 12.0, 20_000))  # above 10: Gamma-Poisson
+    theta = None if poisson else torch.from_numpy(rng.uniform(0.05, 5.0, 20_000))
+    p_zero = torch.exp(-mu) if poisson else (theta / (theta + mu)) ** theta
+
+    def draws(host_below):
+        generator = torch.Generator().manual_seed(1)
+        return _positive_draws_with(
+            mu, theta, p_zero, torch, lambda mask: torch.nonzero(mask).squeeze(1),
+            lambda n: torch.rand(n, generator=generator, dtype=torch.float64),
+            lambda shape, scale: _standard_gamma(shape, generator) * scale,
+            lambda rate: torch.poisson(rate, generator=generator), host_below=host_below)
+
+    on_device = draws(0)
+    assert (on_device >= 1).all() and on_device.max() > 20  # a tail of many steps
+    for host_below in (10**9, 500):
+        assert torch.equal(draws(host_below), on_device)
+
+
+def test_csr_from_tensors_matches_csr():
+    from scldiff.module._decoder import _csr, _csr_from_tensors, _to_host
+
+    dense = np.random.default_rng(2).poisson(0.3, size=(7, 9)).astype(np.float64)
+    dense[3] = 0  # an empty row
+    rows, cols = np.nonzero(dense)
+    expected = _csr(rows, cols, dense[rows, cols], 7, 9)
+    got = _csr_from_tensors(torch.from_numpy(rows), torch.from_numpy(cols),
+                            torch.from_numpy(dense[rows, cols]), 7, 9)
+    got.check_format(full_check=True)
+    assert got.dtype == np.float32 and got.indices.dtype == np.int32
+    assert (got != expected).nnz == 0 and np.array_equal(got.toarray(), dense)
+    assert np.array_equal(_to_host(torch.arange(5)), np.arange(5))
+
+
 def test_gene_label_dispersion_gradients_and_errors():
     """The sparse likelihood's gradient reaches each label's own inverse dispersions."""
     decoder, _ = decoder_params("zinb", n_cells=6, n_genes=30, dispersion="gene-label")
