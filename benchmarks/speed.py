@@ -486,6 +486,7 @@ def scale_worker(n_cells: int, steps: int, n_generate: int, backed: bool = False
         scldiff.LapDDPM.setup_anndata(adata, labels_key=LABELS)
     record.update(setup_seconds=setup.seconds, setup_peak_gib=setup.peak_gib,
                   setup_growth_gib=setup.growth_gib)
+    _partial(record)
     scvi.settings.seed = 0
     model = scldiff.LapDDPM(adata)
     timer = StepTimer(limit=steps)
@@ -507,6 +508,7 @@ def scale_worker(n_cells: int, steps: int, n_generate: int, backed: bool = False
     if DEVICE == "cuda":  # the GPU's own peak: what the training steps allocated there
         record["train_gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
+    _partial(record)
     with Measure() as gen:
         model.generate(n_samples=n_generate, seed=0, progress_bar=False)
     record.update(generate_cells=n_generate, generate_seconds=gen.seconds,
@@ -514,6 +516,11 @@ def scale_worker(n_cells: int, steps: int, n_generate: int, backed: bool = False
     if DEVICE == "cuda":
         record["generate_gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return record
+
+
+def _partial(record: dict) -> None:
+    """A worker's record so far, on stderr: kept in a log when a long run is cut short."""
+    print("[partial] " + json.dumps(record), file=sys.stderr, flush=True)
 
 
 def bench_scale(sizes: list[int], steps: int, n_generate: int, threads: int,
@@ -533,6 +540,7 @@ def bench_scale(sizes: list[int], steps: int, n_generate: int, threads: int,
                             "error": done.stderr.strip().splitlines()[-1]})
             continue
         records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(records[-1]), flush=True)
     return _relative_steps(records)
 
 

@@ -129,6 +129,18 @@ def default_generation_batch(device: torch.device, n_genes: int) -> int:
     return int(min(max(cells // 1024 * 1024, 1024), 65_536))
 
 
+def _copy_csr(x: sp.csr_matrix) -> sp.csr_matrix:
+    """A copy of a CSR matrix, its arrays copied by torch (in parallel over its threads,
+    unlike numpy: on a 16-core GPU host, 9M counts took 0.022 s with ``x.copy()``)."""
+
+    def copy(array: np.ndarray) -> np.ndarray:
+        out = np.empty_like(array)
+        torch.from_numpy(out).copy_(torch.from_numpy(array))
+        return out
+
+    return sp.csr_matrix((copy(x.data), copy(x.indices), copy(x.indptr)), shape=x.shape)
+
+
 STAGE_A_STEPS = 1_000
 STAGE_B_STEPS = 4_000
 
@@ -898,7 +910,7 @@ class LapDDPM(BaseModelClass):
             "library_size": ("diffused jointly with the latent" if self.module.diffuse_library
                              else "per-label log-normal fit of the training cells"),
         }
-        synth = AnnData(X=x, obs=obs, var=var, layers={"counts": x.copy()},
+        synth = AnnData(X=x, obs=obs, var=var, layers={"counts": _copy_csr(x)},
                         uns={"scldiff": provenance})
         return synth
 
