@@ -171,31 +171,41 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(record), flush=True)
     processor = _processor() if args.device == "cpu" else torch.cuda.get_device_name()
     result = {"rows": args.rows, "threads": args.threads, "device": args.device,
+              "repeats": args.repeats,
               "processor": processor, "torch": str(torch.__version__),
               "machine": platform.platform(), "records": records}
-    lines = [f"Produced by `python benchmarks/precision.py` ({args.device}: {processor}, "
-             f"{args.threads} threads, torch {torch.__version__}): ScoreNet forward on "
-             f"{args.rows:,} rows and "
-             "the decoder's gene projection on "
-             f"{512 if args.device == 'cpu' else args.rows // 2:,} cells, best of "
-             f"{args.repeats}.", "",
-             "| oneDNN ISA | ScoreNet f32 s | ScoreNet bf16 s | rel. error | decoder f32 s | "
-             "decoder bf16 s | rel. error |", "|---|---|---|---|---|---|---|"]
-    for r in records:
-        if "failed" in r:
-            lines.append(f"| {r['isa']} | process died ({r['failed']}) | | | | | |")
-            continue
-        lines.append(f"| {r['isa']} | {r['scorenet_float32_s']:.3f} | "
-                     f"{r['scorenet_bfloat16_s']:.3f} | {r['scorenet_relative_error']:.4f} | "
-                     f"{r['decoder_float32_s']:.4f} | {r['decoder_bfloat16_s']:.4f} | "
-                     f"{r['decoder_relative_error']:.4f} |")
+    text = report(result, args.repeats)
     os.makedirs(RESULTS, exist_ok=True)
     name = "precision" if args.device == "cpu" else f"precision_{args.device}"
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as handle:
         json.dump(result, handle, indent=2)
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        handle.write(text)
+    print(text)
+
+
+def report(result: dict, repeats: int) -> str:
+    """The markdown table of a ``precision.json`` (times in ms on a GPU)."""
+    gpu = result["device"] != "cpu"
+    unit, factor, digits = ("ms", 1e3, 3) if gpu else ("s", 1.0, 4)
+    rows = result["rows"]
+    lines = [f"Produced by `python benchmarks/precision.py` ({result['device']}: "
+             f"{result['processor']}, {result['threads']} threads, torch {result['torch']}): "
+             f"ScoreNet forward on {rows:,} rows and the decoder's gene projection on "
+             f"{rows // 2 if gpu else 512:,} cells, best of {repeats}.", "",
+             f"| oneDNN ISA | ScoreNet f32 {unit} | ScoreNet bf16 {unit} | rel. error | "
+             f"decoder f32 {unit} | decoder bf16 {unit} | rel. error |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        if "failed" in r:
+            lines.append(f"| {r['isa']} | process died ({r['failed']}) | | | | | |")
+            continue
+        lines.append(f"| {r['isa']} | " + " | ".join(
+            f"{r[key] * factor:.{digits}f}" if key.endswith("_s") else f"{r[key]:.4f}"
+            for key in ("scorenet_float32_s", "scorenet_bfloat16_s", "scorenet_relative_error",
+                        "decoder_float32_s", "decoder_bfloat16_s", "decoder_relative_error"))
+                     + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _processor() -> str:

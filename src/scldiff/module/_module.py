@@ -347,7 +347,8 @@ class LapDDPMModule(BaseModuleClass):
 
         With ``z`` on another device (a GPU) and a ``generator`` on that device, the counts
         are drawn there, in torch, from ``generator`` (all cells at once by default), and
-        only the nonzero counts come back. Without ``generator`` the draws run on the CPU.
+        only the CSR arrays of the nonzero counts come back, through pinned memory. Without
+        ``generator`` the draws run on the CPU.
         """
         return self._stack(self._decode_blocks(z, library, rng, chunk_size, generator, labels))
 
