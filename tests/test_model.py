@@ -159,6 +159,34 @@ def test_generate_in_several_batches(trained_model):
     assert (synth.layers["counts"] != synth.X).nnz == 0
 
 
+def test_generate_records_its_batch_size(trained_model):
+    synth = trained_model.generate(n_samples=20, seed=0, progress_bar=False)
+    assert synth.uns["scldiff"]["batch_size"] == 4096  # a CPU's default
+    synth = trained_model.generate(n_samples=20, batch_size=7, seed=0, progress_bar=False)
+    assert synth.uns["scldiff"]["batch_size"] == 7
+
+
+def test_default_generation_batch_follows_the_gpu_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from scldiff.model._lapddpm import default_generation_batch
+
+    assert default_generation_batch(torch.device("cpu"), 13_713) == 4096
+    gib = 2**30
+    for memory, expected in ((80 * gib, 15_360),  # an 80 GB card: PBMC3K's 10k in one batch
+                             (8 * gib, 1024),  # 1,528 cells fit: rounded down to 1,024
+                             (gib // 4, 1024),  # never below 1,024
+                             (4096 * gib, 65_536)):  # never above 65,536
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, memory=memory: SimpleNamespace(total_memory=memory))
+        assert default_generation_batch(torch.device("cuda"), 13_713) == expected
+    # an eighth of the memory at 48 bytes per (cell, gene) entry
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=24 * gib))
+    cells = 24 * gib // 8 // (2000 * 48)
+    assert default_generation_batch(torch.device("cuda"), 2000) == cells // 1024 * 1024
+
+
 def test_generate_under_bf16_autocast(trained_model):
     """The networks run in bf16 under autocast; the counts stay well-formed and close."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
