@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
               "repeats": args.repeats,
               "processor": processor, "torch": str(torch.__version__),
               "machine": platform.platform(), "records": records}
-    text = report(result, args.repeats)
+    text = report(result)
     os.makedirs(RESULTS, exist_ok=True)
     name = "precision" if args.device == "cpu" else f"precision_{args.device}"
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as handle:
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
 
 
-def report(result: dict, repeats: int) -> str:
+def report(result: dict) -> str:
     """The markdown table of a ``precision.json`` (times in ms on a GPU)."""
     gpu = result["device"] != "cpu"
     unit, factor, digits = ("ms", 1e3, 3) if gpu else ("s", 1.0, 4)
@@ -192,7 +192,7 @@ def report(result: dict, repeats: int) -> str:
     lines = [f"Produced by `python benchmarks/precision.py` ({result['device']}: "
              f"{result['processor']}, {result['threads']} threads, torch {result['torch']}): "
              f"ScoreNet forward on {rows:,} rows and the decoder's gene projection on "
-             f"{rows // 2 if gpu else 512:,} cells, best of {repeats}.", "",
+             f"{rows // 2 if gpu else 512:,} cells, best of {result['repeats']}.", "",
              f"| oneDNN ISA | ScoreNet f32 {unit} | ScoreNet bf16 {unit} | rel. error | "
              f"decoder f32 {unit} | decoder bf16 {unit} | rel. error |",
              "|---|---|---|---|---|---|---|"]

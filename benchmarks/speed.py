@@ -223,10 +223,10 @@ def _scvi_prior_sampler(adata: ad.AnnData, epochs: int):
                 batch_index=torch.zeros(n, 1, dtype=torch.long, device=device),
                 cat_covs=torch.from_numpy(codes_all[pick].astype(np.int64))[:, None].to(device))
             if device.type != "cpu":  # Gamma-Poisson draws on the device, sparse back
-                generator = torch.Generator(device=device).manual_seed(seed)
+                torch.manual_seed(seed)  # torch's Gamma sampler takes no generator
                 mu, theta = out["px"].mu, out["px"].theta
-                rate = torch._standard_gamma(theta.expand_as(mu)) * (mu / theta)
-                counts = torch.poisson(rate, generator=generator).to_sparse_csr()
+                rate = torch.distributions.Gamma(theta.expand_as(mu), theta / mu).sample()
+                counts = torch.poisson(rate).to_sparse_csr()
                 return sp.csr_matrix((counts.values().cpu().numpy(),
                                       counts.col_indices().cpu().numpy(),
                                       counts.crow_indices().cpu().numpy()), shape=(n, mu.shape[1]))
@@ -250,7 +250,7 @@ def bench_generation(n_cells: int, repeats: int, epochs: tuple[int, int],
         start = time.perf_counter()
         generated = model.generate(n_samples=n_cells, seed=r, progress_bar=False)
         walls.append(time.perf_counter() - start)
-    # on a GPU, also all cells in one batch (the default batch is sized for a CPU's memory)
+    # on a GPU, also all cells in one batch explicitly, beside the default batch size
     one_batch = []
     if DEVICE != "cpu":
         for r in range(repeats):
