@@ -118,16 +118,32 @@ def cache_model(dataset: str, seed: int, method: str, model: scldiff.LapDDPM,
 
 def cached_model(dataset: str, seed: int, method: str
                  ) -> tuple[scldiff.LapDDPM, float] | None:
-    """The model ``cache_model`` kept for this run, if it was trained at this commit."""
+    """The model ``cache_model`` kept for this run, if the same ``src/`` trained it."""
     path = model_path(dataset, seed, method)
     try:
         with open(os.path.join(path, "fit.json")) as handle:
             fit = json.load(handle)
     except OSError:
         return None
-    if fit.get("commit") != meta()["commit"]:
+    if not same_source(fit.get("commit", "unknown"), meta()["commit"]):
         return None
     return scldiff.LapDDPM.load(path, adata=False), fit["fit_seconds"]
+
+
+def same_source(commit: str, current: str) -> bool:
+    """Whether ``commit`` and ``current`` (``_code_commit`` values) ran the same ``src/``:
+    equal commits, or clean ones whose ``src/`` trees are identical (a commit that changed
+    only benchmarks or docs keeps the cached models)."""
+    if commit == current:
+        return True
+    if "unknown" in (commit, current) or commit.endswith("-dirty") or current.endswith("-dirty"):
+        return False
+    try:
+        trees = [subprocess.run(["git", "rev-parse", f"{c}:src"], cwd=HERE, capture_output=True,
+                                text=True, check=True).stdout.strip() for c in (commit, current)]
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return trees[0] == trees[1]
 
 
 def run_path(dataset: str, seed: int, method: str) -> str:
