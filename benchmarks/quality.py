@@ -458,9 +458,12 @@ def report() -> None:
                   "and marker overlap (higher) and RF AUC (0.5 is ideal). Produced by "
                   "`python benchmarks/quality.py" + (" --ablations" if stem == "ablations"
                                                      else "") + "`.\n\n")
-        if stem == "ablations":
-            summary = {k: v for k, v in summary.items() if k == "pbmc3k"}
-            markdown = markdown.split("### zheng17")[0]
+        if stem == "ablations":  # only datasets with an ablation run (PBMC3K's full set)
+            ablated = set(ablation_runs["dataset"])
+            summary = {k: v for k, v in summary.items() if k in ablated}
+            markdown = "\n".join(part if i == 0 else "### " + part
+                                  for i, part in enumerate(markdown.split("### "))
+                                  if i == 0 or part.split("\n", 1)[0].strip() in ablated)
         with open(os.path.join(RESULTS, f"{stem}.md"), "w") as handle:
             handle.write(header + markdown)
         with open(os.path.join(RESULTS, f"{stem}.json"), "w") as handle:

@@ -4,16 +4,18 @@ Usage (from the repository root, after ``python benchmarks/quality.py --datasets
 
     python benchmarks/sampler_steps.py                    # 10, 15, 20, 30 steps, 3 seeds
     python benchmarks/sampler_steps.py --steps 5 10 30 --seeds 0 --draws 1
+    python benchmarks/sampler_steps.py --steps 10 --guidance 1 1.5 2 --draws 3 --name guidance
 
 The latent ODE (DPM-Solver++ 2M) is three quarters of the generation time on a CPU, and
 its cost is proportional to the number of steps. This script takes the LapDDPM models that
 ``quality.py`` trained and kept (``benchmarks/.cache/<dataset>/seed<k>/lapddpm_model``, the
 default settings), generates the held-out label counts of each split with each number of
-steps (``--draws`` draws each, different generation seeds), and scores them with
+steps and each guidance scale (``--guidance``, default 2; ``--draws`` draws each, different
+generation seeds, the same for every setting), and scores them with
 :func:`scldiff.metrics.evaluate` as ``quality.py`` does. The floor and scVI rows of the
 same splits are read from ``quality.py``'s finished runs, for scale.
 
-Writes ``benchmarks/results/sampler_steps_<dataset>.json`` and ``.md``.
+Writes ``benchmarks/results/sampler_steps_<dataset>[_<name>].json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -58,21 +60,25 @@ def mean_sd(values: np.ndarray) -> str:
     return f"{values.mean():.3f}" if values.size else ""
 
 
-def run(dataset: str, seeds: list[int], steps: list[int], draws: int, data_dir: str) -> dict:
+def run(dataset: str, seeds: list[int], steps: list[int], draws: int, data_dir: str,
+        guidance: tuple[float, ...] = (2.0,)) -> dict:
     adata = quality.load_dataset(dataset, data_dir)
     records = []
     for seed in seeds:
         _, test, label_counts, path = cached_split(adata, dataset, seed)
         model = scldiff.LapDDPM.load(path, adata=False)
         for n_steps in steps:
-            for draw in range(draws):
-                generated = quality.lapddpm_generate(model, label_counts, seed + 100 * draw,
-                                                     {"n_steps": n_steps}, test)
-                metrics = quality.score(test, generated, seed)
-                record = {"seed": seed, "n_steps": n_steps, "draw": draw,
-                          **{name: metrics.get(key) for name, key in METRICS.items()}}
-                records.append(record)
-                print(json.dumps(record), flush=True)
+            for scale in guidance:
+                for draw in range(draws):
+                    generated = quality.lapddpm_generate(
+                        model, label_counts, seed + 100 * draw,
+                        {"n_steps": n_steps, "guidance_scale": scale}, test)
+                    metrics = quality.score(test, generated, seed)
+                    record = {"seed": seed, "n_steps": n_steps, "guidance_scale": scale,
+                              "draw": draw,
+                              **{name: metrics.get(key) for name, key in METRICS.items()}}
+                    records.append(record)
+                    print(json.dumps(record), flush=True)
     references = {}
     for method in ("floor", "scvi"):
         rows = []
@@ -96,15 +102,18 @@ def report(result: dict) -> str:
              f"LapDDPM models of `quality.py` (seeds {', '.join(map(str, result['seeds']))}), "
              f"{result['draws']} generation draw(s) per seed and step count; mean ± sd over "
              f"all draws. Code at commit {result['meta']['commit']}.", "",
-             "| sampler steps | " + " | ".join(METRICS) + " |",
-             "|---|" + "---|" * len(METRICS)]
-    for n_steps in sorted({r["n_steps"] for r in records}):
-        rows = [r for r in records if r["n_steps"] == n_steps]
+             "| sampler steps | guidance scale | " + " | ".join(METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    # runs before --guidance existed used generate()'s default scale, 2
+    settings = sorted({(r["n_steps"], r.get("guidance_scale", 2.0)) for r in records})
+    for n_steps, scale in settings:
+        rows = [r for r in records
+                if (r["n_steps"], r.get("guidance_scale", 2.0)) == (n_steps, scale)]
         cells = [mean_sd(np.array([r[name] for r in rows if r[name] is not None],
                                   dtype=float)) for name in METRICS]
-        lines.append(f"| {n_steps} | " + " | ".join(cells) + " |")
+        lines.append(f"| {n_steps} | {scale:g} | " + " | ".join(cells) + " |")
     for method, values in result["references"].items():
-        lines.append(f"| {method} (quality.py runs) | "
+        lines.append(f"| {method} (quality.py runs) | | "
                      + " | ".join(f"{values[name]:.3f}" if name in values else ""
                                   for name in METRICS) + " |")
     return "\n".join(lines) + "\n"
@@ -115,15 +124,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="pbmc3k", choices=quality.DATASETS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 15, 20, 30])
+    parser.add_argument("--guidance", nargs="+", type=float, default=[2.0],
+                        help="guidance scales (default: generate()'s 2)")
     parser.add_argument("--draws", type=int, default=2)
+    parser.add_argument("--name", default=None, help="suffix of the output files")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data-dir", default=quality.DEFAULT_DATA_DIR)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.dataset, args.seeds, args.steps, args.draws, args.data_dir)
-    write_results(os.path.join(RESULTS, f"sampler_steps_{args.dataset}"), result,
-                  report(result))
+    result = run(args.dataset, args.seeds, args.steps, args.draws, args.data_dir,
+                 tuple(args.guidance))
+    stem = f"sampler_steps_{args.dataset}" + (f"_{args.name}" if args.name else "")
+    write_results(os.path.join(RESULTS, stem), result, report(result))
 
 
 def write_results(stem: str, result: dict, table: str) -> None:
