@@ -22,7 +22,8 @@ and scores both as ``quality.py`` does, beside the real-vs-real floor of the sam
 (training cells against the held-out ones). If the posterior predictive sits at the floor
 and the diffusion above it, the gap is in the prior; if both sit above the floor, it is in
 the count model. The conditional MMD is also given on the cell types with at least 30
-held-out cells, where it is not dominated by the few-cell types' sampling noise.
+held-out cells, where it is not dominated by the few-cell types' sampling noise, and so is
+how spread out the cells of those types are, relative to the floor's.
 
 With ``--model-kwargs`` or ``--train-kwargs`` (JSON), a model of that variant is trained on
 each split instead (as ``quality.py`` trains, not cached), to see whether a stage-A change
@@ -49,6 +50,7 @@ from sampler_steps import METRICS, RESULTS, cached_split, mean_sd, write_results
 
 LARGE = 30  # held-out cells a cell type needs to count as large
 LARGE_NAME = f"cond. MMD, types with ≥ {LARGE} cells"
+SPREAD_NAME = "within-type spread / floor's"
 SOURCES = ("floor", "posterior predictive", "diffusion")
 
 
@@ -63,6 +65,24 @@ def large_type_mmd(test, generated, seed: int) -> float:
                           for label in labels[counts >= LARGE]]))
 
 
+def within_type_spread(test, generated, floor, seed: int) -> float:
+    """How spread out each large cell type is, relative to the floor's cells of that type:
+    the mean over the types with at least ``LARGE`` held-out cells of the mean squared
+    distance between two cells of the type, in the PCA of :func:`large_type_mmd`, divided
+    by the same for the floor (1: as spread out as real training cells; below 1: more
+    concentrated)."""
+    real = test.obs[quality.LABELS].astype(str).to_numpy()
+    labels, counts = np.unique(real, return_counts=True)
+
+    def spreads(cells) -> np.ndarray:  # per large type: mean over all pairs of ||a - b||^2
+        _, x = scldiff.metrics.shared_pca(test, cells, random_state=seed)
+        own = cells.obs[quality.LABELS].astype(str).to_numpy()
+        return np.array([2.0 * ((x[own == label] - x[own == label].mean(0)) ** 2).sum(1).mean()
+                         for label in labels[counts >= LARGE]])
+
+    return float(np.mean(spreads(generated) / spreads(floor)))
+
+
 def posterior_indices(train_labels: np.ndarray, label_counts: dict, rng) -> np.ndarray:
     """Training cells for the held-out label counts (without replacement where possible)."""
     chosen = []
@@ -72,11 +92,12 @@ def posterior_indices(train_labels: np.ndarray, label_counts: dict, rng) -> np.n
     return np.concatenate(chosen)
 
 
-def record(seed: int, source: str, draw: int, test, generated) -> dict:
+def record(seed: int, source: str, draw: int, test, generated, floor) -> dict:
     metrics = quality.score(test, generated, seed)
     out = {"seed": seed, "source": source, "draw": draw,
            **{name: metrics.get(key) for name, key in METRICS.items()},
-           LARGE_NAME: large_type_mmd(test, generated, seed)}
+           LARGE_NAME: large_type_mmd(test, generated, seed),
+           SPREAD_NAME: within_type_spread(test, generated, floor, seed)}
     print(json.dumps(out), flush=True)
     return out
 
@@ -100,8 +121,8 @@ def run(dataset: str, seeds: list[int], draws: int, data_dir: str,
             data = train[:, expressed].copy()
             scldiff.LapDDPM.setup_anndata(data, labels_key=quality.LABELS)
             model = scldiff.LapDDPM.load(path, adata=data)
-        records.append(record(seed, "floor", 0, test, scldiff.metrics.label_matched_sample(
-            train, test, quality.LABELS, seed=seed)))
+        floor = scldiff.metrics.label_matched_sample(train, test, quality.LABELS, seed=seed)
+        records.append(record(seed, "floor", 0, test, floor, floor))
         train_labels = model.adata.obs[quality.LABELS].astype(str).to_numpy()
         for draw in range(draws):
             draw_seed = seed + 100 * draw
@@ -109,9 +130,9 @@ def run(dataset: str, seeds: list[int], draws: int, data_dir: str,
                                         np.random.default_rng(draw_seed))
             posterior = model.posterior_predictive_sample(indices=indices, seed=draw_seed)
             records.append(record(seed, "posterior predictive", draw, test,
-                                  quality.with_all_genes(posterior, test.var_names)))
+                                  quality.with_all_genes(posterior, test.var_names), floor))
             records.append(record(seed, "diffusion", draw, test, quality.lapddpm_generate(
-                model, label_counts, draw_seed, {}, test)))
+                model, label_counts, draw_seed, {}, test), floor))
     return {"dataset": dataset, "seeds": seeds, "draws": draws, "records": records,
             "model_kwargs": model_kwargs or {}, "train_kwargs": train_kwargs or {},
             "meta": quality.meta()}
@@ -119,7 +140,9 @@ def run(dataset: str, seeds: list[int], draws: int, data_dir: str,
 
 def report(result: dict) -> str:
     records = result["records"]
-    names = list(METRICS) + [LARGE_NAME]
+    # SPREAD_NAME: absent from the records of runs before it was measured
+    names = list(METRICS) + [LARGE_NAME] + [SPREAD_NAME] * any(SPREAD_NAME in r
+                                                                for r in records)
     kwargs = {k: result.get(k) for k in ("model_kwargs", "train_kwargs") if result.get(k)}
     models = (f"LapDDPM models trained with {json.dumps(kwargs)}" if kwargs
               else "LapDDPM models of `quality.py`")
@@ -132,7 +155,7 @@ def report(result: dict) -> str:
              "| cells | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for source in SOURCES:
         rows = [r for r in records if r["source"] == source]
-        cells = [mean_sd(np.array([r[n] for r in rows if r[n] is not None], dtype=float))
+        cells = [mean_sd(np.array([r[n] for r in rows if r.get(n) is not None], dtype=float))
                  for n in names]
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
     lines += ["", "Conditional MMD per split:", "",

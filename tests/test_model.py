@@ -1,5 +1,6 @@
 """LapDDPM end to end: setup, bad input, generation output, save/load, unconditional."""
 
+import json
 import os
 import pickle
 
@@ -11,9 +12,11 @@ import scanpy as sc
 import scipy.sparse as sp
 import scvi
 import torch
+from scipy import stats
 
 import scldiff
 from scldiff import LapDDPM, ModelFileError
+from scldiff.model._lapddpm import _sample_quantiles
 
 from .conftest import QUIET, small_pbmc
 
@@ -241,6 +244,41 @@ def test_every_sampler_generates_plausible_libraries(trained_model, sampler):
     assert 0.5 * real < generated < 2 * real
 
 
+def test_library_quantile_draws_follow_the_interpolated_empirical_distribution():
+    values = np.log(np.array([100.0, 150.0, 400.0, 1000.0, 5000.0]))
+    probabilities = np.linspace(0, 1, 101)
+    quantiles = np.stack([np.quantile(values, probabilities), np.full(101, 2.0)])
+    codes = np.r_[np.zeros(200_000, dtype=np.int64), np.ones(10, dtype=np.int64)]
+    draws = _sample_quantiles(quantiles, codes, np.random.default_rng(0))
+    first = draws[:200_000]
+    # inverse transform of the linear interpolation of the sorted values: its CDF is
+    # piecewise linear through (value_i, i / 4), so each interval between two training
+    # values holds a quarter of the draws, uniformly
+    assert first.min() >= values[0] and first.max() <= values[-1]
+    shares = np.histogram(first, bins=values)[0] / first.size
+    np.testing.assert_allclose(shares, 0.25, atol=0.005)
+    inside = first[(first > values[1]) & (first < values[2])]
+    assert stats.kstest(inside, stats.uniform(values[1], values[2] - values[1]).cdf).pvalue > 1e-3
+    np.testing.assert_array_equal(draws[200_000:], 2.0)  # a one-value label gives that value
+
+
+def test_generated_libraries_follow_each_labels_training_libraries(trained_model):
+    adata = trained_model.adata
+    train = np.asarray(trained_model.train_indices_)
+    library = np.asarray(adata.X[train].sum(1)).ravel()
+    labels = adata.obs["cell_type"].to_numpy()[train]
+    for label in ("CD4 T cells", "B cells"):
+        real = library[labels == label]
+        synth = trained_model.generate(labels={label: 2000}, seed=1, progress_bar=False)
+        generated = np.asarray(synth.X.sum(1)).ravel()
+        # the ZINB's totals concentrate on the drawn library (its own mean): their quantiles
+        # follow the label's training libraries within a few percent
+        for q in (0.25, 0.5, 0.75):
+            assert abs(np.quantile(generated, q) / np.quantile(real, q) - 1) < 0.06, (label, q)
+        assert generated.min() >= 0.85 * real.min() and generated.max() <= 1.15 * real.max()
+    assert synth.uns["scldiff"]["library_size"] == "per-label quantiles of the training cells"
+
+
 def test_same_seed_same_counts_and_different_seed_different_counts(trained_model):
     kw = dict(labels={"CD4 T cells": 20, "B cells": 10}, progress_bar=False)
     a, b = trained_model.generate(seed=3, **kw), trained_model.generate(seed=3, **kw)
@@ -305,6 +343,32 @@ def test_load_refuses_tampered_metadata_and_mismatched_weights(trained_model, tm
         LapDDPM.load(str(path), adata=False)
     with pytest.raises(ModelFileError, match="not an scldiff model directory"):
         LapDDPM.load(str(tmp_path / "nothing"))
+
+
+def test_library_quantiles_round_trip_and_older_files_keep_the_log_normal(trained_model,
+                                                                          tmp_path):
+    path = tmp_path / "model"
+    trained_model.save(str(path))
+    meta = json.loads((path / "model.json").read_text())
+    assert np.asarray(meta["library_log_quantiles_"]).shape == (
+        len(trained_model.label_categories), 101)
+    kw = dict(labels={"B cells": 30}, seed=2, progress_bar=False)
+    # a file written before the quantiles were kept: generation falls back to the log-normal
+    del meta["library_log_quantiles_"]
+    (path / "model.json").write_text(json.dumps(meta))
+    old = LapDDPM.load(str(path), adata=False)
+    assert old.library_log_quantiles_ is None
+    synth = old.generate(**kw)
+    assert synth.uns["scldiff"]["library_size"] == "per-label log-normal fit of the training cells"
+    assert (synth.X != trained_model.generate(**kw).X).nnz > 0
+    for damaged in ([[1.0, 0.0]] * len(trained_model.label_categories),  # decreasing
+                    [[1.0, float("nan")]] * len(trained_model.label_categories),
+                    [[1.0, 2.0]],  # one row for several labels
+                    "text"):
+        meta["library_log_quantiles_"] = damaged
+        (path / "model.json").write_text(json.dumps(meta))
+        with pytest.raises(ModelFileError, match="library_log_quantiles_"):
+            LapDDPM.load(str(path), adata=False)
 
 
 def test_load_checks_genes(trained_model, tmp_path):
