@@ -192,16 +192,22 @@ def test_default_generation_batch_follows_the_gpu_memory(monkeypatch):
 
 def test_generate_under_bf16_autocast(trained_model):
     """The networks run in bf16 under autocast; the counts stay well-formed and close."""
+    kw = dict(n_samples=1000, progress_bar=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = trained_model.generate(n_samples=300, seed=4, progress_bar=False)
-    exact = trained_model.generate(n_samples=300, seed=4, progress_bar=False)
+        mixed = trained_model.generate(seed=4, **kw)
+    exact = trained_model.generate(seed=4, **kw)
     assert mixed.X.dtype == np.float32 and (mixed.X.data == np.round(mixed.X.data)).all()
     assert mixed.obs["cell_type"].tolist() == exact.obs["cell_type"].tolist()
     # the same libraries; the draws part ways at the first entry that flips, so compare
-    # the totals and the genes' mean profile
+    # the totals and the genes' mean profile, against two float32 draws of other seeds:
+    # bf16 may not move the profile more than sampling does (correlations ~0.97 at 1,000
+    # cells, ~0.92 at 300)
     assert abs(mixed.X.sum() / exact.X.sum() - 1) < 0.03
-    profile = [np.log1p(np.asarray(x.X.mean(0)).ravel()) for x in (mixed, exact)]
-    assert np.corrcoef(*profile)[0, 1] > 0.95
+    other = trained_model.generate(seed=104, **kw)
+    profile = {name: np.log1p(np.asarray(x.X.mean(0)).ravel())
+               for name, x in (("mixed", mixed), ("exact", exact), ("other", other))}
+    sampling = np.corrcoef(profile["other"], profile["exact"])[0, 1]
+    assert np.corrcoef(profile["mixed"], profile["exact"])[0, 1] > sampling - 0.01
 
 
 def test_generate_label_arguments(trained_model):
@@ -275,7 +281,9 @@ def test_generated_libraries_follow_each_labels_training_libraries(trained_model
         # follow the label's training libraries within a few percent
         for q in (0.25, 0.5, 0.75):
             assert abs(np.quantile(generated, q) / np.quantile(real, q) - 1) < 0.06, (label, q)
-        assert generated.min() >= 0.85 * real.min() and generated.max() <= 1.15 * real.max()
+        # within the training range, but for the count noise of the totals around the
+        # drawn library (the log-normal fit went to 1.39 times the largest here)
+        assert generated.min() >= 0.7 * real.min() and generated.max() <= 1.3 * real.max()
     assert synth.uns["scldiff"]["library_size"] == "per-label quantiles of the training cells"
 
 
