@@ -496,7 +496,8 @@ class LapDDPM(BaseModelClass):
     def _fit_library_size(self, indices: np.ndarray, collator: SubgraphCollator) -> None:
         """Per-label distribution of the training cells' total counts: the quantile
         function of the log library size at ``_LIBRARY_QUANTILES`` evenly spaced
-        probabilities (and, for models of earlier versions, a log-normal fit)."""
+        probabilities, which generation draws from. The log-normal fit (mean and standard
+        deviation of the log library size) that generation used before is kept beside it."""
         log_library = np.log(collator.library[indices].astype(np.float64))
         codes = collator.labels[indices]
         n_labels = len(self.label_categories)
@@ -507,8 +508,8 @@ class LapDDPM(BaseModelClass):
         # a label without training cells draws from all of them
         quantiles = np.tile(np.quantile(log_library, probabilities), (n_labels, 1))
         for code in np.flatnonzero(counts):
-            quantiles[code] = np.quantile(log_library[codes == code], probabilities)
             values = log_library[codes == code]
+            quantiles[code] = np.quantile(values, probabilities)
             mean[code] = values.mean()
             if values.size > 1:
                 std[code] = values.std(ddof=1)
