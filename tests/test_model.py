@@ -282,7 +282,7 @@ def test_generated_libraries_follow_each_labels_training_libraries(trained_model
         for q in (0.25, 0.5, 0.75):
             assert abs(np.quantile(generated, q) / np.quantile(real, q) - 1) < 0.06, (label, q)
         # within the training range, but for the count noise of the totals around the
-        # drawn library (the log-normal fit went to 1.39 times the largest here)
+        # drawn library (the log-normal fit's draws reached 1.39 times the largest in a check)
         assert generated.min() >= 0.7 * real.min() and generated.max() <= 1.3 * real.max()
     assert synth.uns["scldiff"]["library_size"] == "per-label quantiles of the training cells"
 
