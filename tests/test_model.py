@@ -589,6 +589,21 @@ def test_bad_model_arguments():
         model.train(n_epochs_stage_a=1, n_epochs_stage_b=0, mask_fraction=1.0, **QUIET)
 
 
+def test_an_encoder_without_neighbours_trains_only_without_perturbation():
+    adata = small_pbmc(n_cells=100, n_genes=100)
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=5, n_lpe=2)
+    model = LapDDPM(adata, n_latent=4, n_hidden=16, cheb_k=1)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    for perturbation in ("spectral", "random"):
+        with pytest.raises(ValueError, match="cheb_k=1.*perturbation='none'"):
+            model.train(perturbation=perturbation, n_epochs_stage_a=1, n_epochs_stage_b=1,
+                        **QUIET)
+    assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
+    model.train(perturbation="none", n_epochs_stage_a=1, n_epochs_stage_b=1, **QUIET)
+    synth = model.generate(n_samples=20, seed=0, progress_bar=False)
+    assert synth.n_obs == 20 and np.isfinite(synth.X.data).all()
+
+
 def test_library_size_by_diffusion_trains_and_follows_the_cells():
     scvi.settings.seed = 0
     adata = small_pbmc(n_cells=200, n_genes=200)

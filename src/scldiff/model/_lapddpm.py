@@ -213,7 +213,9 @@ class LapDDPM(BaseModelClass):
     n_hidden
         Hidden width of encoder and decoder.
     cheb_k
-        Chebyshev filter size of each graph layer (K - 1 hops).
+        Chebyshev filter size of each graph layer (K - 1 hops). With 1 the encoder sees
+        each cell alone (and its positional encoding): it uses no edge, so it trains only
+        with ``perturbation="none"``.
     n_cheb_layers
         Number of graph layers.
     likelihood
@@ -621,6 +623,12 @@ class LapDDPM(BaseModelClass):
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got "
                              f"{perturbation!r}.")
+        if perturbation != "none" and self.module.encoder.cheb_k == 1:
+            raise ValueError(
+                f"perturbation={perturbation!r} perturbs the graph's edge weights, but this "
+                "model has cheb_k=1: its encoder sees each cell without its neighbours and "
+                "uses no edge. Train it with perturbation='none', or build the model with "
+                "cheb_k >= 2.")
         resume = trainer_kwargs.pop("ckpt_path", None)
         if resume is not None:
             meta, module_state = _read_checkpoint(resume)

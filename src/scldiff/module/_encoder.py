@@ -115,6 +115,7 @@ class GraphEncoder(nn.Module):
         self.neighbour_gradients = neighbour_gradients
         if cheb_k < 1 or n_layers < 1:
             raise ValueError("GraphEncoder needs cheb_k >= 1 and n_layers >= 1.")
+        self.cheb_k = cheb_k  # 1: each cell alone, the edges unused
         self.n_lpe = n_lpe
         self.expression = nn.EmbeddingBag(n_input, n_hidden, mode="sum")
         self.expression_bias = nn.Parameter(torch.zeros(n_hidden))
