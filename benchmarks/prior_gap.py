@@ -65,22 +65,17 @@ def large_type_mmd(test, generated, seed: int) -> float:
                           for label in labels[counts >= LARGE]]))
 
 
-def within_type_spread(test, generated, floor, seed: int) -> float:
-    """How spread out each large cell type is, relative to the floor's cells of that type:
-    the mean over the types with at least ``LARGE`` held-out cells of the mean squared
-    distance between two cells of the type, in the PCA of :func:`large_type_mmd`, divided
-    by the same for the floor (1: as spread out as real training cells; below 1: more
-    concentrated)."""
+def type_spreads(test, cells, seed: int) -> np.ndarray:
+    """How spread out each large cell type of ``cells`` is: for each type with at least
+    ``LARGE`` held-out cells, the mean squared distance between two of its cells in the PCA
+    of :func:`large_type_mmd`. Divided by the floor's, it is 1 for cells as spread out as
+    real training cells, below 1 for more concentrated ones."""
     real = test.obs[quality.LABELS].astype(str).to_numpy()
     labels, counts = np.unique(real, return_counts=True)
-
-    def spreads(cells) -> np.ndarray:  # per large type: mean over all pairs of ||a - b||^2
-        _, x = scldiff.metrics.shared_pca(test, cells, random_state=seed)
-        own = cells.obs[quality.LABELS].astype(str).to_numpy()
-        return np.array([2.0 * ((x[own == label] - x[own == label].mean(0)) ** 2).sum(1).mean()
-                         for label in labels[counts >= LARGE]])
-
-    return float(np.mean(spreads(generated) / spreads(floor)))
+    _, x = scldiff.metrics.shared_pca(test, cells, random_state=seed)
+    own = cells.obs[quality.LABELS].astype(str).to_numpy()
+    return np.array([2.0 * ((x[own == label] - x[own == label].mean(0)) ** 2).sum(1).mean()
+                     for label in labels[counts >= LARGE]])
 
 
 def posterior_indices(train_labels: np.ndarray, label_counts: dict, rng) -> np.ndarray:
@@ -92,12 +87,13 @@ def posterior_indices(train_labels: np.ndarray, label_counts: dict, rng) -> np.n
     return np.concatenate(chosen)
 
 
-def record(seed: int, source: str, draw: int, test, generated, floor) -> dict:
+def record(seed: int, source: str, draw: int, test, generated,
+           floor_spreads: np.ndarray) -> dict:
     metrics = quality.score(test, generated, seed)
     out = {"seed": seed, "source": source, "draw": draw,
            **{name: metrics.get(key) for name, key in METRICS.items()},
            LARGE_NAME: large_type_mmd(test, generated, seed),
-           SPREAD_NAME: within_type_spread(test, generated, floor, seed)}
+           SPREAD_NAME: float(np.mean(type_spreads(test, generated, seed) / floor_spreads))}
     print(json.dumps(out), flush=True)
     return out
 
@@ -122,7 +118,8 @@ def run(dataset: str, seeds: list[int], draws: int, data_dir: str,
             scldiff.LapDDPM.setup_anndata(data, labels_key=quality.LABELS)
             model = scldiff.LapDDPM.load(path, adata=data)
         floor = scldiff.metrics.label_matched_sample(train, test, quality.LABELS, seed=seed)
-        records.append(record(seed, "floor", 0, test, floor, floor))
+        floor_spreads = type_spreads(test, floor, seed)
+        records.append(record(seed, "floor", 0, test, floor, floor_spreads))
         train_labels = model.adata.obs[quality.LABELS].astype(str).to_numpy()
         for draw in range(draws):
             draw_seed = seed + 100 * draw
@@ -130,9 +127,10 @@ def run(dataset: str, seeds: list[int], draws: int, data_dir: str,
                                         np.random.default_rng(draw_seed))
             posterior = model.posterior_predictive_sample(indices=indices, seed=draw_seed)
             records.append(record(seed, "posterior predictive", draw, test,
-                                  quality.with_all_genes(posterior, test.var_names), floor))
+                                  quality.with_all_genes(posterior, test.var_names),
+                                  floor_spreads))
             records.append(record(seed, "diffusion", draw, test, quality.lapddpm_generate(
-                model, label_counts, draw_seed, {}, test), floor))
+                model, label_counts, draw_seed, {}, test), floor_spreads))
     return {"dataset": dataset, "seeds": seeds, "draws": draws, "records": records,
             "model_kwargs": model_kwargs or {}, "train_kwargs": train_kwargs or {},
             "meta": quality.meta()}

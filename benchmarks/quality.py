@@ -461,7 +461,7 @@ def report() -> None:
         if stem == "ablations":  # only datasets with an ablation run (PBMC3K's full set)
             ablated = set(ablation_runs["dataset"])
             summary = {k: v for k, v in summary.items() if k in ablated}
-            markdown = "\n".join(part if i == 0 else "### " + part
+            markdown = "".join(part if i == 0 else "### " + part
                                   for i, part in enumerate(markdown.split("### "))
                                   if i == 0 or part.split("\n", 1)[0].strip() in ablated)
         with open(os.path.join(RESULTS, f"{stem}.md"), "w") as handle:
