@@ -99,8 +99,9 @@ def record(seed: int, source: str, draw: int, test, generated,
 
 
 def run(dataset: str, seeds: list[int], draws: int, data_dir: str,
-        model_kwargs: dict | None = None, train_kwargs: dict | None = None) -> dict:
-    variant = bool(model_kwargs or train_kwargs)
+        model_kwargs: dict | None = None, train_kwargs: dict | None = None,
+        setup_kwargs: dict | None = None) -> dict:
+    variant = bool(model_kwargs or train_kwargs or setup_kwargs)
     adata = quality.load_dataset(dataset, data_dir)
     records = []
     for seed in seeds:
@@ -109,8 +110,8 @@ def run(dataset: str, seeds: list[int], draws: int, data_dir: str,
                                                            seed=seed)
             label_counts = {k: int(v) for k, v in
                             test.obs[quality.LABELS].value_counts().items() if v}
-            model, _ = quality.fit_lapddpm(train, label_counts, seed, {}, train_kwargs or {},
-                                           model_kwargs)
+            model, _ = quality.fit_lapddpm(train, label_counts, seed, setup_kwargs or {},
+                                           train_kwargs or {}, model_kwargs)
         else:
             train, test, label_counts, path = cached_split(adata, dataset, seed)
             expressed = np.asarray(train.X.sum(0)).ravel() > 0  # as quality.fit_lapddpm
@@ -133,7 +134,7 @@ def run(dataset: str, seeds: list[int], draws: int, data_dir: str,
                 model, label_counts, draw_seed, {}, test), floor_spreads))
     return {"dataset": dataset, "seeds": seeds, "draws": draws, "records": records,
             "model_kwargs": model_kwargs or {}, "train_kwargs": train_kwargs or {},
-            "meta": quality.meta()}
+            "setup_kwargs": setup_kwargs or {}, "meta": quality.meta()}
 
 
 def report(result: dict) -> str:
@@ -141,7 +142,8 @@ def report(result: dict) -> str:
     # SPREAD_NAME: absent from the records of runs before it was measured
     names = list(METRICS) + [LARGE_NAME] + [SPREAD_NAME] * any(SPREAD_NAME in r
                                                                 for r in records)
-    kwargs = {k: result.get(k) for k in ("model_kwargs", "train_kwargs") if result.get(k)}
+    kwargs = {k: result.get(k) for k in ("setup_kwargs", "model_kwargs", "train_kwargs")
+              if result.get(k)}
     models = (f"LapDDPM models trained with {json.dumps(kwargs)}" if kwargs
               else "LapDDPM models of `quality.py`")
     lines = [f"Produced by `python benchmarks/prior_gap.py` on {result['dataset']}: the "
@@ -177,17 +179,21 @@ def main(argv: list[str] | None = None) -> None:
                         help='LapDDPM(...) arguments of a variant, JSON: \'{"n_hidden": 256}\'')
     parser.add_argument("--train-kwargs", type=json.loads, default=None,
                         help="train(...) arguments of a variant, JSON")
+    parser.add_argument("--setup-kwargs", type=json.loads, default=None,
+                        help='setup_anndata(...) arguments of a variant, JSON: '
+                             '\'{"n_neighbors": 30}\'')
     parser.add_argument("--name", default=None, help="suffix of the output files")
     args = parser.parse_args(argv)
-    if (args.model_kwargs or args.train_kwargs) and not args.name:
-        parser.error("a variant (--model-kwargs/--train-kwargs) needs --name for its files.")
+    if (args.model_kwargs or args.train_kwargs or args.setup_kwargs) and not args.name:
+        parser.error("a variant (--model-kwargs/--train-kwargs/--setup-kwargs) needs --name "
+                     "for its files.")
     if args.threads:
         torch.set_num_threads(args.threads)
     import warnings
 
     warnings.filterwarnings("ignore")
     result = run(args.dataset, args.seeds, args.draws, args.data_dir, args.model_kwargs,
-                 args.train_kwargs)
+                 args.train_kwargs, args.setup_kwargs)
     stem = f"prior_gap_{args.dataset}" + (f"_{args.name}" if args.name else "")
     write_results(os.path.join(RESULTS, stem), result, report(result))
 
