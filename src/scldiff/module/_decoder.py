@@ -1,4 +1,5 @@
-"""Count decoder p(x | z, library): NB, ZINB or Poisson with an explicit library size."""
+"""Count decoder p(x | z, library): NB, ZINB, hurdle NB or Poisson with an explicit library
+size."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 from torch import Tensor, nn
 from torch.distributions import Distribution, Poisson
 
-Likelihood = Literal["nb", "zinb", "poisson"]
-LIKELIHOODS: tuple[str, ...] = ("nb", "zinb", "poisson")
+Likelihood = Literal["nb", "zinb", "hurdle", "poisson"]
+LIKELIHOODS: tuple[str, ...] = ("nb", "zinb", "hurdle", "poisson")
 Dispersion = Literal["gene", "gene-label"]
 DISPERSIONS: tuple[str, ...] = ("gene", "gene-label")
 
@@ -80,6 +81,7 @@ class CountDecoder(nn.Module):
         self.hidden = nn.Sequential(*layers)
         self.scale = nn.Linear(width, n_output)
         self.dropout_logits = nn.Linear(width, n_output) if likelihood == "zinb" else None
+        self.detect_logits = nn.Linear(width, n_output) if likelihood == "hurdle" else None
         shape = (n_output,) if dispersion == "gene" else (n_labels, n_output)
         self.log_theta = nn.Parameter(torch.zeros(shape)) if likelihood != "poisson" else None
 
@@ -109,6 +111,8 @@ class CountDecoder(nn.Module):
             # log(1 - pi) = -softplus(logits)
             log_kept = torch.logsumexp(log_scale - F.softplus(zi_logits), -1, keepdim=True)
             log_scale = log_scale - log_kept
+        if self.detect_logits is not None:
+            params["detect_logits"] = self.detect_logits(h)
         params["log_scale"] = log_scale
         params["scale"] = log_scale.exp()
         return params
@@ -135,6 +139,8 @@ class CountDecoder(nn.Module):
             kept = torch.addmm(layer.bias, h, layer.weight.t(), beta=-1, alpha=-1).sigmoid_()
             scale.div_(torch.linalg.vecdot(kept, scale)[:, None])  # rho / sum (1 - pi) rho
             params["kept"] = kept
+        if self.detect_logits is not None:
+            params["detect"] = self.detect_logits(h).sigmoid_()
         params["scale"] = scale
         return params
 
@@ -147,7 +153,79 @@ class CountDecoder(nn.Module):
             return ZeroInflatedNegativeBinomial(
                 mu=mu, theta=params["theta"], zi_logits=params["zi_logits"]
             )
+        if self.likelihood == "hurdle":
+            return HurdleNegativeBinomial(mu, params["theta"], params["detect_logits"])
         return Poisson(mu.clamp_min(1e-8))
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    r""":math:`\log(1 - e^{x})` for :math:`x < 0`, accurate at both ends (Mächler, 2012)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)),
+                       torch.log1p(-torch.exp(x)))
+
+
+class HurdleNegativeBinomial(Distribution):
+    r"""Hurdle negative binomial: :math:`P(X > 0) = p`, and :math:`X \mid X > 0` the
+    negative binomial :math:`\mathrm{NB}(\mu, \theta)` truncated at zero.
+
+    .. math::
+        P(0) = 1 - p, \qquad P(x) = p\, \frac{\mathrm{NB}(x; \mu, \theta)}
+        {1 - \mathrm{NB}(0; \mu, \theta)} \quad (x \ge 1).
+
+    Unlike the ZINB, whose zero inflation can only add zeros to the negative binomial's,
+    the probability of a zero is a free parameter: it can be lower than the negative
+    binomial's too. ``mu`` is the mean of the untruncated negative binomial; the mean is
+    :math:`p\mu / (1 - \mathrm{NB}(0))`.
+
+    Parameters
+    ----------
+    mu
+        Mean of the negative binomial before truncation.
+    theta
+        Inverse dispersion.
+    detect_logits
+        Logits of :math:`p = P(X > 0)`.
+    """
+
+    arg_constraints: dict = {}
+    support = torch.distributions.constraints.nonnegative_integer
+
+    def __init__(self, mu: Tensor, theta: Tensor, detect_logits: Tensor,
+                 validate_args: bool | None = None):
+        self.mu, self.theta, self.detect_logits = torch.broadcast_tensors(
+            mu, theta, detect_logits)
+        super().__init__(self.mu.shape, validate_args=validate_args)
+
+    def _log_nb_zero(self) -> Tensor:
+        return -self.theta * torch.log1p(self.mu / self.theta)
+
+    @property
+    def mean(self) -> Tensor:
+        p = torch.sigmoid(self.detect_logits)
+        return p * self.mu / -torch.expm1(self._log_nb_zero())
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        log_p0 = self._log_nb_zero()
+        log_theta_mu = torch.log(self.theta + self.mu)
+        log_nb = (torch.lgamma(value + self.theta) - torch.lgamma(self.theta)
+                  - torch.lgamma(value + 1.0) + log_p0
+                  + value * (torch.log(self.mu) - log_theta_mu))
+        positive = -F.softplus(-self.detect_logits) + log_nb - _log1mexp(log_p0)
+        return torch.where(value > 0, positive, -F.softplus(self.detect_logits))
+
+    @torch.no_grad()
+    def sample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        p = torch.sigmoid(self.detect_logits).expand(shape)
+        mu, theta = self.mu.expand(shape).double(), self.theta.expand(shape).double()
+        where = torch.nonzero(torch.rand(shape) < p, as_tuple=False)
+        out = torch.zeros(shape, dtype=torch.float64)
+        index = tuple(where.t())
+        m, t = mu[index], theta[index]
+        values = _positive_draws_torch(m, t, torch.exp(-t * torch.log1p(m / t)),
+                                       torch.default_generator)
+        out[index] = values
+        return out.to(self.mu.dtype)
 
 
 def sparse_log_likelihood(
@@ -205,6 +283,12 @@ def sparse_log_likelihood(
     )
     if likelihood == "nb":
         return log_nb_zero.sum(-1).index_add(0, rows, log_nb_nz - log_nb_zero[rows, col])
+    if likelihood == "hurdle":
+        logits = params["detect_logits"]
+        zero = -F.softplus(logits)  # log(1 - p)
+        logits_nz = logits[rows, col]
+        nonzero = -F.softplus(-logits_nz) + log_nb_nz - _log1mexp(log_nb_zero[rows, col])
+        return zero.sum(-1).index_add(0, rows, nonzero - zero[rows, col])
     logits = params["zi_logits"]
     log_pi, log_not_pi = -F.softplus(-logits), -F.softplus(logits)  # log(pi), log(1 - pi)
     zero = torch.logaddexp(log_pi, log_not_pi + log_nb_zero)
@@ -374,7 +458,8 @@ def sample_counts(
             theta = theta[cols] if theta.ndim == 1 else theta.ravel()[flat]
         u = uniform.ravel()[flat] + rng.random(flat.size) * _FLOAT32_SPACING
         keep, log_p0 = _exact_nonzero(np, np.flatnonzero, u, mu, theta,
-                                      None if kept is None else kept.numpy().ravel()[flat])
+                                      None if kept is None else kept.numpy().ravel()[flat],
+                                      likelihood == "hurdle")
         rows, cols, mu = rows[keep], cols[keep], mu[keep]
         values = _positive_draws(mu, None if theta is None else theta[keep], np.exp(log_p0),
                                  rng)
@@ -386,8 +471,9 @@ def _dense_bound(likelihood: Likelihood, params: dict[str, Tensor], library: Ten
                  ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
     """The sampler's inputs on ``device``: ``scale`` (float32), the libraries (float64),
     ``theta`` (float64, one per gene or one per entry; ``None`` for Poisson), ``kept``
-    (float32 ``1 - pi``; ``None`` but for the ZINB) and the dense bound ``E[X] / unit``,
-    a little inflated against float32 rounding, which :math:`P(X > 0)` never exceeds."""
+    (float32 ``1 - pi`` of the ZINB, ``P(X > 0)`` of the hurdle NB, otherwise ``None``) and
+    the dense bound ``E[X] / unit`` (the hurdle's: ``P(X > 0) / unit``), a little inflated
+    against float32 rounding, which :math:`P(X > 0)` never exceeds."""
     scale = params["scale"].detach().to(device, torch.float32)
     lib = library.detach().to(device, torch.float64).reshape(-1)
     bound = scale * (lib * (_BOUND_SLACK / unit)).float()[:, None]
@@ -403,16 +489,26 @@ def _dense_bound(likelihood: Likelihood, params: dict[str, Tensor], library: Ten
             kept = torch.sigmoid(torch.neg(params["zi_logits"].detach().float()))
         kept = kept.detach().to(device, torch.float32)
         bound.mul_(kept)
+    if likelihood == "hurdle":  # P(X > 0) is p itself: the bound is exact
+        kept = params.get("detect")
+        if kept is None:
+            kept = torch.sigmoid(params["detect_logits"].detach().float())
+        kept = kept.detach().to(device, torch.float32)
+        bound = kept * (_BOUND_SLACK / unit)
     return scale, lib, theta, kept, bound
 
 
-def _exact_nonzero(xp, indices, u, mu, theta, kept):
+def _exact_nonzero(xp, indices, u, mu, theta, kept, hurdle: bool = False):
     r"""Which pre-selected entries are nonzero, :math:`u < P(X > 0)` in float64, and
-    :math:`\log P_{NB}(0)` of those (numpy or torch arrays; ``xp`` is the module)."""
+    :math:`\log P_{NB}(0)` of those (numpy or torch arrays; ``xp`` is the module).
+    ``kept``: :math:`1 - \pi` of the ZINB, or with ``hurdle`` :math:`P(X > 0)` itself."""
     log_p0 = -mu if theta is None else -theta * xp.log1p(mu / theta)
-    p_nonzero = -xp.expm1(log_p0)  # 1 - P(0), without cancellation
-    if kept is not None:
-        p_nonzero = p_nonzero * kept
+    if hurdle:
+        p_nonzero = kept
+    else:
+        p_nonzero = -xp.expm1(log_p0)  # 1 - P(0), without cancellation
+        if kept is not None:
+            p_nonzero = p_nonzero * kept
     keep = indices(u < p_nonzero)
     return keep, log_p0[keep]
 
@@ -499,7 +595,7 @@ def _sample_counts_torch(likelihood: Likelihood, params: dict[str, Tensor], libr
          ) * _FLOAT32_SPACING
     keep, log_p0 = _exact_nonzero(
         torch, lambda mask: torch.nonzero(mask).squeeze(1), u, mu, theta,
-        None if kept is None else kept.reshape(-1)[flat].double())
+        None if kept is None else kept.reshape(-1)[flat].double(), likelihood == "hurdle")
     rows, cols, mu = rows[keep], cols[keep], mu[keep]
     values = _positive_draws_torch(mu, None if theta is None else theta[keep],
                                    torch.exp(log_p0), generator)
