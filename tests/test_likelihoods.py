@@ -50,6 +50,31 @@ def test_zinb_log_likelihood_matches_scipy_mixture():
     np.testing.assert_allclose(px.log_prob(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
+def _hurdle_reference(counts, mu, theta, p):
+    """log P(x) of the hurdle NB from scipy: 1 - p at zero, p NB(x) / (1 - NB(0)) above."""
+    nb = stats.nbinom(theta, theta / (theta + mu))
+    return np.where(counts == 0, np.log1p(-p), np.log(p) + nb.logpmf(counts) - nb.logsf(0))
+
+
+def test_hurdle_log_likelihood_and_mean_match_scipy():
+    decoder, params = decoder_params("hurdle")
+    library = torch.tensor([[300.0], [3.0], [3000.0]])  # means from well below 1 to large
+    px = decoder.distribution(params, library)
+    x = torch.tensor([[0, 1, 0, 4, 9], [0, 0, 2, 0, 1], [40, 0, 8, 0, 0]], dtype=torch.float32)
+    mu = (library * params["scale"]).detach().double().numpy()
+    theta = params["theta"].detach().double().numpy()
+    p = torch.sigmoid(params["detect_logits"]).detach().double().numpy()
+    np.testing.assert_allclose(px.log_prob(x).detach().numpy(),
+                               _hurdle_reference(x.numpy(), mu, theta, p), rtol=1e-4, atol=1e-4)
+    # E[X] = p E[NB | NB > 0], the truncated NB's mean from scipy's pmf
+    support = np.arange(20_000)[:, None, None]
+    nb = stats.nbinom(theta, theta / (theta + mu))
+    truncated_mean = (support * nb.pmf(support)).sum(0) / nb.sf(0)
+    np.testing.assert_allclose(px.mean.detach().numpy(), p * truncated_mean, rtol=1e-4)
+    # the probability of a zero is free: it can be below the NB's own
+    assert ((1 - p) < nb.pmf(0)).any() and ((1 - p) > nb.pmf(0)).any()
+
+
 def test_poisson_log_likelihood_matches_scipy():
     decoder, params = decoder_params("poisson")
     library = torch.tensor([[50.0], [500.0], [5.0]])
@@ -80,7 +105,7 @@ def _generator(backend, seed):
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
-@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "hurdle", "poisson"])
 def test_sampled_counts_have_the_likelihood_moments(likelihood, backend):
     decoder, params = decoder_params(likelihood, n_cells=1)
     params = {k: v.detach().expand(100_000, -1) for k, v in params.items()}
@@ -95,6 +120,13 @@ def test_sampled_counts_have_the_likelihood_moments(likelihood, backend):
         pi = torch.sigmoid(params["zi_logits"][0]).double().numpy()
         var = (1 - pi) * (var + mean**2) - ((1 - pi) * mean) ** 2
         mean = (1 - pi) * mean
+    if likelihood == "hurdle":  # p times the moments of the NB given X > 0
+        p = torch.sigmoid(params["detect_logits"][0]).double().numpy()
+        theta = params["theta"][0].double().numpy()
+        nb_positive = -np.expm1(-theta * np.log1p(mean / theta))
+        second = p * (var + mean**2) / nb_positive
+        mean = p * mean / nb_positive
+        var = second - mean**2
     np.testing.assert_allclose(counts.mean(0), mean, rtol=0.03)
     np.testing.assert_allclose(counts.var(0), var, rtol=0.08)
 
@@ -108,8 +140,8 @@ def test_gaussian_kl_matches_torch_distributions():
 
 
 @pytest.mark.parametrize("likelihood,dispersion", [
-    ("nb", "gene"), ("zinb", "gene"), ("poisson", "gene"), ("nb", "gene-label"),
-    ("zinb", "gene-label")])
+    ("nb", "gene"), ("zinb", "gene"), ("hurdle", "gene"), ("poisson", "gene"),
+    ("nb", "gene-label"), ("zinb", "gene-label"), ("hurdle", "gene-label")])
 def test_sparse_log_likelihood_equals_the_dense_one_and_scipy(likelihood, dispersion):
     rng = np.random.default_rng(1)
     decoder, params = decoder_params(likelihood, n_cells=6, n_genes=40, dispersion=dispersion)
@@ -135,6 +167,9 @@ def test_sparse_log_likelihood_equals_the_dense_one_and_scipy(likelihood, disper
             pi = torch.sigmoid(params["zi_logits"]).detach().double().numpy()
             nb = np.exp(ref)
             ref = np.log(np.where(counts == 0, pi + (1 - pi) * nb, (1 - pi) * nb))
+        if likelihood == "hurdle":
+            p = torch.sigmoid(params["detect_logits"]).detach().double().numpy()
+            ref = _hurdle_reference(counts, mu, theta, p)
     np.testing.assert_allclose(sparse.detach().numpy(), ref.sum(-1), rtol=1e-5)
 
 
@@ -201,7 +236,7 @@ def test_decode_counts_in_chunks_keeps_each_cell_with_its_latent_and_library():
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
-@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "hurdle", "poisson"])
 def test_sampled_counts_follow_the_scipy_pmf(likelihood, backend):
     # means on both sides of the inverse-CDF / Gamma-Poisson switch, tiny and large
     # dispersions; each column has its own parameters, 40,000 cells each
@@ -215,6 +250,11 @@ def test_sampled_counts_follow_the_scipy_pmf(likelihood, backend):
     if likelihood == "zinb":
         params["zi_logits"] = torch.tensor(np.log(pi + 1e-12) - np.log1p(-pi),
                                            dtype=torch.float32).expand(n, -1)
+    # hurdle: P(X > 0), below and above the NB's own 1 - NB(0)
+    detect = np.array([0.3, 0.02, 0.9, 0.5, 0.999, 0.4, 0.7, 0.05])
+    if likelihood == "hurdle":
+        params["detect_logits"] = torch.tensor(np.log(detect) - np.log1p(-detect),
+                                               dtype=torch.float32).expand(n, -1)
     counts = sample_counts(likelihood, params, torch.full((n, 1), 10.0),
                            _generator(backend, 3)).toarray()
     for g in range(mu.size):
@@ -228,6 +268,9 @@ def test_sampled_counts_follow_the_scipy_pmf(likelihood, backend):
         if likelihood == "zinb":
             pmf = (1 - pi[g]) * pmf
             pmf[0] += pi[g]
+        if likelihood == "hurdle":
+            pmf = detect[g] * pmf / dist.sf(0)
+            pmf[0] = 1 - detect[g]
         # pool the tail so that every bin expects at least 20 draws, then a chi-square test
         expected, observed, acc_e, acc_o = [], [], 0.0, 0
         for k in support:
@@ -294,7 +337,7 @@ def test_inverse_cdf_draws_stop_when_rounding_leaves_the_cdf_short_of_the_unifor
     assert np.isfinite(out).all() and (out >= tail_start).all() and (out < 1e5).all()
 
 
-@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "hurdle", "poisson"])
 def test_sampling_params_equal_the_forward_ones(likelihood):
     decoder, params = decoder_params(likelihood, n_cells=4, n_genes=30)
     z = torch.randn(4, 4)
@@ -311,6 +354,10 @@ def test_sampling_params_equal_the_forward_ones(likelihood):
         assert (fast["kept"][:, 0] == 0).all() and (fast["kept"][:, 1] == 1).all()
     else:
         assert "kept" not in fast
+    if likelihood == "hurdle":
+        torch.testing.assert_close(fast["detect"], torch.sigmoid(params["detect_logits"]))
+    else:
+        assert "detect" not in fast
 
 
 class _FixedUniforms:
@@ -330,6 +377,14 @@ def test_zero_decisions_resolve_probabilities_below_float32_spacing(likelihood):
               "kept": torch.ones(1, 5)}
     counts = sample_counts(likelihood, params, torch.tensor([[10.0]]), _FixedUniforms())
     assert counts.toarray().ravel().tolist() == [0, 0, 1, 1, 1]
+
+
+def test_hurdle_zero_decisions_use_p_itself_below_float32_spacing():
+    # as above, with P(X > 0) = p given directly; the NB's own zeros play no part
+    p = torch.tensor([[1e-9, 2e-8, 4e-8, 1e-7, 0.5]])
+    params = {"scale": torch.full((1, 5), 0.5), "theta": torch.full((5,), 2.0), "detect": p}
+    counts = sample_counts("hurdle", params, torch.tensor([[10.0]]), _FixedUniforms())
+    assert (counts.toarray().ravel() > 0).tolist() == [False, False, True, True, True]
 
 
 @pytest.mark.parametrize("shape", [0.05, 0.3, 1.0, 4.0, 60.0])

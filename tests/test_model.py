@@ -526,8 +526,8 @@ def test_training_again_runs_in_train_mode_and_appends_history():
     assert not model.module.training
 
 
-@pytest.mark.parametrize("likelihood", ["zinb", "poisson"])
-def test_other_likelihoods_train_and_generate(likelihood):
+@pytest.mark.parametrize("likelihood", ["zinb", "hurdle", "poisson"])
+def test_other_likelihoods_train_and_generate(likelihood, tmp_path):
     scvi.settings.seed = 0
     adata = small_pbmc(n_cells=150, n_genes=200)
     LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
@@ -538,6 +538,10 @@ def test_other_likelihoods_train_and_generate(likelihood):
     synth = model.generate(labels={"CD4 T cells": 20}, seed=0, progress_bar=False)
     assert synth.n_obs == 20 and synth.uns["scldiff"]["likelihood"] == likelihood
     assert (synth.X.data == np.round(synth.X.data)).all()
+    model.save(tmp_path / "model")
+    loaded = LapDDPM.load(tmp_path / "model", adata=adata)
+    again = loaded.generate(labels={"CD4 T cells": 20}, seed=0, progress_bar=False)
+    assert loaded.module.likelihood == likelihood and (again.X != synth.X).nnz == 0
 
 
 def test_gene_label_dispersion_trains_generates_and_round_trips(tmp_path):

@@ -33,6 +33,12 @@ class CountDecoder(nn.Module):
     PBMC3K this lowered the real-vs-generated random-forest AUC from 0.72 to 0.62;
     ``benchmarks/``). ``params["scale"]`` is :math:`\mu / \ell`.
 
+    The hurdle negative binomial (:class:`HurdleNegativeBinomial`) has a per-cell
+    probability :math:`p_g` of a nonzero count, from its own output layer, and above zero
+    the negative binomial :math:`\mathrm{NB}(\ell\rho_g, \theta_g)` truncated at zero. Its
+    zeros are fitted by their own Bernoulli likelihood, so their rate can be below the
+    negative binomial's as well as above it (the ZINB's can only be above).
+
     Parameters
     ----------
     n_latent
@@ -44,7 +50,7 @@ class CountDecoder(nn.Module):
     n_layers
         Number of hidden layers.
     likelihood
-        ``"nb"``, ``"zinb"`` or ``"poisson"``.
+        ``"nb"``, ``"zinb"``, ``"hurdle"`` or ``"poisson"``.
     dropout_rate
         Dropout after each hidden layer.
     dispersion
@@ -249,7 +255,7 @@ def sparse_log_likelihood(
     Parameters
     ----------
     likelihood
-        ``"nb"``, ``"zinb"`` or ``"poisson"``.
+        ``"nb"``, ``"zinb"``, ``"hurdle"`` or ``"poisson"``.
     params
         Decoder output for ``n`` cells.
     library
@@ -409,9 +415,10 @@ def sample_counts(
 
     Sparse and exact. A count is nonzero with probability :math:`P(X > 0) = (1 - \pi)\,(1 -
     (\theta / (\theta + \mu))^\theta)` (ZINB; NB without :math:`\pi`, Poisson :math:`1 -
-    e^{-\mu}`), decided by one uniform :math:`u` per entry. Since :math:`P(X > 0) \le
-    E[X]` (Markov), a float32 pass over the dense ``(n_cells, n_genes)`` parameters keeps
-    only the entries with :math:`u < E[X]`, about a seventh of them on PBMC3K; the
+    e^{-\mu}`, hurdle NB :math:`p`), decided by one uniform :math:`u` per entry. Since
+    :math:`P(X > 0) \le E[X]` (Markov), a float32 pass over the dense ``(n_cells, n_genes)``
+    parameters keeps only the entries with :math:`u < E[X]` (the hurdle's: :math:`u < p`),
+    about a seventh of them on PBMC3K; the
     exact probability, its logarithm and power, is computed in float64 for those alone. The
     uniform there is completed to float64 resolution (:math:`u + 2^{-24} v` with a fresh
     :math:`v`), so that probabilities below float32's spacing are not rounded. The nonzero
@@ -423,11 +430,12 @@ def sample_counts(
     Parameters
     ----------
     likelihood
-        ``"nb"``, ``"zinb"`` or ``"poisson"``.
+        ``"nb"``, ``"zinb"``, ``"hurdle"`` or ``"poisson"``.
     params
         ``scale`` (:math:`\mu / \ell`, ``(n_cells, n_genes)``), ``theta`` (per gene or
-        broadcastable to ``scale``; not for Poisson) and, for the ZINB, ``kept``
-        (:math:`1 - \pi`) or ``zi_logits``: :meth:`CountDecoder.sampling_params` or
+        broadcastable to ``scale``; not for Poisson), for the ZINB ``kept``
+        (:math:`1 - \pi`) or ``zi_logits``, for the hurdle NB ``detect`` (:math:`P(X > 0)`)
+        or ``detect_logits``: :meth:`CountDecoder.sampling_params` or
         :meth:`CountDecoder.forward`.
     library
         ``(n_cells, 1)`` library sizes.

@@ -64,7 +64,7 @@ class LapDDPMModule(BaseModuleClass):
     n_cheb_layers
         Number of graph layers.
     likelihood
-        ``"nb"``, ``"zinb"`` or ``"poisson"``.
+        ``"nb"``, ``"zinb"``, ``"hurdle"`` or ``"poisson"``.
     dropout_rate
         Dropout in the encoder.
     neighbour_gradients
