@@ -23,6 +23,9 @@ def decoder_params(likelihood, n_cells=3, n_genes=5, seed=0, dispersion="gene"):
                 theta = torch.stack([theta, theta.flip(0), theta + 1.5])
                 labels = torch.arange(n_cells) % 3
             decoder.log_theta.copy_(theta)
+        if decoder.detect_offset is not None:  # zero at initialisation; make it matter
+            decoder.detect_offset.weight.normal_(0.0, 1.0)
+            decoder.detect_offset.bias.normal_(0.0, 1.0)
     return decoder, decoder(torch.randn(n_cells, 4), labels)
 
 
@@ -50,10 +53,23 @@ def test_zinb_log_likelihood_matches_scipy_mixture():
     np.testing.assert_allclose(px.log_prob(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
-def _hurdle_reference(counts, mu, theta, p):
-    """log P(x) of the hurdle NB from scipy: 1 - p at zero, p NB(x) / (1 - NB(0)) above."""
+def _hurdle_logit(mu, theta, offset):
+    """Logit of the hurdle's P(X > 0): logit(1 - NB(0)) + offset, from scipy."""
     nb = stats.nbinom(theta, theta / (theta + mu))
-    return np.where(counts == 0, np.log1p(-p), np.log(p) + nb.logpmf(counts) - nb.logsf(0))
+    return nb.logsf(0) - nb.logpmf(0) + offset
+
+
+def _hurdle_p(mu, theta, offset):
+    return 1.0 / (1.0 + np.exp(-_hurdle_logit(mu, theta, offset)))
+
+
+def _hurdle_reference(counts, mu, theta, offset):
+    """log P(x) of the hurdle NB from scipy: 1 - p at zero, p NB(x) / (1 - NB(0)) above
+    (log p and log(1 - p) from the logit: p can be within float64's spacing of 1)."""
+    nb = stats.nbinom(theta, theta / (theta + mu))
+    logit = _hurdle_logit(mu, theta, offset)
+    return np.where(counts == 0, -np.logaddexp(0.0, logit),
+                    -np.logaddexp(0.0, -logit) + nb.logpmf(counts) - nb.logsf(0))
 
 
 def test_hurdle_log_likelihood_and_mean_match_scipy():
@@ -63,9 +79,11 @@ def test_hurdle_log_likelihood_and_mean_match_scipy():
     x = torch.tensor([[0, 1, 0, 4, 9], [0, 0, 2, 0, 1], [40, 0, 8, 0, 0]], dtype=torch.float32)
     mu = (library * params["scale"]).detach().double().numpy()
     theta = params["theta"].detach().double().numpy()
-    p = torch.sigmoid(params["detect_logits"]).detach().double().numpy()
+    offset = params["detect_offset"].detach().double().numpy()
+    p = _hurdle_p(mu, theta, offset)
     np.testing.assert_allclose(px.log_prob(x).detach().numpy(),
-                               _hurdle_reference(x.numpy(), mu, theta, p), rtol=1e-4, atol=1e-4)
+                               _hurdle_reference(x.numpy(), mu, theta, offset),
+                               rtol=1e-4, atol=1e-4)
     # E[X] = p E[NB | NB > 0], the truncated NB's mean from scipy's pmf
     support = np.arange(20_000)[:, None, None]
     nb = stats.nbinom(theta, theta / (theta + mu))
@@ -73,6 +91,32 @@ def test_hurdle_log_likelihood_and_mean_match_scipy():
     np.testing.assert_allclose(px.mean.detach().numpy(), p * truncated_mean, rtol=1e-4)
     # the probability of a zero is free: it can be below the NB's own
     assert ((1 - p) < nb.pmf(0)).any() and ((1 - p) > nb.pmf(0)).any()
+
+
+def test_hurdle_starts_as_the_negative_binomial():
+    """With the decoder's offset at its initial zero, the hurdle NB is the NB: the same
+    probabilities (tiny means included, where 1 - NB(0) underflows) and mean l rho."""
+    torch.manual_seed(0)
+    hurdle = CountDecoder(4, 6, n_hidden=8, likelihood="hurdle")
+    nb = CountDecoder(4, 6, n_hidden=8, likelihood="nb")
+    nb.load_state_dict({k: v for k, v in hurdle.state_dict().items()
+                        if not k.startswith("detect_offset")})
+    z, library = torch.randn(3, 4), torch.tensor([[2.0], [200.0], [20000.0]])
+    x = torch.tensor([[0, 1, 0, 4, 9, 0], [0, 0, 2, 0, 1, 3], [40, 0, 8, 0, 0, 500]]).float()
+    px_h, px_nb = (d.distribution(d(z), library) for d in (hurdle, nb))
+    torch.testing.assert_close(px_h.log_prob(x), px_nb.log_prob(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(px_h.mean, library * nb(z)["scale"], rtol=1e-4, atol=1e-6)
+    # a mean far below float32's smallest normal: finite likelihood and gradients
+    params = hurdle(z)
+    params["log_scale"] = params["log_scale"].detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        params["log_scale"][:, 0] = -120.0
+    x = sp.csr_matrix(x.numpy())
+    args = (torch.from_numpy(x.indptr.astype(np.int64)), torch.from_numpy(
+        x.indices.astype(np.int64)), torch.from_numpy(x.data))
+    ll = sparse_log_likelihood("hurdle", params, library, *args)
+    (grad,) = torch.autograd.grad(ll.sum(), params["log_scale"])
+    assert torch.isfinite(ll).all() and torch.isfinite(grad).all()
 
 
 def test_poisson_log_likelihood_matches_scipy():
@@ -121,8 +165,8 @@ def test_sampled_counts_have_the_likelihood_moments(likelihood, backend):
         var = (1 - pi) * (var + mean**2) - ((1 - pi) * mean) ** 2
         mean = (1 - pi) * mean
     if likelihood == "hurdle":  # p times the moments of the NB given X > 0
-        p = torch.sigmoid(params["detect_logits"][0]).double().numpy()
         theta = params["theta"][0].double().numpy()
+        p = _hurdle_p(mean, theta, params["detect_offset"][0].double().numpy())
         nb_positive = -np.expm1(-theta * np.log1p(mean / theta))
         second = p * (var + mean**2) / nb_positive
         mean = p * mean / nb_positive
@@ -168,8 +212,8 @@ def test_sparse_log_likelihood_equals_the_dense_one_and_scipy(likelihood, disper
             nb = np.exp(ref)
             ref = np.log(np.where(counts == 0, pi + (1 - pi) * nb, (1 - pi) * nb))
         if likelihood == "hurdle":
-            p = torch.sigmoid(params["detect_logits"]).detach().double().numpy()
-            ref = _hurdle_reference(counts, mu, theta, p)
+            ref = _hurdle_reference(counts, mu, theta,
+                                    params["detect_offset"].detach().double().numpy())
     np.testing.assert_allclose(sparse.detach().numpy(), ref.sum(-1), rtol=1e-5)
 
 
@@ -252,9 +296,10 @@ def test_sampled_counts_follow_the_scipy_pmf(likelihood, backend):
                                            dtype=torch.float32).expand(n, -1)
     # hurdle: P(X > 0), below and above the NB's own 1 - NB(0)
     detect = np.array([0.3, 0.02, 0.9, 0.5, 0.999, 0.4, 0.7, 0.05])
-    if likelihood == "hurdle":
-        params["detect_logits"] = torch.tensor(np.log(detect) - np.log1p(-detect),
-                                               dtype=torch.float32).expand(n, -1)
+    if likelihood == "hurdle":  # the offsets that give these probabilities
+        nb = stats.nbinom(theta, theta / (theta + mu))
+        offset = np.log(detect) - np.log1p(-detect) - (nb.logsf(0) - nb.logpmf(0))
+        params["detect_offset"] = torch.tensor(offset, dtype=torch.float32).expand(n, -1)
     counts = sample_counts(likelihood, params, torch.full((n, 1), 10.0),
                            _generator(backend, 3)).toarray()
     for g in range(mu.size):
@@ -355,9 +400,9 @@ def test_sampling_params_equal_the_forward_ones(likelihood):
     else:
         assert "kept" not in fast
     if likelihood == "hurdle":
-        torch.testing.assert_close(fast["detect"], torch.sigmoid(params["detect_logits"]))
+        torch.testing.assert_close(fast["detect_offset"], params["detect_offset"])
     else:
-        assert "detect" not in fast
+        assert "detect_offset" not in fast
 
 
 class _FixedUniforms:

@@ -34,10 +34,13 @@ class CountDecoder(nn.Module):
     ``benchmarks/``). ``params["scale"]`` is :math:`\mu / \ell`.
 
     The hurdle negative binomial (:class:`HurdleNegativeBinomial`) has a per-cell
-    probability :math:`p_g` of a nonzero count, from its own output layer, and above zero
-    the negative binomial :math:`\mathrm{NB}(\ell\rho_g, \theta_g)` truncated at zero. Its
-    zeros are fitted by their own Bernoulli likelihood, so their rate can be below the
-    negative binomial's as well as above it (the ZINB's can only be above).
+    probability :math:`p_g` of a nonzero count and above zero the negative binomial
+    :math:`\mathrm{NB}(\ell\rho_g, \theta_g)` truncated at zero. Its zeros are fitted by
+    their own Bernoulli likelihood, so their rate can be below the negative binomial's as
+    well as above it (the ZINB's can only be above). An output layer gives the offset of
+    :math:`\mathrm{logit}\, p_g` from the negative binomial's own :math:`\mathrm{logit}(1 -
+    \mathrm{NB}(0))` (:func:`hurdle_logits`); it starts at zero, where the model is the
+    negative binomial and the mean is :math:`\ell\rho_g`.
 
     Parameters
     ----------
@@ -87,7 +90,13 @@ class CountDecoder(nn.Module):
         self.hidden = nn.Sequential(*layers)
         self.scale = nn.Linear(width, n_output)
         self.dropout_logits = nn.Linear(width, n_output) if likelihood == "zinb" else None
-        self.detect_logits = nn.Linear(width, n_output) if likelihood == "hurdle" else None
+        self.detect_offset = None
+        if likelihood == "hurdle":
+            # logit P(X > 0) = logit(1 - NB(0)) + offset: zero at first, so that training
+            # starts from the negative binomial and learns where the zeros depart from it
+            self.detect_offset = nn.Linear(width, n_output)
+            nn.init.zeros_(self.detect_offset.weight)
+            nn.init.zeros_(self.detect_offset.bias)
         shape = (n_output,) if dispersion == "gene" else (n_labels, n_output)
         self.log_theta = nn.Parameter(torch.zeros(shape)) if likelihood != "poisson" else None
 
@@ -117,8 +126,8 @@ class CountDecoder(nn.Module):
             # log(1 - pi) = -softplus(logits)
             log_kept = torch.logsumexp(log_scale - F.softplus(zi_logits), -1, keepdim=True)
             log_scale = log_scale - log_kept
-        if self.detect_logits is not None:
-            params["detect_logits"] = self.detect_logits(h)
+        if self.detect_offset is not None:
+            params["detect_offset"] = self.detect_offset(h)
         params["log_scale"] = log_scale
         params["scale"] = log_scale.exp()
         return params
@@ -145,8 +154,8 @@ class CountDecoder(nn.Module):
             kept = torch.addmm(layer.bias, h, layer.weight.t(), beta=-1, alpha=-1).sigmoid_()
             scale.div_(torch.linalg.vecdot(kept, scale)[:, None])  # rho / sum (1 - pi) rho
             params["kept"] = kept
-        if self.detect_logits is not None:
-            params["detect"] = self.detect_logits(h).sigmoid_()
+        if self.detect_offset is not None:
+            params["detect_offset"] = self.detect_offset(h)
         params["scale"] = scale
         return params
 
@@ -160,8 +169,27 @@ class CountDecoder(nn.Module):
                 mu=mu, theta=params["theta"], zi_logits=params["zi_logits"]
             )
         if self.likelihood == "hurdle":
-            return HurdleNegativeBinomial(mu, params["theta"], params["detect_logits"])
+            log_nb_zero = -params["theta"] * torch.log1p(mu / params["theta"])
+            return HurdleNegativeBinomial(
+                mu, params["theta"], hurdle_logits(log_nb_zero, params["detect_offset"]))
         return Poisson(mu.clamp_min(1e-8))
+
+
+# -log NB(0) is floored here in the hurdle's logits: at a mean that underflows, the logit
+# of 1 - NB(0) = 0 would be -inf, and its gradient nan
+_MIN_NB_POSITIVE = 1e-20
+
+
+def hurdle_logits(log_nb_zero: Tensor, offset: Tensor) -> Tensor:
+    r"""Logits of the hurdle's :math:`P(X > 0)`: :math:`\mathrm{logit}(1 -
+    \mathrm{NB}(0)) + \delta`, with the decoder's offset :math:`\delta` (0: the negative
+    binomial's own probability of a nonzero count).
+
+    With :math:`y = -\log \mathrm{NB}(0)`, :math:`\mathrm{logit}(1 - e^{-y}) = \log(e^y -
+    1) = y + \log(1 - e^{-y})`, stable for small and large :math:`y`.
+    """
+    y = (-log_nb_zero).clamp_min(_MIN_NB_POSITIVE)
+    return y + _log1mexp(-y) + offset
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -290,10 +318,14 @@ def sparse_log_likelihood(
     if likelihood == "nb":
         return log_nb_zero.sum(-1).index_add(0, rows, log_nb_nz - log_nb_zero[rows, col])
     if likelihood == "hurdle":
-        logits = params["detect_logits"]
+        # -log NB(0) = theta log(1 + mu / theta), without the cancellation of log_nb_zero
+        # where mu << theta: the logits need it to relative precision
+        log_nb_zero = -theta * F.softplus(log_mu - log_theta)
+        logits = hurdle_logits(log_nb_zero, params["detect_offset"])
         zero = -F.softplus(logits)  # log(1 - p)
         logits_nz = logits[rows, col]
-        nonzero = -F.softplus(-logits_nz) + log_nb_nz - _log1mexp(log_nb_zero[rows, col])
+        log_nb_positive = _log1mexp(-(-log_nb_zero[rows, col]).clamp_min(_MIN_NB_POSITIVE))
+        nonzero = -F.softplus(-logits_nz) + log_nb_nz - log_nb_positive
         return zero.sum(-1).index_add(0, rows, nonzero - zero[rows, col])
     logits = params["zi_logits"]
     log_pi, log_not_pi = -F.softplus(-logits), -F.softplus(logits)  # log(pi), log(1 - pi)
@@ -435,7 +467,7 @@ def sample_counts(
         ``scale`` (:math:`\mu / \ell`, ``(n_cells, n_genes)``), ``theta`` (per gene or
         broadcastable to ``scale``; not for Poisson), for the ZINB ``kept``
         (:math:`1 - \pi`) or ``zi_logits``, for the hurdle NB ``detect`` (:math:`P(X > 0)`)
-        or ``detect_logits``: :meth:`CountDecoder.sampling_params` or
+        or ``detect_offset`` (:func:`hurdle_logits`): :meth:`CountDecoder.sampling_params` or
         :meth:`CountDecoder.forward`.
     library
         ``(n_cells, 1)`` library sizes.
@@ -500,7 +532,11 @@ def _dense_bound(likelihood: Likelihood, params: dict[str, Tensor], library: Ten
     if likelihood == "hurdle":  # P(X > 0) is p itself: the bound is exact
         kept = params.get("detect")
         if kept is None:
-            kept = torch.sigmoid(params["detect_logits"].detach().float())
+            mu = scale * lib.float()[:, None]
+            theta32 = theta.float()
+            log_nb_zero = -theta32 * torch.log1p(mu / theta32)
+            offset = params["detect_offset"].detach().to(device, torch.float32)
+            kept = torch.sigmoid(hurdle_logits(log_nb_zero, offset))
         kept = kept.detach().to(device, torch.float32)
         bound = kept * (_BOUND_SLACK / unit)
     return scale, lib, theta, kept, bound
