@@ -119,6 +119,26 @@ def test_hurdle_starts_as_the_negative_binomial():
     assert torch.isfinite(ll).all() and torch.isfinite(grad).all()
 
 
+def test_sparse_hurdle_likelihood_at_means_far_below_theta():
+    # 1 - NB(0) is about mu there, and p with it: the likelihood of a nonzero count rests on
+    # log p - log(1 - NB(0)), two logarithms of tiny numbers
+    mu = np.array([1e-5, 1e-4, 3e-3, 0.5])
+    theta = np.array([30.0, 300.0, 30.0, 2.0])
+    counts = np.array([[1.0, 2.0, 1.0, 0.0]], dtype=np.float32)
+    offset = np.array([0.3, -0.2, 0.0, 0.1])
+    params = {"log_scale": torch.tensor(np.log(mu / 10.0), dtype=torch.float32)[None],
+              "log_theta": torch.tensor(np.log(theta), dtype=torch.float32),
+              "detect_offset": torch.tensor(offset, dtype=torch.float32)[None]}
+    x = sp.csr_matrix(counts)
+    sparse = sparse_log_likelihood("hurdle", params, torch.tensor([[10.0]]), torch.from_numpy(
+        x.indptr.astype(np.int64)), torch.from_numpy(x.indices.astype(np.int64)),
+        torch.from_numpy(x.data))
+    mu32 = 10.0 * np.exp(params["log_scale"].double().numpy())  # the float32 parameters
+    theta32 = np.exp(params["log_theta"].double().numpy())
+    expected = _hurdle_reference(counts, mu32, theta32, offset).sum()
+    np.testing.assert_allclose(sparse.item(), expected, rtol=1e-5)
+
+
 def test_poisson_log_likelihood_matches_scipy():
     decoder, params = decoder_params("poisson")
     library = torch.tensor([[50.0], [500.0], [5.0]])

@@ -318,8 +318,8 @@ def sparse_log_likelihood(
     if likelihood == "nb":
         return log_nb_zero.sum(-1).index_add(0, rows, log_nb_nz - log_nb_zero[rows, col])
     if likelihood == "hurdle":
-        # -log NB(0) = theta log(1 + mu / theta), without the cancellation of log_nb_zero
-        # where mu << theta: the logits need it to relative precision
+        # -log NB(0) = theta log(1 + mu / theta) to relative precision where mu << theta
+        # (log_nb_zero above, log(theta) - log(theta + mu), cancels there)
         log_nb_zero = -theta * F.softplus(log_mu - log_theta)
         logits = hurdle_logits(log_nb_zero, params["detect_offset"])
         zero = -F.softplus(logits)  # log(1 - p)
