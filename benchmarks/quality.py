@@ -74,11 +74,13 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "guidance 4": ({}, {}, {"guidance_scale": 4.0}),
     "unconditional": ({"labels_key": None}, {}, {}),
     "NB likelihood": ({}, {}, {}),
+    "hurdle likelihood": ({}, {}, {}),
     "library by diffusion": ({}, {}, {}),
     "KL 0.5": ({}, {"kl_weight": 0.5}, {}),
 }
 # variants that change the model's constructor arguments
 MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
+                "hurdle likelihood": {"likelihood": "hurdle"},
                 "library by diffusion": {"library_size": "diffusion"}}
 GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 1.5, 2, 4)}
 
