@@ -93,6 +93,22 @@ def test_hurdle_log_likelihood_and_mean_match_scipy():
     assert ((1 - p) < nb.pmf(0)).any() and ((1 - p) > nb.pmf(0)).any()
 
 
+def test_hurdle_distribution_samples_follow_its_pmf():
+    from scldiff.module import HurdleNegativeBinomial
+
+    torch.manual_seed(0)
+    mu, theta = torch.tensor([0.2, 3.0, 40.0]), torch.tensor([0.5, 2.0, 5.0])
+    logits = torch.tensor([0.5, 2.0, -1.0])
+    px = HurdleNegativeBinomial(mu, theta, logits)
+    draws = px.sample((50_000,))
+    assert draws.shape == (50_000, 3) and (draws == draws.round()).all()
+    for k in range(6):  # frequencies of 0..5 against the pmf: within 5 standard errors
+        expected = px.log_prob(torch.full((3,), float(k))).exp()
+        observed = (draws == k).float().mean(0)
+        assert (observed - expected).abs().le(5 * (expected / 50_000).sqrt() + 1e-4).all(), k
+    torch.testing.assert_close(draws.mean(0), px.mean, rtol=0.03, atol=0.01)
+
+
 def test_hurdle_starts_as_the_negative_binomial():
     """With the decoder's offset at its initial zero, the hurdle NB is the NB: the same
     probabilities (tiny means included, where 1 - NB(0) underflows) and mean l rho."""

@@ -137,9 +137,11 @@ class CountDecoder(nn.Module):
         r"""The parameters :func:`sample_counts` needs, in fewer passes than :meth:`forward`.
 
         ``scale`` (:math:`\mu / \ell`, as in :meth:`forward`), ``theta`` (one per gene, or
-        one row per cell with ``dispersion="gene-label"``) and,
-        for the ZINB, ``kept`` (:math:`1 - \pi`), computed in linear rather than log space:
-        no gradients, and no ``log_scale`` or ``zi_logits``.
+        one row per cell with ``dispersion="gene-label"``),
+        for the ZINB ``kept`` (:math:`1 - \pi`), computed in linear rather than log space,
+        and for the hurdle NB ``detect_offset`` (its :math:`P(X > 0)` needs the library
+        size, which :func:`sample_counts` has): no gradients, and no ``log_scale`` or
+        ``zi_logits``.
         """
         h = self.hidden(z)
         # softmax in one fused pass: on a CPU about 3.5x faster than log_softmax then exp
@@ -188,8 +190,15 @@ def hurdle_logits(log_nb_zero: Tensor, offset: Tensor) -> Tensor:
     With :math:`y = -\log \mathrm{NB}(0)`, :math:`\mathrm{logit}(1 - e^{-y}) = \log(e^y -
     1) = y + \log(1 - e^{-y})`, stable for small and large :math:`y`.
     """
-    y = (-log_nb_zero).clamp_min(_MIN_NB_POSITIVE)
-    return y + _log1mexp(-y) + offset
+    return _hurdle_parts(-log_nb_zero, offset)[0]
+
+
+def _hurdle_parts(nb_zero_nll: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+    r""":func:`hurdle_logits` from :math:`y = -\log \mathrm{NB}(0)`, and :math:`\log(1 -
+    \mathrm{NB}(0))`, which the likelihood of the nonzero counts needs too."""
+    y = nb_zero_nll.clamp_min(_MIN_NB_POSITIVE)
+    log_nb_positive = _log1mexp(-y)
+    return y + log_nb_positive + offset, log_nb_positive
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -318,14 +327,13 @@ def sparse_log_likelihood(
     if likelihood == "nb":
         return log_nb_zero.sum(-1).index_add(0, rows, log_nb_nz - log_nb_zero[rows, col])
     if likelihood == "hurdle":
-        # -log NB(0) = theta log(1 + mu / theta) to relative precision where mu << theta
+        # -log NB(0) = theta log(1 + mu / theta), to relative precision where mu << theta
         # (log_nb_zero above, log(theta) - log(theta + mu), cancels there)
-        log_nb_zero = -theta * F.softplus(log_mu - log_theta)
-        logits = hurdle_logits(log_nb_zero, params["detect_offset"])
+        logits, log_nb_positive = _hurdle_parts(theta * F.softplus(log_mu - log_theta),
+                                                params["detect_offset"])
         zero = -F.softplus(logits)  # log(1 - p)
-        logits_nz = logits[rows, col]
-        log_nb_positive = _log1mexp(-(-log_nb_zero[rows, col]).clamp_min(_MIN_NB_POSITIVE))
-        nonzero = -F.softplus(-logits_nz) + log_nb_nz - log_nb_positive
+        nonzero = (-F.softplus(-logits[rows, col]) + log_nb_nz
+                   - log_nb_positive[rows, col])  # log p + log NB(x) - log(1 - NB(0))
         return zero.sum(-1).index_add(0, rows, nonzero - zero[rows, col])
     logits = params["zi_logits"]
     log_pi, log_not_pi = -F.softplus(-logits), -F.softplus(logits)  # log(pi), log(1 - pi)
