@@ -524,7 +524,9 @@ def _dense_bound(likelihood: Likelihood, params: dict[str, Tensor], library: Ten
     against float32 rounding, which :math:`P(X > 0)` never exceeds."""
     scale = params["scale"].detach().to(device, torch.float32)
     lib = library.detach().to(device, torch.float64).reshape(-1)
-    bound = scale * (lib * (_BOUND_SLACK / unit)).float()[:, None]
+    bound = None  # the hurdle's is set below, from P(X > 0)
+    if likelihood != "hurdle":
+        bound = scale * (lib * (_BOUND_SLACK / unit)).float()[:, None]
     theta = kept = None
     if likelihood != "poisson":
         theta = params["theta"].detach()
