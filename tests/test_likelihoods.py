@@ -555,6 +555,26 @@ def test_gene_label_dispersion_gradients_and_errors():
         CountDecoder(4, 10, dispersion="cell")
 
 
+@pytest.mark.parametrize("likelihood", ["zinb", "hurdle"])
+def test_label_covariate_is_a_one_hot_input_of_the_hidden_layer(likelihood):
+    """With ``label_covariate`` the decoder is the same network on ``[z, one-hot(label)]``:
+    equal to a plain decoder of n_latent + n_labels inputs given that concatenation, in
+    :meth:`forward` and :meth:`sampling_params`."""
+    torch.manual_seed(0)
+    decoder = CountDecoder(4, 30, n_hidden=8, likelihood=likelihood, n_labels=3,
+                           label_covariate=True).eval()
+    plain = CountDecoder(7, 30, n_hidden=8, likelihood=likelihood).eval()
+    plain.load_state_dict(decoder.state_dict())
+    z, labels = torch.randn(5, 4), torch.tensor([0, 2, 1, 2, 0])
+    joined = torch.cat([z, torch.eye(3)[labels]], dim=1)
+    for key, value in plain(joined).items():
+        torch.testing.assert_close(decoder(z, labels)[key], value)
+    for key, value in plain.sampling_params(joined).items():
+        torch.testing.assert_close(decoder.sampling_params(z, labels)[key], value)
+    with pytest.raises(ValueError, match="label codes"):
+        decoder(z)
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_sampled_counts_follow_each_labels_dispersion(backend):
     """Cells of two labels with the same means: each label's count variance is that of its

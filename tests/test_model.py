@@ -570,11 +570,43 @@ def test_gene_label_dispersion_trains_generates_and_round_trips(tmp_path):
     assert (repeat.X != synth.X).nnz == 0
 
 
+def test_decoder_labels_train_generate_and_round_trip(tmp_path):
+    """A decoder that reads the label: the label's one-hot changes what a latent decodes
+    to, it is the label each cell is generated for, and it is saved with the model."""
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=150, n_genes=200)
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
+    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1,
+                    decoder_labels=True)
+    n_labels = len(model.label_categories)
+    first = model.module.decoder.hidden[0]
+    assert first.in_features == 4 + n_labels
+    before = first.weight.detach()[:, 4:].clone()
+    model.train(n_epochs_stage_a=3, n_epochs_stage_b=2, **QUIET)
+    assert not torch.allclose(first.weight.detach()[:, 4:], before)  # the label columns learn
+    decoder = model.module.decoder.eval()
+    z = torch.zeros(2, 4)
+    scale = decoder.sampling_params(z, torch.tensor([0, 1]))["scale"]
+    assert not torch.allclose(scale[0], scale[1])
+    synth = model.generate(labels={"CD4 T cells": 20, "B cells": 10}, seed=0,
+                           progress_bar=False)
+    assert synth.n_obs == 30 and (synth.X.data == np.round(synth.X.data)).all()
+    assert model.posterior_predictive_sample(seed=0).n_obs == adata.n_obs
+    model.save(str(tmp_path / "m"), save_anndata=True)
+    again = LapDDPM.load(str(tmp_path / "m"))
+    assert again.module.decoder.label_covariate
+    repeat = again.generate(labels={"CD4 T cells": 20, "B cells": 10}, seed=0,
+                            progress_bar=False)
+    assert (repeat.X != synth.X).nnz == 0
+
+
 def test_gene_label_dispersion_needs_labels():
     adata = small_pbmc(n_cells=100, n_genes=100)
     LapDDPM.setup_anndata(adata, n_neighbors=5, n_lpe=2)
     with pytest.raises(ValueError, match="needs labels"):
         LapDDPM(adata, dispersion="gene-label")
+    with pytest.raises(ValueError, match="needs labels"):
+        LapDDPM(adata, decoder_labels=True)
     with pytest.raises(ValueError, match="dispersion must be one of"):
         LapDDPM(adata, dispersion="cell")
 

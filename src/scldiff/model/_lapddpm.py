@@ -250,6 +250,10 @@ class LapDDPM(BaseModelClass):
         models only. On the benchmark splits measured so far (PBMC3K and Zheng 2017, seed
         1), ``"gene-label"`` put the posterior predictive and the generated cells slightly
         farther from held-out cells (``benchmarks/prior_gap.py``, docs "Benchmarks").
+    decoder_labels
+        Give the decoder each cell's label beside its latent, as scVI's decoder takes its
+        covariates (labelled models only). Generated and posterior-predictive cells are
+        decoded with the label they are drawn for.
 
     Examples
     --------
@@ -281,6 +285,7 @@ class LapDDPM(BaseModelClass):
         t_min: float = 1e-3,
         library_size: Literal["diffusion", "label"] = "label",
         dispersion: Literal["gene", "gene-label"] = "gene",
+        decoder_labels: bool = False,
     ):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
@@ -293,6 +298,9 @@ class LapDDPM(BaseModelClass):
         if dispersion == "gene-label" and not self.is_conditional:
             raise ValueError('dispersion="gene-label" needs labels: set up the AnnData with '
                              'setup_anndata(adata, labels_key=...), or use dispersion="gene".')
+        if decoder_labels and not self.is_conditional:
+            raise ValueError("decoder_labels=True needs labels: set up the AnnData with "
+                             "setup_anndata(adata, labels_key=...), or leave it False.")
         stats = self.summary_stats
         self.module = self._module_cls(
             n_input=stats["n_vars"],
@@ -312,6 +320,7 @@ class LapDDPM(BaseModelClass):
             t_min=t_min,
             diffuse_library=library_size == "diffusion",
             dispersion=dispersion,
+            decoder_labels=decoder_labels,
         )
         self.library_log_mean_: list[float] | None = None
         self.library_log_std_: list[float] | None = None

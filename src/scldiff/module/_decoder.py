@@ -60,7 +60,12 @@ class CountDecoder(nn.Module):
         ``"gene"`` or ``"gene-label"``; the latter needs the cells' label codes in
         :meth:`forward` and :meth:`sampling_params`.
     n_labels
-        Number of labels (``dispersion="gene-label"``).
+        Number of labels (``dispersion="gene-label"`` or ``label_covariate``).
+    label_covariate
+        Give the hidden layers the cell's label (one-hot) beside ``z``, as scVI's decoder
+        takes its categorical covariates: the latent then need not separate labels for the
+        decoder to tell them apart. Needs the label codes in :meth:`forward` and
+        :meth:`sampling_params`.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class CountDecoder(nn.Module):
         dropout_rate: float = 0.0,
         dispersion: Dispersion = "gene",
         n_labels: int = 1,
+        label_covariate: bool = False,
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -81,8 +87,10 @@ class CountDecoder(nn.Module):
             raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
         self.likelihood = likelihood
         self.dispersion = dispersion
+        self.n_labels = n_labels
+        self.label_covariate = bool(label_covariate)
         layers: list[nn.Module] = []
-        width = n_latent
+        width = n_latent + (n_labels if self.label_covariate else 0)
         for _ in range(n_layers):
             layers += [nn.Linear(width, n_hidden), nn.LayerNorm(n_hidden), nn.GELU(),
                        nn.Dropout(dropout_rate)]
@@ -109,10 +117,21 @@ class CountDecoder(nn.Module):
             raise ValueError('dispersion="gene-label" needs the cells\' label codes.')
         return self.log_theta[labels.reshape(-1).long()]
 
+    def _hidden(self, z: Tensor, labels: Tensor | None) -> Tensor:
+        """The last hidden layer, from ``z`` and (with ``label_covariate``) the labels."""
+        if self.label_covariate:
+            if labels is None:
+                raise ValueError("A decoder with label_covariate=True needs the cells' "
+                                 "label codes.")
+            onehot = F.one_hot(labels.reshape(-1).long(), self.n_labels).to(z.dtype)
+            z = torch.cat([z, onehot], dim=-1)
+        return self.hidden(z)
+
     def forward(self, z: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
         """Likelihood parameters that do not depend on the library size (``labels``: the
-        cells' label codes, needed with ``dispersion="gene-label"``)."""
-        h = self.hidden(z)
+        cells' label codes, needed with ``dispersion="gene-label"`` or
+        ``label_covariate``)."""
+        h = self._hidden(z, labels)
         log_scale = F.log_softmax(self.scale(h), dim=-1)
         params: dict[str, Tensor] = {}
         if self.log_theta is not None:
@@ -143,7 +162,7 @@ class CountDecoder(nn.Module):
         size, which :func:`sample_counts` has): no gradients, and no ``log_scale`` or
         ``zi_logits``.
         """
-        h = self.hidden(z)
+        h = self._hidden(z, labels)
         # softmax in one fused pass: on a CPU about 3.5x faster than log_softmax then exp
         scale = torch.softmax(self.scale(h), dim=-1)  # rho
         params: dict[str, Tensor] = {}

@@ -80,6 +80,9 @@ class LapDDPMModule(BaseModuleClass):
     dispersion
         ``"gene"``: one inverse dispersion per gene; ``"gene-label"``: one per gene and
         label (:class:`~scldiff.module.CountDecoder`).
+    decoder_labels
+        Give the decoder the cell's label beside its latent (``label_covariate`` of
+        :class:`~scldiff.module.CountDecoder`).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class LapDDPMModule(BaseModuleClass):
         t_min: float = 1e-3,
         diffuse_library: bool = False,
         dispersion: Dispersion = "gene",
+        decoder_labels: bool = False,
     ):
         super().__init__()
         self.n_latent = n_latent
@@ -111,7 +115,8 @@ class LapDDPMModule(BaseModuleClass):
         self.encoder = GraphEncoder(n_input, n_lpe, n_latent, n_hidden, cheb_k, n_cheb_layers,
                                     dropout_rate, neighbour_gradients)
         self.decoder = CountDecoder(n_latent, n_input, n_hidden, likelihood=likelihood,
-                                    dispersion=dispersion, n_labels=n_labels)
+                                    dispersion=dispersion, n_labels=n_labels,
+                                    label_covariate=decoder_labels)
         self.score_net = ScoreNet(self.n_diffusion, n_labels, score_hidden, score_blocks)
         self.schedule = VPSchedule(beta_min, beta_max, t_min)
         self.register_buffer("lpe_scale", torch.tensor(float(lpe_scale)))
