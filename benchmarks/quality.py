@@ -77,11 +77,13 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "hurdle likelihood": ({}, {}, {}),
     "library by diffusion": ({}, {}, {}),
     "KL 0.5": ({}, {"kl_weight": 0.5}, {}),
+    "decoder labels": ({}, {}, {}),
 }
 # variants that change the model's constructor arguments
 MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
                 "hurdle likelihood": {"likelihood": "hurdle"},
-                "library by diffusion": {"library_size": "diffusion"}}
+                "library by diffusion": {"library_size": "diffusion"},
+                "decoder labels": {"decoder_labels": True}}
 GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 1.5, 2, 4)}
 
 
