@@ -78,12 +78,14 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "library by diffusion": ({}, {}, {}),
     "KL 0.5": ({}, {"kl_weight": 0.5}, {}),
     "decoder labels": ({}, {}, {}),
+    "decoder labels, hurdle": ({}, {}, {}),
 }
 # variants that change the model's constructor arguments
 MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
                 "hurdle likelihood": {"likelihood": "hurdle"},
                 "library by diffusion": {"library_size": "diffusion"},
-                "decoder labels": {"decoder_labels": True}}
+                "decoder labels": {"decoder_labels": True},
+                "decoder labels, hurdle": {"decoder_labels": True, "likelihood": "hurdle"}}
 GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 1.5, 2, 4)}
 
 
