@@ -379,6 +379,35 @@ def test_library_quantiles_round_trip_and_older_files_keep_the_log_normal(traine
             LapDDPM.load(str(path), adata=False)
 
 
+def test_files_saved_before_decoder_labels_load_with_a_label_free_decoder(trained_model,
+                                                                         tmp_path):
+    """The default decoder reads the labels; a model.json written before that option
+    existed has no ``decoder_labels`` and was trained without it, so it loads as False."""
+    assert trained_model.module.decoder.label_covariate
+    assert trained_model.init_params_["non_kwargs"]["decoder_labels"] is True
+    adata = trained_model.adata
+    old = LapDDPM(adata, n_latent=8, n_hidden=32, score_hidden=32, score_blocks=1,
+                  decoder_labels=False)
+    path = tmp_path / "old"
+    old.save(str(path))
+    meta = json.loads((path / "model.json").read_text())
+    del meta["init_params_"]["non_kwargs"]["decoder_labels"]
+    (path / "model.json").write_text(json.dumps(meta))
+    loaded = LapDDPM.load(str(path), adata=False)
+    assert not loaded.module.decoder.label_covariate
+    z = torch.randn(3, 8)
+    torch.testing.assert_close(loaded.module.decoder.eval().sampling_params(z)["scale"],
+                               old.module.decoder.eval().sampling_params(z)["scale"])
+    # the default model's file, stripped the same way, no longer fits its weights
+    path = tmp_path / "new"
+    trained_model.save(str(path))
+    meta = json.loads((path / "model.json").read_text())
+    del meta["init_params_"]["non_kwargs"]["decoder_labels"]
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match="do not fit"):
+        LapDDPM.load(str(path), adata=False)
+
+
 def test_load_checks_genes(trained_model, tmp_path):
     path = str(tmp_path / "model")
     trained_model.save(path)

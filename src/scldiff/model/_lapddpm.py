@@ -251,9 +251,14 @@ class LapDDPM(BaseModelClass):
         1), ``"gene-label"`` put the posterior predictive and the generated cells slightly
         farther from held-out cells (``benchmarks/prior_gap.py``, docs "Benchmarks").
     decoder_labels
-        Give the decoder each cell's label beside its latent, as scVI's decoder takes its
-        covariates (labelled models only). Generated and posterior-predictive cells are
-        decoded with the label they are drawn for.
+        Give the decoder each cell's label (one-hot) beside its latent, as scVI's decoder
+        takes its covariates. ``None`` (default): whenever the model has labels. Generated
+        and posterior-predictive cells are decoded with the label they are drawn for, so
+        the latent need not keep overlapping labels apart for the decoder to express them
+        differently. On both benchmark datasets this brought the generated cells closer to
+        held-out ones (conditional MMD 0.633 to 0.610 on PBMC3K and 0.172 to 0.165 on
+        Zheng 2017, 3 splits; ``benchmarks/quality.py``, docs "Benchmarks"). Models saved
+        before this option existed load with ``False``, as they were trained.
 
     Examples
     --------
@@ -285,7 +290,7 @@ class LapDDPM(BaseModelClass):
         t_min: float = 1e-3,
         library_size: Literal["diffusion", "label"] = "label",
         dispersion: Literal["gene", "gene-label"] = "gene",
-        decoder_labels: bool = False,
+        decoder_labels: bool | None = None,
     ):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
@@ -300,7 +305,9 @@ class LapDDPM(BaseModelClass):
                              'setup_anndata(adata, labels_key=...), or use dispersion="gene".')
         if decoder_labels and not self.is_conditional:
             raise ValueError("decoder_labels=True needs labels: set up the AnnData with "
-                             "setup_anndata(adata, labels_key=...), or leave it False.")
+                             "setup_anndata(adata, labels_key=...), or leave it unset.")
+        if decoder_labels is None:
+            decoder_labels = self.is_conditional
         stats = self.summary_stats
         self.module = self._module_cls(
             n_input=stats["n_vars"],
@@ -1066,9 +1073,11 @@ class LapDDPM(BaseModelClass):
                     + ". Subset and order them as in training: adata[:, model_var_names]."
                 )
             cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+        non_kwargs = dict(init_params["non_kwargs"])
+        # models saved before the decoder could read labels were trained without them
+        non_kwargs.setdefault("decoder_labels", False)
         try:
-            model = cls(adata, registry=registry if adata is None else None,
-                        **init_params["non_kwargs"])
+            model = cls(adata, registry=registry if adata is None else None, **non_kwargs)
         except TypeError as err:
             raise ModelFileError(f"{dir_path}/model.json has unexpected init parameters: "
                                  f"{err}") from err
