@@ -385,7 +385,8 @@ def test_files_saved_before_decoder_labels_load_with_a_label_free_decoder(traine
     existed has no ``decoder_labels`` and was trained without it, so it loads as False."""
     assert trained_model.module.decoder.label_covariate
     assert trained_model.init_params_["non_kwargs"]["decoder_labels"] is True
-    adata = trained_model.adata
+    adata = small_pbmc(n_cells=150, n_genes=200)
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
     old = LapDDPM(adata, n_latent=8, n_hidden=32, score_hidden=32, score_blocks=1,
                   decoder_labels=False)
     path = tmp_path / "old"
