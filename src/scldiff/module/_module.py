@@ -191,7 +191,8 @@ class LapDDPMModule(BaseModuleClass):
 
     def generative(self, z: Tensor, library: Tensor, labels: Tensor | None = None) -> dict:
         """Likelihood parameters; ``px`` is the count distribution (scvi-tools objects).
-        ``labels`` (codes) are needed with ``dispersion="gene-label"``."""
+        ``labels`` (codes) are needed with ``dispersion="gene-label"`` or
+        ``decoder_labels``."""
         params = self.decoder(z, labels)
         return {"px": self.decoder.distribution(params, library), "params": params,
                 "library": library}
@@ -337,7 +338,8 @@ class LapDDPMModule(BaseModuleClass):
                       generator: torch.Generator | None = None,
                       labels: Tensor | None = None) -> sp.csr_matrix:
         """Counts (CSR) of cells with latents ``z`` and library sizes ``library``
-        (``labels``: the cells' label codes, needed with ``dispersion="gene-label"``).
+        (``labels``: the cells' label codes, needed with ``dispersion="gene-label"`` or
+        ``decoder_labels``).
 
         On a CPU, the decoder (:meth:`CountDecoder.sampling_params`) and the count draws
         (:func:`sample_counts`, numpy, from ``rng``) run on ``chunk_size`` cells at a time
