@@ -79,13 +79,18 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "KL 0.5": ({}, {"kl_weight": 0.5}, {}),
     "decoder labels": ({}, {}, {}),
     "decoder labels, hurdle": ({}, {}, {}),
+    "decoder labels, width 256": ({}, {}, {}),
+    "decoder labels, dispersion per label": ({}, {}, {}),
 }
 # variants that change the model's constructor arguments
 MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
                 "hurdle likelihood": {"likelihood": "hurdle"},
                 "library by diffusion": {"library_size": "diffusion"},
                 "decoder labels": {"decoder_labels": True},
-                "decoder labels, hurdle": {"decoder_labels": True, "likelihood": "hurdle"}}
+                "decoder labels, hurdle": {"decoder_labels": True, "likelihood": "hurdle"},
+                "decoder labels, width 256": {"decoder_labels": True, "n_hidden": 256},
+                "decoder labels, dispersion per label": {"decoder_labels": True,
+                                                         "dispersion": "gene-label"}}
 GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 1.5, 2, 4)}
 
 
