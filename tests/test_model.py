@@ -623,6 +623,25 @@ def test_decoder_labels_train_generate_and_round_trip(tmp_path):
     z = torch.zeros(2, 4)
     scale = decoder.sampling_params(z, torch.tensor([0, 1]))["scale"]
     assert not torch.allclose(scale[0], scale[1])
+    # each cell is decoded with its own label: the one it is generated for, or its own
+    seen = []
+    sampling_params = decoder.sampling_params
+
+    def recording(z, labels=None):
+        seen.append(labels.cpu())
+        return sampling_params(z, labels)
+
+    decoder.sampling_params = recording
+    synth = model.generate(labels=["B cells", "CD4 T cells", "CD4 T cells"], seed=0,
+                           progress_bar=False)
+    codes = pd.Categorical(synth.obs["cell_type"], categories=model.label_categories).codes
+    np.testing.assert_array_equal(torch.cat(seen).numpy(), codes)
+    seen.clear()
+    own = pd.Categorical(adata.obs["cell_type"], categories=model.label_categories).codes
+    cells = [int(np.flatnonzero(own == code)[0]) for code in np.unique(own)[:3]]
+    model.posterior_predictive_sample(indices=cells, seed=0)
+    np.testing.assert_array_equal(torch.cat(seen).numpy(), own[cells])
+    del decoder.sampling_params
     again = _generates_and_round_trips(model, adata, tmp_path)
     assert again.module.decoder.label_covariate
 

@@ -848,11 +848,14 @@ class LapDDPM(BaseModelClass):
             Number of cells when ``labels`` is ``None`` (default: as many as trained on).
         guidance_scale
             Classifier-free guidance :math:`w` in :math:`\epsilon_u + w(\epsilon_c -
-            \epsilon_u)`: 0 ignores the labels, 1 samples the conditional model, larger
-            values sharpen the labels. The default 2 was chosen by measurement: on PBMC3K
-            held-out cells it lowered the conditional MMD and W2 against w = 1 (0.623 vs
-            0.664, 12.1 vs 12.8, three seeds, measured with the earlier NB decoder) without
-            making cells easier to tell from real ones. Ignored by unconditional models.
+            \epsilon_u)`: 0 draws the latents without the labels (a decoder that reads
+            the labels, ``decoder_labels``, still decodes them with each cell's label), 1
+            samples the conditional model, larger values sharpen the labels. The default 2
+            was chosen by measurement: on PBMC3K held-out cells it lowered the conditional
+            MMD and W2 against w = 1 (0.623 vs 0.664, 12.1 vs 12.8, three seeds, measured
+            with the earlier NB decoder) without making cells easier to tell from real
+            ones; with the labels in the decoder, scales 1 to 2.5 were measured again and
+            2 kept (``docs/benchmarks.md``). Ignored by unconditional models.
         sampler
             ``"ode"`` (probability-flow ODE, DPM-Solver++(2M)), ``"ddim"`` or ``"sde"``
             (reverse SDE, Euler–Maruyama).
