@@ -81,6 +81,7 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "decoder labels, hurdle": ({}, {}, {}),
     "decoder labels, width 256": ({}, {}, {}),
     "decoder labels, dispersion per label": ({}, {}, {}),
+    "decoder labels, latent 24": ({}, {}, {}),
     # the defaults, trained (and generating) on a GPU; needs CUDA, never run by --ablations
     "GPU": ({}, {"accelerator": "gpu"}, {}),
     "GPU bf16": ({}, {"accelerator": "gpu", "precision": "bf16-mixed"}, {}),
@@ -94,7 +95,8 @@ MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
                 "decoder labels, hurdle": {"decoder_labels": True, "likelihood": "hurdle"},
                 "decoder labels, width 256": {"decoder_labels": True, "n_hidden": 256},
                 "decoder labels, dispersion per label": {"decoder_labels": True,
-                                                         "dispersion": "gene-label"}}
+                                                         "dispersion": "gene-label"},
+                "decoder labels, latent 24": {"decoder_labels": True, "n_latent": 24}}
 GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 1.5, 2, 4)}
 
 
