@@ -82,6 +82,7 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "decoder labels, width 256": ({}, {}, {}),
     "decoder labels, dispersion per label": ({}, {}, {}),
     "decoder labels, latent 24": ({}, {}, {}),
+    "decoder labels, encoder labels": ({}, {}, {}),
     # the defaults, trained (and generating) on a GPU; needs CUDA, never run by --ablations
     "GPU": ({}, {"accelerator": "gpu"}, {}),
     "GPU bf16": ({}, {"accelerator": "gpu", "precision": "bf16-mixed"}, {}),
@@ -96,7 +97,9 @@ MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
                 "decoder labels, width 256": {"decoder_labels": True, "n_hidden": 256},
                 "decoder labels, dispersion per label": {"decoder_labels": True,
                                                          "dispersion": "gene-label"},
-                "decoder labels, latent 24": {"decoder_labels": True, "n_latent": 24}}
+                "decoder labels, latent 24": {"decoder_labels": True, "n_latent": 24},
+                "decoder labels, encoder labels": {"decoder_labels": True,
+                                                   "encoder_labels": True}}
 GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 1.5, 2, 4)}
 
 

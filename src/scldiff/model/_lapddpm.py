@@ -259,6 +259,10 @@ class LapDDPM(BaseModelClass):
         held-out ones (conditional MMD 0.633 to 0.610 on PBMC3K and 0.172 to 0.165 on
         Zheng 2017, 3 splits; ``benchmarks/quality.py``, docs "Benchmarks"). Models saved
         before this option existed load with ``False``, as they were trained.
+    encoder_labels
+        Give the encoder each cell's label too, as a conditional VAE's encoder (a learned
+        shift of the posterior per label; :class:`~scldiff.module.GraphEncoder`). Labelled
+        models only. Default ``False``.
 
     Examples
     --------
@@ -291,6 +295,7 @@ class LapDDPM(BaseModelClass):
         library_size: Literal["diffusion", "label"] = "label",
         dispersion: Literal["gene", "gene-label"] = "gene",
         decoder_labels: bool | None = None,
+        encoder_labels: bool = False,
     ):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
@@ -306,6 +311,9 @@ class LapDDPM(BaseModelClass):
         if decoder_labels and not self.is_conditional:
             raise ValueError("decoder_labels=True needs labels: set up the AnnData with "
                              "setup_anndata(adata, labels_key=...), or leave it unset.")
+        if encoder_labels and not self.is_conditional:
+            raise ValueError("encoder_labels=True needs labels: set up the AnnData with "
+                             "setup_anndata(adata, labels_key=...), or leave it False.")
         if decoder_labels is None:
             decoder_labels = self.is_conditional
         stats = self.summary_stats
@@ -328,6 +336,7 @@ class LapDDPM(BaseModelClass):
             diffuse_library=library_size == "diffusion",
             dispersion=dispersion,
             decoder_labels=decoder_labels,
+            encoder_labels=encoder_labels,
         )
         self.library_log_mean_: list[float] | None = None
         self.library_log_std_: list[float] | None = None
@@ -479,10 +488,11 @@ class LapDDPM(BaseModelClass):
         for batch in track(loader, description="Encoding cells", disable=not progress_bar,
                            style="tqdm"):
             nodes = batch.pop(BATCH_KEYS.NODES)
-            n_seed = batch.pop(BATCH_KEYS.LABELS).shape[0]
+            labels = batch.pop(BATCH_KEYS.LABELS)
             batch = {k: v.to(device) for k, v in batch.items()}
             out = self.module.inference_projected(projection[nodes].to(device),
-                                                  n_seed=n_seed, **batch)
+                                                  n_seed=labels.shape[0],
+                                                  labels=labels.to(device), **batch)
             means.append(out["qz_mean"].cpu())
             logvars.append(out["qz_logvar"].cpu())
         return torch.cat(means), torch.cat(logvars)

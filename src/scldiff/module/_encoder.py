@@ -98,6 +98,11 @@ class GraphEncoder(nn.Module):
         GNNAutoScale does with its historical embeddings (Fey et al., 2021). The projection
         of the ~15x more neighbours dominates the cost of a step otherwise. ``True``
         back-propagates through all nodes.
+    n_labels
+        With ``n_labels > 0`` the encoder also reads each encoded cell's label, as a
+        conditional VAE's does: a learned vector per label is added to the last hidden
+        layer, so the label shifts the posterior's mean and log-variance (initially by
+        zero). ``forward`` then needs the label codes of the cells it encodes.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class GraphEncoder(nn.Module):
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         neighbour_gradients: bool = False,
+        n_labels: int = 0,
     ):
         super().__init__()
         self.neighbour_gradients = neighbour_gradients
@@ -129,6 +135,9 @@ class GraphEncoder(nn.Module):
         self.mean = nn.Linear(n_hidden, n_latent)
         self.logvar = nn.Linear(n_hidden, n_latent)
         nn.init.normal_(self.expression.weight, std=n_input**-0.5)
+        self.label_embedding = nn.Embedding(n_labels, n_hidden) if n_labels > 0 else None
+        if self.label_embedding is not None:
+            nn.init.zeros_(self.label_embedding.weight)
 
     def project(self, crow: Tensor, col: Tensor, value: Tensor) -> Tensor:
         """Sparse ``X @ W + b`` over CSR rows (a weighted embedding-bag sum): the input
@@ -152,6 +161,7 @@ class GraphEncoder(nn.Module):
         edge_weight: Tensor,
         degree_outside: Tensor,
         n_seed: int | None = None,
+        labels: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode the nodes (only the first ``n_seed`` with ``n_seed``, see
         :meth:`forward_projected`); ``(crow, col, value)`` is the CSR input matrix."""
@@ -163,7 +173,8 @@ class GraphEncoder(nn.Module):
             h = torch.cat([seeds, others])
         else:
             h = self.project(crow, col, value)
-        return self.forward_projected(h, lpe, edge_index, edge_weight, degree_outside, n_seed)
+        return self.forward_projected(h, lpe, edge_index, edge_weight, degree_outside, n_seed,
+                                      labels)
 
     def forward_projected(
         self,
@@ -173,12 +184,15 @@ class GraphEncoder(nn.Module):
         edge_weight: Tensor,
         degree_outside: Tensor,
         n_seed: int | None = None,
+        labels: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode from the nodes' input projections (:meth:`project`), so that a pass over
         many subgraphs projects each cell's expression once, not once per subgraph.
 
         With ``n_seed``, only the first ``n_seed`` nodes (the seed cells) are encoded: the
         last graph layer computes just their outputs. Otherwise every node is encoded.
+        ``labels``: the label codes of the encoded cells (the seeds, or every node), needed
+        when the encoder reads labels (``n_labels > 0``) and ignored otherwise.
         """
         h = projection
         if self.lpe is not None and lpe is not None:
@@ -189,4 +203,13 @@ class GraphEncoder(nn.Module):
             h = conv(h, edge_index, edge_weight, degree_outside,
                      n_out=n_seed if i == last else None)
             h = self.dropout(F.gelu(norm(h)))
+        if self.label_embedding is not None:
+            if labels is None:
+                raise ValueError("this encoder reads the cells' labels (n_labels > 0): pass "
+                                 "their codes as `labels`.")
+            labels = labels.reshape(-1)
+            if labels.shape[0] != h.shape[0]:
+                raise ValueError(f"`labels` has {labels.shape[0]} codes for {h.shape[0]} "
+                                 "encoded cells.")
+            h = h + self.label_embedding(labels)
         return self.mean(h), self.logvar(h).clamp(-12.0, 8.0)

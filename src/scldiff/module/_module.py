@@ -83,6 +83,9 @@ class LapDDPMModule(BaseModuleClass):
     decoder_labels
         Give the decoder the cell's label beside its latent (``label_covariate`` of
         :class:`~scldiff.module.CountDecoder`).
+    encoder_labels
+        Give the encoder the encoded cell's label (``n_labels`` of
+        :class:`~scldiff.module.GraphEncoder`), as a conditional VAE's encoder.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class LapDDPMModule(BaseModuleClass):
         diffuse_library: bool = False,
         dispersion: Dispersion = "gene",
         decoder_labels: bool = False,
+        encoder_labels: bool = False,
     ):
         super().__init__()
         self.n_latent = n_latent
@@ -113,7 +117,8 @@ class LapDDPMModule(BaseModuleClass):
         self.n_diffusion = n_latent + int(diffuse_library)
         self.likelihood = likelihood
         self.encoder = GraphEncoder(n_input, n_lpe, n_latent, n_hidden, cheb_k, n_cheb_layers,
-                                    dropout_rate, neighbour_gradients)
+                                    dropout_rate, neighbour_gradients,
+                                    n_labels=n_labels if encoder_labels else 0)
         self.decoder = CountDecoder(n_latent, n_input, n_hidden, likelihood=likelihood,
                                     dispersion=dispersion, n_labels=n_labels,
                                     label_covariate=decoder_labels)
@@ -131,6 +136,8 @@ class LapDDPMModule(BaseModuleClass):
     def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict:
         inputs = {key: tensors[key] for key in _ENCODER_INPUTS}
         inputs["n_seed"] = tensors[BATCH_KEYS.LABELS].shape[0]
+        if self.encoder.label_embedding is not None:
+            inputs["labels"] = tensors[BATCH_KEYS.LABELS]
         return inputs
 
     def inference(
@@ -145,17 +152,20 @@ class LapDDPMModule(BaseModuleClass):
         n_seed: int,
         input_mask: Tensor | None = None,
         use_mean: bool = False,
+        labels: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Posterior q(z | x, graph) of the seed cells (the first ``n_seed`` nodes).
 
         ``node_input`` holds the log-normalised expression of every node (CSR values).
         ``input_mask`` (one 0/1 value per stored entry) zeroes masked genes in the encoder's
         input only (paper 001's input gene masking); the likelihood sees all counts.
+        ``labels``: the seed cells' label codes, read by a label-aware encoder
+        (``encoder_labels``).
         """
         value = node_input if input_mask is None else node_input * input_mask
         mean, logvar = self.encoder(
             node_crow, node_col, value, lpe * self.lpe_scale, edge_index, edge_weight,
-            degree_outside, n_seed=n_seed,
+            degree_outside, n_seed=n_seed, labels=labels,
         )
         mean, logvar = mean[:n_seed], logvar[:n_seed]
         z = mean if use_mean else mean + torch.randn_like(mean) * (0.5 * logvar).exp()
@@ -175,13 +185,14 @@ class LapDDPMModule(BaseModuleClass):
         edge_weight: Tensor,
         degree_outside: Tensor,
         n_seed: int,
+        labels: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Posterior mean and log-variance of the seed cells from the nodes' input
         projections (:meth:`project_expression`): what :meth:`inference` computes with
         ``use_mean=True`` and no input mask."""
         mean, logvar = self.encoder.forward_projected(
             node_projection, lpe * self.lpe_scale, edge_index, edge_weight, degree_outside,
-            n_seed)
+            n_seed, labels)
         mean, logvar = mean[:n_seed], logvar[:n_seed]
         return {"qz_mean": mean, "qz_logvar": logvar, "z": mean}
 
