@@ -646,6 +646,39 @@ def test_decoder_labels_train_generate_and_round_trip(tmp_path):
     assert again.module.decoder.label_covariate
 
 
+def test_encoder_labels_train_encode_and_round_trip(tmp_path):
+    """An encoder that reads the label: its per-label vectors learn, and each cell is
+    encoded with its own label's, by subgraph batches and by the one pass over all cells
+    alike (the label's vector moves a cell's posterior mean by exactly the mean layer's
+    weights times it), and it is saved with the model."""
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=150, n_genes=200)
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
+    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1,
+                    encoder_labels=True)
+    embedding = model.module.encoder.label_embedding
+    assert embedding.num_embeddings == len(model.label_categories)
+    assert not embedding.weight.any()  # starts as the label-free encoder
+    model.train(n_epochs_stage_a=3, n_epochs_stage_b=2, **QUIET)
+    own = pd.Categorical(adata.obs["cell_type"], categories=model.label_categories).codes
+    vectors = embedding.weight.detach().clone()
+    assert (vectors[np.unique(own)].abs().amax(1) > 0).all()
+    z = model.get_latent_representation()  # one projection pass over all cells
+    few = np.arange(0, adata.n_obs, 30)
+    np.testing.assert_allclose(model.get_latent_representation(indices=few), z[few],
+                               atol=1e-5)  # subgraph batches
+    with torch.no_grad():
+        embedding.weight.zero_()
+    shift = (vectors @ model.module.encoder.mean.weight.detach().T).numpy()
+    np.testing.assert_allclose(z - model.get_latent_representation(), shift[own],
+                               atol=1e-4)
+    with torch.no_grad():
+        embedding.weight.copy_(vectors)
+    again = _generates_and_round_trips(model, adata, tmp_path)
+    assert torch.equal(again.module.encoder.label_embedding.weight, vectors)
+    np.testing.assert_array_equal(again.get_latent_representation(), z)
+
+
 def test_gene_label_dispersion_needs_labels():
     adata = small_pbmc(n_cells=100, n_genes=100)
     LapDDPM.setup_anndata(adata, n_neighbors=5, n_lpe=2)
@@ -653,6 +686,8 @@ def test_gene_label_dispersion_needs_labels():
         LapDDPM(adata, dispersion="gene-label")
     with pytest.raises(ValueError, match="needs labels"):
         LapDDPM(adata, decoder_labels=True)
+    with pytest.raises(ValueError, match="needs labels"):
+        LapDDPM(adata, encoder_labels=True)
     with pytest.raises(ValueError, match="dispersion must be one of"):
         LapDDPM(adata, dispersion="cell")
 
