@@ -702,6 +702,8 @@ def test_bad_model_arguments():
         model.train(perturbation="adversarial")
     with pytest.raises(ValueError, match="train_size"):
         model.train(train_size=1.5)
+    with pytest.raises(ValueError, match="n_epochs_stage_a and n_epochs_stage_b"):
+        model.train(max_epochs=5)
     with pytest.raises(ValueError, match="mask_fraction"):
         model.train(n_epochs_stage_a=1, n_epochs_stage_b=0, mask_fraction=1.0, **QUIET)
 

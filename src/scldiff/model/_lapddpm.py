@@ -655,6 +655,10 @@ class LapDDPM(BaseModelClass):
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got "
                              f"{perturbation!r}.")
+        if "max_epochs" in trainer_kwargs:
+            raise ValueError("LapDDPM trains in two stages, each with its own number of "
+                             "epochs: pass n_epochs_stage_a and n_epochs_stage_b instead of "
+                             "max_epochs.")
         if perturbation != "none" and self.module.encoder.cheb_k == 1:
             raise ValueError(
                 f"perturbation={perturbation!r} perturbs the graph's edge weights, but this "
