@@ -83,6 +83,7 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "decoder labels, dispersion per label": ({}, {}, {}),
     "decoder labels, latent 24": ({}, {}, {}),
     "decoder labels, encoder labels": ({}, {}, {}),
+    "decoder labels, encoder labels, latent 24": ({}, {}, {}),
     # the defaults, trained (and generating) on a GPU; needs CUDA, never run by --ablations
     "GPU": ({}, {"accelerator": "gpu"}, {}),
     "GPU bf16": ({}, {"accelerator": "gpu", "precision": "bf16-mixed"}, {}),
@@ -99,7 +100,9 @@ MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
                                                          "dispersion": "gene-label"},
                 "decoder labels, latent 24": {"decoder_labels": True, "n_latent": 24},
                 "decoder labels, encoder labels": {"decoder_labels": True,
-                                                   "encoder_labels": True}}
+                                                   "encoder_labels": True},
+                "decoder labels, encoder labels, latent 24": {
+                    "decoder_labels": True, "encoder_labels": True, "n_latent": 24}}
 GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 1.5, 2, 4)}
 
 
