@@ -84,6 +84,8 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "decoder labels, latent 24": ({}, {}, {}),
     "decoder labels, encoder labels": ({}, {}, {}),
     "decoder labels, encoder labels, latent 24": ({}, {}, {}),
+    "encoder labels, guidance 1": ({}, {}, {"guidance_scale": 1.0}),
+    "encoder labels, guidance 1.5": ({}, {}, {"guidance_scale": 1.5}),
     # the defaults, trained (and generating) on a GPU; needs CUDA, never run by --ablations
     "GPU": ({}, {"accelerator": "gpu"}, {}),
     "GPU bf16": ({}, {"accelerator": "gpu", "precision": "bf16-mixed"}, {}),
@@ -104,6 +106,8 @@ MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
                 "decoder labels, encoder labels, latent 24": {
                     "decoder_labels": True, "encoder_labels": True, "n_latent": 24}}
 GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 1.5, 2, 4)}
+GENERATE_FROM.update({f"encoder labels, guidance {w}": "decoder labels, encoder labels"
+                      for w in (1, 1.5)})
 
 
 # --------------------------------------------------------------------------- data
