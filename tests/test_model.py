@@ -674,6 +674,13 @@ def test_encoder_labels_train_encode_and_round_trip(tmp_path):
                                atol=1e-4)
     with torch.no_grad():
         embedding.weight.copy_(vectors)
+    encoder = model.module.encoder.eval()
+    graph = (torch.zeros(3, 16), None, torch.zeros(2, 0, dtype=torch.long), torch.zeros(0),
+             torch.ones(3))
+    with pytest.raises(ValueError, match="pass their codes as `labels`"):
+        encoder.forward_projected(*graph)
+    with pytest.raises(ValueError, match="2 codes for 3 encoded cells"):
+        encoder.forward_projected(*graph, labels=torch.tensor([0, 1]))
     again = _generates_and_round_trips(model, adata, tmp_path)
     assert torch.equal(again.module.encoder.label_embedding.weight, vectors)
     np.testing.assert_array_equal(again.get_latent_representation(), z)
