@@ -6,6 +6,7 @@ Usage (from the repository root, after ``make install``)::
     python benchmarks/quality.py --datasets pbmc3k --seeds 0  # one dataset, one seed
     python benchmarks/quality.py --ablations --datasets pbmc3k
     python benchmarks/quality.py --report                     # tables from finished runs only
+    python benchmarks/quality.py --methods GPU "GPU bf16"     # the defaults on a CUDA GPU
 
 For each dataset and seed the cells are split 80/20, stratified by cell type
 (:func:`scldiff.metrics.stratified_split`); every generator produces the held-out label

@@ -207,7 +207,7 @@ class GraphEncoder(nn.Module):
             if labels is None:
                 raise ValueError("this encoder reads the cells' labels (n_labels > 0): pass "
                                  "their codes as `labels`.")
-            labels = labels.reshape(-1)
+            labels = labels.reshape(-1).long()
             if labels.shape[0] != h.shape[0]:
                 raise ValueError(f"`labels` has {labels.shape[0]} codes for {h.shape[0]} "
                                  "encoded cells.")
