@@ -78,6 +78,8 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "hurdle likelihood": ({}, {}, {}),
     "library by diffusion": ({}, {}, {}),
     "KL 0.5": ({}, {"kl_weight": 0.5}, {}),
+    "KL 0.25": ({}, {"kl_weight": 0.25}, {}),
+    "KL 0.1": ({}, {"kl_weight": 0.1}, {}),
     "decoder labels": ({}, {}, {}),
     "decoder labels, hurdle": ({}, {}, {}),
     "decoder labels, width 256": ({}, {}, {}),
