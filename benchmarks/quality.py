@@ -77,6 +77,7 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "NB likelihood": ({}, {}, {}),
     "hurdle likelihood": ({}, {}, {}),
     "library by diffusion": ({}, {}, {}),
+    "library by label": ({}, {}, {"library_size": "label"}),
     "KL 0.5": ({}, {"kl_weight": 0.5}, {}),
     "KL 0.25": ({}, {"kl_weight": 0.25}, {}),
     "KL 0.1": ({}, {"kl_weight": 0.1}, {}),
@@ -110,6 +111,7 @@ MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
                 "decoder labels, encoder labels, latent 24": {
                     "decoder_labels": True, "encoder_labels": True, "n_latent": 24}}
 GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 1.5, 2, 4)}
+GENERATE_FROM["library by label"] = "lapddpm"
 GENERATE_FROM.update({f"encoder labels, guidance {w}": "decoder labels, encoder labels"
                       for w in (1, 1.5, 2.5)})
 

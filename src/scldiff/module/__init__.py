@@ -9,7 +9,7 @@ from ._decoder import (
     sparse_log_likelihood,
 )
 from ._encoder import FullGraphChebConv, GraphEncoder
-from ._module import LapDDPMModule, gaussian_kl
+from ._module import LapDDPMModule, LatentLibrary, gaussian_kl
 from ._scorenet import ScoreNet, sinusoidal_embedding
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "GraphEncoder",
     "HurdleNegativeBinomial",
     "LapDDPMModule",
+    "LatentLibrary",
     "ScoreNet",
     "gaussian_kl",
     "hurdle_logits",
