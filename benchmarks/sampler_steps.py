@@ -5,13 +5,16 @@ Usage (from the repository root, after ``python benchmarks/quality.py --datasets
     python benchmarks/sampler_steps.py                    # 10, 15, 20, 30 steps, 3 seeds
     python benchmarks/sampler_steps.py --steps 5 10 30 --seeds 0 --draws 1
     python benchmarks/sampler_steps.py --steps 10 --guidance 1 1.5 2 --draws 3 --name guidance
+    python benchmarks/sampler_steps.py --steps 10 --draws 3 --library-size latent label \
+        --name library_latent
 
 The latent ODE (DPM-Solver++ 2M) is three quarters of the generation time on a CPU, and
 its cost is proportional to the number of steps. This script takes the LapDDPM models that
 ``quality.py`` trained and kept (``benchmarks/.cache/<dataset>/seed<k>/lapddpm_model``, the
 default settings), generates the held-out label counts of each split with each number of
-steps and each guidance scale (``--guidance``, default 2; ``--draws`` draws each, different
-generation seeds, the same for every setting), and scores them with
+steps, each guidance scale (``--guidance``, default 2) and each way of drawing library sizes
+(``--library-size``, default the model's; ``--draws`` draws each, different generation
+seeds, the same for every setting), and scores them with
 :func:`scldiff.metrics.evaluate` as ``quality.py`` does. The floor and scVI rows of the
 same splits are read from ``quality.py``'s finished runs, for scale.
 
@@ -21,6 +24,7 @@ Writes ``benchmarks/results/sampler_steps_<dataset>[_<name>].json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -61,24 +65,24 @@ def mean_sd(values: np.ndarray) -> str:
 
 
 def run(dataset: str, seeds: list[int], steps: list[int], draws: int, data_dir: str,
-        guidance: tuple[float, ...] = (2.0,)) -> dict:
+        guidance: tuple[float, ...] = (2.0,),
+        library_sizes: tuple[str | None, ...] = (None,)) -> dict:
     adata = quality.load_dataset(dataset, data_dir)
     records = []
     for seed in seeds:
         _, test, label_counts, path = cached_split(adata, dataset, seed)
         model = scldiff.LapDDPM.load(path, adata=False)
-        for n_steps in steps:
-            for scale in guidance:
-                for draw in range(draws):
-                    generated = quality.lapddpm_generate(
-                        model, label_counts, seed + 100 * draw,
-                        {"n_steps": n_steps, "guidance_scale": scale}, test)
-                    metrics = quality.score(test, generated, seed)
-                    record = {"seed": seed, "n_steps": n_steps, "guidance_scale": scale,
-                              "draw": draw,
-                              **{name: metrics.get(key) for name, key in METRICS.items()}}
-                    records.append(record)
-                    print(json.dumps(record), flush=True)
+        for n_steps, scale, library, draw in itertools.product(steps, guidance,
+                                                               library_sizes, range(draws)):
+            generated = quality.lapddpm_generate(
+                model, label_counts, seed + 100 * draw,
+                {"n_steps": n_steps, "guidance_scale": scale, "library_size": library}, test)
+            metrics = quality.score(test, generated, seed)
+            record = {"seed": seed, "n_steps": n_steps, "guidance_scale": scale,
+                      "library_size": library or model.library_size, "draw": draw,
+                      **{name: metrics.get(key) for name, key in METRICS.items()}}
+            records.append(record)
+            print(json.dumps(record), flush=True)
     references = {}
     for method in ("floor", "scvi"):
         rows = []
@@ -102,18 +106,20 @@ def report(result: dict) -> str:
              f"LapDDPM models of `quality.py` (seeds {', '.join(map(str, result['seeds']))}), "
              f"{result['draws']} generation draw(s) per seed and step count; mean ± sd over "
              f"all draws. Code at commit {result['meta']['commit']}.", "",
-             "| sampler steps | guidance scale | " + " | ".join(METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
-    # runs before --guidance existed used generate()'s default scale, 2
-    settings = sorted({(r["n_steps"], r.get("guidance_scale", 2.0)) for r in records})
-    for n_steps, scale in settings:
-        rows = [r for r in records
-                if (r["n_steps"], r.get("guidance_scale", 2.0)) == (n_steps, scale)]
+             "| sampler steps | guidance scale | library size | " + " | ".join(METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    # runs before --guidance existed used generate()'s default scale, 2, and runs before
+    # --library-size the label's training libraries
+    def setting(r: dict) -> tuple:
+        return r["n_steps"], r.get("guidance_scale", 2.0), r.get("library_size", "label")
+
+    for n_steps, scale, library in sorted({setting(r) for r in records}):
+        rows = [r for r in records if setting(r) == (n_steps, scale, library)]
         cells = [mean_sd(np.array([r[name] for r in rows if r[name] is not None],
                                   dtype=float)) for name in METRICS]
-        lines.append(f"| {n_steps} | {scale:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {n_steps} | {scale:g} | {library} | " + " | ".join(cells) + " |")
     for method, values in result["references"].items():
-        lines.append(f"| {method} (quality.py runs) | | "
+        lines.append(f"| {method} (quality.py runs) | | | "
                      + " | ".join(f"{values[name]:.3f}" if name in values else ""
                                   for name in METRICS) + " |")
     return "\n".join(lines) + "\n"
@@ -126,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 15, 20, 30])
     parser.add_argument("--guidance", nargs="+", type=float, default=[2.0],
                         help="guidance scales (default: generate()'s 2)")
+    parser.add_argument("--library-size", nargs="+", default=[None],
+                        choices=["latent", "label"],
+                        help="generate()'s library_size (default: the model's)")
     parser.add_argument("--draws", type=int, default=2)
     parser.add_argument("--name", default=None, help="suffix of the output files")
     parser.add_argument("--threads", type=int, default=None)
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.dataset, args.seeds, args.steps, args.draws, args.data_dir,
-                 tuple(args.guidance))
+                 tuple(args.guidance), tuple(args.library_size))
     stem = f"sampler_steps_{args.dataset}" + (f"_{args.name}" if args.name else "")
     write_results(os.path.join(RESULTS, stem), result, report(result))
 
