@@ -390,6 +390,7 @@ SUMMARY_METRICS = {
     "median library": "median library size (generated) | unconditional",
     "zero fraction": "mean zero fraction (generated) | unconditional",
     "gene corr. error": "gene-gene correlation error | unconditional",
+    "library–expression R²": "library-expression R2 (generated) | conditional",
 }
 
 

@@ -12,6 +12,7 @@ from scldiff.metrics import (
     classifier_auc,
     count_diagnostics,
     evaluate,
+    library_coupling,
     marker_overlap,
     mmd_rbf,
     shared_pca,
@@ -171,6 +172,9 @@ def test_evaluate_reports_every_metric_and_is_ideal_on_a_copy():
     assert same.loc["marker overlap", "conditional"] == pytest.approx(1.0)
     assert same.loc["gene-gene correlation error", "unconditional"] == pytest.approx(0.0, abs=1e-9)
     assert same.loc["median library relative error", "unconditional"] == 0.0
+    # the same cells, the same within-type coupling of library size and state
+    assert same.loc["library-expression R2 (generated)", "conditional"] == pytest.approx(
+        same.loc["library-expression R2 (real)", "conditional"])
     far = evaluate(real, toy_counts(200, 1, shift=3.0), labels_key="cell_type", n_hvg=40,
                    n_pcs=5, n_markers=10)
     # 4x the counts: normalisation removes the scale, the lower Poisson noise is still found
@@ -197,3 +201,27 @@ def test_evaluate_keeps_torch_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_library_coupling_is_the_adjusted_r2_within_labels():
+    rng = np.random.default_rng(0)
+    n = 400
+    pcs = rng.normal(size=(n, 12))
+    labels = np.repeat(["a", "b", "c"], [200, 180, 20])  # "c": too few cells, left out
+    log_library = 7.0 + rng.normal(size=n) * 0.3
+    log_library[labels == "a"] = 7.0 + 0.5 * pcs[labels == "a", 0]  # exactly linear: 1
+    value = library_coupling(pcs, np.exp(log_library), labels, n_pcs=10, min_cells=30)
+    # hand-computed for "b": least squares on an intercept and 10 components
+    rows = labels == "b"
+    design = np.c_[np.ones(rows.sum()), pcs[rows, :10]]
+    y = log_library[rows]
+    residual = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+    r2 = 1 - (residual**2).sum() / ((y - y.mean()) ** 2).sum()
+    adjusted = 1 - (1 - r2) * (180 - 1) / (180 - 10 - 1)
+    assert value == pytest.approx((200 * 1.0 + 180 * adjusted) / 380)
+    # an independent library explains nothing: the adjusted R2 is about 0, not above
+    noise = library_coupling(rng.normal(size=(20_000, 10)), np.exp(rng.normal(size=20_000)))
+    assert abs(noise) < 0.002
+    assert np.isnan(library_coupling(pcs[:10], np.ones(10), min_cells=30))
+    with pytest.raises(ValueError, match="one row per cell"):
+        library_coupling(pcs, np.ones(5))

@@ -17,6 +17,7 @@ from scipy import stats
 import scldiff
 from scldiff import LapDDPM, ModelFileError
 from scldiff.model._lapddpm import _sample_quantiles
+from scldiff.module import LatentLibrary
 
 from .conftest import QUIET, small_pbmc
 
@@ -275,7 +276,8 @@ def test_generated_libraries_follow_each_labels_training_libraries(trained_model
     labels = adata.obs["cell_type"].to_numpy()[train]
     for label in ("CD4 T cells", "B cells"):
         real = library[labels == label]
-        synth = trained_model.generate(labels={label: 2000}, seed=1, progress_bar=False)
+        synth = trained_model.generate(labels={label: 2000}, seed=1, progress_bar=False,
+                                       library_size="label")
         generated = np.asarray(synth.X.sum(1)).ravel()
         # the ZINB's totals concentrate on the drawn library (its own mean): their quantiles
         # follow the label's training libraries within a few percent
@@ -362,7 +364,9 @@ def test_library_quantiles_round_trip_and_older_files_keep_the_log_normal(traine
         len(trained_model.label_categories), 101)
     kw = dict(labels={"B cells": 30}, seed=2, progress_bar=False)
     # a file written before the quantiles were kept: generation falls back to the log-normal
-    del meta["library_log_quantiles_"]
+    # (such a file has no regression on the latent either, and drew by label)
+    del meta["library_log_quantiles_"], meta["library_latent_"]
+    meta["init_params_"]["non_kwargs"]["library_size"] = "label"
     (path / "model.json").write_text(json.dumps(meta))
     old = LapDDPM.load(str(path), adata=False)
     assert old.library_log_quantiles_ is None
@@ -746,3 +750,139 @@ def test_library_size_by_diffusion_trains_and_follows_the_cells():
     assert 0.2 < ratio < 5.0  # a tiny, briefly trained model: the order of magnitude
     with pytest.raises(ValueError, match="library_size"):
         LapDDPM(adata, library_size="observed")
+    assert model.library_latent_ is None  # nothing to regress: the diffusion draws it
+    with pytest.raises(ValueError, match="diffuses the library size"):
+        model.generate(n_samples=5, library_size="latent", progress_bar=False)
+
+
+# ------------------------------------------------------------ library size given the latent
+def _regression_data(n: int, rng: np.random.Generator):
+    """Latents, labels and log library sizes of a known per-label linear-Gaussian model."""
+    coef = np.array([0.3, -0.2, 0.1, 0.0])
+    intercept = np.array([7.0, 8.0, 6.5, 0.0])  # label 3 has no cells
+    std = np.array([0.2, 0.3, 0.25, 0.0])
+    labels = rng.integers(0, 3, n)
+    z = rng.normal(size=(n, 4)) + labels[:, None]  # label means differ, as in a latent
+    log_library = intercept[labels] + z @ coef + std[labels] * rng.normal(size=n)
+    return z, labels, log_library, coef, intercept, std
+
+
+def test_latent_library_fit_recovers_a_known_regression():
+    z, labels, y, coef, intercept, std = _regression_data(60_000, np.random.default_rng(0))
+    fit = LatentLibrary.fit(torch.from_numpy(z), torch.from_numpy(np.exp(y)),
+                            torch.from_numpy(labels), n_labels=4)
+    np.testing.assert_allclose(fit.coef.numpy(), coef, atol=0.005)
+    np.testing.assert_allclose(fit.intercept[:3].numpy(), intercept[:3], atol=0.01)
+    np.testing.assert_allclose(fit.log_std[:3].numpy(), std[:3], rtol=0.02)
+    np.testing.assert_allclose(fit.log_range.numpy(), [y.min(), y.max()], rtol=1e-6)
+    # a label without cells: the intercept of all cells, the pooled residual deviation
+    b = fit.coef.double().numpy()
+    assert fit.intercept[3].item() == pytest.approx(y.mean() - z.mean(0) @ b, abs=1e-4)
+    residual = y - fit.intercept.double().numpy()[labels] - z @ b
+    pooled = np.sqrt((residual**2).sum() / (y.size - 3 - 4))
+    assert fit.log_std[3].item() == pytest.approx(pooled, rel=1e-4)
+    # a label with one cell gets the pooled deviation too, its intercept through that cell
+    one = LatentLibrary.fit(torch.from_numpy(z[:501]),
+                            torch.from_numpy(np.exp(y[:501])),
+                            torch.from_numpy(np.r_[np.zeros(500, dtype=np.int64), 1]), 2)
+    assert one.log_std[1].item() > 0
+    assert (one.intercept[1] + torch.from_numpy(z[500]).float() @ one.coef).item() == \
+        pytest.approx(y[500], abs=1e-4)
+
+
+def test_latent_library_fit_with_posterior_variances_is_the_fit_to_drawn_latents():
+    """With ``z_var``, the fit equals least squares on latents drawn from the posteriors
+    N(z, z_var), in expectation: checked against 300 draws per cell."""
+    rng = np.random.default_rng(1)
+    mean, labels, y, *_ = _regression_data(2_000, rng)
+    var = rng.uniform(0.1, 1.0, size=mean.shape)
+    fit = LatentLibrary.fit(torch.from_numpy(mean), torch.from_numpy(np.exp(y)),
+                            torch.from_numpy(labels), 3, z_var=torch.from_numpy(var))
+    draws = 300
+    drawn = np.repeat(mean, draws, 0) + np.sqrt(np.repeat(var, draws, 0)) * rng.normal(
+        size=(mean.shape[0] * draws, mean.shape[1]))
+    codes = np.repeat(labels, draws)
+    onehot = np.eye(3)[codes]
+    solution = np.linalg.lstsq(np.c_[drawn, onehot], np.repeat(y, draws), rcond=None)[0]
+    np.testing.assert_allclose(fit.coef.numpy(), solution[:4], atol=0.004)
+    np.testing.assert_allclose(fit.intercept.numpy(), solution[4:], atol=0.01)
+    residual = np.repeat(y, draws) - np.c_[drawn, onehot] @ solution
+    for code in range(3):
+        assert fit.log_std[code].item() == pytest.approx(residual[codes == code].std(), rel=0.01)
+    # drawn latents attenuate the slopes against the means' own fit
+    plain = LatentLibrary.fit(torch.from_numpy(mean), torch.from_numpy(np.exp(y)),
+                              torch.from_numpy(labels), 3)
+    assert (fit.coef.abs() <= plain.coef.abs() + 1e-6).all()
+
+
+def test_latent_library_draws_follow_the_regression_within_the_training_range():
+    fit = LatentLibrary(torch.tensor([0.5, -1.0]), torch.tensor([7.0, 5.0]),
+                        torch.tensor([0.1, 0.4]), torch.tensor([4.0, 9.0]))
+    z = torch.tensor([[1.0, 0.5], [0.0, -1.0]]).repeat(50_000, 1)
+    labels = torch.tensor([0, 1]).repeat(50_000)
+    log_library = fit.sample(z, labels, torch.Generator().manual_seed(0)).log()
+    first, second = log_library[0::2].double(), log_library[1::2].double()
+    assert first.mean().item() == pytest.approx(7.0 + 0.5 - 0.5, abs=0.002)
+    assert first.std().item() == pytest.approx(0.1, rel=0.01)
+    assert second.mean().item() == pytest.approx(5.0 + 1.0, abs=0.005)
+    assert second.std().item() == pytest.approx(0.4, rel=0.01)
+    assert log_library.min().item() >= 4.0 - 1e-5 and log_library.max().item() <= 9.0 + 1e-5
+    narrow = LatentLibrary(fit.coef, fit.intercept, fit.log_std, torch.tensor([6.0, 6.5]))
+    clipped = narrow.sample(z, labels, torch.Generator().manual_seed(0)).log()
+    assert clipped.min().item() >= 6.0 - 1e-5 and clipped.max().item() <= 6.5 + 1e-5
+
+
+def test_generated_libraries_follow_the_latent_by_default(trained_model):
+    fit = trained_model.library_latent_
+    assert trained_model.library_size == "latent"
+    assert len(fit["coef"]) == 8 and len(fit["intercept"]) == len(
+        trained_model.label_categories)
+    kw = dict(labels={"CD4 T cells": 1500, "B cells": 500}, seed=5, progress_bar=False)
+    synth = trained_model.generate(**kw)
+    assert synth.uns["scldiff"]["library_size"].startswith("regressed on the latent")
+    adata = trained_model.adata
+    train = np.asarray(trained_model.train_indices_)
+    library = np.asarray(adata.X[train].sum(1)).ravel()
+    labels = adata.obs["cell_type"].to_numpy()[train]
+    generated = np.asarray(synth.X.sum(1)).ravel()
+    for label in ("CD4 T cells", "B cells"):
+        ratio = np.median(generated[synth.obs["cell_type"] == label]) / np.median(
+            library[labels == label])
+        assert 0.85 < ratio < 1.15, (label, ratio)
+    # the other mode is a generation-time choice of the same model
+    by_label = trained_model.generate(**kw, library_size="label")
+    assert by_label.uns["scldiff"]["library_size"] == "per-label quantiles of the training cells"
+    assert (by_label.X != synth.X).nnz > 0
+    for bad in ("diffusion", "observed"):
+        with pytest.raises(ValueError, match="library_size"):
+            trained_model.generate(**kw, library_size=bad)
+
+
+def test_latent_library_round_trips_and_older_files_draw_by_label(trained_model, tmp_path):
+    path = tmp_path / "model"
+    trained_model.save(str(path))
+    kw = dict(labels={"B cells": 30}, seed=2, progress_bar=False)
+    loaded = LapDDPM.load(str(path), adata=False)
+    assert loaded.library_latent_ == trained_model.library_latent_
+    assert (loaded.generate(**kw).X != trained_model.generate(**kw).X).nnz == 0
+    meta = json.loads((path / "model.json").read_text())
+    for damaged in ({**meta["library_latent_"], "coef": [0.0]},  # wrong length
+                    {**meta["library_latent_"], "log_std": [float("nan")] * len(
+                        meta["library_latent_"]["log_std"])},
+                    {**meta["library_latent_"], "log_range": [9.0, 4.0]},
+                    {"coef": meta["library_latent_"]["coef"]},  # fields missing
+                    "text"):
+        broken = {**meta, "library_latent_": damaged}
+        (path / "model.json").write_text(json.dumps(broken))
+        with pytest.raises(ModelFileError, match="library_latent_"):
+            LapDDPM.load(str(path), adata=False)
+    # a file written before the regression existed: no fit, no library_size argument
+    old_meta = {k: v for k, v in meta.items() if k != "library_latent_"}
+    old_meta["init_params_"]["non_kwargs"].pop("library_size")
+    (path / "model.json").write_text(json.dumps(old_meta))
+    old = LapDDPM.load(str(path), adata=False)
+    assert old.library_size == "label" and old.library_latent_ is None
+    synth = old.generate(**kw)
+    assert synth.uns["scldiff"]["library_size"] == "per-label quantiles of the training cells"
+    with pytest.raises(ValueError, match="train the model again"):
+        old.generate(**kw, library_size="latent")

@@ -65,3 +65,45 @@ def count_diagnostics(
     out["gene-gene correlation error"] = float(
         np.abs(_correlation(a) - _correlation(b))[off].mean())
     return out
+
+
+def library_coupling(
+    pcs: np.ndarray,
+    library: np.ndarray,
+    labels: np.ndarray | None = None,
+    n_pcs: int = 10,
+    min_cells: int = 30,
+) -> float:
+    r"""How much of the library size the expression state explains, within cell types.
+
+    For each label with at least ``min_cells`` cells (all cells when ``labels`` is
+    ``None``), the adjusted :math:`R^2 = 1 - (1 - R^2)\frac{n - 1}{n - p - 1}` of the least
+    squares fit of the log library size on an intercept and the first ``n_pcs`` principal
+    components (``p`` of them); the mean over labels, weighted by their numbers of cells.
+    In real cells the sequencing depth goes with the state inside a type (cell size,
+    activation) and with how many genes are detected; a generator that draws library
+    sizes apart from the state has a lower value. NaN when no label has enough cells.
+    """
+    pcs = np.asarray(pcs, dtype=np.float64)[:, :n_pcs]
+    log_library = np.log(np.asarray(library, dtype=np.float64).ravel())
+    if pcs.shape[0] != log_library.size:
+        raise ValueError("pcs and library must have one row per cell.")
+    groups = (np.zeros(log_library.size, dtype=int) if labels is None
+              else np.unique(np.asarray(labels), return_inverse=True)[1].ravel())
+    p = pcs.shape[1]
+    values, weights = [], []
+    for group in np.unique(groups):
+        rows = groups == group
+        n = int(rows.sum())
+        if n < max(min_cells, p + 2):
+            continue
+        y = log_library[rows]
+        design = np.c_[np.ones(n), pcs[rows]]
+        coef = np.linalg.lstsq(design, y, rcond=None)[0]
+        total = ((y - y.mean()) ** 2).sum()
+        if total == 0:
+            continue
+        r2 = 1.0 - ((y - design @ coef) ** 2).sum() / total
+        values.append(1.0 - (1.0 - r2) * (n - 1) / (n - p - 1))
+        weights.append(n)
+    return float(np.average(values, weights=weights)) if values else float("nan")

@@ -11,7 +11,7 @@ from sklearn.decomposition import PCA
 
 from .._threads import torch_threads_kept
 from ._classifier import classifier_auc, tstr_f1
-from ._counts import count_diagnostics
+from ._counts import count_diagnostics, library_coupling
 from ._distances import mmd_rbf, wasserstein
 from ._markers import marker_overlap
 
@@ -99,8 +99,10 @@ def evaluate(
     ``TSTR macro F1``, a forest trained on the generated cells' labels and tested on the
     real cells (:func:`tstr_f1`). With ``markers`` and labels: ``marker overlap``, the mean
     over labels of the shared fraction of the top ``n_markers`` Wilcoxon marker genes
-    (:func:`marker_overlap`). Always: count diagnostics on all genes
-    (:func:`count_diagnostics`).
+    (:func:`marker_overlap`). ``library-expression R2`` of the real and of the generated
+    cells: how much of the log library size their first 10 principal components explain,
+    within labels with at least 30 cells (:func:`library_coupling`; conditional with
+    labels). Always: count diagnostics on all genes (:func:`count_diagnostics`).
 
     Returns
     -------
@@ -148,6 +150,13 @@ def evaluate(
                                  gen_log[keep_gen], gen_labels[keep_gen],
                                  real.var_names, shared, n_markers)
         result["marker overlap"] = {"conditional": float(np.mean(list(overlap.values())))}
+    column = "unconditional" if labels_key is None else "conditional"
+    for name, pcs, counts, cell_labels in (
+            ("real", pcs_real, real_counts, None if labels_key is None else real_labels),
+            ("generated", pcs_gen, gen_counts, None if labels_key is None else gen_labels)):
+        value = library_coupling(pcs, np.asarray(counts.sum(1)).ravel(), cell_labels)
+        if np.isfinite(value):
+            result[f"library-expression R2 ({name})"] = {column: value}
     diagnostics = count_diagnostics(real_counts, gen_counts, real_log, gen_log)
     for name, value in diagnostics.items():
         result[name] = {"unconditional": value}
