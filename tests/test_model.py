@@ -767,32 +767,44 @@ def _regression_data(n: int, rng: np.random.Generator):
     return z, labels, log_library, coef, intercept, std
 
 
+def _quantile_std(quantiles: np.ndarray) -> float:
+    """Standard deviation of the distribution whose quantile function is linear between
+    ``quantiles`` (evenly spaced probabilities), by a fine grid."""
+    values = np.interp(np.linspace(0, 1, 200_001), np.linspace(0, 1, quantiles.size), quantiles)
+    return float(values.std())
+
+
 def test_latent_library_fit_recovers_a_known_regression():
     z, labels, y, coef, intercept, std = _regression_data(60_000, np.random.default_rng(0))
     fit = LatentLibrary.fit(torch.from_numpy(z), torch.from_numpy(np.exp(y)),
                             torch.from_numpy(labels), n_labels=4)
     np.testing.assert_allclose(fit.coef.numpy(), coef, atol=0.005)
     np.testing.assert_allclose(fit.intercept[:3].numpy(), intercept[:3], atol=0.01)
-    np.testing.assert_allclose(fit.log_std[:3].numpy(), std[:3], rtol=0.02)
+    quantiles = fit.residual_quantiles.double().numpy()
+    assert quantiles.shape == (4, 101) and (np.diff(quantiles, axis=1) >= 0).all()
+    for code in range(3):  # normal residuals: quartiles at -+0.674 sd, median at 0
+        np.testing.assert_allclose(quantiles[code, [25, 50, 75]],
+                                   np.array([-0.6745, 0.0, 0.6745]) * std[code], atol=0.01)
     np.testing.assert_allclose(fit.log_range.numpy(), [y.min(), y.max()], rtol=1e-6)
-    # a label without cells: the intercept of all cells, the pooled residual deviation
+    # a label without cells: the intercept of all cells, the residuals of all cells
     b = fit.coef.double().numpy()
     assert fit.intercept[3].item() == pytest.approx(y.mean() - z.mean(0) @ b, abs=1e-4)
     residual = y - fit.intercept.double().numpy()[labels] - z @ b
-    pooled = np.sqrt((residual**2).sum() / (y.size - 3 - 4))
-    assert fit.log_std[3].item() == pytest.approx(pooled, rel=1e-4)
-    # a label with one cell gets the pooled deviation too, its intercept through that cell
+    np.testing.assert_allclose(quantiles[3], np.quantile(residual, np.linspace(0, 1, 101)),
+                               atol=1e-4)
+    # a label with one cell gets all cells' residuals too, its intercept through that cell
     one = LatentLibrary.fit(torch.from_numpy(z[:501]),
                             torch.from_numpy(np.exp(y[:501])),
                             torch.from_numpy(np.r_[np.zeros(500, dtype=np.int64), 1]), 2)
-    assert one.log_std[1].item() > 0
+    assert one.residual_quantiles[1, -1] > one.residual_quantiles[1, 0]
     assert (one.intercept[1] + torch.from_numpy(z[500]).float() @ one.coef).item() == \
         pytest.approx(y[500], abs=1e-4)
 
 
 def test_latent_library_fit_with_posterior_variances_is_the_fit_to_drawn_latents():
     """With ``z_var``, the fit equals least squares on latents drawn from the posteriors
-    N(z, z_var), in expectation: checked against 300 draws per cell."""
+    N(z, z_var), in expectation, and its residuals are those of such draws: checked against
+    300 draws per cell."""
     rng = np.random.default_rng(1)
     mean, labels, y, *_ = _regression_data(2_000, rng)
     var = rng.uniform(0.1, 1.0, size=mean.shape)
@@ -807,27 +819,39 @@ def test_latent_library_fit_with_posterior_variances_is_the_fit_to_drawn_latents
     np.testing.assert_allclose(fit.coef.numpy(), solution[:4], atol=0.004)
     np.testing.assert_allclose(fit.intercept.numpy(), solution[4:], atol=0.01)
     residual = np.repeat(y, draws) - np.c_[drawn, onehot] @ solution
+    grid = np.linspace(0, 1, 101)
     for code in range(3):
-        assert fit.log_std[code].item() == pytest.approx(residual[codes == code].std(), rel=0.01)
+        quantiles = fit.residual_quantiles[code].double().numpy()
+        assert _quantile_std(quantiles) == pytest.approx(residual[codes == code].std(),
+                                                         rel=0.02)
+        np.testing.assert_allclose(quantiles[10:91],
+                                   np.quantile(residual[codes == code], grid)[10:91],
+                                   atol=0.02)
     # drawn latents attenuate the slopes against the means' own fit
     plain = LatentLibrary.fit(torch.from_numpy(mean), torch.from_numpy(np.exp(y)),
                               torch.from_numpy(labels), 3)
     assert (fit.coef.abs() <= plain.coef.abs() + 1e-6).all()
 
 
-def test_latent_library_draws_follow_the_regression_within_the_training_range():
+def test_latent_library_draws_follow_the_regression_and_skewed_residuals():
+    grid = np.linspace(0, 1, 101)
+    skewed = np.quantile(np.random.default_rng(2).gamma(2.0, 0.2, 200_000) - 0.4, grid)
+    normal = 0.1 * stats.norm.ppf(np.clip(grid, 1e-4, 1 - 1e-4))
     fit = LatentLibrary(torch.tensor([0.5, -1.0]), torch.tensor([7.0, 5.0]),
-                        torch.tensor([0.1, 0.4]), torch.tensor([4.0, 9.0]))
-    z = torch.tensor([[1.0, 0.5], [0.0, -1.0]]).repeat(50_000, 1)
-    labels = torch.tensor([0, 1]).repeat(50_000)
-    log_library = fit.sample(z, labels, torch.Generator().manual_seed(0)).log()
-    first, second = log_library[0::2].double(), log_library[1::2].double()
-    assert first.mean().item() == pytest.approx(7.0 + 0.5 - 0.5, abs=0.002)
-    assert first.std().item() == pytest.approx(0.1, rel=0.01)
-    assert second.mean().item() == pytest.approx(5.0 + 1.0, abs=0.005)
-    assert second.std().item() == pytest.approx(0.4, rel=0.01)
-    assert log_library.min().item() >= 4.0 - 1e-5 and log_library.max().item() <= 9.0 + 1e-5
-    narrow = LatentLibrary(fit.coef, fit.intercept, fit.log_std, torch.tensor([6.0, 6.5]))
+                        torch.tensor(np.stack([normal, skewed]), dtype=torch.float32),
+                        torch.tensor([4.0, 9.0]))
+    z = torch.tensor([[1.0, 0.5], [0.0, -1.0]]).repeat(100_000, 1)
+    labels = torch.tensor([0, 1]).repeat(100_000)
+    log_library = fit.sample(z, labels, torch.Generator().manual_seed(0)).log().double()
+    first, second = log_library[0::2].numpy(), log_library[1::2].numpy()
+    assert np.median(first) == pytest.approx(7.0 + 0.5 - 0.5, abs=0.002)
+    assert first.std() == pytest.approx(_quantile_std(normal), rel=0.01)
+    # the skewed residuals keep their shape: quantiles of the draws are the table's, shifted
+    np.testing.assert_allclose(np.quantile(second, [0.1, 0.5, 0.9]),
+                               6.0 + np.interp([0.1, 0.5, 0.9], grid, skewed), atol=0.005)
+    assert log_library.min() >= 4.0 - 1e-5 and log_library.max() <= 9.0 + 1e-5
+    narrow = LatentLibrary(fit.coef, fit.intercept, fit.residual_quantiles,
+                           torch.tensor([6.0, 6.5]))
     clipped = narrow.sample(z, labels, torch.Generator().manual_seed(0)).log()
     assert clipped.min().item() >= 6.0 - 1e-5 and clipped.max().item() <= 6.5 + 1e-5
 
@@ -866,9 +890,12 @@ def test_latent_library_round_trips_and_older_files_draw_by_label(trained_model,
     assert loaded.library_latent_ == trained_model.library_latent_
     assert (loaded.generate(**kw).X != trained_model.generate(**kw).X).nnz == 0
     meta = json.loads((path / "model.json").read_text())
+    rows = meta["library_latent_"]["residual_quantiles"]
     for damaged in ({**meta["library_latent_"], "coef": [0.0]},  # wrong length
-                    {**meta["library_latent_"], "log_std": [float("nan")] * len(
-                        meta["library_latent_"]["log_std"])},
+                    {**meta["library_latent_"], "residual_quantiles": [
+                        [float("nan")] * len(rows[0])] * len(rows)},
+                    {**meta["library_latent_"], "residual_quantiles": [
+                        list(reversed(row)) for row in rows]},  # decreasing
                     {**meta["library_latent_"], "log_range": [9.0, 4.0]},
                     {"coef": meta["library_latent_"]["coef"]},  # fields missing
                     "text"):

@@ -65,7 +65,7 @@ _SAVED_ATTRIBUTES = (
     "library_latent_",
 )
 # fields of library_latent_ (LatentLibrary's tensors, as lists) and their lengths
-_LATENT_LIBRARY_FIELDS = ("coef", "intercept", "log_std", "log_range")
+_LATENT_LIBRARY_FIELDS = ("coef", "intercept", "residual_quantiles", "log_range")
 # points of the quantile function of each label's log library size kept for generation
 _LIBRARY_QUANTILES = 101
 
@@ -82,27 +82,32 @@ def _warn_backed_csc(adata: AnnData, layer: str | None) -> None:
 
 def _check_latent_library(fit, n_latent: int, n_labels: int, dir_path: str) -> None:
     """Raise :class:`ModelFileError` unless ``fit`` (a loaded ``library_latent_``) is
-    ``None`` or holds finite numbers of the right lengths, the log range ordered."""
+    ``None`` or holds finite numbers of the right shapes: the residual quantiles of each
+    label non-decreasing, the log range ordered."""
     if fit is None:
         return
-    lengths = {"coef": n_latent, "intercept": n_labels, "log_std": n_labels, "log_range": 2}
-    ok = isinstance(fit, dict) and set(fit) == set(lengths)
+    ok = isinstance(fit, dict) and set(fit) == set(_LATENT_LIBRARY_FIELDS)
     if ok:
         try:
-            values = {k: np.asarray(fit[k], dtype=np.float64) for k in lengths}
+            values = {k: np.asarray(fit[k], dtype=np.float64) for k in _LATENT_LIBRARY_FIELDS}
         except (TypeError, ValueError):
             ok = False
         else:
-            ok = (all(v.shape == (lengths[k],) and np.isfinite(v).all()
-                      for k, v in values.items())
-                  and bool((values["log_std"] >= 0).all())
+            quantiles = values["residual_quantiles"]
+            ok = (values["coef"].shape == (n_latent,)
+                  and values["intercept"].shape == (n_labels,)
+                  and values["log_range"].shape == (2,)
+                  and quantiles.ndim == 2 and quantiles.shape[0] == n_labels
+                  and quantiles.shape[1] >= 2
+                  and all(np.isfinite(v).all() for v in values.values())
+                  and bool((np.diff(quantiles, axis=1) >= 0).all())
                   and values["log_range"][0] <= values["log_range"][1])
     if not ok:
-        expected = ", ".join(f"{k}: {n} finite numbers" for k, n in lengths.items())
         raise ModelFileError(
             f"{dir_path}: library_latent_ in its model.json is not the regression of the "
-            f"library size on the latent ({expected}); the file is damaged. Save the model "
-            "again from the trained one.")
+            f"library size on the latent (coef: {n_latent} numbers, intercept: {n_labels}, "
+            f"residual_quantiles: {n_labels} non-decreasing rows, log_range: 2, all finite); "
+            "the file is damaged. Save the model again from the trained one.")
 
 
 def _sample_quantiles(quantiles: np.ndarray, codes: np.ndarray,
@@ -266,9 +271,9 @@ class LapDDPM(BaseModelClass):
         VP-SDE schedule, see :class:`scldiff.diffusion.VPSchedule`.
     library_size
         How generated cells get their library sizes (total counts). ``"latent"``
-        (default): given the generated latent, from a linear-Gaussian regression of the
-        training cells' log library sizes on their posterior means, one intercept and
-        residual spread per label (:class:`~scldiff.module.LatentLibrary`), so that the
+        (default): given the generated latent, from a linear regression of the training
+        cells' log library sizes on their posteriors, with one intercept and the empirical
+        residuals per label (:class:`~scldiff.module.LatentLibrary`), so that the
         depth follows the cell state within a label, as in real cells. ``"label"``: from
         the training cells' library sizes of the label, independently of the latent (their
         quantile function at 101 points, interpolated linearly). ``"diffusion"``: the log
@@ -1040,8 +1045,8 @@ class LapDDPM(BaseModelClass):
             "likelihood": self.module.likelihood,
             "labels_key": self.labels_key or "",
             "library_size": ("diffused jointly with the latent" if self.module.diffuse_library
-                             else "regressed on the latent (per-label linear-Gaussian fit of "
-                             "the training cells' log library sizes)"
+                             else "regressed on the latent (per-label linear fit of the "
+                             "training cells' log library sizes, empirical residuals)"
                              if library_size == "latent"
                              else "per-label quantiles of the training cells"
                              if self.library_log_quantiles_ is not None

@@ -35,15 +35,19 @@ _COUNT_CHUNK = 256
 
 
 class LatentLibrary:
-    r"""Library sizes given the latent: :math:`\log \ell \mid z, c \sim \mathcal{N}(a_c +
-    b^\top z, s_c^2)`, clipped to the training cells' range.
+    r"""Library sizes given the latent: :math:`\log \ell = a_c + b^\top z + r`, with the
+    residual :math:`r` drawn from label :math:`c`'s empirical residuals, clipped to the
+    training cells' range.
 
     Fitted by least squares on the training cells' posteriors and log library sizes
-    (:meth:`fit`): one intercept :math:`a_c` and residual standard deviation :math:`s_c`
-    per label, one slope vector :math:`b` shared by all (the within-label regression). A
-    cell's sequencing depth follows its state inside a cell type (on Zheng 2017 the
-    posterior means explain 44% of the within-label variance of the log library size),
-    and drawing it independently of the latent loses that coupling.
+    (:meth:`fit`): one intercept :math:`a_c` per label, one slope vector :math:`b` shared by
+    all (the within-label regression), and per label the quantile function of the
+    residuals at evenly spaced probabilities, from which draws are interpolated linearly
+    (log library sizes are skewed, so a normal residual would put the median library off;
+    the label-only library model learned that the same way). A cell's sequencing depth
+    follows its state inside a cell type (on Zheng 2017 the posterior means explain 44% of
+    the within-label variance of the log library size), and drawing it independently of
+    the latent loses that coupling.
 
     Parameters
     ----------
@@ -51,37 +55,42 @@ class LatentLibrary:
         ``(n_latent,)`` slopes :math:`b`.
     intercept
         ``(n_labels,)`` intercepts :math:`a_c`.
-    log_std
-        ``(n_labels,)`` residual standard deviations :math:`s_c`.
+    residual_quantiles
+        ``(n_labels, n_quantiles)`` non-decreasing residual quantiles of each label, at
+        probabilities ``linspace(0, 1, n_quantiles)``.
     log_range
         ``(2,)`` smallest and largest training log library size.
     """
 
-    def __init__(self, coef: Tensor, intercept: Tensor, log_std: Tensor, log_range: Tensor):
-        self.coef, self.intercept, self.log_std, self.log_range = coef, intercept, log_std, \
-            log_range
+    def __init__(self, coef: Tensor, intercept: Tensor, residual_quantiles: Tensor,
+                 log_range: Tensor):
+        self.coef, self.intercept = coef, intercept
+        self.residual_quantiles, self.log_range = residual_quantiles, log_range
 
     @classmethod
     @torch.no_grad()
     def fit(cls, z: Tensor, library: Tensor, labels: Tensor, n_labels: int,
-            z_var: Tensor | None = None) -> LatentLibrary:
+            z_var: Tensor | None = None, n_quantiles: int = 101,
+            n_points: int = 8) -> LatentLibrary:
         r"""Least-squares fit on latents ``z`` (``(n, n_latent)``), ``library`` (``(n,)``,
         positive) and label codes ``labels`` (``(n,)``), in float64.
 
         The slopes come from the within-label centred data (the fit with one intercept
         per label). With ``z_var``, the posterior variances of ``z`` (the posterior means),
         the fit is the one to latents drawn from the cells' posteriors, in expectation:
-        :math:`\sum_i \operatorname{diag}(v_i)` joins the normal equations and
-        :math:`b^\top \operatorname{diag}(v_i)\, b` each cell's squared residual, so that
+        :math:`\sum_i \operatorname{diag}(v_i)` joins the normal equations, so that
         latents drawn like the diffusion's training data (:meth:`LapDDPMModule.
-        diffusion_loss`) get :math:`E[\log \ell \mid z]` and its spread. A label with one
-        cell gets the pooled residual standard deviation, a label without cells the
-        intercept of all cells and the pooled deviation.
+        diffusion_loss`) get :math:`E[\log \ell \mid z]`. The residuals are then those of
+        such draws: each cell's :math:`e_i = y_i - a_c - b^\top z_i` minus :math:`s_i
+        \xi_k` with :math:`s_i^2 = b^\top \operatorname{diag}(v_i)\, b` and
+        :math:`\xi_k` the ``n_points`` standard normal quantiles at :math:`(k -
+        \tfrac12)/n`, so the fit is deterministic. A label with fewer than two cells gets
+        the residual quantiles of all cells, a label without cells also the intercept of
+        all cells.
         """
         z = z.detach().cpu().double()
         y = library.detach().cpu().double().reshape(-1).log()
         labels = labels.detach().cpu().reshape(-1).long()
-        z_var = torch.zeros_like(z) if z_var is None else z_var.detach().cpu().double()
         counts = torch.bincount(labels, minlength=n_labels).to(z.dtype)
         present = counts > 0
         z_mean = torch.zeros(n_labels, z.shape[1], dtype=z.dtype).index_add_(0, labels, z)
@@ -89,30 +98,47 @@ class LatentLibrary:
         z_mean[present] /= counts[present, None]
         y_mean[present] /= counts[present]
         zc, yc = z - z_mean[labels], y - y_mean[labels]
-        gram = zc.T @ zc + torch.diag(z_var.sum(0))
+        gram = zc.T @ zc
+        if z_var is not None:
+            z_var = z_var.detach().cpu().double()
+            gram = gram + torch.diag(z_var.sum(0))
         coef = torch.linalg.lstsq(gram, (zc.T @ yc)[:, None], driver="gelsd").solution[:, 0]
-        residual = (yc - zc @ coef) ** 2 + z_var @ coef**2
-        squares = torch.zeros(n_labels, dtype=z.dtype).index_add_(0, labels, residual)
-        dof = max(y.numel() - int(present.sum()) - z.shape[1], 1)
-        pooled = (squares.sum() / dof).sqrt()
-        log_std = torch.where(counts > 1, (squares / (counts - 1).clamp_min(1)).sqrt(), pooled)
+        residual = (yc - zc @ coef)[:, None]
+        if z_var is not None:
+            probabilities = (torch.arange(n_points, dtype=z.dtype) + 0.5) / n_points
+            normal = torch.distributions.Normal(0.0, 1.0).icdf(probabilities).to(z.dtype)
+            residual = residual - (z_var @ coef**2).sqrt()[:, None] * normal[None, :]
+        # numpy: torch.quantile refuses inputs of more than 2**24 values (an atlas's)
+        grid = np.linspace(0.0, 1.0, n_quantiles)
+        residual, codes = residual.numpy(), labels.numpy()
+        quantiles = np.tile(np.quantile(residual, grid), (n_labels, 1))
+        for code in np.flatnonzero(counts.numpy() > 1):
+            quantiles[code] = np.quantile(residual[codes == code], grid)
+        quantiles = torch.from_numpy(quantiles)
         intercept = y_mean - z_mean @ coef
-        intercept[~present] = (y.mean() - z.mean(0) @ coef)
+        intercept[~present] = y.mean() - z.mean(0) @ coef
         log_range = torch.stack([y.min(), y.max()])
-        return cls(coef.float(), intercept.float(), log_std.float(), log_range.float())
+        return cls(coef.float(), intercept.float(), quantiles.float(), log_range.float())
 
     def to(self, device: torch.device | str) -> LatentLibrary:
-        return LatentLibrary(*(t.to(device) for t in (self.coef, self.intercept, self.log_std,
-                                                      self.log_range)))
+        return LatentLibrary(*(t.to(device) for t in (
+            self.coef, self.intercept, self.residual_quantiles, self.log_range)))
 
     def sample(self, z: Tensor, labels: Tensor, generator: torch.Generator | None = None
                ) -> Tensor:
-        """One library size per latent, ``(n,)`` float32, from ``generator``."""
+        """One library size per latent, ``(n,)`` float32, from ``generator``: the residual by
+        inverse transform of the label's interpolated residual quantiles."""
         labels = labels.reshape(-1).long()
-        mean = self.intercept[labels] + z.float() @ self.coef
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        rows = self.residual_quantiles[labels]
+        position = torch.rand(labels.shape, generator=generator, device=rows.device) * (
+            rows.shape[1] - 1)
+        low = position.long().clamp_max(rows.shape[1] - 2)
+        below = rows.gather(1, low[:, None])[:, 0]
+        above = rows.gather(1, low[:, None] + 1)[:, 0]
+        residual = below + (position - low) * (above - below)
         low, high = self.log_range.tolist()
-        return (mean + self.log_std[labels] * noise).clamp(low, high).exp()
+        return (self.intercept[labels] + z.float() @ self.coef + residual).clamp(low,
+                                                                                  high).exp()
 
 
 def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
