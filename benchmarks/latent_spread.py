@@ -18,7 +18,6 @@ Writes ``benchmarks/results/latent_spread_<dataset>.json`` and ``.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,11 +25,16 @@ import sys
 import numpy as np
 import torch
 
-import scldiff
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402  (the benchmark's split and cache)
-from sampler_steps import RESULTS, cached_split, mean_sd, write_results  # noqa: E402
+from sampler_steps import (  # noqa: E402
+    RESULTS,
+    benchmark_parser,
+    cached_model_with_data,
+    mean_sd,
+    quiet_threads,
+    write_results,
+)
 
 SAMPLERS = (("ode", 10), ("ode", 50), ("ddim", 200), ("sde", 500))
 
@@ -47,10 +51,7 @@ def run(dataset: str, seeds: list[int], data_dir: str) -> dict:
     adata = quality.load_dataset(dataset, data_dir)
     records = []
     for seed in seeds:
-        train, _, _, path = cached_split(adata, dataset, seed)
-        data = train[:, np.asarray(train.X.sum(0)).ravel() > 0].copy()
-        scldiff.LapDDPM.setup_anndata(data, labels_key=quality.LABELS)
-        model = scldiff.LapDDPM.load(path, adata=data)
+        model = cached_model_with_data(adata, dataset, seed)[3]
         collator = model._collator(model.adata)
         mean, logvar = model._posterior(collator, np.arange(model.adata.n_obs))
         generator = torch.Generator().manual_seed(seed)
@@ -86,17 +87,8 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="pbmc3k", choices=quality.DATASETS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--data-dir", default=quality.DEFAULT_DATA_DIR)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    args = benchmark_parser(__doc__.splitlines()[0]).parse_args(argv)
+    quiet_threads(args.threads)
     result = run(args.dataset, args.seeds, args.data_dir)
     write_results(os.path.join(RESULTS, f"latent_spread_{args.dataset}"), result,
                   report(result))

@@ -28,7 +28,6 @@ Writes ``benchmarks/results/library_coupling_<dataset>.json`` and ``.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -45,7 +44,14 @@ from scldiff.module import LatentLibrary
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402  (the benchmark's split, scoring and cache)
 from prior_gap import posterior_indices  # noqa: E402
-from sampler_steps import RESULTS, cached_split, mean_sd, write_results  # noqa: E402
+from sampler_steps import (  # noqa: E402
+    RESULTS,
+    benchmark_parser,
+    cached_model_with_data,
+    quiet_threads,
+    source_rows,
+    write_results,
+)
 
 METRICS = {"cond. MMD": "MMD | conditional", "cond. W2": "W2 | conditional",
            "RF AUC": "RF AUC | unconditional",
@@ -74,14 +80,11 @@ def run(dataset: str, seeds: list[int], draws: int, data_dir: str) -> dict:
     adata = quality.load_dataset(dataset, data_dir)
     records = []
     for seed in seeds:
-        train, test, label_counts, path = cached_split(adata, dataset, seed)
-        expressed = np.asarray(train.X.sum(0)).ravel() > 0  # as quality.fit_lapddpm
-        data = train[:, expressed].copy()
-        scldiff.LapDDPM.setup_anndata(data, labels_key=quality.LABELS)
-        model = scldiff.LapDDPM.load(path, adata=data)
+        train, test, label_counts, model = cached_model_with_data(adata, dataset, seed)
         if model.library_latent_ is None:
-            raise SystemExit(f"{path} has no regression of the library size on the latent: "
-                             "train it again with `python benchmarks/quality.py --force`.")
+            raise SystemExit(f"The {dataset} seed-{seed} model has no regression of the "
+                             "library size on the latent: train it again with "
+                             "`python benchmarks/quality.py --force`.")
         floor = scldiff.metrics.label_matched_sample(train, test, quality.LABELS, seed=seed)
         records.append(record(seed, "floor", 0, test, floor))
         names = model.adata.obs[quality.LABELS].astype(str).to_numpy()
@@ -126,27 +129,13 @@ def report(result: dict) -> str:
              "decoded with each library model; mean ± sd over all draws. Code at commit "
              f"{result['meta']['commit']}.", "",
              "| library sizes | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for source in SOURCES:
-        rows = [r for r in records if r["source"] == source]
-        cells = [mean_sd(np.array([r[n] for r in rows if r.get(n) is not None], dtype=float))
-                 for n in METRICS]
-        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    lines += source_rows(records, SOURCES, list(METRICS))
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="pbmc3k", choices=quality.DATASETS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--data-dir", default=quality.DEFAULT_DATA_DIR)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    args = benchmark_parser(__doc__.splitlines()[0], draws=3).parse_args(argv)
+    quiet_threads(args.threads)
     result = run(args.dataset, args.seeds, args.draws, args.data_dir)
     write_results(os.path.join(RESULTS, f"library_coupling_{args.dataset}"), result,
                   report(result))

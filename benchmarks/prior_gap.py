@@ -46,7 +46,14 @@ import scldiff
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402  (the benchmark's split, scoring and cache)
-from sampler_steps import METRICS, RESULTS, cached_split, mean_sd, write_results  # noqa: E402
+from sampler_steps import (  # noqa: E402
+    METRICS,
+    RESULTS,
+    cached_split,
+    mean_sd,
+    source_rows,
+    write_results,
+)
 
 LARGE = 30  # held-out cells a cell type needs to count as large
 LARGE_NAME = f"cond. MMD, types with ≥ {LARGE} cells"
@@ -153,11 +160,7 @@ def report(result: dict) -> str:
              f"(`generate()`); mean ± sd over all draws. Code at commit "
              f"{result['meta']['commit']}.", "",
              "| cells | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for source in SOURCES:
-        rows = [r for r in records if r["source"] == source]
-        cells = [mean_sd(np.array([r[n] for r in rows if r.get(n) is not None], dtype=float))
-                 for n in names]
-        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    lines += source_rows(records, SOURCES, list(names))
     lines += ["", "Conditional MMD per split:", "",
               "| split | " + " | ".join(SOURCES) + " |", "|---|" + "---|" * len(SOURCES)]
     for seed in result["seeds"]:

@@ -57,6 +57,49 @@ def cached_split(adata, dataset: str, seed: int):
     return train, test, label_counts, path
 
 
+def cached_model_with_data(adata, dataset: str, seed: int):
+    """``quality.py``'s split of this seed (train, test, test label counts) and the LapDDPM
+    model it trained there, loaded with the training cells (set up as ``quality.py`` set
+    them up), so that it can encode them."""
+    train, test, label_counts, path = cached_split(adata, dataset, seed)
+    data = train[:, np.asarray(train.X.sum(0)).ravel() > 0].copy()  # as quality.fit_lapddpm
+    scldiff.LapDDPM.setup_anndata(data, labels_key=quality.LABELS)
+    return train, test, label_counts, scldiff.LapDDPM.load(path, adata=data)
+
+
+def benchmark_parser(description: str, draws: int | None = None) -> argparse.ArgumentParser:
+    """The options every script on ``quality.py``'s cached models takes: ``--dataset``,
+    ``--seeds``, ``--threads``, ``--data-dir`` and, with a default, ``--draws``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dataset", default="pbmc3k", choices=quality.DATASETS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    if draws is not None:
+        parser.add_argument("--draws", type=int, default=draws)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--data-dir", default=quality.DEFAULT_DATA_DIR)
+    return parser
+
+
+def source_rows(records: list[dict], sources: tuple[str, ...], names: list[str]) -> list[str]:
+    """One markdown row per source: ``mean ± sd`` of each metric over its records."""
+    lines = []
+    for source in sources:
+        rows = [r for r in records if r["source"] == source]
+        cells = [mean_sd(np.array([r[n] for r in rows if r.get(n) is not None], dtype=float))
+                 for n in names]
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def quiet_threads(threads: int | None) -> None:
+    """Set torch's CPU threads (when given) and silence library warnings."""
+    import warnings
+
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+
+
 def mean_sd(values: np.ndarray) -> str:
     """``mean ± sd`` of a table cell (the mean alone for one value or equal values)."""
     if values.size > 1 and np.ptp(values) > 0:
