@@ -38,8 +38,7 @@ import pandas as pd
 import torch
 
 import scldiff
-from scldiff.model._lapddpm import _LATENT_LIBRARY_FIELDS, _sample_quantiles
-from scldiff.module import LatentLibrary
+from scldiff.model._lapddpm import _sample_quantiles
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402  (the benchmark's split, scoring and cache)
@@ -68,9 +67,7 @@ def libraries(model: scldiff.LapDDPM, collator, indices: np.ndarray, z: torch.Te
     for code in np.unique(codes):
         rows = np.flatnonzero(codes == code)
         shuffled[rows] = own[rng.permutation(rows)]
-    fit = LatentLibrary(*(torch.tensor(model.library_latent_[name])
-                          for name in _LATENT_LIBRARY_FIELDS))
-    latent = fit.sample(z, torch.from_numpy(codes), generator).numpy()
+    latent = model._latent_library().sample(z, torch.from_numpy(codes), generator).numpy()
     label = np.exp(_sample_quantiles(np.asarray(model.library_log_quantiles_), codes, rng))
     return {"own": own, "shuffled within label": shuffled, "latent": latent,
             "label": label.astype(np.float32)}

@@ -132,13 +132,12 @@ class LatentLibrary:
         rows = self.residual_quantiles[labels]
         position = torch.rand(labels.shape, generator=generator, device=rows.device) * (
             rows.shape[1] - 1)
-        low = position.long().clamp_max(rows.shape[1] - 2)
-        below = rows.gather(1, low[:, None])[:, 0]
-        above = rows.gather(1, low[:, None] + 1)[:, 0]
-        residual = below + (position - low) * (above - below)
-        low, high = self.log_range.tolist()
-        return (self.intercept[labels] + z.float() @ self.coef + residual).clamp(low,
-                                                                                  high).exp()
+        index = position.long().clamp_max(rows.shape[1] - 2)
+        below = rows.gather(1, index[:, None])[:, 0]
+        above = rows.gather(1, index[:, None] + 1)[:, 0]
+        residual = below + (position - index) * (above - below)
+        log_library = self.intercept[labels] + z.float() @ self.coef + residual
+        return log_library.clamp(*self.log_range.tolist()).exp()
 
 
 def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
