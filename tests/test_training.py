@@ -181,14 +181,17 @@ def test_diffused_library_is_an_exactly_known_coordinate():
     assert (aug_logvar[:, 4].exp() < 1e-12).all()
     module.set_latent_statistics(aug_mean, aug_logvar)
     assert module.latent_std[4].item() == pytest.approx(library.log().std(unbiased=False).item())
-    # the generated library sizes are exp of the last diffused coordinate. The exact noise
-    # predictor of a standard normal target, eps(z_t, t) = sigma_t z_t, samples N(0, I) in
-    # the standardised space, so log library ~ N(log 50, 0.1^2)
+    # the generated library sizes are exp of the last diffused coordinate. The exact
+    # velocity of a standard normal target, E[alpha_t eps - sigma_t z_0 | z_t] = 0 (the
+    # noise predictor sigma_t z_t), samples N(0, I) in the standardised space, so
+    # log library ~ N(log 50, 0.1^2)
+    assert module.prediction == "v"
+
     class ExactStandardNormal(torch.nn.Module):
         null_label = 2
 
         def forward(self, zt, t, labels):
-            return module.schedule.sigma(t).view(-1, 1) * zt
+            return torch.zeros_like(zt)
 
     module.score_net = ExactStandardNormal()
     with torch.no_grad():

@@ -9,11 +9,12 @@ from ._decoder import (
     sparse_log_likelihood,
 )
 from ._encoder import FullGraphChebConv, GraphEncoder
-from ._module import LapDDPMModule, LatentLibrary, gaussian_kl
+from ._module import PREDICTIONS, LapDDPMModule, LatentLibrary, gaussian_kl
 from ._scorenet import ScoreNet, sinusoidal_embedding
 
 __all__ = [
     "LIKELIHOODS",
+    "PREDICTIONS",
     "CountDecoder",
     "FullGraphChebConv",
     "GraphEncoder",

@@ -28,6 +28,9 @@ _ENCODER_INPUTS = (
 )
 
 
+# what the ScoreNet's output is: the noise, or the velocity v = alpha * noise - sigma * z_0
+PREDICTIONS = ("epsilon", "v")
+
 # log-variance of a coordinate known exactly (the observed log library size)
 _KNOWN_LOGVAR = -30.0
 # cells per decoder-and-sampling chunk on a CPU (decode_counts)
@@ -149,7 +152,7 @@ def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
 
 
 class LapDDPMModule(BaseModuleClass):
-    """Graph VAE (encoder + count decoder) and a conditional latent diffusion model.
+    r"""Graph VAE (encoder + count decoder) and a conditional latent diffusion model.
 
     Parameters
     ----------
@@ -192,6 +195,14 @@ class LapDDPMModule(BaseModuleClass):
     encoder_labels
         Give the encoder the encoded cell's label (``n_labels`` of
         :class:`~scldiff.module.GraphEncoder`), as a conditional VAE's encoder.
+    prediction
+        What the ScoreNet is trained to output (:meth:`diffusion_loss`): ``"v"`` (default),
+        the velocity :math:`v = \alpha_t \epsilon - \sigma_t z_0` (Salimans & Ho, 2022), or
+        ``"epsilon"``, the noise. Samplers get the noise either way
+        (:meth:`predict_noise`). At high noise (:math:`\alpha_t \to 0`) the clean latent
+        implied by a noise prediction, :math:`(z_t - \sigma_t\hat\epsilon)/\alpha_t`,
+        multiplies the network's error by :math:`\sigma_t/\alpha_t` (150 at
+        :math:`t = 1`); a velocity prediction bounds it.
     """
 
     def __init__(
@@ -216,8 +227,12 @@ class LapDDPMModule(BaseModuleClass):
         dispersion: Dispersion = "gene",
         decoder_labels: bool = False,
         encoder_labels: bool = False,
+        prediction: str = "v",
     ):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}.")
+        self.prediction = prediction
         self.n_latent = n_latent
         self.diffuse_library = diffuse_library
         self.n_diffusion = n_latent + int(diffuse_library)
@@ -375,7 +390,10 @@ class LapDDPMModule(BaseModuleClass):
     def diffusion_loss(
         self, qz_mean: Tensor, qz_logvar: Tensor, labels: Tensor, p_uncond: float = 0.1
     ) -> Tensor:
-        r"""Noise-prediction MSE on z_0 ~ q(z|x), standardised (paper 001, :math:`L_{diff}`).
+        r"""Denoising MSE on z_0 ~ q(z|x), standardised (paper 001, :math:`L_{diff}`): of the
+        noise, or with ``prediction="v"`` of :math:`v = \alpha_t\epsilon - \sigma_t z_0`,
+        whose loss is the noise's weighted by :math:`1/\alpha_t^2` (and the clean latent's
+        by :math:`1 + \mathrm{SNR}_t`, Salimans & Ho, 2022).
 
         Each cell's label is replaced by the null token with probability ``p_uncond``,
         independently per cell, so one network learns conditional and unconditional scores.
@@ -388,7 +406,25 @@ class LapDDPMModule(BaseModuleClass):
         labels = labels.view(-1).long()
         drop = torch.rand(labels.shape, device=labels.device) < p_uncond
         labels = torch.where(drop, torch.full_like(labels, self.score_net.null_label), labels)
-        return torch.nn.functional.mse_loss(self.score_net(zt, t, labels), noise)
+        if self.prediction == "v":
+            shape = (-1, 1)
+            target = (self.schedule.alpha(t).view(shape) * noise
+                      - self.schedule.sigma(t).view(shape) * z0)
+        else:
+            target = noise
+        return torch.nn.functional.mse_loss(self.score_net(zt, t, labels), target)
+
+    def predict_noise(self, z: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        r"""The ScoreNet's noise prediction :math:`\hat\epsilon(z_t, t, c)`, whatever it
+        was trained to output: with ``prediction="v"``,
+        :math:`\hat\epsilon = \sigma_t z_t + \alpha_t \hat v` (exact for the true
+        :math:`v`, since :math:`z_t = \alpha_t z_0 + \sigma_t \epsilon` and
+        :math:`\alpha_t^2 + \sigma_t^2 = 1`)."""
+        out = self.score_net(z, t, labels)
+        if self.prediction == "epsilon":
+            return out
+        shape = (-1, 1)
+        return self.schedule.sigma(t).view(shape) * z + self.schedule.alpha(t).view(shape) * out
 
     # --------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -408,8 +444,8 @@ class LapDDPMModule(BaseModuleClass):
         device = self.latent_mean.device
         labels = labels.to(device).long()
         z = torch.randn(labels.shape[0], self.n_diffusion, generator=generator, device=device)
-        eps_fn = ClassifierFreeGuidance(self.score_net, labels, self.score_net.null_label,
-                                        guidance_scale)
+        eps_fn = ClassifierFreeGuidance(self.predict_noise, labels,
+                                        self.score_net.null_label, guidance_scale)
         steps = n_steps or DEFAULT_STEPS[sampler]
         return self.unstandardize(SAMPLERS[sampler](eps_fn, z, self.schedule, steps,
                                                     generator=generator))
