@@ -12,9 +12,9 @@ The latent ODE (DPM-Solver++ 2M) is three quarters of the generation time on a C
 its cost is proportional to the number of steps. This script takes the LapDDPM models that
 ``quality.py`` trained and kept (``benchmarks/.cache/<dataset>/seed<k>/lapddpm_model``, the
 default settings), generates the held-out label counts of each split with each number of
-steps, each guidance scale (``--guidance``, default 2) and each way of drawing library sizes
-(``--library-size``, default the model's; ``--draws`` draws each, different generation
-seeds, the same for every setting), and scores them with
+steps, each guidance scale (``--guidance``, default generate()'s) and each way of drawing
+library sizes (``--library-size``, default the model's; ``--draws`` draws each, different
+generation seeds, the same for every setting), and scores them with
 :func:`scldiff.metrics.evaluate` as ``quality.py`` does. The floor and scVI rows of the
 same splits are read from ``quality.py``'s finished runs, for scale.
 
@@ -24,6 +24,7 @@ Writes ``benchmarks/results/sampler_steps_<dataset>[_<name>].json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -107,8 +108,12 @@ def mean_sd(values: np.ndarray) -> str:
     return f"{values.mean():.3f}" if values.size else ""
 
 
+# generate()'s guidance scale
+DEFAULT_GUIDANCE = inspect.signature(scldiff.LapDDPM.generate).parameters["guidance_scale"].default
+
+
 def run(dataset: str, seeds: list[int], steps: list[int], draws: int, data_dir: str,
-        guidance: tuple[float, ...] = (2.0,),
+        guidance: tuple[float, ...] = (DEFAULT_GUIDANCE,),
         library_sizes: tuple[str | None, ...] = (None,)) -> dict:
     adata = quality.load_dataset(dataset, data_dir)
     records = []
@@ -173,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="pbmc3k", choices=quality.DATASETS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 15, 20, 30])
-    parser.add_argument("--guidance", nargs="+", type=float, default=[2.0],
-                        help="guidance scales (default: generate()'s 2)")
+    parser.add_argument("--guidance", nargs="+", type=float, default=[DEFAULT_GUIDANCE],
+                        help=f"guidance scales (default: generate()'s {DEFAULT_GUIDANCE})")
     parser.add_argument("--library-size", nargs="+", default=[None],
                         choices=["latent", "label"],
                         help="generate()'s library_size (default: the model's)")

@@ -918,7 +918,7 @@ class LapDDPM(BaseModelClass):
         self,
         labels=None,
         n_samples: int | None = None,
-        guidance_scale: float = 2.0,
+        guidance_scale: float = 1.5,
         sampler: Literal["ode", "ddim", "sde"] = "ode",
         n_steps: int | None = None,
         batch_size: int | None = None,
@@ -939,12 +939,14 @@ class LapDDPM(BaseModelClass):
             Classifier-free guidance :math:`w` in :math:`\epsilon_u + w(\epsilon_c -
             \epsilon_u)`: 0 draws the latents without the labels (a decoder that reads
             the labels, ``decoder_labels``, still decodes them with each cell's label), 1
-            samples the conditional model, larger values sharpen the labels. The default 2
-            was chosen by measurement: on PBMC3K held-out cells it lowered the conditional
-            MMD and W2 against w = 1 (0.623 vs 0.664, 12.1 vs 12.8, three seeds, measured
-            with the earlier NB decoder) without making cells easier to tell from real
-            ones; with the labels in the decoder, scales 1 to 2.5 were measured again and
-            2 kept (``docs/benchmarks.md``). Ignored by unconditional models.
+            samples the conditional model, larger values sharpen the labels. The default
+            1.5 was chosen by measurement (``benchmarks/sampler_steps.py``, 3 splits x 3
+            draws, docs "Benchmarks"): with the velocity-predicting ScoreNet, scales 1.5 and
+            2 give the same conditional MMD on PBMC3K (0.613 and 0.611) and 1.5 a lower one
+            on Zheng 2017 (0.164 against 0.166), with a lower random-forest AUC there
+            (0.595 against 0.605); scale 1 is farther from held-out cells on both.
+            (Noise-predicting models were measured best at 2.) Ignored by unconditional
+            models.
         sampler
             ``"ode"`` (probability-flow ODE, DPM-Solver++(2M)), ``"ddim"`` or ``"sde"``
             (reverse SDE, Euler–Maruyama).
