@@ -8,9 +8,9 @@ Usage (from the repository root, after ``python benchmarks/quality.py``)::
 The diffusion is trained on latents drawn from the training cells' posteriors. For the
 LapDDPM models ``quality.py`` trained and kept, this script draws one such latent per
 training cell and, for the same labels, latents from each sampler at guidance 1 (the
-conditional model itself) and 2 (``generate()``'s default), and reports the ratio of the
-generated latents' total variance to the posterior draws', per label (the mean over
-labels) and over all cells. A sampler that reproduces the learned distribution gives
+conditional model itself) and 2 (sharper than ``generate()``'s 1.5), and reports the
+ratio of the generated latents' total variance to the posterior draws', per label (the
+mean over labels) and over all cells. A sampler that reproduces the learned distribution gives
 about 1 at guidance 1; guidance above 1 may concentrate each label.
 
 Writes ``benchmarks/results/latent_spread_<dataset>.json`` and ``.md``.

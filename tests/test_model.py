@@ -913,3 +913,25 @@ def test_latent_library_round_trips_and_older_files_draw_by_label(trained_model,
     assert synth.uns["scldiff"]["library_size"] == "per-label quantiles of the training cells"
     with pytest.raises(ValueError, match="train the model again"):
         old.generate(**kw, library_size="latent")
+
+
+def test_velocity_prediction_round_trips_and_older_files_predict_the_noise(trained_model,
+                                                                          tmp_path):
+    assert trained_model.module.prediction == "v"
+    path = tmp_path / "model"
+    trained_model.save(str(path))
+    kw = dict(labels={"B cells": 40}, seed=3, progress_bar=False)
+    loaded = LapDDPM.load(str(path), adata=False)
+    assert loaded.module.prediction == "v"
+    assert (loaded.generate(**kw).X != trained_model.generate(**kw).X).nnz == 0
+    # a file written before the option existed was trained to predict the noise, and its
+    # network's output must be read as the noise (here: different cells from the same
+    # weights)
+    meta = json.loads((path / "model.json").read_text())
+    meta["init_params_"]["non_kwargs"].pop("prediction")
+    (path / "model.json").write_text(json.dumps(meta))
+    old = LapDDPM.load(str(path), adata=False)
+    assert old.module.prediction == "epsilon"
+    assert (old.generate(**kw).X != trained_model.generate(**kw).X).nnz > 0
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        LapDDPM(trained_model.adata, prediction="x0")
