@@ -944,8 +944,8 @@ class LapDDPM(BaseModelClass):
             draws, docs "Benchmarks"): with the velocity-predicting ScoreNet, scales 1.5 and
             2 give the same conditional MMD on PBMC3K (0.613 and 0.611) and 1.5 a lower one
             on Zheng 2017 (0.164 against 0.166), with a lower random-forest AUC there
-            (0.595 against 0.605); scale 1 is farther from held-out cells on both.
-            (Noise-predicting models were measured best at 2.) Ignored by unconditional
+            (0.594 against 0.605); scale 1 is farther from held-out cells on both. (With
+            the noise-predicting ScoreNet, 2 had been chosen.) Ignored by unconditional
             models.
         sampler
             ``"ode"`` (probability-flow ODE, DPM-Solver++(2M)), ``"ddim"`` or ``"sde"``

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -227,7 +228,7 @@ class LapDDPMModule(BaseModuleClass):
         dispersion: Dispersion = "gene",
         decoder_labels: bool = False,
         encoder_labels: bool = False,
-        prediction: str = "v",
+        prediction: Literal["v", "epsilon"] = "v",
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
