@@ -92,6 +92,7 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "encoder labels, guidance 1.5": ({}, {}, {"guidance_scale": 1.5}),
     "encoder labels, guidance 2.5": ({}, {}, {"guidance_scale": 2.5}),
     "epsilon prediction": ({}, {}, {}),
+    "encoder labels": ({}, {}, {}),
     # the defaults, trained (and generating) on a GPU; needs CUDA, never run by --ablations
     "GPU": ({}, {"accelerator": "gpu"}, {}),
     "GPU bf16": ({}, {"accelerator": "gpu", "precision": "bf16-mixed"}, {}),
@@ -111,7 +112,8 @@ MODEL_KWARGS = {"NB likelihood": {"likelihood": "nb"},
                                                    "encoder_labels": True},
                 "decoder labels, encoder labels, latent 24": {
                     "decoder_labels": True, "encoder_labels": True, "n_latent": 24},
-                "epsilon prediction": {"prediction": "epsilon"}}
+                "epsilon prediction": {"prediction": "epsilon"},
+                "encoder labels": {"encoder_labels": True}}
 GENERATE_FROM = {f"guidance {w}": "lapddpm" for w in (0, 1, 1.5, 2, 4)}
 GENERATE_FROM["library by label"] = "lapddpm"
 GENERATE_FROM.update({f"encoder labels, guidance {w}": "decoder labels, encoder labels"
