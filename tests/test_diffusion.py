@@ -49,6 +49,22 @@ def test_add_noise_has_the_right_marginals():
     assert zt.std().item() == pytest.approx(s.item(), rel=0.01)
 
 
+def test_velocity_has_its_known_values_and_gives_back_the_noise():
+    # z_0 = 2, eps = 1: v = alpha - 2 sigma; at t = 1 (alpha ~ 0.0066) v ~ -2 sigma_1 ~ -z_0
+    z0, eps = torch.full((3, 2), 2.0), torch.ones(3, 2)
+    t = torch.tensor([SCHEDULE.t_min, 0.5, 1.0])
+    a, s = SCHEDULE.alpha(t).view(-1, 1), SCHEDULE.sigma(t).view(-1, 1)
+    v = SCHEDULE.velocity(z0, eps, t)
+    torch.testing.assert_close(v, (a - 2.0 * s).expand(3, 2))
+    assert v[2, 0].item() == pytest.approx(-2.0, abs=0.01)  # the target is about -z_0
+    g = torch.Generator().manual_seed(0)
+    z0, eps = 3.0 * torch.randn(1000, 4, generator=g), torch.randn(1000, 4, generator=g)
+    t = SCHEDULE.sample_time(1000, generator=g)
+    zt = SCHEDULE.add_noise(z0, eps, t)
+    torch.testing.assert_close(SCHEDULE.noise_from_velocity(zt, SCHEDULE.velocity(z0, eps, t), t),
+                               eps, atol=1e-5, rtol=0)
+
+
 def test_beta_is_the_derivative_of_the_integral():
     t = torch.linspace(0.05, 0.95, 10, dtype=torch.float64)
     h = 1e-6

@@ -62,6 +62,18 @@ class VPSchedule:
         shape = (-1,) + (1,) * (z0.dim() - 1)
         return self.alpha(t).view(shape) * z0 + self.sigma(t).view(shape) * noise
 
+    def velocity(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        r"""The velocity :math:`v = \alpha_t \epsilon - \sigma_t z_0` of
+        :math:`z_t = \alpha_t z_0 + \sigma_t \epsilon` (Salimans & Ho, 2022)."""
+        shape = (-1,) + (1,) * (z0.dim() - 1)
+        return self.alpha(t).view(shape) * noise - self.sigma(t).view(shape) * z0
+
+    def noise_from_velocity(self, zt: Tensor, v: Tensor, t: Tensor) -> Tensor:
+        r""":math:`\epsilon = \sigma_t z_t + \alpha_t v`, the inverse of :meth:`velocity`
+        given :math:`z_t` (exact, since :math:`\alpha_t^2 + \sigma_t^2 = 1`)."""
+        shape = (-1,) + (1,) * (zt.dim() - 1)
+        return self.sigma(t).view(shape) * zt + self.alpha(t).view(shape) * v
+
     def sample_time(self, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
         """Uniform training times on ``[t_min, 1]``."""
         u = torch.rand(n, device=device, generator=generator)

@@ -407,25 +407,18 @@ class LapDDPMModule(BaseModuleClass):
         labels = labels.view(-1).long()
         drop = torch.rand(labels.shape, device=labels.device) < p_uncond
         labels = torch.where(drop, torch.full_like(labels, self.score_net.null_label), labels)
-        if self.prediction == "v":
-            shape = (-1, 1)
-            target = (self.schedule.alpha(t).view(shape) * noise
-                      - self.schedule.sigma(t).view(shape) * z0)
-        else:
-            target = noise
+        target = self.schedule.velocity(z0, noise, t) if self.prediction == "v" else noise
         return torch.nn.functional.mse_loss(self.score_net(zt, t, labels), target)
 
     def predict_noise(self, z: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         r"""The ScoreNet's noise prediction :math:`\hat\epsilon(z_t, t, c)`, whatever it
         was trained to output: with ``prediction="v"``,
-        :math:`\hat\epsilon = \sigma_t z_t + \alpha_t \hat v` (exact for the true
-        :math:`v`, since :math:`z_t = \alpha_t z_0 + \sigma_t \epsilon` and
-        :math:`\alpha_t^2 + \sigma_t^2 = 1`)."""
+        :math:`\hat\epsilon = \sigma_t z_t + \alpha_t \hat v`
+        (:meth:`~scldiff.diffusion.VPSchedule.noise_from_velocity`)."""
         out = self.score_net(z, t, labels)
         if self.prediction == "epsilon":
             return out
-        shape = (-1, 1)
-        return self.schedule.sigma(t).view(shape) * z + self.schedule.alpha(t).view(shape) * out
+        return self.schedule.noise_from_velocity(z, out, t)
 
     # --------------------------------------------------------------------- generation
     @torch.no_grad()
