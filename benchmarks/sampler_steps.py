@@ -7,13 +7,16 @@ Usage (from the repository root, after ``python benchmarks/quality.py --datasets
     python benchmarks/sampler_steps.py --steps 10 --guidance 1 1.5 2 --draws 3 --name guidance
     python benchmarks/sampler_steps.py --steps 10 --draws 3 --library-size latent label \
         --name library_latent
+    python benchmarks/sampler_steps.py --steps 10 --draws 3 --guidance 1.5 2 \
+        --interval all 0,0.8 0.05,1 --name interval
 
 The latent ODE (DPM-Solver++ 2M) is three quarters of the generation time on a CPU, and
 its cost is proportional to the number of steps. This script takes the LapDDPM models that
 ``quality.py`` trained and kept (``benchmarks/.cache/<dataset>/seed<k>/lapddpm_model``, the
 default settings), generates the held-out label counts of each split with each number of
 steps, each guidance scale (``--guidance``, default generate()'s) and each way of drawing
-library sizes (``--library-size``, default the model's; ``--draws`` draws each, different
+library sizes (``--library-size``, default the model's), each interval of guided times
+(``--interval``, default all; ``--draws`` draws each, different
 generation seeds, the same for every setting), and scores them with
 :func:`scldiff.metrics.evaluate` as ``quality.py`` does. The floor and scVI rows of the
 same splits are read from ``quality.py``'s finished runs, for scale.
@@ -114,20 +117,23 @@ DEFAULT_GUIDANCE = inspect.signature(scldiff.LapDDPM.generate).parameters["guida
 
 def run(dataset: str, seeds: list[int], steps: list[int], draws: int, data_dir: str,
         guidance: tuple[float, ...] = (DEFAULT_GUIDANCE,),
-        library_sizes: tuple[str | None, ...] = (None,)) -> dict:
+        library_sizes: tuple[str | None, ...] = (None,),
+        intervals: tuple[tuple[float, float] | None, ...] = (None,)) -> dict:
     adata = quality.load_dataset(dataset, data_dir)
     records = []
     for seed in seeds:
         _, test, label_counts, path = cached_split(adata, dataset, seed)
         model = scldiff.LapDDPM.load(path, adata=False)
-        for n_steps, scale, library, draw in itertools.product(steps, guidance,
-                                                               library_sizes, range(draws)):
+        for n_steps, scale, library, interval, draw in itertools.product(
+                steps, guidance, library_sizes, intervals, range(draws)):
             generated = quality.lapddpm_generate(
                 model, label_counts, seed + 100 * draw,
-                {"n_steps": n_steps, "guidance_scale": scale, "library_size": library}, test)
+                {"n_steps": n_steps, "guidance_scale": scale, "library_size": library,
+                 "guidance_interval": interval}, test)
             metrics = quality.score(test, generated, seed)
             record = {"seed": seed, "n_steps": n_steps, "guidance_scale": scale,
-                      "library_size": library or model.library_size, "draw": draw,
+                      "library_size": library or model.library_size,
+                      "guidance_interval": list(interval or (0.0, 1.0)), "draw": draw,
                       **{name: metrics.get(key) for name, key in METRICS.items()}}
             records.append(record)
             print(json.dumps(record), flush=True)
@@ -154,23 +160,38 @@ def report(result: dict) -> str:
              f"LapDDPM models of `quality.py` (seeds {', '.join(map(str, result['seeds']))}), "
              f"{result['draws']} generation draw(s) per seed and step count; mean ± sd over "
              f"all draws. Code at commit {result['meta']['commit']}.", "",
-             "| sampler steps | guidance scale | library size | " + " | ".join(METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
+             "| sampler steps | guidance scale | guided times t | library size | "
+             + " | ".join(METRICS) + " |",
+             "|---|---|---|---|" + "---|" * len(METRICS)]
     # runs before --guidance existed used generate()'s default scale, 2, and runs before
-    # --library-size the label's training libraries
+    # --library-size the label's training libraries, and before --interval guided all times
     def setting(r: dict) -> tuple:
-        return r["n_steps"], r.get("guidance_scale", 2.0), r.get("library_size", "label")
+        return (r["n_steps"], r.get("guidance_scale", 2.0),
+                tuple(r.get("guidance_interval", (0.0, 1.0))), r.get("library_size", "label"))
 
-    for n_steps, scale, library in sorted({setting(r) for r in records}):
-        rows = [r for r in records if setting(r) == (n_steps, scale, library)]
+    for n_steps, scale, interval, library in sorted({setting(r) for r in records}):
+        rows = [r for r in records if setting(r) == (n_steps, scale, interval, library)]
         cells = [mean_sd(np.array([r[name] for r in rows if r[name] is not None],
                                   dtype=float)) for name in METRICS]
-        lines.append(f"| {n_steps} | {scale:g} | {library} | " + " | ".join(cells) + " |")
+        lines.append(f"| {n_steps} | {scale:g} | {interval[0]:g}–{interval[1]:g} | {library} | "
+                     + " | ".join(cells) + " |")
     for method, values in result["references"].items():
-        lines.append(f"| {method} (quality.py runs) | | | "
+        lines.append(f"| {method} (quality.py runs) | | | | "
                      + " | ".join(f"{values[name]:.3f}" if name in values else ""
                                   for name in METRICS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _interval(text: str) -> tuple[float, float] | None:
+    """``--interval`` values: ``all`` or ``T_LOW,T_HIGH``."""
+    if text == "all":
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected T_LOW,T_HIGH or 'all', got {text!r}") from None
+    return low, high
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--library-size", nargs="+", default=[None],
                         choices=["latent", "label"],
                         help="generate()'s library_size (default: the model's)")
+    parser.add_argument("--interval", nargs="+", type=_interval, default=[None],
+                        help="generate()'s guidance_interval, as T_LOW,T_HIGH, or 'all' "
+                        "(the default: guidance at every step)")
     parser.add_argument("--draws", type=int, default=2)
     parser.add_argument("--name", default=None, help="suffix of the output files")
     parser.add_argument("--threads", type=int, default=None)
@@ -191,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.dataset, args.seeds, args.steps, args.draws, args.data_dir,
-                 tuple(args.guidance), tuple(args.library_size))
+                 tuple(args.guidance), tuple(args.library_size), tuple(args.interval))
     stem = f"sampler_steps_{args.dataset}" + (f"_{args.name}" if args.name else "")
     write_results(os.path.join(RESULTS, stem), result, report(result))
 

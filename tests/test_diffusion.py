@@ -10,6 +10,7 @@ from scldiff.diffusion import (
     SAMPLERS,
     ClassifierFreeGuidance,
     VPSchedule,
+    check_guidance_interval,
     guided_epsilon,
 )
 
@@ -156,6 +157,44 @@ def test_guidance_wrapper_evaluates_both_branches():
     assert torch.equal(calls[-1], torch.tensor([2, 3, 10, 10]))
     assert torch.allclose(ClassifierFreeGuidance(network, labels, 10, 0.0)(z, t)[:, 0],
                           torch.full((2,), 10.0))
+
+
+def test_guidance_interval_guides_inside_and_evaluates_once_outside():
+    calls = []
+
+    def network(z, t, labels):
+        calls.append(labels.numel())
+        return z * 0 + labels.unsqueeze(1).float() + t.unsqueeze(1)  # eps = label + t
+
+    labels = torch.tensor([2, 3])
+    guide = ClassifierFreeGuidance(network, labels, null_label=10, scale=2.0,
+                                   interval=(0.2, 0.5))
+    z = torch.zeros(2, 4)
+    # inside (the ends included): 2 (c + t) - (10 + t) = 2c + t - 10, from one batch of 4
+    for time in (0.2, 0.3, 0.5):
+        out = guide(z, torch.full((2,), time))
+        assert torch.allclose(out[:, 0], 2 * labels.float() + time - 10)
+        assert calls[-1] == 4
+    # outside: the conditional prediction, from one evaluation of the 2 rows only
+    for time in (0.1, 0.9, 1.0):
+        out = guide(z, torch.full((2,), time))
+        assert torch.allclose(out[:, 0], labels.float() + time)
+        assert calls[-1] == 2
+    # rows at different times: each row by its own time
+    out = guide(z, torch.tensor([0.3, 0.9]))
+    assert torch.allclose(out[:, 0], torch.tensor([2 * 2 + 0.3 - 10, 3 + 0.9]))
+    # scale 0 inside the interval is the unconditional prediction
+    guide0 = ClassifierFreeGuidance(network, labels, 10, 0.0, interval=(0.2, 0.5))
+    assert torch.allclose(guide0(z, torch.tensor([0.3, 0.9]))[:, 0],
+                          torch.tensor([10.3, 3.9]))
+
+
+def test_guidance_interval_is_checked():
+    assert check_guidance_interval(None) is None
+    assert check_guidance_interval([0, 1]) == (0.0, 1.0)
+    for bad in [(0.5, 0.2), (-0.1, 0.5), (0.2, 1.5), (0.1,), "ab", 0.5, (0.1, float("nan"))]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            check_guidance_interval(bad)
 
 
 def test_guided_sampling_of_two_gaussians_moves_towards_the_condition():

@@ -240,6 +240,8 @@ def test_generate_label_arguments(trained_model):
         gen(n_samples=3, sampler="euler")
     with pytest.raises(ValueError, match="guidance_scale"):
         gen(n_samples=3, guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        gen(n_samples=3, guidance_interval=(0.8, 0.2))
 
 
 @pytest.mark.parametrize("sampler", ["ode", "ddim", "sde"])
@@ -295,6 +297,21 @@ def test_same_seed_same_counts_and_different_seed_different_counts(trained_model
     c = trained_model.generate(seed=4, **kw)
     assert (a.X != b.X).nnz == 0
     assert (a.X != c.X).nnz > 0
+
+
+def test_guidance_interval_that_holds_no_step_samples_the_conditional_model(trained_model):
+    kw = dict(labels={"B cells": 20, "NK cells": 20}, seed=5, progress_bar=False)
+    # the ODE's times run from 1 down to t_min = 0.001 > 0: (0, 0) guides none of them
+    unguided = trained_model.generate(guidance_scale=4.0, guidance_interval=(0, 0), **kw)
+    conditional = trained_model.generate(guidance_scale=1.0, **kw)
+    assert (unguided.X != conditional.X).nnz == 0
+    assert list(unguided.uns["scldiff"]["guidance_interval"]) == [0.0, 0.0]
+    # every step inside: the same as no interval
+    everywhere = trained_model.generate(guidance_scale=4.0, guidance_interval=(0, 1), **kw)
+    guided = trained_model.generate(guidance_scale=4.0, **kw)
+    assert (everywhere.X != guided.X).nnz == 0
+    assert (guided.X != conditional.X).nnz > 0
+    assert list(guided.uns["scldiff"]["guidance_interval"]) == [0.0, 1.0]
 
 
 def test_save_load_generate_gives_identical_counts(trained_model, tmp_path):

@@ -1,6 +1,6 @@
 """Latent diffusion: VP-SDE schedule, samplers as pure functions, classifier-free guidance."""
 
-from ._guidance import ClassifierFreeGuidance, guided_epsilon
+from ._guidance import ClassifierFreeGuidance, check_guidance_interval, guided_epsilon
 from ._samplers import DEFAULT_STEPS, SAMPLERS, sample_ddim, sample_ode, sample_sde
 from ._schedule import VPSchedule
 
@@ -9,6 +9,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "SAMPLERS",
     "VPSchedule",
+    "check_guidance_interval",
     "guided_epsilon",
     "sample_ddim",
     "sample_ode",

@@ -19,7 +19,7 @@ def guided_epsilon(eps_cond: Tensor, eps_uncond: Tensor, scale: float) -> Tensor
 
 
 class ClassifierFreeGuidance:
-    """Noise predictor ``eps(z, t)`` guided towards fixed labels.
+    r"""Noise predictor ``eps(z, t)`` guided towards fixed labels.
 
     Parameters
     ----------
@@ -31,6 +31,12 @@ class ClassifierFreeGuidance:
         Index of the "no label" token.
     scale
         Guidance scale :math:`w`; for 0 and 1 a single network evaluation is made.
+    interval
+        ``(t_low, t_high)``: guide only at times :math:`t_{low} \le t \le t_{high}`, and
+        use the conditional prediction (:math:`w = 1`) elsewhere, with one network
+        evaluation (Kynkäänniemi et al., 2024, "Applying guidance in a limited interval
+        improves sample and distribution quality in diffusion models"). ``None``: guide at
+        every time.
     """
 
     def __init__(
@@ -39,19 +45,46 @@ class ClassifierFreeGuidance:
         labels: Tensor,
         null_label: int,
         scale: float = 1.0,
+        interval: tuple[float, float] | None = None,
     ):
         self.network = network
         self.labels = labels
         self.null = torch.full_like(labels, null_label)
         self.scale = float(scale)
+        self.interval = check_guidance_interval(interval)
 
     def __call__(self, z: Tensor, t: Tensor) -> Tensor:
         if self.scale == 1.0:
             return self.network(z, t, self.labels)
+        if self.interval is not None:
+            inside = (t >= self.interval[0]) & (t <= self.interval[1])
+            if not bool(inside.any()):
+                return self.network(z, t, self.labels)
         if self.scale == 0.0:
-            return self.network(z, t, self.null)
-        eps = self.network(
-            torch.cat([z, z]), torch.cat([t, t]), torch.cat([self.labels, self.null])
-        )
-        eps_cond, eps_uncond = eps.chunk(2)
-        return guided_epsilon(eps_cond, eps_uncond, self.scale)
+            eps = self.network(z, t, self.null)
+        else:
+            eps_cond, eps_uncond = self.network(
+                torch.cat([z, z]), torch.cat([t, t]), torch.cat([self.labels, self.null])
+            ).chunk(2)
+            eps = guided_epsilon(eps_cond, eps_uncond, self.scale)
+        if self.interval is not None and not bool(inside.all()):  # rows at other times
+            eps = torch.where(inside[:, None], eps,
+                              self.network(z, t, self.labels) if self.scale == 0.0
+                              else eps_cond)
+        return eps
+
+
+def check_guidance_interval(interval) -> tuple[float, float] | None:
+    """``interval`` as a pair of floats ``0 <= t_low <= t_high <= 1``, or ``None``; a
+    ``ValueError`` naming the problem otherwise."""
+    if interval is None:
+        return None
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be None or a pair (t_low, t_high) of "
+                         f"times in [0, 1], got {interval!r}.") from None
+    if not (0.0 <= low <= high <= 1.0):
+        raise ValueError(f"guidance_interval must satisfy 0 <= t_low <= t_high <= 1, got "
+                         f"{interval!r}.")
+    return low, high

@@ -24,7 +24,7 @@ from scvi.utils import track
 from .._constants import ADATA_KEYS, BATCH_KEYS, REGISTRY_KEYS
 from .._matrix import is_in_memory
 from .._version import __version__
-from ..diffusion import DEFAULT_STEPS, SAMPLERS
+from ..diffusion import DEFAULT_STEPS, SAMPLERS, check_guidance_interval
 from ..graph import SubgraphSampler, knn_graph, laplacian_positional_encoding, pca_embedding
 from ..module import LIKELIHOODS, PREDICTIONS, LapDDPMModule, LatentLibrary
 from ..module._decoder import DISPERSIONS, Likelihood
@@ -925,6 +925,7 @@ class LapDDPM(BaseModelClass):
         seed: int | None = None,
         progress_bar: bool = True,
         library_size: Literal["latent", "label"] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> AnnData:
         r"""Generate cells: guided latent diffusion, decoder, library size, count sampling.
 
@@ -969,6 +970,13 @@ class LapDDPM(BaseModelClass):
             or ``"label"`` (from the label's training cells, independently of the latent);
             see :class:`LapDDPM`'s argument of that name. ``None``: the model's. Not for a
             model that diffuses the library size with the latent.
+        guidance_interval
+            ``(t_low, t_high)`` with :math:`0 \le t_{low} \le t_{high} \le 1`: apply the
+            guidance only at diffusion times in that interval (:math:`t = 1` is pure noise,
+            :math:`t \approx 0` the data) and sample the conditional model (scale 1)
+            elsewhere, which also skips the unconditional network evaluation there
+            (Kynkäänniemi et al., 2024). ``None``: guide at every step. Recorded in
+            ``uns["scldiff"]["guidance_interval"]``.
 
         Returns
         -------
@@ -1004,6 +1012,7 @@ class LapDDPM(BaseModelClass):
                                           np.asarray(self.label_proportions_),
                                           self.is_conditional)
         scale = float(guidance_scale) if self.is_conditional else 1.0
+        interval = check_guidance_interval(guidance_interval)
         steps = n_steps or DEFAULT_STEPS[sampler]
 
         seed_sequence = np.random.SeedSequence(seed)
@@ -1038,6 +1047,7 @@ class LapDDPM(BaseModelClass):
                 library if library is None or isinstance(library, LatentLibrary)
                 else torch.from_numpy(library[start:stop]),
                 rng, guidance_scale=scale, sampler=sampler, n_steps=steps, generator=generator,
+                guidance_interval=interval,
             )
         x = self.module._stack(blocks).astype(np.float32, copy=False)  # float32 already
 
@@ -1057,6 +1067,7 @@ class LapDDPM(BaseModelClass):
             "n_steps": int(steps),
             "batch_size": int(batch_size),
             "guidance_scale": scale,
+            "guidance_interval": list(interval or (0.0, 1.0)),
             "likelihood": self.module.likelihood,
             "labels_key": self.labels_key or "",
             "library_size": ("diffused jointly with the latent" if self.module.diffuse_library

@@ -429,8 +429,10 @@ class LapDDPMModule(BaseModuleClass):
         sampler: str = "ode",
         n_steps: int | None = None,
         generator: torch.Generator | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> Tensor:
-        """Guided reverse diffusion from N(0, I) to latents of the given labels.
+        """Guided reverse diffusion from N(0, I) to latents of the given labels
+        (``guidance_interval``: see :class:`~scldiff.diffusion.ClassifierFreeGuidance`).
 
         Returns ``(n, n_latent)`` latents, or ``(n, n_latent + 1)`` with the log library
         size last when the library size is diffused.
@@ -439,7 +441,8 @@ class LapDDPMModule(BaseModuleClass):
         labels = labels.to(device).long()
         z = torch.randn(labels.shape[0], self.n_diffusion, generator=generator, device=device)
         eps_fn = ClassifierFreeGuidance(self.predict_noise, labels,
-                                        self.score_net.null_label, guidance_scale)
+                                        self.score_net.null_label, guidance_scale,
+                                        interval=guidance_interval)
         steps = n_steps or DEFAULT_STEPS[sampler]
         return self.unstandardize(SAMPLERS[sampler](eps_fn, z, self.schedule, steps,
                                                     generator=generator))
@@ -454,6 +457,7 @@ class LapDDPMModule(BaseModuleClass):
         sampler: str = "ode",
         n_steps: int | None = None,
         generator: torch.Generator | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> sp.csr_matrix:
         """Counts for cells of the given labels (CSR): latents, decoder, likelihood.
 
@@ -463,17 +467,20 @@ class LapDDPMModule(BaseModuleClass):
         ``rng`` draws the counts on a CPU (:meth:`decode_counts`).
         """
         return self._stack(self._sample_blocks(labels, library, rng, guidance_scale, sampler,
-                                               n_steps, generator))
+                                               n_steps, generator, guidance_interval))
 
     @torch.no_grad()
     def _sample_blocks(self, labels: Tensor, library: Tensor | LatentLibrary | None,
                        rng: np.random.Generator, guidance_scale: float = 1.0,
                        sampler: str = "ode", n_steps: int | None = None,
-                       generator: torch.Generator | None = None) -> list[sp.csr_matrix]:
+                       generator: torch.Generator | None = None,
+                       guidance_interval: tuple[float, float] | None = None,
+                       ) -> list[sp.csr_matrix]:
         """:meth:`sample` as row blocks of counts, to be stacked once by the caller.
         ``library``: the cells' library sizes, or a :class:`LatentLibrary` that draws them
         given the sampled latents."""
-        z = self.sample_latents(labels, guidance_scale, sampler, n_steps, generator)
+        z = self.sample_latents(labels, guidance_scale, sampler, n_steps, generator,
+                                guidance_interval)
         if self.diffuse_library:
             low, high = self.log_library_range.tolist()
             z, library = z[:, : self.n_latent], z[:, self.n_latent].clamp(low, high).exp()
