@@ -36,6 +36,7 @@ Fit times are only comparable inside one invocation with one ``--threads`` setti
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -51,6 +52,7 @@ import scipy.sparse as sp
 import torch
 
 import scldiff
+from scldiff.model._lapddpm import STAGE_A_STEPS, _epochs_for_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -93,6 +95,8 @@ ABLATIONS: dict[str, tuple[dict, dict, dict]] = {
     "encoder labels, guidance 2.5": ({}, {}, {"guidance_scale": 2.5}),
     "epsilon prediction": ({}, {}, {}),
     "encoder labels": ({}, {}, {}),
+    # stage A trained for twice its default number of steps (stage_a_factor: fit_lapddpm)
+    "stage A x2": ({}, {"stage_a_factor": 2}, {}),
     # the defaults, trained (and generating) on a GPU; needs CUDA, never run by --ablations
     "GPU": ({}, {"accelerator": "gpu"}, {}),
     "GPU bf16": ({}, {"accelerator": "gpu", "precision": "bf16-mixed"}, {}),
@@ -241,6 +245,13 @@ def fit_lapddpm(train: ad.AnnData, label_counts: dict, seed: int, setup_kwargs: 
     setup = {"labels_key": LABELS, **setup_kwargs}
     scldiff.LapDDPM.setup_anndata(data, **setup)
     model = scldiff.LapDDPM(data, **(model_kwargs or {}))
+    train_kwargs = dict(train_kwargs)
+    factor = train_kwargs.pop("stage_a_factor", None)
+    if factor is not None:  # that many times train()'s default stage-A epochs
+        default = _epochs_for_steps(STAGE_A_STEPS, data.n_obs,
+                                    inspect.signature(model.train).parameters["batch_size"]
+                                    .default)
+        train_kwargs["n_epochs_stage_a"] = round(factor * default)
     model.train(enable_progress_bar=False, **train_kwargs)
     return model, time.perf_counter() - start
 
