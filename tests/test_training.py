@@ -310,3 +310,15 @@ def test_trained_velocity_scorenet_samples_a_gaussian_with_its_variance():
                     module.schedule, steps, generator=torch.Generator().manual_seed(3))
         ratio = z.var(0) / scale**2
         assert ((ratio > 0.85) & (ratio < 1.15)).all(), (sampler, ratio)
+
+
+def test_default_stage_lengths_are_counted_in_optimisation_steps():
+    from scldiff.model._lapddpm import STAGE_A_STEPS, STAGE_B_STEPS, _epochs_for_steps
+
+    assert (STAGE_A_STEPS, STAGE_B_STEPS) == (2_000, 4_000)
+    # PBMC3K's benchmark training cells: 2,110 cells, 17 minibatches of 128 per epoch
+    assert _epochs_for_steps(STAGE_A_STEPS, 2_110, 128) == 118
+    # Zheng 2017's: 3,099 cells, 25 minibatches
+    assert _epochs_for_steps(STAGE_A_STEPS, 3_099, 128) == 80
+    # at least one epoch, however large the data
+    assert _epochs_for_steps(STAGE_A_STEPS, 10_000_000, 128) == 1
