@@ -315,6 +315,35 @@ def test_decode_counts_in_chunks_keeps_each_cell_with_its_latent_and_library():
     assert sp.isspmatrix_csr(empty) and empty.shape == (0, 40)
 
 
+def test_cpu_decoding_threads_change_neither_counts_nor_settings():
+    # chunks are decoded in torch.get_num_threads() worker threads, each chunk's draws
+    # seeded in chunk order: the counts are those of one thread. Torch runs on one thread
+    # meanwhile, and gets its own count back; the caller's autocast reaches the workers.
+    from scldiff.module import LapDDPMModule
+
+    torch.manual_seed(0)
+    module = LapDDPMModule(n_input=300, n_labels=1, n_lpe=0, n_latent=3, n_hidden=8,
+                           score_hidden=8, score_blocks=1, likelihood="zinb").eval()
+    z, library = torch.randn(50, 3), torch.full((50,), 400.0)
+    threads = torch.get_num_threads()
+    try:
+        counts = {}
+        for n_threads in (1, 3):
+            torch.set_num_threads(n_threads)
+            counts[n_threads] = module.decode_counts(z, library, np.random.default_rng(2),
+                                                     chunk_size=7)
+            assert torch.get_num_threads() == n_threads
+        assert counts[1].nnz > 500 and (counts[1] != counts[3]).nnz == 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 means: other counts
+            low = module.decode_counts(z, library, np.random.default_rng(2), chunk_size=7)
+        torch.set_num_threads(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low_one = module.decode_counts(z, library, np.random.default_rng(2), chunk_size=7)
+        assert (low != low_one).nnz == 0 and (low != counts[1]).nnz > 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "hurdle", "poisson"])
 def test_sampled_counts_follow_the_scipy_pmf(likelihood, backend):
@@ -441,31 +470,68 @@ def test_sampling_params_equal_the_forward_ones(likelihood):
         assert "detect_offset" not in fast
 
 
-class _FixedUniforms:
-    """A Generator stand-in: float32 uniforms 0, float64 ones 1/2."""
+class _FixedKey:
+    """A numpy Generator whose key for the CPU sampler's uniforms is ``key``."""
 
-    def random(self, size, dtype=np.float64):
-        return np.zeros(size, dtype) if dtype == np.float32 else np.full(size, 0.5)
+    def __init__(self, key: int):
+        self.key, self.rng = key, np.random.default_rng(0)
 
+    def integers(self, low, high, dtype):
+        return dtype(self.key)
 
-@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
-def test_zero_decisions_resolve_probabilities_below_float32_spacing(likelihood):
-    # float32 uniforms are multiples of 2**-24 (6e-8): alone, u = 0 would make every entry
-    # with P(X > 0) > 0 nonzero. Completed to float64, u is 2**-25 (3e-8) here, so only
-    # the entries with P(X > 0) above it may be nonzero.
-    mu = torch.tensor([[1e-9, 2e-8, 4e-8, 1e-7, 0.5]])
-    params = {"scale": mu / 10.0, "theta": torch.full((5,), 2.0),
-              "kept": torch.ones(1, 5)}
-    counts = sample_counts(likelihood, params, torch.tensor([[10.0]]), _FixedUniforms())
-    assert counts.toarray().ravel().tolist() == [0, 0, 1, 1, 1]
+    def __getattr__(self, name):
+        return getattr(self.rng, name)
 
 
-def test_hurdle_zero_decisions_use_p_itself_below_float32_spacing():
-    # as above, with P(X > 0) = p given directly; the NB's own zeros play no part
-    p = torch.tensor([[1e-9, 2e-8, 4e-8, 1e-7, 0.5]])
-    params = {"scale": torch.full((1, 5), 0.5), "theta": torch.full((5,), 2.0), "detect": p}
-    counts = sample_counts("hurdle", params, torch.tensor([[10.0]]), _FixedUniforms())
-    assert (counts.toarray().ravel() > 0).tolist() == [False, False, True, True, True]
+def _near_their_uniforms(key: int, n_cells: int, n_genes: int):
+    """The uniforms of the CPU sampler's entries under ``key``, and probabilities of a
+    nonzero count just above or just below each (relative 1e-5; alternately, and so
+    among the entries with u < 2**-16)."""
+    from scldiff.module._kernels import entry_uniforms
+
+    ticks, u = entry_uniforms(key, n_cells * n_genes)
+    above = np.arange(u.size) % 2 == 0
+    small = np.flatnonzero(ticks == 0)
+    above[small] = np.arange(small.size) % 2 == 0
+    side = np.where(above, 1 + 1e-5, 1 - 1e-5)
+    return ticks.reshape(n_cells, n_genes), u.reshape(n_cells, n_genes), \
+        np.minimum(u * side, 0.999).reshape(n_cells, n_genes)
+
+
+@pytest.mark.parametrize("likelihood", ["poisson", "hurdle"])
+def test_zero_decisions_are_exactly_u_below_the_probability_of_a_count(likelihood):
+    # Every entry's probability of a nonzero count lies within 1e-5 (relative) of its own
+    # uniform, above or below, so each decision hinges on the float64 comparison. Among
+    # 2**18 entries, a few have 16-bit integer part 0 (u < 2**-16, probabilities down to
+    # 1e-9): the dense 16-bit test alone would keep them all.
+    key, n_cells, n_genes = 20261123, 64, 4096
+    ticks, u, target = _near_their_uniforms(key, n_cells, n_genes)
+    library = torch.full((n_cells, 1), 10.0)
+    if likelihood == "poisson":  # P(X > 0) = 1 - exp(-mu)
+        scale = torch.tensor(-np.log1p(-target) / 10.0, dtype=torch.float32)
+        params = {"scale": scale}
+        p = -np.expm1(-(10.0 * scale.double().numpy()))
+    else:  # the hurdle's P(X > 0) is given
+        detect = torch.tensor(target, dtype=torch.float32)
+        params = {"scale": torch.full((n_cells, n_genes), 0.1), "theta":
+                  torch.full((n_genes,), 2.0), "detect": detect}
+        p = detect.double().numpy()
+    counts = sample_counts(likelihood, params, library, _FixedKey(key)).toarray()
+    assert ((counts > 0) == (u < p)).all()
+    small = ticks == 0
+    assert small.sum() >= 2 and (counts[small] > 0).any() and (counts[small] == 0).any()
+
+
+def test_cpu_sampler_counts_depend_only_on_the_key():
+    key, n_cells, n_genes = 7, 16, 300
+    _, u, target = _near_their_uniforms(key, n_cells, n_genes)
+    params = {"scale": torch.tensor(-np.log1p(-target) / 10.0, dtype=torch.float32)}
+    library = torch.full((n_cells, 1), 10.0)
+    first = sample_counts("poisson", params, library, _FixedKey(key))
+    second = sample_counts("poisson", params, library, _FixedKey(key))
+    assert (first != second).nnz == 0
+    other = sample_counts("poisson", params, library, _FixedKey(key + 1))
+    assert (first != other).nnz > 0
 
 
 @pytest.mark.parametrize("shape", [0.05, 0.3, 1.0, 4.0, 60.0])
@@ -516,6 +582,27 @@ def test_inverse_cdf_tail_on_the_host_gives_the_same_draws(poisson):
     assert (on_device >= 1).all() and on_device.max() > 20  # a tail of many steps
     for host_below in (10**9, 500):
         assert torch.equal(draws(host_below), on_device)
+
+
+@pytest.mark.parametrize("poisson", [False, True])
+def test_compiled_inverse_cdf_gives_the_vectorised_draws(poisson):
+    # the CPU's compiled loop, entry by entry, against the vectorised steps (the torch
+    # sampler's) from the same CDF levels: the same float64 arithmetic, the same draws,
+    # including long tails (means up to 10, dispersions down to 0.05)
+    from scldiff.module._decoder import _positive_draws, _positive_draws_with
+
+    rng = np.random.default_rng(4)
+    n = 50_000
+    mu = rng.uniform(0.001, 10.0, n)
+    theta = None if poisson else rng.uniform(0.05, 5.0, n)
+    p_zero = np.exp(-mu) if poisson else (theta / (theta + mu)) ** theta
+    uniforms = rng.random(n)
+    uniforms[:50] = 1.0 - 1e-12  # the far tail
+    vectorised = _positive_draws_with(mu, theta, p_zero, np, np.flatnonzero,
+                                      lambda size: uniforms, None, None)
+    compiled = _positive_draws(mu, theta, p_zero, None,
+                               levels=p_zero + (1.0 - p_zero) * uniforms)
+    assert np.array_equal(compiled, vectorised) and vectorised.max() > 30
 
 
 def test_csr_from_tensors_matches_csr():

@@ -366,6 +366,9 @@ def sparse_log_likelihood(
 _BOUND_SLACK = 1.0 + 1e-5
 # spacing of numpy's float32 uniforms (multiples of 2**-24)
 _FLOAT32_SPACING = 2.0**-24
+# stand in for ``kept`` and ``theta`` in the CPU kernels where the likelihood has none
+_NO_KEPT = np.zeros((1, 1), np.float32)
+_NO_THETA = np.zeros(1)
 # means up to this are drawn by inverse CDF (a few steps each), larger ones as Gamma-Poisson
 _INVERSE_CDF_MAX_MEAN = 10.0
 # on a GPU, the inverse CDF's last entries finish on the CPU once fewer than this remain
@@ -375,24 +378,42 @@ _STAGING_ELEMENTS = 4 * 2**20
 
 
 def _positive_draws(mu: np.ndarray, theta: np.ndarray | None, p_zero: np.ndarray,
-                    rng: np.random.Generator) -> np.ndarray:
+                    rng: np.random.Generator, levels: np.ndarray | None = None
+                    ) -> np.ndarray:
     r"""Draws of :math:`X \mid X \ge 1` for :math:`X \sim \mathrm{NB}(\mu, \theta)`
     (Poisson when ``theta`` is ``None``); ``p_zero`` is :math:`P(X = 0)`. Float64 arrays.
+    ``levels``: the CDF levels, uniform on :math:`(P(0), 1)`, of the inverse-CDF draws
+    (default: drawn from ``rng``).
 
     Means up to ``_INVERSE_CDF_MAX_MEAN``: inverse CDF of a uniform on :math:`(P(0), 1)`,
     stepping :math:`p(k) = p(k-1)\,\frac{k - 1 + \theta}{k}\,\frac{\mu}{\mu + \theta}`
-    (Poisson: :math:`p(k-1)\,\mu/k`) until the CDF passes it. Each step keeps only the
-    entries still running, compacted, so its cost is about the number of entries. Larger
-    means: Gamma–Poisson draws, redrawn while zero (rejection, exact).
+    (Poisson: :math:`p(k-1)\,\mu/k`) until the CDF passes it, entry by entry in a compiled
+    loop (:func:`scldiff.module._kernels.inverse_cdf`). Larger means: Gamma–Poisson
+    draws, redrawn while zero (rejection, exact).
     """
-    return _positive_draws_with(
-        mu, theta, p_zero, np, np.flatnonzero, lambda n: rng.random(n),
-        lambda shape, scale: rng.gamma(shape, scale), lambda rate: rng.poisson(rate))
+    from ._kernels import inverse_cdf
+
+    out = np.ones_like(mu)  # every draw is at least 1
+    small = mu <= _INVERSE_CDF_MAX_MEAN
+    if levels is None:
+        levels = np.zeros_like(mu)
+        where = np.flatnonzero(small)
+        levels[where] = p_zero[where] + (1.0 - p_zero[where]) * rng.random(where.size)
+    inverse_cdf(mu, _NO_THETA if theta is None else theta, p_zero, levels,
+                theta is not None, _INVERSE_CDF_MAX_MEAN, out)
+    idx = np.flatnonzero(~small)
+    while len(idx):
+        m = mu[idx]
+        draws = rng.poisson(m if theta is None else rng.gamma(theta[idx], m / theta[idx]))
+        out[idx] = draws
+        idx = idx[np.flatnonzero(draws == 0)]
+    return out
 
 
 def _positive_draws_with(mu, theta, p_zero, xp, indices, uniform, gamma, poisson,
                          host_below: int = 0):
-    """:func:`_positive_draws` for numpy or torch arrays: ``xp`` is the module,
+    """:func:`_positive_draws` vectorised, for numpy or torch arrays (the torch sampler's;
+    the CPU's steps entry by entry instead): ``xp`` is the module,
     ``indices(mask)`` the positions of a mask, ``uniform(n)``, ``gamma(shape, scale)`` and
     ``poisson(rate)`` draw from the caller's generator.
 
@@ -475,16 +496,22 @@ def sample_counts(
     Sparse and exact. A count is nonzero with probability :math:`P(X > 0) = (1 - \pi)\,(1 -
     (\theta / (\theta + \mu))^\theta)` (ZINB; NB without :math:`\pi`, Poisson :math:`1 -
     e^{-\mu}`, hurdle NB :math:`p`), decided by one uniform :math:`u` per entry. Since
-    :math:`P(X > 0) \le E[X]` (Markov), a float32 pass over the dense ``(n_cells, n_genes)``
-    parameters keeps only the entries with :math:`u < E[X]` (the hurdle's: :math:`u < p`),
-    about a seventh of them on PBMC3K; the
-    exact probability, its logarithm and power, is computed in float64 for those alone. The
-    uniform there is completed to float64 resolution (:math:`u + 2^{-24} v` with a fresh
-    :math:`v`), so that probabilities below float32's spacing are not rounded. The nonzero
-    entries, a few percent, are then drawn from :math:`X \mid X \ge 1`
-    (:func:`_positive_draws`). Pass a few hundred cells at a time
-    (:meth:`LapDDPMModule.decode_counts`), so that the dense passes reuse memory instead of
-    faulting in new pages.
+    :math:`P(X > 0) \le E[X]` (Markov), a pass over the dense ``(n_cells, n_genes)``
+    parameters keeps only the entries whose uniform may lie below :math:`E[X]` (the
+    hurdle's: :math:`p`), about a seventh of them on PBMC3K; the exact probability, its
+    logarithm and power, is computed in float64 for those alone. The nonzero entries, a
+    few percent, are then drawn from :math:`X \mid X \ge 1` (:func:`_positive_draws`); on
+    the CPU at the CDF level :math:`P(0) + (1 - P(0))\,u / P(X > 0)`, since given
+    :math:`u < P(X > 0)` that ratio is a fresh uniform.
+
+    On the CPU (a numpy ``rng``), the dense pass is a compiled loop
+    (:func:`scldiff.module._kernels.preselect`) that draws each entry's 16-bit integer
+    :math:`k` from a counter-based generator keyed by one draw from ``rng``, and keeps
+    the entry when :math:`k \le 2^{16} E[X]`; the kept entries' uniforms are completed
+    to :math:`u = (k + v)\,2^{-16}` with 53 more bits :math:`v`, so that probabilities far
+    below :math:`2^{-16}` are resolved exactly. With a ``torch.Generator`` the dense
+    uniforms are 24-bit integers drawn in torch on the parameters' device. Pass a few
+    hundred cells at a time (:meth:`LapDDPMModule.decode_counts`).
 
     Parameters
     ----------
@@ -499,10 +526,10 @@ def sample_counts(
     library
         ``(n_cells, 1)`` library sizes.
     rng
-        A numpy ``Generator``: the draws run on the CPU with numpy. A ``torch.Generator``:
-        they run in torch on the parameters' device (a GPU's), from that generator, and
-        only the nonzero counts come back to the CPU. The two give different counts for
-        the same seed, with the same distribution.
+        A numpy ``Generator``: the draws run on the CPU (numba and numpy). A
+        ``torch.Generator``: they run in torch on the parameters' device (a GPU's), from
+        that generator, and only the nonzero counts come back to the CPU. The two give
+        different counts for the same seed, with the same distribution.
 
     Returns
     -------
@@ -510,41 +537,51 @@ def sample_counts(
     """
     if isinstance(rng, torch.Generator):
         return _sample_counts_torch(likelihood, params, library, rng)
+    from ._kernels import TICKS, preselect
+
     with torch.no_grad():
-        scale, lib, theta, kept, bound = _dense_bound(likelihood, params, library,
-                                                      torch.device("cpu"), 1.0)
+        scale, lib, theta, kept, _ = _dense_bound(likelihood, params, library,
+                                                  torch.device("cpu"), 1.0, bound=False)
         n_cells, n_genes = scale.shape
-        uniform = rng.random((n_cells, n_genes), dtype=np.float32)
-        flat = np.flatnonzero(uniform < bound.numpy())
-        del bound
-        rows = flat // n_genes
-        cols = flat - rows * n_genes
-        mu = lib.numpy()[rows] * scale.numpy().ravel()[flat]
+        lib = lib.numpy()
+        hurdle = likelihood == "hurdle"
+        # the bound in units of 2**-16: E[X] (times 1 - pi), or the hurdle's P(X > 0)
+        factor = np.full(n_cells, _BOUND_SLACK * TICKS) if hurdle else lib * (
+            _BOUND_SLACK * TICKS)
+        has_kept = kept is not None
+        rows, cols, mu, kept, u = preselect(
+            np.ascontiguousarray(scale.numpy()),
+            np.ascontiguousarray(kept.numpy()) if has_kept else _NO_KEPT,
+            lib, factor.astype(np.float32), not hurdle, has_kept,
+            rng.integers(0, 2**64, dtype=np.uint64))
         if theta is not None:
             theta = theta.numpy()
-            theta = theta[cols] if theta.ndim == 1 else theta.ravel()[flat]
-        u = uniform.ravel()[flat] + rng.random(flat.size) * _FLOAT32_SPACING
-        keep, log_p0 = _exact_nonzero(np, np.flatnonzero, u, mu, theta,
-                                      None if kept is None else kept.numpy().ravel()[flat],
-                                      likelihood == "hurdle")
+            theta = theta[cols] if theta.ndim == 1 else theta[rows, cols]
+        keep, log_p0, p_nonzero = _exact_nonzero(np, np.flatnonzero, u, mu, theta,
+                                                 kept if has_kept else None, hurdle)
         rows, cols, mu = rows[keep], cols[keep], mu[keep]
-        values = _positive_draws(mu, None if theta is None else theta[keep], np.exp(log_p0),
-                                 rng)
+        p_zero = np.exp(log_p0)
+        # Given u < P(X > 0), u / P(X > 0) is uniform on (0, 1) and independent of the
+        # zero decision: it places the positive draw's CDF level on (P(0), 1)
+        values = _positive_draws(mu, None if theta is None else theta[keep], p_zero, rng,
+                                 levels=p_zero + (1.0 - p_zero) * (u[keep] / p_nonzero))
     return _csr(rows, cols, values, n_cells, n_genes)
 
 
 def _dense_bound(likelihood: Likelihood, params: dict[str, Tensor], library: Tensor,
-                 device: torch.device, unit: float
-                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+                 device: torch.device, unit: float, bound: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The sampler's inputs on ``device``: ``scale`` (float32), the libraries (float64),
     ``theta`` (float64, one per gene or one per entry; ``None`` for Poisson), ``kept``
     (float32 ``1 - pi`` of the ZINB, ``P(X > 0)`` of the hurdle NB, otherwise ``None``) and
     the dense bound ``E[X] / unit`` (the hurdle's: ``P(X > 0) / unit``), a little inflated
-    against float32 rounding, which :math:`P(X > 0)` never exceeds."""
+    against float32 rounding, which :math:`P(X > 0)` never exceeds (``None`` without
+    ``bound``: the CPU sampler computes it entry by entry)."""
     scale = params["scale"].detach().to(device, torch.float32)
     lib = library.detach().to(device, torch.float64).reshape(-1)
+    dense = bound
     bound = None  # the hurdle's is set below, from P(X > 0)
-    if likelihood != "hurdle":
+    if likelihood != "hurdle" and dense:
         bound = scale * (lib * (_BOUND_SLACK / unit)).float()[:, None]
     theta = kept = None
     if likelihood != "poisson":
@@ -557,7 +594,8 @@ def _dense_bound(likelihood: Likelihood, params: dict[str, Tensor], library: Ten
         if kept is None:
             kept = torch.sigmoid(torch.neg(params["zi_logits"].detach().float()))
         kept = kept.detach().to(device, torch.float32)
-        bound.mul_(kept)
+        if dense:
+            bound.mul_(kept)
     if likelihood == "hurdle":  # P(X > 0) is p itself: the bound is exact
         kept = params.get("detect")
         if kept is None:
@@ -567,13 +605,15 @@ def _dense_bound(likelihood: Likelihood, params: dict[str, Tensor], library: Ten
             offset = params["detect_offset"].detach().to(device, torch.float32)
             kept = torch.sigmoid(hurdle_logits(log_nb_zero, offset))
         kept = kept.detach().to(device, torch.float32)
-        bound = kept * (_BOUND_SLACK / unit)
+        if dense:
+            bound = kept * (_BOUND_SLACK / unit)
     return scale, lib, theta, kept, bound
 
 
 def _exact_nonzero(xp, indices, u, mu, theta, kept, hurdle: bool = False):
     r"""Which pre-selected entries are nonzero, :math:`u < P(X > 0)` in float64, and
-    :math:`\log P_{NB}(0)` of those (numpy or torch arrays; ``xp`` is the module).
+    :math:`\log P_{NB}(0)` and :math:`P(X > 0)` of those (numpy or torch arrays; ``xp``
+    is the module).
     ``kept``: :math:`1 - \pi` of the ZINB, or with ``hurdle`` :math:`P(X > 0)` itself."""
     log_p0 = -mu if theta is None else -theta * xp.log1p(mu / theta)
     if hurdle:
@@ -583,7 +623,7 @@ def _exact_nonzero(xp, indices, u, mu, theta, kept, hurdle: bool = False):
         if kept is not None:
             p_nonzero = p_nonzero * kept
     keep = indices(u < p_nonzero)
-    return keep, log_p0[keep]
+    return keep, log_p0[keep], p_nonzero[keep]
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_cells: int,
@@ -666,7 +706,7 @@ def _sample_counts_torch(likelihood: Likelihood, params: dict[str, Tensor], libr
     u = (ticks.reshape(-1)[flat].double()
          + torch.rand(flat.numel(), generator=generator, device=device, dtype=torch.float64)
          ) * _FLOAT32_SPACING
-    keep, log_p0 = _exact_nonzero(
+    keep, log_p0, _ = _exact_nonzero(
         torch, lambda mask: torch.nonzero(mask).squeeze(1), u, mu, theta,
         None if kept is None else kept.reshape(-1)[flat].double(), likelihood == "hurdle")
     rows, cols, mu = rows[keep], cols[keep], mu[keep]
