@@ -163,8 +163,10 @@ class CountDecoder(nn.Module):
         ``zi_logits``.
         """
         h = self._hidden(z, labels)
-        # softmax in one fused pass: on a CPU about 3.5x faster than log_softmax then exp
-        scale = torch.softmax(self.scale(h), dim=-1)  # rho
+        # softmax in one fused pass: on a CPU about 3.5x faster than log_softmax then exp.
+        # In float32 also under autocast, where the products come out in bf16: the
+        # elementwise passes that follow are then faster too, and need no conversion
+        scale = torch.softmax(self.scale(h), dim=-1, dtype=torch.float32)  # rho
         params: dict[str, Tensor] = {}
         if self.log_theta is not None:
             params["theta"] = self._log_theta(labels).exp()
@@ -172,7 +174,8 @@ class CountDecoder(nn.Module):
             # 1 - pi = sigmoid(-logits): the negated logits come out of the matrix product
             # (beta = alpha = -1), then one sigmoid pass
             layer = self.dropout_logits
-            kept = torch.addmm(layer.bias, h, layer.weight.t(), beta=-1, alpha=-1).sigmoid_()
+            kept = torch.addmm(layer.bias, h, layer.weight.t(), beta=-1, alpha=-1
+                               ).float().sigmoid_()
             scale.div_(torch.linalg.vecdot(kept, scale)[:, None])  # rho / sum (1 - pi) rho
             params["kept"] = kept
         if self.detect_offset is not None:

@@ -61,22 +61,41 @@ def _grow(a, size):
     return out
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _tick(key, start, g):
+    """The 16-bit integer of entry ``start + g``: SplitMix64's output ``2 (start + g)``."""
+    return np.float32(_mix(key + (start + np.uint64(g)) * _TWO * _GOLDEN) >> _S48)
+
+
 @njit(cache=True, nogil=True)
-def _scan(ticks, bound, row, kept, has_kept, library, i, start, key, count, rows, cols,
-          mean, keep, uniform):
-    """The entries of row ``i`` whose 16-bit integer is at most their bound, written from
-    position ``count`` on; returns the new count."""
-    for g in range(ticks.size):
-        if ticks[g] <= bound[g]:
-            counter = (start + np.uint64(g)) * _TWO + _ONE
-            fine = _mix(key + counter * _GOLDEN) >> _S11
-            rows[count] = i
-            cols[count] = g
-            mean[count] = library * np.float64(row[g])
-            if has_kept:
-                keep[count] = np.float64(kept[i, g])
-            uniform[count] = (np.float64(ticks[g]) + np.float64(fine) * _INV_53) * _INV_TICKS
-            count += 1
+def _flag_row(flags, row, kept_row, factor, scale_in_bound, has_kept, key, start):
+    """``flags[g]``: whether entry ``g`` of the row passes the dense test (vectorised
+    loops, one per kind of bound)."""
+    if scale_in_bound and has_kept:
+        for g in range(flags.size):
+            flags[g] = _tick(key, start, g) <= row[g] * factor * kept_row[g]
+    elif scale_in_bound:
+        for g in range(flags.size):
+            flags[g] = _tick(key, start, g) <= row[g] * factor
+    else:
+        for g in range(flags.size):
+            flags[g] = _tick(key, start, g) <= factor * kept_row[g]
+
+
+@njit(cache=True, nogil=True)
+def _write(selected, row, kept_row, has_kept, library, i, start, key, count, rows, cols,
+           mean, keep, uniform):
+    """Row ``i``'s selected entries, from position ``count`` on; returns the new count."""
+    for g in selected:
+        fine = _mix(key + ((start + np.uint64(g)) * _TWO + _ONE) * _GOLDEN) >> _S11
+        rows[count] = i
+        cols[count] = g
+        mean[count] = library * np.float64(row[g])
+        if has_kept:
+            keep[count] = np.float64(kept_row[g])
+        uniform[count] = (np.float64(_tick(key, start, g)) + np.float64(fine) * _INV_53
+                          ) * _INV_TICKS
+        count += 1
     return count
 
 
@@ -103,37 +122,43 @@ def preselect(scale, kept, library, bound_factor, scale_in_bound, has_kept, key)
     keep = np.empty(capacity if has_kept else 0, np.float64)
     uniform = np.empty(capacity, np.float64)
     key = np.uint64(key)
-    bound = np.empty(n_genes, np.float32)
-    ticks = np.empty(n_genes, np.float32)
+    flags = np.empty(n_genes, np.uint8)
+    selected = np.empty(n_genes + 1, np.int64)
     count = 0
     for i in range(n_cells):
-        factor = np.float32(bound_factor[i])
         row = scale[i]
-        if scale_in_bound:
-            for g in range(n_genes):
-                bound[g] = row[g] * factor
-        else:
-            for g in range(n_genes):
-                bound[g] = factor
-        if has_kept:
-            kept_row = kept[i]
-            for g in range(n_genes):
-                bound[g] = bound[g] * kept_row[g]
+        kept_row = kept[i] if has_kept else kept[0]
         start = np.uint64(i * n_genes)
-        # vectorised: the 16 high bits of each entry's output
+        _flag_row(flags, row, kept_row, np.float32(bound_factor[i]), scale_in_bound,
+                  has_kept, key, start)
+        # branch-free compaction: an unpredictable branch per entry costs more
+        n_selected = 0
         for g in range(n_genes):
-            counter = (start + np.uint64(g)) * _TWO
-            ticks[g] = np.float32(_mix(key + counter * _GOLDEN) >> _S48)
-        if count + n_genes > rows.size:  # room for a whole row (outside the scan below,
-            size = max(2 * rows.size, count + n_genes)  # which then keeps its arrays)
+            selected[n_selected] = g
+            n_selected += flags[g]
+        if count + n_selected > rows.size:
+            size = max(2 * rows.size, count + n_selected)
             rows, cols = _grow(rows, size), _grow(cols, size)
             mean, uniform = _grow(mean, size), _grow(uniform, size)
             if has_kept:
                 keep = _grow(keep, size)
-        count = _scan(ticks, bound, row, kept, has_kept, library[i], i, start, key, count,
-                      rows, cols, mean, keep, uniform)
-    return (rows[:count].copy(), cols[:count].copy(), mean[:count].copy(),
-            keep[: count if has_kept else 0].copy(), uniform[:count].copy())
+        count = _write(selected[:n_selected], row, kept_row, has_kept, library[i], i, start,
+                       key, count, rows, cols, mean, keep, uniform)
+    # views: copying them would cost more than the unused capacity they hold on to
+    return (rows[:count], cols[:count], mean[:count], keep[: count if has_kept else 0],
+            uniform[:count])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _first_step(m, theta, p0, has_theta):
+    """``(ratio_a, ratio_b, pmf, cdf)`` at ``k = 1``: :math:`p(k)/p(k-1) = (k a + b)/k`."""
+    if has_theta:
+        q = m / (m + theta)
+        ratio_a, ratio_b = q, (theta - 1.0) * q
+    else:
+        ratio_a, ratio_b = 0.0, m
+    pmf = p0 * (ratio_a + ratio_b)
+    return ratio_a, ratio_b, pmf, p0 + pmf
 
 
 @njit(cache=True, nogil=True)
@@ -142,20 +167,24 @@ def inverse_cdf(mu, theta, p_zero, levels, has_theta, max_mean, out):
     ``mu <= max_mean`` (the others are left alone): the arithmetic, entry by entry, of
     the vectorised steps of :func:`scldiff.module._decoder._inverse_cdf_steps`, so the
     same draws. ``levels``: CDF levels on :math:`(P(0), 1)`; ``theta`` is read only with
-    ``has_theta`` (otherwise Poisson). Float64 arrays."""
-    for j in range(mu.size):
+    ``has_theta`` (otherwise Poisson). Float64 arrays.
+
+    A first, vectorised pass settles the entries whose draw is 1 (most of them); the
+    others step on one by one."""
+    n = mu.size
+    more = np.empty(n, np.uint8)
+    for j in range(n):
         m = mu[j]
-        if not m <= max_mean:
-            continue
-        p0 = p_zero[j]
+        ratio_a, ratio_b, pmf, cdf = _first_step(m, theta[j] if has_theta else 0.0,
+                                                 p_zero[j], has_theta)
+        small = m <= max_mean
+        more[j] = small and cdf <= levels[j] and pmf > 0
+        if small:
+            out[j] = 1.0
+    for j in np.flatnonzero(more):
+        ratio_a, ratio_b, pmf, cdf = _first_step(mu[j], theta[j] if has_theta else 0.0,
+                                                 p_zero[j], has_theta)
         level = levels[j]
-        if has_theta:
-            q = m / (m + theta[j])
-            ratio_a, ratio_b = q, (theta[j] - 1.0) * q
-        else:
-            ratio_a, ratio_b = 0.0, m  # p(k)/p(k-1) = (k*a + b)/k
-        pmf = p0 * (ratio_a + ratio_b)
-        cdf = p0 + pmf
         k = 1.0
         stalled = False
         # stop where the CDF has passed the level, or where rounding stalls it past the
