@@ -1,7 +1,8 @@
-"""Compiled (numba) inner loop of the CPU count sampler: which entries may be nonzero.
+"""Compiled (numba) loops of the CPU count sampler: which entries may be nonzero
+(:func:`preselect`), and the inverse-CDF draws of the nonzero counts (:func:`inverse_cdf`).
 
-numba comes with pynndescent, which builds the cell graph. The kernel is compiled on its
-first call and cached on disk (``cache=True``), so later processes load it. It releases
+numba comes with pynndescent, which builds the cell graph. The loops are compiled on their
+first call and cached on disk (``cache=True``), so later processes load them. They release
 the GIL, so several chunks of cells can be drawn in parallel threads.
 
 The uniforms come from a counter-based generator: SplitMix64's output function (Steele,
@@ -70,7 +71,7 @@ def _tick(key, start, g):
 @njit(cache=True, nogil=True)
 def _flag_row(flags, row, kept_row, factor, scale_in_bound, has_kept, key, start):
     """``flags[g]``: whether entry ``g`` of the row passes the dense test (vectorised
-    loops, one per kind of bound)."""
+    loops, one per kind of bound; a bound without ``scale``, the hurdle's, has ``kept``)."""
     if scale_in_bound and has_kept:
         for g in range(flags.size):
             flags[g] = _tick(key, start, g) <= row[g] * factor * kept_row[g]
