@@ -367,7 +367,7 @@ def sparse_log_likelihood(
 # P(X > 0) <= E[X]: the dense pre-selection's bound is E[X] times this, so that float32
 # rounding cannot push it below the exact probability
 _BOUND_SLACK = 1.0 + 1e-5
-# spacing of numpy's float32 uniforms (multiples of 2**-24)
+# spacing of the torch sampler's dense uniforms (24-bit integers, multiples of 2**-24)
 _FLOAT32_SPACING = 2.0**-24
 # stand in for ``kept`` and ``theta`` in the CPU kernels where the likelihood has none
 _NO_KEPT = np.zeros((1, 1), np.float32)
@@ -544,7 +544,7 @@ def sample_counts(
 
     with torch.no_grad():
         scale, lib, theta, kept, _ = _dense_bound(likelihood, params, library,
-                                                  torch.device("cpu"), 1.0, bound=False)
+                                                  torch.device("cpu"), 1.0, dense=False)
         n_cells, n_genes = scale.shape
         lib = lib.numpy()
         hurdle = likelihood == "hurdle"
@@ -572,17 +572,16 @@ def sample_counts(
 
 
 def _dense_bound(likelihood: Likelihood, params: dict[str, Tensor], library: Tensor,
-                 device: torch.device, unit: float, bound: bool = True
+                 device: torch.device, unit: float, dense: bool = True
                  ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The sampler's inputs on ``device``: ``scale`` (float32), the libraries (float64),
     ``theta`` (float64, one per gene or one per entry; ``None`` for Poisson), ``kept``
     (float32 ``1 - pi`` of the ZINB, ``P(X > 0)`` of the hurdle NB, otherwise ``None``) and
     the dense bound ``E[X] / unit`` (the hurdle's: ``P(X > 0) / unit``), a little inflated
     against float32 rounding, which :math:`P(X > 0)` never exceeds (``None`` without
-    ``bound``: the CPU sampler computes it entry by entry)."""
+    ``dense``: the CPU sampler computes it entry by entry)."""
     scale = params["scale"].detach().to(device, torch.float32)
     lib = library.detach().to(device, torch.float64).reshape(-1)
-    dense = bound
     bound = None  # the hurdle's is set below, from P(X > 0)
     if likelihood != "hurdle" and dense:
         bound = scale * (lib * (_BOUND_SLACK / unit)).float()[:, None]

@@ -516,10 +516,10 @@ class LapDDPMModule(BaseModuleClass):
         itself on one thread meanwhile. The draws of each chunk come from their own
         generator, seeded from ``rng`` in chunk order, so the counts do not depend on the
         number of threads. The caller's ``torch.autocast`` carries over into the workers.
-        For 10,000 PBMC3K cells on 2 threads (AMD EPYC VM, best of 7): 1.0 s in float32
-        and 0.62 s under bf16 autocast, against 1.3 s and 0.71 s with the decoder on the
-        calling thread and the draws on one worker. Chunks of 128 or 512 cells were
-        slower than 256.
+        For 10,000 PBMC3K cells on 2 threads (AMD EPYC VM, ``benchmarks/speed.py``, best
+        of 7): 0.90 s in float32 and 0.56 s under bf16 autocast; with the decoder on the
+        calling thread and numpy draws on one worker it was 1.54 s in float32. Chunks of
+        128 or 512 cells were slower than 256.
 
         With ``z`` on another device (a GPU) and a ``generator`` on that device, the counts
         are drawn there, in torch, from ``generator`` (all cells at once by default), and
