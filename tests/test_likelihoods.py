@@ -522,6 +522,36 @@ def test_zero_decisions_are_exactly_u_below_the_probability_of_a_count(likelihoo
     assert small.sum() >= 2 and (counts[small] > 0).any() and (counts[small] == 0).any()
 
 
+def test_pre_selection_keeps_every_entry_below_its_float64_bound():
+    # The CPU kernel computes the bound 2**16 E[X] in float32. Every entry whose 16-bit
+    # integer k lies below the float64 bound (ZINB: library * scale * (1 - pi)) must be
+    # kept, or a count that should be nonzero could be missed. Each entry's bound is put
+    # just above its own k (relative 1e-7 at most, float32's rounding), where the float32
+    # product alone would fall below k for many of them: the slack must cover it.
+    from scldiff.module._decoder import _BOUND_SLACK
+    from scldiff.module._kernels import TICKS, entry_uniforms, preselect
+
+    rng = np.random.default_rng(8)
+    key, n_cells, n_genes = 99, 64, 4096
+    ticks, uniforms = entry_uniforms(key, n_cells * n_genes)
+    ticks = ticks.reshape(n_cells, n_genes).astype(np.float64)
+    library = rng.uniform(500.0, 5000.0, n_cells)
+    kept = rng.uniform(0.5, 1.0, (n_cells, n_genes)).astype(np.float32)
+    target = np.maximum(ticks, 0.5) * (1 + rng.uniform(0, 1e-7, ticks.shape))
+    scale = (target / (TICKS * library[:, None] * kept)).astype(np.float32)
+    factor = (library * (_BOUND_SLACK * TICKS)).astype(np.float32)
+    rows, cols, mean, keep, u = preselect(scale, kept, library, factor, True, True,
+                                          np.uint64(key))
+    bound = TICKS * library[:, None] * scale.astype(np.float64) * kept.astype(np.float64)
+    must = np.flatnonzero(ticks < bound)
+    flat = rows * n_genes + cols
+    assert must.size > n_cells * n_genes // 3 and np.isin(must, flat).all()
+    # what comes back is each entry's own mean, (1 - pi) and completed uniform
+    assert np.array_equal(mean, library[rows] * scale[rows, cols].astype(np.float64))
+    assert np.array_equal(keep, kept[rows, cols].astype(np.float64))
+    assert np.array_equal(u, uniforms[flat])
+
+
 def test_cpu_sampler_counts_depend_only_on_the_key():
     key, n_cells, n_genes = 7, 16, 300
     _, u, target = _near_their_uniforms(key, n_cells, n_genes)
