@@ -14,8 +14,9 @@ Parts:
 * **generation**: 10,000 cells from a PBMC3K model with the default architecture and
   sampler (``generate()``; best of ``--repeats``), split into latent sampling and the
   decoder with the count draws, next to scVI's prior sampling (z ~ N(0, I), decoder,
-  Gamma-Poisson counts) in the same process. The model's weights come from a short
-  training run, since they do not change the cost.
+  Gamma-Poisson counts) in the same process. On a GPU also one batch profiled part by
+  part: latents, decoder, dense selection, positive counts, copy to the host. The model's
+  weights come from a short training run, since they do not change the cost.
 * **training**: time per optimisation step of LapDDPM's stage A (subgraph VAE) and stage B
   (latent diffusion) and of scVI, on PBMC3K, the median over a few epochs after a warm-up,
   and the default run's time estimated from them (LapDDPM's default step counts, scVI's
@@ -280,6 +281,8 @@ def bench_generation(n_cells: int, repeats: int, epochs: tuple[int, int],
     guidance = inspect.signature(model.generate).parameters["guidance_scale"].default
     parts = _generation_parts(module, n_cells, repeats, guidance, autocast=False)
     parts_bf16 = _generation_parts(module, n_cells, repeats, guidance, autocast=True)
+    # on a GPU, one batch profiled part by part (the CPU's draws run in worker threads)
+    profile = _draw_profile(module, n_cells, repeats, guidance) if DEVICE != "cpu" else None
 
     scvi_sample = _scvi_prior_sampler(model.adata, epochs=max(1, epochs[0] // 2))
     scvi_sample(min(n_cells, 500))
@@ -297,6 +300,7 @@ def bench_generation(n_cells: int, repeats: int, epochs: tuple[int, int],
             "lapddpm_seconds_bf16_autocast": min(autocast), "autocast_device": device_type,
             **({"lapddpm_seconds_one_batch": min(one_batch)} if one_batch else {}),
             "parts_seconds": parts, "parts_seconds_bf16_autocast": parts_bf16,
+            **({"draw_profile_seconds": profile} if profile else {}),
             "scvi_prior_seconds": scvi_best, "scvi_cells_per_second": n_cells / scvi_best,
             "target_seconds": target, "met": best <= target,
             "met_bf16_autocast": min(autocast) <= target}
@@ -341,6 +345,61 @@ def _generation_parts(module, n_cells: int, repeats: int, guidance: float,
                 t_products.append(time.perf_counter() - start)
     return {"latents": min(t_latents), "decoder and counts": min(t_counts),
             "decoder products": min(t_products)}
+
+
+def _draw_profile(module, n_cells: int, repeats: int, guidance: float) -> dict:
+    """Where one batch of ``n_cells`` goes when the counts are drawn in torch (a GPU's
+    path): the latents, the decoder, the dense selection with the exact zero test, the
+    positive counts (inverse CDF and Gamma-Poisson), and the CSR arrays' copy to the host,
+    each between two device synchronisations (best of ``repeats`` for each part). The
+    positive draws and the copy are timed by wrapping the sampler's functions for them."""
+    from scldiff.module import _decoder
+
+    rng = np.random.default_rng(0)
+    codes = torch.from_numpy(rng.integers(0, module.score_net.n_labels, n_cells))
+    library = torch.full((n_cells, 1), 2000.0, device=module.latent_mean.device)
+    generator = torch.Generator(device=module.latent_mean.device).manual_seed(0)
+    inside = {"positive draws": 0.0, "CSR to host": 0.0}
+    wrapped = {"positive draws": "_positive_draws_torch", "CSR to host": "_csr_from_tensors"}
+    originals = {name: getattr(_decoder, name) for name in wrapped.values()}
+
+    def timed(part, function):
+        def run(*args, **kwargs):
+            _sync()
+            start = time.perf_counter()
+            out = function(*args, **kwargs)
+            _sync()
+            inside[part] += time.perf_counter() - start
+            return out
+        return run
+
+    parts: dict[str, list[float]] = {}
+    try:
+        for part, name in wrapped.items():
+            setattr(_decoder, name, timed(part, originals[name]))
+        with torch.no_grad():
+            for _ in range(repeats + 1):  # the first is a warm-up
+                inside.update(dict.fromkeys(inside, 0.0))
+                _sync()
+                start = time.perf_counter()
+                z = module.sample_latents(codes, guidance_scale=guidance)[:, : module.n_latent]
+                _sync()
+                latents = time.perf_counter()
+                params = module.decoder.sampling_params(z, codes.to(z.device))
+                _sync()
+                decoded = time.perf_counter()
+                _decoder.sample_counts(module.likelihood, params, library, generator)
+                _sync()
+                drawn = time.perf_counter()
+                times = {"latents": latents - start, "decoder": decoded - latents,
+                         "dense selection and exact zero test":
+                             drawn - decoded - sum(inside.values()), **inside}
+                for part, seconds in times.items():
+                    parts.setdefault(part, []).append(seconds)
+    finally:
+        for name, function in originals.items():
+            setattr(_decoder, name, function)
+    return {part: min(seconds[1:]) for part, seconds in parts.items()}
 
 
 # --------------------------------------------------------------------------- training
@@ -617,6 +676,12 @@ def report(results: dict) -> str:
                   + ("" if "met_bf16_autocast" not in g else
                      f" in float32; {'met' if g['met_bf16_autocast'] else 'not met'} under "
                      "bf16 autocast") + ".", ""]
+        if "draw_profile_seconds" in g:
+            lines += [f"One batch of {g['n_cells']:,} cells part by part, each between two "
+                      "device synchronisations (best of the repeats for each part):", "",
+                      "| part | seconds |", "|---|---|",
+                      *[f"| {part} | {_fmt(seconds, 4)} |"
+                        for part, seconds in g["draw_profile_seconds"].items()], ""]
     if "training" in results:
         t = results["training"]
         lines += ["### Training (PBMC3K)", "", *measured("training"),
