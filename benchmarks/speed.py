@@ -24,10 +24,12 @@ Parts:
 * **scale**: a synthetic atlas made from PBMC3K: per-label negative binomial resampling of
   its 2,000 most variable genes, with library sizes of real cells of the label. For each
   size, in a fresh process: wall time and peak resident memory of ``setup_anndata`` (PCA,
-  k-NN graph, Laplacian encodings), of the first 100 steps of stage A (time per step
-  after the first 10; "step memory growth" is the resident memory added from the end of
-  step 10 to the last step, i.e. what the steps need beyond what was loaded before them),
-  and of generating 100,000 cells
+  k-NN graph, Laplacian encodings), of stage A's steps (10 warm-up steps, then
+  ``--windows`` windows of ``--steps`` steps, 5 of 100 by default; the time per step is
+  the smallest window median, since on a shared virtual machine one window's median
+  moved by up to 60% from the next one's; "step memory growth" is the resident memory
+  added from the end of step 10 to the last step, i.e. what the steps need beyond what
+  was loaded before them), and of generating 100,000 cells
   (after 100 steps of stage B). With ``--backed`` the atlas is first written to a
   temporary ``.h5ad`` and opened with ``backed="r"``: its counts stay on disk throughout,
   which the peak memory shows.
@@ -530,16 +532,23 @@ def synthetic_atlas(n_cells: int, seed: int = 0, n_genes: int = 2000,
     return atlas if expressed.all() else atlas[:, expressed].copy()
 
 
-def scale_worker(n_cells: int, steps: int, n_generate: int, backed: bool = False) -> dict:
+def scale_worker(n_cells: int, steps: int, n_generate: int, backed: bool = False,
+                 windows: int = 5) -> dict:
     """One atlas size, in its own process so that peak memory is its own.
 
     ``backed``: the atlas is written to a temporary ``.h5ad`` and read back with
     ``backed="r"``, so that its counts stay on disk through setup, training and generation.
+    The stage-A steps after the first ten are timed in ``windows`` windows of ``steps``
+    steps (over as many epochs as that takes); the step time is the smallest of the
+    windows' medians. On a shared virtual machine the median of one window moved by up to
+    60% from one window to the next, on the same atlas in the same process.
     """
     import gc
     import tempfile
 
     import scvi
+
+    from scldiff.model._lapddpm import _epochs_for_steps
 
     with Measure() as build:
         adata = synthetic_atlas(n_cells)
@@ -562,20 +571,27 @@ def scale_worker(n_cells: int, steps: int, n_generate: int, backed: bool = False
     _partial(record)
     scvi.settings.seed = 0
     model = scldiff.LapDDPM(adata)
-    timer = StepTimer(limit=steps)
+    warmup = 10
+    timer = StepTimer(limit=warmup + windows * steps)
+    # enough epochs for the steps (the timer stops the stage there; the helper rounds)
+    epochs_a = _epochs_for_steps(warmup + windows * steps, n_cells, 128) + 1
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with Measure() as train:
-        model.train(n_epochs_stage_a=1, n_epochs_stage_b=1, callbacks=[timer],
+        model.train(n_epochs_stage_a=epochs_a, n_epochs_stage_b=1, callbacks=[timer],
                     enable_progress_bar=False, accelerator=_accelerator())
     step_times, rss = timer.times["A"], timer.rss["A"]
-    warm = min(10, len(rss) - 1)
+    warm = min(warmup, len(rss) - 1)
+    medians = [_median_step(step_times[start : start + steps], 0)
+               for start in range(warm, len(step_times), steps)
+               if len(step_times[start : start + steps]) == steps] or [
+        _median_step(step_times, warm)]
     record.update(train_steps_a=len(step_times),
                   # resident memory added over the steps after the first ten: what a step
                   # needs beyond the data loaded before it (the atlas-size target)
                   step_memory_growth_gib=(max(rss[warm:]) - rss[warm]) / 2**30,
-                  step_seconds=_median_step(step_times, 10),
-                  first_steps_seconds=float(np.sum(step_times)),
+                  step_seconds=min(medians), step_seconds_windows=medians,
+                  first_steps_seconds=float(np.sum(step_times[: warmup + steps])),
                   train_peak_gib=train.peak_gib, train_growth_gib=train.growth_gib,
                   train_seconds_with_stage_b=train.seconds)
     if DEVICE == "cuda":  # the GPU's own peak: what the training steps allocated there
@@ -597,14 +613,14 @@ def _partial(record: dict) -> None:
 
 
 def bench_scale(sizes: list[int], steps: int, n_generate: int, threads: int,
-                backed: bool = False) -> list[dict]:
+                backed: bool = False, windows: int = 5) -> list[dict]:
     records = []
     for n in sizes:
         print(f"[scale] {n:,} cells{' (backed)' if backed else ''} ...", flush=True)
         done = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--scale-worker", str(n),
-             "--steps", str(steps), "--generate-cells", str(n_generate),
-             "--threads", str(threads), "--device", DEVICE,
+             "--steps", str(steps), "--windows", str(windows),
+             "--generate-cells", str(n_generate), "--threads", str(threads), "--device", DEVICE,
              *(["--backed"] if backed else [])],
             capture_output=True, text=True)
         if done.returncode != 0:
@@ -738,7 +754,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000])
     parser.add_argument("--generate-cells", type=int, default=100_000,
                         help="cells generated in the scale part")
-    parser.add_argument("--steps", type=int, default=100, help="stage-A steps in the scale part")
+    parser.add_argument("--steps", type=int, default=100,
+                        help="stage-A steps per timing window in the scale part")
+    parser.add_argument("--windows", type=int, default=5,
+                        help="scale part: timing windows; the step time is the smallest "
+                             "window median")
     parser.add_argument("--backed", action="store_true",
                         help="scale part: read each atlas from a backed .h5ad (counts on disk)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -766,13 +786,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.scale_worker is not None:
         print(json.dumps(scale_worker(args.scale_worker, args.steps, args.generate_cells,
-                                      args.backed)))
+                                      args.backed, args.windows)))
         return
 
     n_gen, epochs, gen_epochs = 10_000, 3, (10, 20)
     if args.quick:
         n_gen, epochs, gen_epochs = 2_000, 1, (1, 1)
         args.sizes, args.steps, args.generate_cells, args.repeats = [3_000], 20, 5_000, 1
+        args.windows = 2
     results: dict = {"meta": meta()}
     if "generation" in args.parts:
         print("[generation] ...", flush=True)
@@ -782,7 +803,8 @@ def main(argv: list[str] | None = None) -> None:
         results["training"] = bench_training(epochs, args.full_training)
     if "scale" in args.parts:
         results["scale"] = bench_scale(args.sizes, args.steps, args.generate_cells,
-                                       args.threads or torch.get_num_threads(), args.backed)
+                                       args.threads or torch.get_num_threads(), args.backed,
+                                       args.windows)
         for record in results["scale"]:  # sizes may later be re-measured one by one
             record["commit"] = results["meta"]["commit"]
     # each part keeps the conditions it was measured under; parts not run this time keep
