@@ -643,8 +643,6 @@ def _standard_gamma(shape: Tensor, generator: torch.Generator) -> Tensor:
     ``torch._standard_gamma``, the kernel behind :class:`torch.distributions.Gamma`, whose
     ``sample`` takes no generator. Marsaglia and Tsang (2000), boosted to shape
     :math:`a + 1` for :math:`a < 1`; each entry rejects and redraws inside the kernel.
-    scldiff's earlier rejection loop in torch took about 25 device calls and two host
-    round trips per round of redraws.
     """
     return torch._standard_gamma(shape, generator=generator)
 
