@@ -20,7 +20,7 @@ Parts:
 * **training**: time per optimisation step of LapDDPM's stage A (subgraph VAE) and stage B
   (latent diffusion) and of scVI, on PBMC3K, the median over a few epochs after a warm-up,
   and the default run's time estimated from them (LapDDPM's default step counts, scVI's
-  400 epochs).
+  400 epochs); also the host's time to build one stage-A minibatch (part of the step).
 * **scale**: a synthetic atlas made from PBMC3K: per-label negative binomial resampling of
   its 2,000 most variable genes, with library sizes of real cells of the label. For each
   size, in a fresh process: wall time and peak resident memory of ``setup_anndata`` (PCA,
@@ -32,7 +32,9 @@ Parts:
   was loaded before them), and of generating 100,000 cells
   (after 100 steps of stage B). With ``--backed`` the atlas is first written to a
   temporary ``.h5ad`` and opened with ``backed="r"``: its counts stay on disk throughout,
-  which the peak memory shows.
+  which the peak memory shows. Last, the host's time to build one stage-A minibatch and
+  its subgraph, next to torch_geometric's ``k_hop_subgraph`` finding the same
+  neighbourhood (it scans all edges for each batch).
 
 On a GPU (``--device cuda``; ``auto``, the default, takes one where there is one), models
 train and generate there, timings wait for the device (``torch.cuda.synchronize``), the
@@ -185,6 +187,52 @@ class StepTimer(Callback):
 
 def _median_step(times: list[float], warmup: int) -> float:
     return float(np.median(times[warmup:] if len(times) > warmup else times))
+
+
+def _minibatch_host_times(model, batches: int = 30, batch_size: int = 128,
+                          pyg: bool = False) -> dict:
+    """Host-side cost of one stage-A minibatch of ``batch_size`` random seed cells, the
+    median over ``batches`` batches after two warm-ups: the whole minibatch (the model's
+    collator: subgraph, rows of the counts, encoder input) and the subgraph alone
+    (:class:`~scldiff.graph.SubgraphSampler`). ``pyg``: also torch_geometric's
+    ``k_hop_subgraph`` on the same seeds and graph, the library's neighbourhood function
+    that needs no compiled extension (its ``NeighborSampler`` needs ``pyg-lib`` or
+    ``torch-sparse``, which PyPI does not carry as wheels); it scans every edge of the
+    graph for each batch."""
+    collator = model._collator()
+    sampler = collator.sampler
+    n = sampler.indptr.size - 1
+    rng = np.random.default_rng(0)
+    seeds = [rng.choice(n, size=min(batch_size, n), replace=False) for _ in range(batches + 2)]
+    times: dict[str, list[float]] = {"batch_seconds": [], "subgraph_seconds": []}
+    for s in seeds:
+        start = time.perf_counter()
+        collator(s.tolist())
+        middle = time.perf_counter()
+        sampler(s)
+        times["batch_seconds"].append(middle - start)
+        times["subgraph_seconds"].append(time.perf_counter() - middle)
+    record = {"subgraph_nodes": int(sampler(seeds[0]).nodes.size)}
+    del collator
+    if pyg:
+        from torch_geometric.utils import k_hop_subgraph
+
+        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(sampler.indptr))
+        edge_index = torch.from_numpy(np.stack([rows, sampler.indices]))
+        del rows
+        times["pyg_k_hop_subgraph_seconds"] = []
+        for i, s in enumerate(seeds):
+            start = time.perf_counter()
+            subset = k_hop_subgraph(torch.from_numpy(s), sampler.n_hops, edge_index,
+                                    relabel_nodes=True, num_nodes=n)[0]
+            times["pyg_k_hop_subgraph_seconds"].append(time.perf_counter() - start)
+            if i == 0 and not np.array_equal(np.sort(subset.numpy()),
+                                             np.sort(sampler(s).nodes)):
+                raise RuntimeError("k_hop_subgraph and SubgraphSampler found different "
+                                   "neighbourhoods")
+        del edge_index
+    record.update({name: float(np.median(t[2:])) for name, t in times.items()})
+    return record
 
 
 # --------------------------------------------------------------------------- generation
@@ -451,6 +499,11 @@ def bench_training(epochs: int, full: bool = False) -> dict:
     record["lapddpm_default_seconds_estimate"] = (n_a * a_steps_epoch * step_a
                                                   + n_b * b_steps_epoch * step_b)
     record["scvi_default_seconds_estimate"] = 400 * scvi_steps_epoch * step_scvi
+    # what of a stage-A step is the host building its minibatch (included in the step)
+    host = _minibatch_host_times(model)
+    record.update(lapddpm_stage_a_batch_seconds=host["batch_seconds"],
+                  lapddpm_stage_a_subgraph_seconds=host["subgraph_seconds"],
+                  lapddpm_stage_a_subgraph_nodes=host["subgraph_nodes"])
     if full:  # the default runs themselves, as a user starts them
         scvi.settings.seed = 0
         data = adata.copy()
@@ -604,6 +657,9 @@ def scale_worker(n_cells: int, steps: int, n_generate: int, backed: bool = False
                   generate_peak_gib=gen.peak_gib, generate_growth_gib=gen.growth_gib)
     if DEVICE == "cuda":
         record["generate_gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    _partial(record)
+    # last, so that the full graph's edge list in torch does not weigh on the peaks above
+    record.update(_minibatch_host_times(model, pyg=True))
     return record
 
 
@@ -710,6 +766,13 @@ def report(results: dict) -> str:
                   f"| scVI | {_fmt(t['scvi_step_seconds'], 4)} | "
                   f"{_fmt(t['scvi_epoch_seconds'])} | "
                   f"{_fmt(t['scvi_default_seconds_estimate'], 0)} |", ""]
+        if "lapddpm_stage_a_batch_seconds" in t:
+            lines += [f"Building a stage-A minibatch on the host (128 seed cells, a subgraph "
+                      f"of {t['lapddpm_stage_a_subgraph_nodes']:,} cells; included in the "
+                      f"step above): {_fmt(t['lapddpm_stage_a_batch_seconds'] * 1e3, 1)} ms, "
+                      f"of which the subgraph "
+                      f"{_fmt(t['lapddpm_stage_a_subgraph_seconds'] * 1e3, 1)} ms (median of "
+                      "30 batches).", ""]
         if "lapddpm_default_seconds" in t:
             lines += ["Default training runs, measured end to end (`model.train()` with "
                       "its defaults):", "", "| | wall s |", "|---|---|",
@@ -737,6 +800,19 @@ def report(results: dict) -> str:
                 f"{_fmt(r['generate_seconds'], 1)} | "
                 f"{_fmt(r['generate_peak_gib'], 2)} |")
         lines.append("")
+        sampled = [r for r in results["scale"] if "pyg_k_hop_subgraph_seconds" in r]
+        if sampled:
+            lines += ["Host time of one stage-A minibatch of 128 random seed cells (median of "
+                      "30): the whole minibatch (included in the step above), its subgraph "
+                      "alone, and torch_geometric's `k_hop_subgraph` finding the same "
+                      "neighbourhood:", "",
+                      "| cells | counts | subgraph cells | minibatch ms | subgraph ms | "
+                      "`k_hop_subgraph` ms |", "|---|---|---|---|---|---|",
+                      *[f"| {r['n_cells']:,} | {'backed' if r.get('backed') else 'in memory'} "
+                        f"| {r['subgraph_nodes']:,} | {_fmt(r['batch_seconds'] * 1e3, 1)} | "
+                        f"{_fmt(r['subgraph_seconds'] * 1e3, 1)} | "
+                        f"{_fmt(r['pyg_k_hop_subgraph_seconds'] * 1e3, 1)} |"
+                        for r in sampled], ""]
         on_gpu = [r for r in results["scale"] if "train_gpu_peak_gib" in r]
         if on_gpu:
             lines += ["GPU memory, peak allocated by torch:", "",
