@@ -20,7 +20,8 @@ Parts:
 * **training**: time per optimisation step of LapDDPM's stage A (subgraph VAE) and stage B
   (latent diffusion) and of scVI, on PBMC3K, the median over a few epochs after a warm-up,
   and the default run's time estimated from them (LapDDPM's default step counts, scVI's
-  400 epochs); also the host's time to build one stage-A minibatch (part of the step).
+  400 epochs); also the host's time to build one stage-A minibatch (part of the step) and
+  the number of tensor operations a stage-A step dispatches.
 * **scale**: a synthetic atlas made from PBMC3K: per-label negative binomial resampling of
   its 2,000 most variable genes, with library sizes of real cells of the label. For each
   size, in a fresh process: wall time and peak resident memory of ``setup_anndata`` (PCA,
@@ -233,6 +234,37 @@ def _minibatch_host_times(model, batches: int = 30, batch_size: int = 128,
         del edge_index
     record.update({name: float(np.median(t[2:])) for name, t in times.items()})
     return record
+
+
+def _ops_per_step(adata: ad.AnnData, epochs: int = 1) -> float:
+    """Tensor operations (forward, backward, optimiser) that one stage-A step dispatches,
+    the median over ``epochs`` epochs of training a fresh model on ``adata``, counted with
+    a ``TorchDispatchMode``: on a GPU each is at least one kernel launched from the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = [0]
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    class PerStep(Callback):
+        def __init__(self):
+            self.counts: list[int] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self._start = count[0]
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.counts.append(count[0] - self._start)
+
+    per_step = PerStep()
+    model = scldiff.LapDDPM(adata)
+    with Counting():
+        model.train(n_epochs_stage_a=epochs, n_epochs_stage_b=0, callbacks=[per_step],
+                    enable_progress_bar=False, accelerator=_accelerator())
+    return float(np.median(per_step.counts))
 
 
 # --------------------------------------------------------------------------- generation
@@ -503,7 +535,8 @@ def bench_training(epochs: int, full: bool = False) -> dict:
     host = _minibatch_host_times(model)
     record.update(lapddpm_stage_a_batch_seconds=host["batch_seconds"],
                   lapddpm_stage_a_subgraph_seconds=host["subgraph_seconds"],
-                  lapddpm_stage_a_subgraph_nodes=host["subgraph_nodes"])
+                  lapddpm_stage_a_subgraph_nodes=host["subgraph_nodes"],
+                  lapddpm_stage_a_ops_per_step=_ops_per_step(data))
     if full:  # the default runs themselves, as a user starts them
         scvi.settings.seed = 0
         data = adata.copy()
@@ -772,7 +805,10 @@ def report(results: dict) -> str:
                       f"step above): {_fmt(t['lapddpm_stage_a_batch_seconds'] * 1e3, 1)} ms, "
                       f"of which the subgraph "
                       f"{_fmt(t['lapddpm_stage_a_subgraph_seconds'] * 1e3, 1)} ms (median of "
-                      "30 batches).", ""]
+                      "30 batches). A stage-A step dispatches "
+                      f"{t.get('lapddpm_stage_a_ops_per_step', float('nan')):,.0f} tensor "
+                      "operations (forward, backward and optimiser; on a GPU each launches "
+                      "at least one kernel from the host).", ""]
         if "lapddpm_default_seconds" in t:
             lines += ["Default training runs, measured end to end (`model.train()` with "
                       "its defaults):", "", "| | wall s |", "|---|---|",
