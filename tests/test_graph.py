@@ -205,6 +205,65 @@ def test_subgraph_keeps_full_degrees_and_puts_seeds_first():
     np.testing.assert_array_equal(sampler(seeds).edge_index, first.edge_index)
 
 
+def _reference_subgraph(graph: sp.csr_matrix, seeds: np.ndarray, hops: int):
+    """The documented subgraph, written plainly: the seeds as given, then each hop's newly
+    reached cells in ascending order; for each node in that order, each edge from a
+    neighbour inside (in column order), with the first position of a repeated seed."""
+    nodes = list(seeds)
+    position = {}
+    for i, s in enumerate(seeds):
+        position.setdefault(int(s), i)
+    frontier = list(seeds)
+    for _ in range(hops):
+        new = sorted({int(c) for v in frontier for c in graph[v].indices} - set(position))
+        if not new:
+            break
+        for c in new:
+            position[c] = len(nodes)
+            nodes.append(c)
+        frontier = new
+    src, dst, weight, outside = [], [], [], []
+    for p, v in enumerate(nodes):
+        row = graph[v]
+        inside = 0.0
+        for c, w in zip(row.indices, row.data, strict=True):
+            if int(c) in position:
+                src.append(position[int(c)])
+                dst.append(p)
+                weight.append(w)
+                inside += float(w)
+        outside.append(max(float(row.data.astype(np.float64).sum()) - inside, 0.0))
+    return (np.array(nodes, dtype=np.int64), np.array([src, dst], dtype=np.int64).reshape(2, -1),
+            np.array(weight, dtype=np.float32), np.array(outside))
+
+
+@pytest.mark.parametrize("hops", [0, 1, 2, 3])
+def test_subgraph_equals_a_plain_reference_on_random_graphs(hops):
+    rng = np.random.default_rng(hops)
+    for trial in range(40):
+        n, k = int(rng.integers(1, 120)), int(rng.integers(0, 6))
+        rows, cols = np.repeat(np.arange(n), k), rng.integers(0, n, n * k)
+        graph = sp.csr_matrix((rng.random(n * k).astype(np.float32) + 0.01, (rows, cols)),
+                              shape=(n, n))
+        graph = graph.maximum(graph.T).tocsr()
+        graph.sort_indices()
+        sampler = SubgraphSampler(graph, n_hops=hops)
+        for _ in range(3):
+            m = int(rng.integers(0, min(n, 20) + 1))
+            seeds = (rng.integers(0, n, m) if trial % 2  # with repeated seeds
+                     else rng.choice(n, m, replace=False))
+            sub = sampler(seeds)
+            nodes, edge_index, weight, outside = _reference_subgraph(graph, seeds, hops)
+            np.testing.assert_array_equal(sub.nodes, nodes)
+            np.testing.assert_array_equal(sub.edge_index, edge_index)
+            np.testing.assert_array_equal(sub.edge_weight, weight)
+            # the degrees are float32 row sums: exact up to their rounding
+            np.testing.assert_allclose(sub.degree_outside, outside, rtol=1e-5, atol=1e-5)
+            assert sub.nodes.dtype == sub.edge_index.dtype == np.int64
+            assert sub.edge_weight.dtype == sub.degree_outside.dtype == np.float32
+            assert (sampler._local == -1).all()
+
+
 @pytest.mark.parametrize("cheb_k,hops", [(2, 1), (3, 2)])
 def test_chebconv_on_a_subgraph_equals_the_full_graph_for_seed_cells(cheb_k, hops):
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 
 
 @dataclass
@@ -52,60 +53,105 @@ class SubgraphSampler:
     -----
     A sampler builds one subgraph at a time (it reuses a cell-to-node map of ``n_cells``
     integers); DataLoader workers are processes, each with its own copy.
+
+    Why not torch_geometric's samplers: its ``NeighborSampler`` (``NeighborLoader``) needs
+    the compiled ``pyg-lib`` or ``torch-sparse``, which PyPI does not carry as wheels, and
+    its pure-torch ``k_hop_subgraph`` marks nodes over every edge of the graph for each
+    batch, so a batch's cost grows with the atlas (about 25 times this sampler's at one
+    million cells; ``benchmarks/speed.py --parts scale``). This sampler reads only the seed
+    cells' rows of the CSR graph. Neither returns ``degree_outside``.
     """
 
     def __init__(self, graph: sp.spmatrix, n_hops: int = 1):
         graph = sp.csr_matrix(graph, dtype=np.float32)
         graph.sort_indices()
         self.indptr = graph.indptr.astype(np.int64)
-        self.indices = graph.indices.astype(np.int64)
+        # cell indices fit in 32 bits (as scipy stores them below 2**31 entries): half the
+        # memory and the memory traffic of int64 in the random row reads of a minibatch
+        self.indices = graph.indices.astype(np.int32, copy=False)
         self.data = graph.data
         self.degree = np.asarray(graph.sum(axis=1), dtype=np.float64).ravel()
         self.n_hops = n_hops
-
-    def _neighbours(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows, columns and weights of all edges leaving ``nodes``."""
-        starts, ends = self.indptr[nodes], self.indptr[nodes + 1]
-        counts = ends - starts
-        owner = np.repeat(np.arange(nodes.size), counts)
-        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        pos = np.repeat(starts, counts) + offsets
-        return owner, self.indices[pos], self.data[pos]
 
     def _local_index(self) -> np.ndarray:
         """A reusable map from cell to local node index, ``-1`` for cells outside the
         subgraph being built (O(1) membership tests instead of a search per edge)."""
         if getattr(self, "_local", None) is None:
-            self._local = np.full(self.indptr.size - 1, -1, dtype=np.int64)
+            self._local = np.full(self.indptr.size - 1, -1, dtype=np.int32)
         return self._local
 
     def __call__(self, seeds: np.ndarray) -> Subgraph:
-        seeds = np.asarray(seeds, dtype=np.int64)
-        local = self._local_index()
-        nodes, frontier = seeds, seeds
-        try:
-            # a repeated seed maps to its first position (the last assignment wins)
-            local[seeds[::-1]] = np.arange(seeds.size - 1, -1, -1)
-            for _ in range(self.n_hops):
-                _, cols, _ = self._neighbours(frontier)
-                new = np.unique(cols[local[cols] < 0])
-                if new.size == 0:
-                    break
-                nodes, frontier = np.concatenate([nodes, new]), new
-                local[new] = np.arange(nodes.size - new.size, nodes.size)
-            owner, cols, weights = self._neighbours(nodes)
-            src = local[cols]
-        finally:
-            local[nodes] = -1
-        inside = src >= 0
-        src_local = src[inside]
-        dst_local = owner[inside]
-        weight_inside = np.bincount(dst_local, weights=weights[inside], minlength=nodes.size)
-        degree_outside = np.maximum(self.degree[nodes] - weight_inside, 0.0)
+        seeds = np.ascontiguousarray(seeds, dtype=np.int64)
+        nodes, src_local, dst_local, weights, degree_outside = _build_subgraph(
+            self.indptr, self.indices, self.data, self.degree, seeds, self._local_index(),
+            self.n_hops)
         return Subgraph(
             nodes=nodes,
             n_seed=seeds.size,
             edge_index=np.stack([src_local, dst_local]),
-            edge_weight=weights[inside].astype(np.float32),
-            degree_outside=degree_outside.astype(np.float32),
+            edge_weight=weights,
+            degree_outside=degree_outside,
         )
+
+
+@njit(cache=True, nogil=True)
+def _build_subgraph(indptr, indices, data, degree, seeds, local, n_hops):
+    """The subgraph of :class:`SubgraphSampler` (compiled: one pass over the rows of its
+    nodes, no temporary arrays per edge).
+
+    ``local`` maps cells to node positions and is ``-1`` everywhere on entry and on return.
+    Each hop appends the cells it reaches, in ascending order. The edges are listed node by
+    node in the nodes' order, each node's in the graph's (sorted) column order: every edge
+    ``(neighbour -> node)`` whose neighbour is in the subgraph, so each undirected edge
+    appears in both directions. Returns the nodes, the edges' source and destination
+    positions, their weights, and each node's degree towards cells outside the subgraph.
+    """
+    n_seed = seeds.size
+    nodes = np.empty(max(64, 32 * n_seed), np.int64)
+    nodes[:n_seed] = seeds
+    for i in range(n_seed - 1, -1, -1):  # a repeated seed maps to its first position
+        local[seeds[i]] = i
+    n_nodes, frontier = n_seed, 0
+    for _ in range(n_hops):
+        reached = n_nodes
+        for f in range(frontier, reached):
+            v = nodes[f]
+            for e in range(indptr[v], indptr[v + 1]):
+                c = indices[e]
+                if local[c] == -1:
+                    local[c] = -2  # reached in this hop; its position is set below
+                    if n_nodes == nodes.size:
+                        grown = np.empty(2 * nodes.size, np.int64)
+                        grown[:n_nodes] = nodes
+                        nodes = grown
+                    nodes[n_nodes] = c
+                    n_nodes += 1
+        if n_nodes == reached:
+            break
+        nodes[reached:n_nodes].sort()
+        for p in range(reached, n_nodes):
+            local[nodes[p]] = p
+        frontier = reached
+    n_edges = 0
+    for p in range(n_nodes):
+        n_edges += indptr[nodes[p] + 1] - indptr[nodes[p]]
+    src = np.empty(n_edges, np.int64)
+    dst = np.empty(n_edges, np.int64)
+    weight = np.empty(n_edges, np.float32)
+    outside = np.empty(n_nodes, np.float32)
+    m = 0
+    for p in range(n_nodes):
+        v = nodes[p]
+        inside = 0.0  # float64, as the degrees
+        for e in range(indptr[v], indptr[v + 1]):
+            q = local[indices[e]]
+            if q >= 0:
+                src[m] = q
+                dst[m] = p
+                weight[m] = data[e]
+                inside += data[e]
+                m += 1
+        outside[p] = max(degree[v] - inside, 0.0)
+    for p in range(n_nodes):
+        local[nodes[p]] = -1
+    return nodes[:n_nodes].copy(), src[:m], dst[:m], weight[:m], outside
