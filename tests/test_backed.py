@@ -196,3 +196,10 @@ def test_backed_rows_through_a_memory_map_equal_hdf5_reads(tmp_path, layout):
         assert got.dtype == np.float32 and got.has_sorted_indices
         np.testing.assert_array_equal(got.toarray(), x[rows].toarray())
         np.testing.assert_array_equal(hdf5(rows).toarray(), x[rows].toarray())
+    # through row_reader, rows in any order: the memory map copies them as asked, HDF5
+    # reads them sorted and puts them back in order
+    read = _matrix.row_reader(backed.X)
+    for rows in (rng.permutation(200), rng.choice(200, 60, replace=False)[::-1].copy()):
+        got = read(rows)
+        assert got.dtype == np.float32 and got.has_sorted_indices
+        np.testing.assert_array_equal(got.toarray(), x[rows].toarray())

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 
 # rows read at a time from a backed matrix (a few MB of a typical sparse count matrix)
 ROW_CHUNK = 10_000
@@ -75,6 +76,7 @@ class _MappedArray:
         # the whole file as entries of ``dtype`` (its size need not be a multiple of them)
         n_entries = os.path.getsize(path) // dtype.itemsize
         self.file = np.memmap(path, dtype=dtype, mode="r", shape=(n_entries,))
+        self._entries = self.file.view(np.ndarray)  # the same memory, as numba takes it
         self.chunk_len, self.chunk_start = chunk_len, chunk_start
 
     @classmethod
@@ -119,21 +121,32 @@ class _MappedArray:
         except (OSError, ValueError):  # a file that cannot be mapped: read through HDF5
             return None
 
-    def ranges(self, lo: np.ndarray, lengths: np.ndarray, out_start: np.ndarray) -> np.ndarray:
+    def ranges(self, lo: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The entries ``lo[i] : lo[i] + lengths[i]`` of the dataset for each ``i``, one
-        after the other (``out_start``: where each range starts in the result)."""
-        chunk, within = np.divmod(lo, self.chunk_len)
-        # where each range starts in the file (in entries); a range that runs into the next
-        # chunk is placed entry by entry below
-        shift = self.chunk_start[chunk] + within - out_start
-        positions = np.repeat(shift, lengths) + np.arange(out_start[-1] + lengths[-1]
-                                                          if lengths.size else 0)
-        crossing = np.flatnonzero(within + lengths > self.chunk_len)
-        for i in crossing:
-            entries = np.arange(lo[i], lo[i] + lengths[i])
-            c, w = np.divmod(entries, self.chunk_len)
-            positions[out_start[i] : out_start[i] + lengths[i]] = self.chunk_start[c] + w
-        return np.asarray(self.file[positions])
+        after the other."""
+        out = np.empty(int(lengths.sum()), dtype=self.file.dtype)
+        _copy_ranges(self._entries, self.chunk_len, self.chunk_start,
+                     np.ascontiguousarray(lo, dtype=np.int64),
+                     np.ascontiguousarray(lengths, dtype=np.int64), out)
+        return out
+
+
+@njit(cache=True, nogil=True)
+def _copy_ranges(entries, chunk_len, chunk_start, lo, lengths, out):
+    """Copy the dataset's entries ``lo[i] : lo[i] + lengths[i]`` into ``out``, one range
+    after the other, each as contiguous pieces (a range may run into the next chunk)."""
+    o = 0
+    for i in range(lo.size):
+        entry, remaining = lo[i], lengths[i]
+        while remaining > 0:
+            chunk = entry // chunk_len
+            within = entry - chunk * chunk_len
+            piece = min(remaining, chunk_len - within)
+            start = chunk_start[chunk] + within
+            out[o : o + piece] = entries[start : start + piece]
+            o += piece
+            entry += piece
+            remaining -= piece
 
 
 class _RowReader:
@@ -158,13 +171,13 @@ class _RowReader:
             self.mapped = mapped if None not in mapped else None
 
     def __call__(self, rows: np.ndarray) -> sp.csr_matrix:
-        """``rows`` increasing and distinct."""
+        """``rows`` increasing and distinct (through a memory map: any rows, any order)."""
         lo, hi = self.indptr[rows], self.indptr[rows + 1]
         lengths = hi - lo
         indptr = np.zeros(rows.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
         if self.mapped is not None:
-            data, indices = (array.ranges(lo, lengths, indptr[:-1]) for array in self.mapped)
+            data, indices = (array.ranges(lo, lengths) for array in self.mapped)
             out = sp.csr_matrix((data.astype(np.float32, copy=False), indices, indptr),
                                 shape=(rows.size, self.shape[1]))
             out.sort_indices()
@@ -198,14 +211,17 @@ def row_reader(matrix):
     """A function ``rows -> float32 CSR`` for the rows ``rows`` (distinct, any order) of
     ``matrix``, in the order given.
 
-    A backed CSR matrix is read range by range (:class:`_RowReader`); other backed
-    matrices through their own indexing, in increasing row order as HDF5 needs.
+    A backed CSR matrix is read range by range (:class:`_RowReader`), through a memory
+    map where its arrays allow one; other backed matrices through their own indexing, in
+    increasing row order as HDF5 needs.
     """
     if is_in_memory(matrix):
         return lambda rows: _to_csr(matrix[np.asarray(rows, dtype=np.int64)])
     group = _backed_csr_group(matrix)
-    read_sorted = (_RowReader(group, matrix.shape) if group is not None
-                   else lambda rows: _to_csr(matrix[rows]))
+    reader = _RowReader(group, matrix.shape) if group is not None else None
+    if reader is not None and reader.mapped is not None:  # copies the rows as asked
+        return lambda rows: reader(np.asarray(rows, dtype=np.int64))
+    read_sorted = reader if reader is not None else lambda rows: _to_csr(matrix[rows])
 
     def read(rows):
         rows = np.asarray(rows, dtype=np.int64)
