@@ -262,6 +262,11 @@ def test_subgraph_equals_a_plain_reference_on_random_graphs(hops):
             assert sub.nodes.dtype == sub.edge_index.dtype == np.int64
             assert sub.edge_weight.dtype == sub.degree_outside.dtype == np.float32
             assert (sampler._local == -1).all()
+    # the compiled loop does not check its indices: the sampler refuses foreign cells
+    for bad in ([n], [-1], [0, n + 5]):
+        with pytest.raises(IndexError, match="seed cells must lie in"):
+            sampler(np.array(bad))
+    assert (sampler._local == -1).all()
 
 
 @pytest.mark.parametrize("cheb_k,hops", [(2, 1), (3, 2)])
