@@ -67,6 +67,25 @@ PERTURBATIONS: tuple[str, ...] = ("spectral", "random", "none")
 STAGE_NAMES = {"A": "Stage A (graph VAE)", "B": "Stage B (diffusion)"}
 
 
+def non_finite_gradient(named_grads) -> str | None:
+    """The name of the first ``(name, gradient)`` pair whose gradient holds a NaN or an
+    infinity, else ``None``.
+
+    One fused reduction over all gradients (``torch._foreach_norm`` with ``ord=inf``, one
+    kernel on a GPU instead of two per parameter) and one host synchronisation. The
+    largest absolute entry of a gradient is finite exactly when all its entries are: NaN
+    propagates through the maximum, and no square is taken that could overflow.
+    """
+    named = [(name, grad) for name, grad in named_grads if grad.numel()]
+    if not named:
+        return None
+    largest = torch._foreach_norm([grad for _, grad in named], float("inf"))
+    finite = torch.isfinite(torch.stack(largest))  # stack promotes mixed dtypes
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training stopped because a loss or gradient became NaN or infinite.
 
@@ -292,14 +311,10 @@ class LapDDPMTrainingPlan(TrainingPlan):
                           f"{'NaN' if bool(torch.isnan(loss).any()) else 'infinite'}")
 
     def on_before_optimizer_step(self, optimizer):
-        grads = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
-        if not grads:
-            return
-        finite = torch.stack([torch.isfinite(grad).all() for _, grad in grads])
-        if bool(finite.all()):  # one device sync per step, not one per parameter
-            return
-        name = grads[int((~finite).nonzero()[0])][0]
-        raise self._fault(f"the gradient of {name} became NaN or infinite")
+        name = non_finite_gradient(
+            (name, p.grad) for name, p in self.named_parameters() if p.grad is not None)
+        if name is not None:
+            raise self._fault(f"the gradient of {name} became NaN or infinite")
 
     # --------------------------------------------------------------- lightning hooks
     def on_train_batch_start(self, batch, batch_idx):
