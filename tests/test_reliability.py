@@ -444,8 +444,12 @@ def test_a_nan_gradient_stops_training_before_the_update():
     _assert_same_weights(snapshot, _weights(model))  # the finite loss was never applied
 
 
-def test_the_gradient_check_finds_a_single_non_finite_entry_and_nothing_else():
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_gradient_check_finds_a_single_non_finite_entry_and_nothing_else(fused):
     from scldiff.train._trainingplan import non_finite_gradient
+
+    def check(named):  # on a CPU the fused reduction runs only when asked for
+        return non_finite_gradient(named, fused=fused)
 
     def grads(**poison):
         out = [("a", torch.randn(300, 40)), ("empty", torch.zeros(0)),
@@ -454,15 +458,15 @@ def test_the_gradient_check_finds_a_single_non_finite_entry_and_nothing_else():
             dict(out)[name].view(-1)[index] = value
         return out
 
-    assert non_finite_gradient(grads()) is None
-    assert non_finite_gradient([]) is None
+    assert check(grads()) is None
+    assert check([]) is None
     # finite extremes are finite: no square of them is taken
-    assert non_finite_gradient(grads(a=(0, 3e38), c=(24, -3e38), b=(6, 1e300))) is None
+    assert check(grads(a=(0, 3e38), c=(24, -3e38), b=(6, 1e300))) is None
     for value in (float("nan"), float("inf"), -float("inf")):
         for index in (0, 12, -1):  # first, middle, last entry
-            assert non_finite_gradient(grads(a=(index * 500, value))) == "a"
-            assert non_finite_gradient(grads(c=(index, value))) == "c"
-    assert non_finite_gradient(grads(b=(3, float("nan")), c=(0, float("inf")))) == "b"
+            assert check(grads(a=(index * 500, value))) == "a"
+            assert check(grads(c=(index, value))) == "c"
+    assert check(grads(b=(3, float("nan")), c=(0, float("inf")))) == "b"
 
 
 def test_epoch_batches_depend_on_seed_and_epoch_only():

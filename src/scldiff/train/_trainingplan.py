@@ -67,20 +67,27 @@ PERTURBATIONS: tuple[str, ...] = ("spectral", "random", "none")
 STAGE_NAMES = {"A": "Stage A (graph VAE)", "B": "Stage B (diffusion)"}
 
 
-def non_finite_gradient(named_grads) -> str | None:
+def non_finite_gradient(named_grads, fused: bool | None = None) -> str | None:
     """The name of the first ``(name, gradient)`` pair whose gradient holds a NaN or an
-    infinity, else ``None``.
+    infinity, else ``None``, with one host synchronisation.
 
-    One fused reduction over all gradients (``torch._foreach_norm`` with ``ord=inf``, one
-    kernel on a GPU instead of two per parameter) and one host synchronisation. The
-    largest absolute entry of a gradient is finite exactly when all its entries are: NaN
-    propagates through the maximum, and no square is taken that could overflow.
+    ``fused`` (default: off the CPU, as torch's own ``foreach`` defaults): one reduction
+    over all gradients, ``torch._foreach_norm`` with ``ord=inf``, a few kernels on a GPU
+    instead of two per parameter. The largest absolute entry of a gradient is finite
+    exactly when all its entries are: NaN propagates through the maximum, and no square is
+    taken that could overflow. On a CPU, ``isfinite(...).all()`` per parameter is faster
+    (stage A: 4.8 against 7.8 ms a step on 2 cores).
     """
     named = [(name, grad) for name, grad in named_grads if grad.numel()]
     if not named:
         return None
-    largest = torch._foreach_norm([grad for _, grad in named], float("inf"))
-    finite = torch.isfinite(torch.stack(largest))  # stack promotes mixed dtypes
+    grads = [grad for _, grad in named]
+    if fused is None:
+        fused = grads[0].device.type != "cpu"
+    if fused:
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
+    else:
+        finite = torch.stack([torch.isfinite(grad).all() for grad in grads])
     if bool(finite.all()):
         return None
     return named[int((~finite).nonzero()[0])][0]
