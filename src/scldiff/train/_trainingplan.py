@@ -76,7 +76,7 @@ def non_finite_gradient(named_grads, fused: bool | None = None) -> str | None:
     instead of two per parameter. The largest absolute entry of a gradient is finite
     exactly when all its entries are: NaN propagates through the maximum, and no square is
     taken that could overflow. On a CPU, ``isfinite(...).all()`` per parameter is faster
-    (stage A: 4.8 against 7.8 ms a step on 2 cores).
+    (4.8 against 7.8 ms for stage A's parameters on 2 cores).
     """
     named = [(name, grad) for name, grad in named_grads if grad.numel()]
     if not named:
