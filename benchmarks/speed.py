@@ -237,9 +237,10 @@ def _minibatch_host_times(model, batches: int = 30, batch_size: int = 128,
 
 
 def _ops_per_step(adata: ad.AnnData, epochs: int = 1) -> float:
-    """Tensor operations (forward, backward, optimiser) that one stage-A step dispatches,
-    the median over ``epochs`` epochs of training a fresh model on ``adata``, counted with
-    a ``TorchDispatchMode``: on a GPU each is at least one kernel launched from the host."""
+    """Tensor operations (forward, backward, optimiser) that one stage-A step dispatches:
+    the median over the steps of ``epochs`` epochs of training a fresh model on ``adata``,
+    counted with a ``TorchDispatchMode``. On a GPU each is at least one kernel launched
+    from the host."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     count = [0]
