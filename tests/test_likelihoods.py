@@ -344,16 +344,24 @@ def test_cpu_decoding_threads_change_neither_counts_nor_settings():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("form", ["probabilities", "logits"])
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "hurdle", "poisson"])
-def test_sampled_counts_follow_the_scipy_pmf(likelihood, backend):
+def test_sampled_counts_follow_the_scipy_pmf(likelihood, backend, form):
     # means on both sides of the inverse-CDF / Gamma-Poisson switch, tiny and large
-    # dispersions; each column has its own parameters, 40,000 cells each
+    # dispersions; each column has its own parameters, 40,000 cells each. The parameters
+    # come as probabilities, or as the decoder's logits (sampling_params(logits=True)):
+    # log-means as the proportions' logits, with the library that gives back the means
     mu = np.array([1e-3, 0.05, 0.7, 3.0, 9.9, 10.1, 40.0, 300.0])
     theta = np.array([0.05, 2.0, 0.3, 50.0, 1.5, 0.2, 8.0, 3.0])
     pi = np.array([0.0, 0.1, 0.5, 0.2, 0.0, 0.3, 0.05, 0.6])
     n = 40_000
-    params = {"scale": torch.tensor(mu / 10.0, dtype=torch.float32).expand(n, -1)}
+    library = 10.0
+    if form == "probabilities":
+        params = {"scale": torch.tensor(mu / 10.0, dtype=torch.float32).expand(n, -1)}
+    else:  # the ZINB's mean is library * rho / sum (1 - pi) rho
+        params = {"scale_logits": torch.tensor(np.log(mu), dtype=torch.float32).expand(n, -1)}
+        library = float(((1 - pi) * mu).sum() if likelihood == "zinb" else mu.sum())
     if likelihood != "poisson":
         params["theta"] = torch.tensor(theta, dtype=torch.float32).expand(n, -1)
     if likelihood == "zinb":
@@ -365,7 +373,7 @@ def test_sampled_counts_follow_the_scipy_pmf(likelihood, backend):
         nb = stats.nbinom(theta, theta / (theta + mu))
         offset = np.log(detect) - np.log1p(-detect) - (nb.logsf(0) - nb.logpmf(0))
         params["detect_offset"] = torch.tensor(offset, dtype=torch.float32).expand(n, -1)
-    counts = sample_counts(likelihood, params, torch.full((n, 1), 10.0),
+    counts = sample_counts(likelihood, params, torch.full((n, 1), library),
                            _generator(backend, 3)).toarray()
     for g in range(mu.size):
         if likelihood == "poisson":
@@ -405,26 +413,20 @@ def test_sampled_counts_follow_the_scipy_pmf(likelihood, backend):
         assert stats.chi2.sf(chi2, expected.size - 1) > 1e-4, (g, mu[g], theta[g], chi2)
 
 
-class _UniformNearOne:
-    """Stands in for a Generator whose uniforms all lie 1e-12 below 1."""
-
-    def random(self, size):
-        return np.full(size, 1.0 - 1e-12)
-
-
-def _positive_draws_in_thread(mu, theta, p_zero, seconds=30.0):
+def _inverse_cdf_in_thread(mu, theta, p_zero, seconds=30.0):
+    """The CPU kernel's inverse-CDF draws at the CDF level of a uniform 1e-12 below 1."""
     import threading
 
-    from scldiff.module._decoder import _positive_draws
+    from scldiff.module._kernels import inverse_cdf
 
-    result = {}
+    out = np.zeros_like(mu)
+    levels = p_zero + (1.0 - p_zero) * (1.0 - 1e-12)
     worker = threading.Thread(
-        target=lambda: result.update(out=_positive_draws(mu, theta, p_zero, _UniformNearOne())),
-        daemon=True)
+        target=lambda: inverse_cdf(mu, theta, p_zero, levels, True, 10.0, out), daemon=True)
     worker.start()
     worker.join(seconds)
     assert not worker.is_alive(), "the inverse-CDF loop did not stop"
-    return result["out"]
+    return out
 
 
 def test_inverse_cdf_draws_reach_the_far_tail_exactly():
@@ -432,7 +434,7 @@ def test_inverse_cdf_draws_reach_the_far_tail_exactly():
     # on (P(0), 1) is the CDF level v = 1 - (5/6) 1e-12, reached at the smallest k with
     # (5/6)**k < 1e-12, i.e. 152
     mu, theta = np.array([5.0]), np.array([1.0])
-    out = _positive_draws_in_thread(mu, theta, np.array([1.0 / 6.0]))
+    out = _inverse_cdf_in_thread(mu, theta, np.array([1.0 / 6.0]))
     assert out[0] == 152
 
 
@@ -442,7 +444,7 @@ def test_inverse_cdf_draws_stop_when_rounding_leaves_the_cdf_short_of_the_unifor
     # entry must stop there instead of running on (forever, once the pmf is subnormal).
     mu, theta = np.array([5.0, 9.0]), np.array([1.0, 0.05])
     p_zero = (theta / (theta + mu)) ** theta * (1 - 1e-7)
-    out = _positive_draws_in_thread(mu, theta, p_zero)
+    out = _inverse_cdf_in_thread(mu, theta, p_zero)
     tail_start = [np.log(1e-7) / np.log(5 / 6) - 1, 0]  # where the true CDF passes 1 - 1e-7
     assert np.isfinite(out).all() and (out >= tail_start).all() and (out < 1e5).all()
 
@@ -468,6 +470,20 @@ def test_sampling_params_equal_the_forward_ones(likelihood):
         torch.testing.assert_close(fast["detect_offset"], params["detect_offset"])
     else:
         assert "detect_offset" not in fast
+    # the logits the CPU sampler takes instead: the same probabilities once converted
+    from scldiff.module._decoder import _with_probabilities
+
+    with torch.no_grad():
+        logits = decoder.sampling_params(z, logits=True)
+    if likelihood == "hurdle":  # its P(X > 0) needs the library size: probabilities
+        assert "scale" in logits and "scale_logits" not in logits
+        return
+    assert "scale" not in logits and logits["scale_logits"].dtype == torch.float32
+    assert ("zi_logits" in logits) == (likelihood == "zinb")
+    converted = _with_probabilities(likelihood, logits)
+    torch.testing.assert_close(converted["scale"], fast["scale"], rtol=1e-5, atol=1e-9)
+    if likelihood == "zinb":
+        torch.testing.assert_close(converted["kept"], fast["kept"])
 
 
 class _FixedKey:
@@ -489,7 +505,7 @@ def _near_their_uniforms(key: int, n_cells: int, n_genes: int):
     among the entries with u < 2**-16)."""
     from scldiff.module._kernels import entry_uniforms
 
-    ticks, u = entry_uniforms(key, n_cells * n_genes)
+    ticks, u = entry_uniforms(key, n_cells, n_genes)
     above = np.arange(u.size) % 2 == 0
     small = np.flatnonzero(ticks == 0)
     above[small] = np.arange(small.size) % 2 == 0
@@ -504,7 +520,7 @@ def test_zero_decisions_are_exactly_u_below_the_probability_of_a_count(likelihoo
     # uniform, above or below, so each decision hinges on the float64 comparison. Among
     # 2**18 entries, a few have 16-bit integer part 0 (u < 2**-16, probabilities down to
     # 1e-9): the dense 16-bit test alone would keep them all.
-    key, n_cells, n_genes = 20261123, 64, 4096
+    key, n_cells, n_genes = 20261206, 64, 4096
     ticks, u, target = _near_their_uniforms(key, n_cells, n_genes)
     library = torch.full((n_cells, 1), 10.0)
     if likelihood == "poisson":  # P(X > 0) = 1 - exp(-mu)
@@ -533,7 +549,7 @@ def test_pre_selection_keeps_every_entry_below_its_float64_bound():
 
     rng = np.random.default_rng(8)
     key, n_cells, n_genes = 99, 64, 4096
-    ticks, uniforms = entry_uniforms(key, n_cells * n_genes)
+    ticks, uniforms = entry_uniforms(key, n_cells, n_genes)
     ticks = ticks.reshape(n_cells, n_genes).astype(np.float64)
     library = rng.uniform(500.0, 5000.0, n_cells)
     kept = rng.uniform(0.5, 1.0, (n_cells, n_genes)).astype(np.float32)
@@ -550,6 +566,100 @@ def test_pre_selection_keeps_every_entry_below_its_float64_bound():
     assert np.array_equal(mean, library[rows] * scale[rows, cols].astype(np.float64))
     assert np.array_equal(keep, kept[rows, cols].astype(np.float64))
     assert np.array_equal(u, uniforms[flat])
+
+
+def test_compiled_exponential_is_float32_exp_to_two_units_in_the_last_place():
+    from scldiff.module._kernels import exp_f32
+
+    x = np.concatenate([np.linspace(-87.3, 88.3, 2_000_001, dtype=np.float32),
+                        np.float32([0.0, -1e-30, 1e-30, 0.5, -0.5])])
+    out = np.empty_like(x)
+    exp_f32(x, out)
+    exact = np.exp(x.astype(np.float64))
+    ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert (np.abs(out - exact) <= 2 * ulp).all()
+    assert out[-5] == 1.0
+    # clamped to its range [-87.3, 88.3]: exp(-87.3), about float32's smallest normal
+    # number, below it (not a subnormal or zero), finite above
+    below = np.float32([-88.0, -200.0, -np.inf])
+    exp_f32(below, out[:3])
+    low = np.exp(np.float64(np.float32(-87.3)))
+    assert (out[:3] == out[0]).all() and abs(out[0] / low - 1) < 3e-7
+    exp_f32(np.float32([100.0, np.inf]), out[:2])
+    assert np.isfinite(out[:2]).all() and (out[:2] > 1e38).all()
+
+
+def test_entry_uniforms_are_uniform_in_each_of_an_outputs_four_fields():
+    # four entries share one SplitMix64 output: each of its 16-bit fields is uniform, and
+    # neighbouring entries' integers are uncorrelated, within a row and across rows
+    from scldiff.module._kernels import TICKS, entry_uniforms
+
+    n_cells, n_genes = 64, 4099  # rows that do not end on a whole output
+    ticks, u = entry_uniforms(12345, n_cells, n_genes)
+    ticks = ticks.reshape(n_cells, n_genes).astype(np.float64)
+    assert ticks.max() < TICKS and (u >= ticks.ravel() / TICKS).all()
+    assert (u < (ticks.ravel() + 1) / TICKS).all()
+    for field in range(4):
+        values = ticks[:, field::4].ravel()
+        counts = np.bincount((values // 4096).astype(int), minlength=16)
+        assert stats.chisquare(counts).pvalue > 1e-4
+    flat = ticks.ravel() / TICKS
+    for lag in (1, 2, 3, 4, n_genes):
+        assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 0.01
+
+
+def test_pre_selection_from_logits_keeps_every_entry_below_its_float64_bound():
+    # The fused kernel computes each row's softmax and 1 - pi itself, with its own float32
+    # exponential, and the bound 2**16 E[X] from them. Every entry whose 16-bit integer
+    # lies below the bound computed in float64 from the same logits must be kept; none
+    # more than the slack (1e-5) and float32's rounding above it may be. Each entry's
+    # bound is put near its own integer (relative 3e-5 either way).
+    from scldiff.module._decoder import _BOUND_SLACK
+    from scldiff.module._kernels import TICKS, entry_uniforms, preselect_logits
+
+    rng = np.random.default_rng(9)
+    key, n_cells, n_genes = 31, 64, 4096
+    ticks, uniforms = entry_uniforms(key, n_cells, n_genes)
+    ticks = ticks.reshape(n_cells, n_genes).astype(np.float64)
+    kept = rng.uniform(0.05, 1.0, (n_cells, n_genes))
+    target = np.maximum(ticks, 0.5) * (1 + rng.uniform(-3e-5, 3e-5, ticks.shape))
+    # E[X] = library * e k / sum(e k) = target / 2**16 with e proportional to target / k
+    logits = (np.log(target / kept) + rng.normal(0, 5, (n_cells, 1))).astype(np.float32)
+    zi_logits = np.log((1 - kept) / kept).astype(np.float32)
+    library = target.sum(1) / TICKS
+    # the reference in float64 from the float32 inputs
+    e = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
+    k = 1.0 / (1.0 + np.exp(zi_logits.astype(np.float64)))
+    mean = library[:, None] * e / (e * k).sum(1, keepdims=True)
+    bound = TICKS * mean * k
+    rows, cols, got_mean, got_kept, u = preselect_logits(
+        logits, zi_logits, logits.max(1), library, _BOUND_SLACK * TICKS, True, np.uint64(key))
+    flat = rows * n_genes + cols
+    must = np.flatnonzero(ticks < bound)
+    may = np.flatnonzero(ticks <= bound * (1 + 1.2e-5))
+    assert must.size > n_cells * n_genes // 3 and np.isin(must, flat).all()
+    assert np.isin(flat, may).all() and flat.size < may.size + 1
+    close = np.abs(ticks - bound) < 1e-5 * bound  # where a looser or tighter bound errs
+    assert close.sum() > 1000
+    np.testing.assert_allclose(got_mean, mean[rows, cols], rtol=1e-6)
+    np.testing.assert_allclose(got_kept, k[rows, cols], rtol=1e-6)
+    assert np.array_equal(u, uniforms[flat])
+    # NB and Poisson: the softmax alone
+    rows, cols, got_mean, got_kept, _ = preselect_logits(
+        logits, zi_logits[:1], logits.max(1), library, _BOUND_SLACK * TICKS, False,
+        np.uint64(key))
+    assert got_kept.size == 0
+    mean = library[:, None] * e / e.sum(1, keepdims=True)
+    np.testing.assert_allclose(got_mean, mean[rows, cols], rtol=1e-6)
+    must = np.flatnonzero(ticks < TICKS * mean)
+    assert must.size > 1000 and np.isin(must, rows * n_genes + cols).all()
+
+
+def test_cpu_sampler_refuses_non_finite_logits():
+    params = {"scale_logits": torch.zeros(3, 5), "theta": torch.ones(5)}
+    params["scale_logits"][1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite"):
+        sample_counts("nb", params, torch.full((3, 1), 10.0), np.random.default_rng(0))
 
 
 def test_cpu_sampler_counts_depend_only_on_the_key():
@@ -619,7 +729,8 @@ def test_compiled_inverse_cdf_gives_the_vectorised_draws(poisson):
     # the CPU's compiled loop, entry by entry, against the vectorised steps (the torch
     # sampler's) from the same CDF levels: the same float64 arithmetic, the same draws,
     # including long tails (means up to 10, dispersions down to 0.05)
-    from scldiff.module._decoder import _positive_draws, _positive_draws_with
+    from scldiff.module._decoder import _positive_draws_with
+    from scldiff.module._kernels import inverse_cdf
 
     rng = np.random.default_rng(4)
     n = 50_000
@@ -630,18 +741,19 @@ def test_compiled_inverse_cdf_gives_the_vectorised_draws(poisson):
     uniforms[:50] = 1.0 - 1e-12  # the far tail
     vectorised = _positive_draws_with(mu, theta, p_zero, np, np.flatnonzero,
                                       lambda size: uniforms, None, None)
-    compiled = _positive_draws(mu, theta, p_zero, None,
-                               levels=p_zero + (1.0 - p_zero) * uniforms)
+    compiled = np.zeros(n)
+    inverse_cdf(mu, mu if poisson else theta, p_zero, p_zero + (1.0 - p_zero) * uniforms,
+                not poisson, 10.0, compiled)
     assert np.array_equal(compiled, vectorised) and vectorised.max() > 30
 
 
 def test_csr_from_tensors_matches_csr():
-    from scldiff.module._decoder import _csr, _csr_from_tensors, _to_host
+    from scldiff.module._decoder import _csr_from_tensors, _to_host
 
     dense = np.random.default_rng(2).poisson(0.3, size=(7, 9)).astype(np.float64)
     dense[3] = 0  # an empty row
     rows, cols = np.nonzero(dense)
-    expected = _csr(rows, cols, dense[rows, cols], 7, 9)
+    expected = sp.csr_matrix(dense)
     got = _csr_from_tensors(torch.from_numpy(rows), torch.from_numpy(cols),
                             torch.from_numpy(dense[rows, cols]), 7, 9)
     got.check_format(full_check=True)

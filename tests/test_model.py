@@ -648,9 +648,9 @@ def test_decoder_labels_train_generate_and_round_trip(tmp_path):
     seen = []
     sampling_params = decoder.sampling_params
 
-    def recording(z, labels=None):
+    def recording(z, labels=None, **kwargs):
         seen.append(labels.cpu())
-        return sampling_params(z, labels)
+        return sampling_params(z, labels, **kwargs)
 
     decoder.sampling_params = recording
     synth = model.generate(labels=["B cells", "CD4 T cells", "CD4 T cells"], seed=0,

@@ -427,6 +427,21 @@ def test_a_label_category_without_training_cells_cannot_be_generated():
         model.generate(labels=["Nope"], seed=0, progress_bar=False)
 
 
+def test_non_finite_latents_or_decoder_output_stop_generation_with_a_clear_error():
+    # a model whose weights hold a NaN: no silently empty cells, an error naming the cause
+    adata = _small_counts(120, 60)
+    model, _ = _fit_generate(adata)
+    with torch.no_grad():
+        model.module.score_net.out.bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="latents are not finite"):
+        model.generate(n_samples=5, seed=0, progress_bar=False)
+    model, _ = _fit_generate(adata)
+    with torch.no_grad():
+        model.module.decoder.scale.weight[3, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="decoder's output is not finite"):
+        model.generate(n_samples=5, seed=0, progress_bar=False)
+
+
 def test_a_nan_gradient_stops_training_before_the_update():
     model = _tiny_model()
     weight = model.module.decoder.scale.weight

@@ -152,7 +152,8 @@ class CountDecoder(nn.Module):
         return params
 
     @torch.no_grad()
-    def sampling_params(self, z: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+    def sampling_params(self, z: Tensor, labels: Tensor | None = None, logits: bool = False
+                        ) -> dict[str, Tensor]:
         r"""The parameters :func:`sample_counts` needs, in fewer passes than :meth:`forward`.
 
         ``scale`` (:math:`\mu / \ell`, as in :meth:`forward`), ``theta`` (one per gene, or
@@ -161,15 +162,27 @@ class CountDecoder(nn.Module):
         and for the hurdle NB ``detect_offset`` (its :math:`P(X > 0)` needs the library
         size, which :func:`sample_counts` has): no gradients, and no ``log_scale`` or
         ``zi_logits``.
+
+        ``logits=True`` (NB, ZINB and Poisson): the output layers' logits instead of
+        ``scale`` and ``kept``, ``scale_logits`` (float32) and for the ZINB ``zi_logits``,
+        from which :func:`sample_counts` on a CPU computes the probabilities in its own
+        pass over each cell (:func:`~scldiff.module._kernels.preselect_logits`), without
+        writing them out. The hurdle NB's parameters are the usual ones either way.
         """
         h = self._hidden(z, labels)
+        params: dict[str, Tensor] = {}
+        if self.log_theta is not None:
+            params["theta"] = self._log_theta(labels).exp()
+        if logits and self.detect_offset is None:
+            # float32 also under autocast, where the products come out in bf16
+            params["scale_logits"] = self.scale(h).float()
+            if self.dropout_logits is not None:
+                params["zi_logits"] = self.dropout_logits(h).float()
+            return params
         # softmax in one fused pass: on a CPU about 3.5x faster than log_softmax then exp.
         # In float32 also under autocast, where the products come out in bf16: the
         # elementwise passes that follow are then faster too, and need no conversion
         scale = torch.softmax(self.scale(h), dim=-1, dtype=torch.float32)  # rho
-        params: dict[str, Tensor] = {}
-        if self.log_theta is not None:
-            params["theta"] = self._log_theta(labels).exp()
         if self.dropout_logits is not None:
             # 1 - pi = sigmoid(-logits): the negated logits come out of the matrix product
             # (beta = alpha = -1), then one sigmoid pass
@@ -380,31 +393,15 @@ _HOST_TAIL = 16_384
 _STAGING_ELEMENTS = 4 * 2**20
 
 
-def _positive_draws(mu: np.ndarray, theta: np.ndarray | None, p_zero: np.ndarray,
-                    rng: np.random.Generator, levels: np.ndarray | None = None
-                    ) -> np.ndarray:
+def _gamma_poisson_positive(mu: np.ndarray, theta: np.ndarray | None,
+                            rng: np.random.Generator) -> np.ndarray:
     r"""Draws of :math:`X \mid X \ge 1` for :math:`X \sim \mathrm{NB}(\mu, \theta)`
-    (Poisson when ``theta`` is ``None``); ``p_zero`` is :math:`P(X = 0)`. Float64 arrays.
-    ``levels``: the CDF levels, uniform on :math:`(P(0), 1)`, of the inverse-CDF draws
-    (default: drawn from ``rng``).
-
-    Means up to ``_INVERSE_CDF_MAX_MEAN``: inverse CDF of a uniform on :math:`(P(0), 1)`,
-    stepping :math:`p(k) = p(k-1)\,\frac{k - 1 + \theta}{k}\,\frac{\mu}{\mu + \theta}`
-    (Poisson: :math:`p(k-1)\,\mu/k`) until the CDF passes it, entry by entry in a compiled
-    loop (:func:`scldiff.module._kernels.inverse_cdf`). Larger means: Gamma–Poisson
-    draws, redrawn while zero (rejection, exact).
-    """
-    from ._kernels import inverse_cdf
-
-    out = np.ones_like(mu)  # every draw is at least 1
-    small = mu <= _INVERSE_CDF_MAX_MEAN
-    if levels is None:
-        levels = np.zeros_like(mu)
-        where = np.flatnonzero(small)
-        levels[where] = p_zero[where] + (1.0 - p_zero[where]) * rng.random(where.size)
-    inverse_cdf(mu, _NO_THETA if theta is None else theta, p_zero, levels,
-                theta is not None, _INVERSE_CDF_MAX_MEAN, out)
-    idx = np.flatnonzero(~small)
+    (Poisson when ``theta`` is ``None``) as Gamma–Poisson draws from ``rng``, redrawn
+    while zero (rejection, exact): the CPU sampler's for means above
+    ``_INVERSE_CDF_MAX_MEAN``, where a zero is rare and the inverse CDF takes many steps.
+    Float64 arrays."""
+    out = np.empty_like(mu)
+    idx = np.arange(mu.size)
     while len(idx):
         m = mu[idx]
         draws = rng.poisson(m if theta is None else rng.gamma(theta[idx], m / theta[idx]))
@@ -415,8 +412,12 @@ def _positive_draws(mu: np.ndarray, theta: np.ndarray | None, p_zero: np.ndarray
 
 def _positive_draws_with(mu, theta, p_zero, xp, indices, uniform, gamma, poisson,
                          host_below: int = 0):
-    """:func:`_positive_draws` vectorised, for numpy or torch arrays (the torch sampler's;
-    the CPU's steps entry by entry instead): ``xp`` is the module,
+    r"""Draws of :math:`X \mid X \ge 1` for :math:`X \sim \mathrm{NB}(\mu, \theta)`
+    (Poisson when ``theta`` is ``None``; ``p_zero`` is :math:`P(X = 0)`), vectorised, for
+    numpy or torch arrays: the torch sampler's. The CPU's steps entry by entry
+    (:func:`~scldiff.module._kernels.inverse_cdf`), with the same arithmetic. Means up to
+    ``_INVERSE_CDF_MAX_MEAN`` by inverse CDF from a uniform level on :math:`(P(0), 1)`,
+    larger ones as Gamma–Poisson draws redrawn while zero. ``xp`` is the module,
     ``indices(mask)`` the positions of a mask, ``uniform(n)``, ``gamma(shape, scale)`` and
     ``poisson(rate)`` draw from the caller's generator.
 
@@ -503,18 +504,25 @@ def sample_counts(
     parameters keeps only the entries whose uniform may lie below :math:`E[X]` (the
     hurdle's: :math:`p`), about a seventh of them on PBMC3K; the exact probability, its
     logarithm and power, is computed in float64 for those alone. The nonzero entries, a
-    few percent, are then drawn from :math:`X \mid X \ge 1` (:func:`_positive_draws`); on
-    the CPU at the CDF level :math:`P(0) + (1 - P(0))\,u / P(X > 0)`, since given
-    :math:`u < P(X > 0)` that ratio is a fresh uniform.
+    few percent, are then drawn from :math:`X \mid X \ge 1`: means up to
+    ``_INVERSE_CDF_MAX_MEAN`` by inverse CDF, stepping :math:`p(k) = p(k-1)\,\frac{k - 1
+    + \theta}{k}\,\frac{\mu}{\mu + \theta}` (Poisson: :math:`p(k-1)\,\mu/k`) until the
+    CDF passes the level, larger ones as Gamma–Poisson draws redrawn while zero. On the CPU
+    the level is :math:`P(0) + (1 - P(0))\,u / P(X > 0)`, since given :math:`u < P(X > 0)`
+    that ratio is a fresh uniform.
 
     On the CPU (a numpy ``rng``), the dense pass is a compiled loop
     (:func:`scldiff.module._kernels.preselect`) that draws each entry's 16-bit integer
     :math:`k` from a counter-based generator keyed by one draw from ``rng``, and keeps
     the entry when :math:`k \le 2^{16} E[X]`; the kept entries' uniforms are completed
     to :math:`u = (k + v)\,2^{-16}` with 53 more bits :math:`v`, so that probabilities far
-    below :math:`2^{-16}` are resolved exactly. With a ``torch.Generator`` the dense
-    uniforms are 24-bit integers drawn in torch on the parameters' device. Pass a few
-    hundred cells at a time (:meth:`LapDDPMModule.decode_counts`).
+    below :math:`2^{-16}` are resolved exactly. From the decoder's logits (``scale_logits``)
+    the same pass computes the probabilities itself, row by row
+    (:func:`~scldiff.module._kernels.preselect_logits`). The decisions and the inverse-CDF
+    draws are one more compiled loop (:func:`~scldiff.module._kernels.nonzero_draws`).
+    With a ``torch.Generator`` the dense uniforms are 24-bit integers drawn in torch on the
+    parameters' device. Pass a few hundred cells at a time
+    (:meth:`LapDDPMModule.decode_counts`).
 
     Parameters
     ----------
@@ -525,7 +533,11 @@ def sample_counts(
         broadcastable to ``scale``; not for Poisson), for the ZINB ``kept``
         (:math:`1 - \pi`) or ``zi_logits``, for the hurdle NB ``detect`` (:math:`P(X > 0)`)
         or ``detect_offset`` (:func:`hurdle_logits`): :meth:`CountDecoder.sampling_params` or
-        :meth:`CountDecoder.forward`.
+        :meth:`CountDecoder.forward`. Or, in place of ``scale`` and ``kept``, the logits
+        ``scale_logits`` of the gene proportions (a softmax over genes) and for the ZINB
+        ``zi_logits``, as ``CountDecoder.sampling_params(..., logits=True)`` gives them: the
+        ZINB's mean is then :math:`\ell\rho_g / \sum_h (1 - \pi_h)\rho_h`, as the decoder
+        has it.
     library
         ``(n_cells, 1)`` library sizes.
     rng
@@ -539,36 +551,89 @@ def sample_counts(
     ``(n_cells, n_genes)`` CSR matrix of float32 whole numbers.
     """
     if isinstance(rng, torch.Generator):
-        return _sample_counts_torch(likelihood, params, library, rng)
-    from ._kernels import TICKS, preselect
+        return _sample_counts_torch(likelihood, _with_probabilities(likelihood, params),
+                                    library, rng)
+    from ._kernels import TICKS, nonzero_draws, preselect, preselect_logits
 
+    key = rng.integers(0, 2**64, dtype=np.uint64)
+    hurdle = likelihood == "hurdle"
     with torch.no_grad():
-        scale, lib, theta, kept, _ = _dense_bound(likelihood, params, library,
-                                                  torch.device("cpu"), 1.0, dense=False)
-        n_cells, n_genes = scale.shape
-        lib = lib.numpy()
-        hurdle = likelihood == "hurdle"
-        # the bound in units of 2**-16: E[X] (times 1 - pi), or the hurdle's P(X > 0)
-        factor = np.full(n_cells, _BOUND_SLACK * TICKS) if hurdle else lib * (
-            _BOUND_SLACK * TICKS)
-        has_kept = kept is not None
-        rows, cols, mu, kept, u = preselect(
-            np.ascontiguousarray(scale.numpy()),
-            np.ascontiguousarray(kept.numpy()) if has_kept else _NO_KEPT,
-            lib, factor.astype(np.float32), not hurdle, has_kept,
-            rng.integers(0, 2**64, dtype=np.uint64))
-        if theta is not None:
-            theta = theta.numpy()
-            theta = theta[cols] if theta.ndim == 1 else theta[rows, cols]
-        keep, log_p0, p_nonzero = _exact_nonzero(np, np.flatnonzero, u, mu, theta,
-                                                 kept if has_kept else None, hurdle)
-        rows, cols, mu = rows[keep], cols[keep], mu[keep]
-        p_zero = np.exp(log_p0)
-        # Given u < P(X > 0), u / P(X > 0) is uniform on (0, 1) and independent of the
-        # zero decision: it places the positive draw's CDF level on (P(0), 1)
-        values = _positive_draws(mu, None if theta is None else theta[keep], p_zero, rng,
-                                 levels=p_zero + (1.0 - p_zero) * (u[keep] / p_nonzero))
-    return _csr(rows, cols, values, n_cells, n_genes)
+        if "scale" in params or hurdle:
+            scale, lib, theta, kept, _ = _dense_bound(
+                likelihood, _with_probabilities(likelihood, params), library,
+                torch.device("cpu"), 1.0, dense=False)
+            n_cells, n_genes = scale.shape
+            lib = lib.numpy()
+            # the bound in units of 2**-16: E[X] (times 1 - pi), or the hurdle's P(X > 0)
+            factor = np.full(n_cells, _BOUND_SLACK * TICKS) if hurdle else lib * (
+                _BOUND_SLACK * TICKS)
+            has_kept = kept is not None
+            selection = preselect(
+                np.ascontiguousarray(scale.numpy()),
+                np.ascontiguousarray(kept.numpy()) if has_kept else _NO_KEPT,
+                lib, factor.astype(np.float32), not hurdle, has_kept, key)
+        else:
+            logits = params["scale_logits"].detach().to("cpu", torch.float32).contiguous()
+            n_cells, n_genes = logits.shape
+            shift = logits.amax(1) if n_genes else logits.new_zeros(n_cells)
+            if not bool(torch.isfinite(shift).all()):
+                raise FloatingPointError(
+                    "The decoder's output is not finite (NaN or infinite logits): the "
+                    "latents or the model's weights hold NaN or infinite values.")
+            has_kept = likelihood == "zinb"
+            zi_logits = (params["zi_logits"].detach().to("cpu", torch.float32).contiguous()
+                         .numpy() if has_kept else _NO_KEPT)
+            lib = library.detach().to("cpu", torch.float64).reshape(-1).numpy()
+            theta = None if likelihood == "poisson" else _theta(params, n_genes,
+                                                               torch.device("cpu"))
+            selection = preselect_logits(logits.numpy(), zi_logits, shift.numpy(), lib,
+                                         _BOUND_SLACK * TICKS, has_kept, key)
+    rows, cols, mean, kept, u = selection
+    if theta is None:  # Poisson: P(0) - 1 = expm1(-mu)
+        zero_m1, theta = np.expm1(-mean), _NO_THETA
+    else:  # log NB(0) = -theta log(1 + mu / theta), then expm1 of it, in place
+        theta = theta.numpy()
+        theta = theta[cols] if theta.ndim == 1 else theta[rows, cols]
+        zero_m1 = np.divide(mean, theta)
+        np.log1p(zero_m1, out=zero_m1)
+        zero_m1 *= -theta
+        np.expm1(zero_m1, out=zero_m1)
+    indptr, indices, values, mu, theta = nonzero_draws(
+        rows, cols, mean, kept if has_kept else _NO_THETA, u, zero_m1, theta, has_kept,
+        likelihood != "poisson", hurdle, _INVERSE_CDF_MAX_MEAN, n_cells)
+    large = np.flatnonzero(mu > _INVERSE_CDF_MAX_MEAN)
+    if large.size:
+        values[large] = _gamma_poisson_positive(
+            mu[large], theta[large] if likelihood != "poisson" else None, rng)
+    index_dtype = np.int32 if max(n_genes, values.size) < 2**31 else np.int64
+    return sp.csr_matrix((values.astype(np.float32), indices.astype(index_dtype, copy=False),
+                          indptr.astype(index_dtype)), shape=(n_cells, n_genes))
+
+
+def _with_probabilities(likelihood: Likelihood, params: dict[str, Tensor]
+                        ) -> dict[str, Tensor]:
+    """``params`` with ``scale`` (and for the ZINB ``kept``) in place of the logits of
+    ``sampling_params(..., logits=True)``; as they are when they have ``scale``."""
+    if "scale" in params:
+        return params
+    scale = torch.softmax(params["scale_logits"].detach(), dim=-1, dtype=torch.float32)
+    out = {key: value for key, value in params.items()
+           if key not in ("scale_logits", "zi_logits")}
+    if likelihood == "zinb":
+        kept = torch.sigmoid(torch.neg(params["zi_logits"].detach().float()))
+        scale.div_(torch.linalg.vecdot(kept, scale)[:, None])
+        out["kept"] = kept
+    out["scale"] = scale
+    return out
+
+
+def _theta(params: dict[str, Tensor], n_genes: int, device: torch.device) -> Tensor:
+    """The inverse dispersions in float64 on ``device``: ``(n_genes,)`` when they are one
+    per gene (also when given broadcast to every cell), else one row per cell."""
+    theta = params["theta"].detach()
+    if theta.dim() < 2 or theta.shape[0] == 1 or theta.stride(0) == 0:  # per gene
+        theta = theta.reshape(-1, theta.shape[-1])[0].expand(n_genes)
+    return theta.to(device, torch.float64)
 
 
 def _dense_bound(likelihood: Likelihood, params: dict[str, Tensor], library: Tensor,
@@ -587,10 +652,7 @@ def _dense_bound(likelihood: Likelihood, params: dict[str, Tensor], library: Ten
         bound = scale * (lib * (_BOUND_SLACK / unit)).float()[:, None]
     theta = kept = None
     if likelihood != "poisson":
-        theta = params["theta"].detach()
-        if theta.dim() < 2 or theta.shape[0] == 1 or theta.stride(0) == 0:  # per gene
-            theta = theta.reshape(-1, theta.shape[-1])[0].expand(scale.shape[1])
-        theta = theta.to(device, torch.float64)
+        theta = _theta(params, scale.shape[1], device)
     if likelihood == "zinb":
         kept = params.get("kept")
         if kept is None:
@@ -628,16 +690,6 @@ def _exact_nonzero(xp, indices, u, mu, theta, kept, hurdle: bool = False):
     return keep, log_p0[keep], p_nonzero[keep]
 
 
-def _csr(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_cells: int,
-         n_genes: int) -> sp.csr_matrix:
-    """CSR matrix of entries given in row-major order."""
-    indptr = np.zeros(n_cells + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_cells), out=indptr[1:])
-    index_dtype = np.int32 if max(n_genes, values.size) < 2**31 else np.int64
-    return sp.csr_matrix((values.astype(np.float32), cols.astype(index_dtype),
-                          indptr.astype(index_dtype)), shape=(n_cells, n_genes))
-
-
 def _standard_gamma(shape: Tensor, generator: torch.Generator) -> Tensor:
     r"""Gamma(shape, 1) draws from ``generator``, in one device call:
     ``torch._standard_gamma``, the kernel behind :class:`torch.distributions.Gamma`, whose
@@ -649,7 +701,8 @@ def _standard_gamma(shape: Tensor, generator: torch.Generator) -> Tensor:
 
 def _positive_draws_torch(mu: Tensor, theta: Tensor | None, p_zero: Tensor,
                           generator: torch.Generator) -> Tensor:
-    """:func:`_positive_draws` in torch (float64 tensors on any device)."""
+    """:func:`_positive_draws_with` in torch (float64 tensors on any device), from
+    ``generator``."""
     return _positive_draws_with(
         mu, theta, p_zero, torch, lambda mask: torch.nonzero(mask).squeeze(1),
         lambda n: torch.rand(n, generator=generator, device=mu.device, dtype=mu.dtype),
@@ -694,7 +747,8 @@ def _sample_counts_torch(likelihood: Likelihood, params: dict[str, Tensor], libr
 
 def _csr_from_tensors(rows: Tensor, cols: Tensor, values: Tensor, n_cells: int,
                       n_genes: int) -> sp.csr_matrix:
-    """:func:`_csr` of tensors on any device: the row pointers are counted there, and
+    """The CSR matrix of entries given in row-major order, as tensors on any device: the
+    row pointers are counted there, and
     only the CSR arrays, in their final dtypes, come to the CPU (:func:`_to_host`)."""
     index_dtype = torch.int32 if max(n_genes, values.numel()) < 2**31 else torch.int64
     indptr = torch.zeros(n_cells + 1, dtype=index_dtype, device=rows.device)

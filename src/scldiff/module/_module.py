@@ -492,6 +492,10 @@ class LapDDPMModule(BaseModuleClass):
         given the sampled latents."""
         z = self.sample_latents(labels, guidance_scale, sampler, n_steps, generator,
                                 guidance_interval)
+        if not bool(torch.isfinite(z).all()):
+            raise FloatingPointError(
+                "The sampled latents are not finite (NaN or infinite): lower "
+                f"guidance_scale (now {guidance_scale}), or check the model's weights.")
         if self.diffuse_library:
             low, high = self.log_library_range.tolist()
             z, library = z[:, : self.n_latent], z[:, self.n_latent].clamp(low, high).exp()
@@ -568,8 +572,9 @@ class LapDDPMModule(BaseModuleClass):
         def chunk(start: int, seed: int) -> sp.csr_matrix:
             end = start + chunk_size
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=autocast):
+                # the logits: the sampler computes the probabilities in its own pass
                 params = self.decoder.sampling_params(
-                    z[start:end], None if labels is None else labels[start:end])
+                    z[start:end], None if labels is None else labels[start:end], logits=True)
                 return sample_counts(self.likelihood, params, library[start:end],
                                      np.random.default_rng(seed))
 
