@@ -413,16 +413,19 @@ def test_sampled_counts_follow_the_scipy_pmf(likelihood, backend, form):
         assert stats.chi2.sf(chi2, expected.size - 1) > 1e-4, (g, mu[g], theta[g], chi2)
 
 
-def _inverse_cdf_in_thread(mu, theta, p_zero, seconds=30.0):
-    """The CPU kernel's inverse-CDF draws at the CDF level of a uniform 1e-12 below 1."""
+def _inverse_cdf_in_thread(mu, theta, p_zero, uniforms=1.0 - 1e-12, seconds=30.0):
+    """The CPU kernel's inverse-CDF draws at the CDF levels of ``uniforms`` (by default
+    1e-12 below 1) on (P(0), 1); ``theta`` ``None``: Poisson."""
     import threading
 
     from scldiff.module._kernels import inverse_cdf
 
     out = np.zeros_like(mu)
-    levels = p_zero + (1.0 - p_zero) * (1.0 - 1e-12)
+    levels = p_zero + (1.0 - p_zero) * uniforms
+    has_theta = theta is not None
     worker = threading.Thread(
-        target=lambda: inverse_cdf(mu, theta, p_zero, levels, True, 10.0, out), daemon=True)
+        target=lambda: inverse_cdf(mu, theta if has_theta else mu, p_zero, levels, has_theta,
+                                   10.0, out), daemon=True)
     worker.start()
     worker.join(seconds)
     assert not worker.is_alive(), "the inverse-CDF loop did not stop"
@@ -627,13 +630,20 @@ def test_pre_selection_from_logits_keeps_every_entry_below_its_float64_bound():
     logits = (np.log(target / kept) + rng.normal(0, 5, (n_cells, 1))).astype(np.float32)
     zi_logits = np.log((1 - kept) / kept).astype(np.float32)
     library = target.sum(1) / TICKS
+    # given as the hidden layer's products and the output layer's biases, whose sums (in
+    # float32, as the kernel adds them) are the logits
+    bias = rng.normal(0, 2, n_genes).astype(np.float32)
+    zi_bias = rng.normal(0, 2, n_genes).astype(np.float32)
+    products, zi_products = logits - bias, zi_logits - zi_bias
+    logits, zi_logits = products + bias, zi_products + zi_bias
     # the reference in float64 from the float32 inputs
     e = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
     k = 1.0 / (1.0 + np.exp(zi_logits.astype(np.float64)))
     mean = library[:, None] * e / (e * k).sum(1, keepdims=True)
     bound = TICKS * mean * k
     rows, cols, got_mean, got_kept, u = preselect_logits(
-        logits, zi_logits, logits.max(1), library, _BOUND_SLACK * TICKS, True, np.uint64(key))
+        products, bias, zi_products, zi_bias, library, _BOUND_SLACK * TICKS, True,
+        np.uint64(key))
     flat = rows * n_genes + cols
     must = np.flatnonzero(ticks < bound)
     may = np.flatnonzero(ticks <= bound * (1 + 1.2e-5))
@@ -646,7 +656,7 @@ def test_pre_selection_from_logits_keeps_every_entry_below_its_float64_bound():
     assert np.array_equal(u, uniforms[flat])
     # NB and Poisson: the softmax alone
     rows, cols, got_mean, got_kept, _ = preselect_logits(
-        logits, zi_logits[:1], logits.max(1), library, _BOUND_SLACK * TICKS, False,
+        products, bias, zi_products[:1], zi_bias, library, _BOUND_SLACK * TICKS, False,
         np.uint64(key))
     assert got_kept.size == 0
     mean = library[:, None] * e / e.sum(1, keepdims=True)
@@ -655,11 +665,18 @@ def test_pre_selection_from_logits_keeps_every_entry_below_its_float64_bound():
     assert must.size > 1000 and np.isin(must, rows * n_genes + cols).all()
 
 
-def test_cpu_sampler_refuses_non_finite_logits():
-    params = {"scale_logits": torch.zeros(3, 5), "theta": torch.ones(5)}
-    params["scale_logits"][1, 2] = float("nan")
+@pytest.mark.parametrize("where", ["scale_logits", "scale_bias", "zi_logits", "zi_bias"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_cpu_sampler_refuses_non_finite_logits(where, value):
+    params = {"scale_logits": torch.zeros(3, 5), "scale_bias": torch.zeros(5),
+              "zi_logits": torch.zeros(3, 5), "zi_bias": torch.zeros(5),
+              "theta": torch.ones(5)}
+    params[where].view(-1)[2] = value
     with pytest.raises(FloatingPointError, match="not finite"):
-        sample_counts("nb", params, torch.full((3, 1), 10.0), np.random.default_rng(0))
+        sample_counts("zinb", params, torch.full((3, 1), 10.0), np.random.default_rng(0))
+    params[where].view(-1)[2] = 0.0
+    assert sample_counts("zinb", params, torch.full((3, 1), 10.0),
+                         np.random.default_rng(0)).shape == (3, 5)
 
 
 def test_cpu_sampler_counts_depend_only_on_the_key():
@@ -730,7 +747,6 @@ def test_compiled_inverse_cdf_gives_the_vectorised_draws(poisson):
     # sampler's) from the same CDF levels: the same float64 arithmetic, the same draws,
     # including long tails (means up to 10, dispersions down to 0.05)
     from scldiff.module._decoder import _positive_draws_with
-    from scldiff.module._kernels import inverse_cdf
 
     rng = np.random.default_rng(4)
     n = 50_000
@@ -739,11 +755,13 @@ def test_compiled_inverse_cdf_gives_the_vectorised_draws(poisson):
     p_zero = np.exp(-mu) if poisson else (theta / (theta + mu)) ** theta
     uniforms = rng.random(n)
     uniforms[:50] = 1.0 - 1e-12  # the far tail
+    # P(0) rounded 1e-7 low: the summed CDF never reaches a level near 1, and the entries
+    # must stop where rounding stalls it (more of them than step one by one at the end)
+    p_zero[50:350] *= 1 - 1e-7
+    uniforms[50:350] = 1.0 - 1e-9
     vectorised = _positive_draws_with(mu, theta, p_zero, np, np.flatnonzero,
                                       lambda size: uniforms, None, None)
-    compiled = np.zeros(n)
-    inverse_cdf(mu, mu if poisson else theta, p_zero, p_zero + (1.0 - p_zero) * uniforms,
-                not poisson, 10.0, compiled)
+    compiled = _inverse_cdf_in_thread(mu, theta, p_zero, uniforms)
     assert np.array_equal(compiled, vectorised) and vectorised.max() > 30
 
 

@@ -164,10 +164,12 @@ class CountDecoder(nn.Module):
         ``zi_logits``.
 
         ``logits=True`` (NB, ZINB and Poisson): the output layers' logits instead of
-        ``scale`` and ``kept``, ``scale_logits`` (float32) and for the ZINB ``zi_logits``,
-        from which :func:`sample_counts` on a CPU computes the probabilities in its own
-        pass over each cell (:func:`~scldiff.module._kernels.preselect_logits`), without
-        writing them out. The hurdle NB's parameters are the usual ones either way.
+        ``scale`` and ``kept``, as ``scale_logits`` (float32), the hidden layer times the
+        weights, and ``scale_bias``, the biases to add, and for the ZINB ``zi_logits`` and
+        ``zi_bias``. From these :func:`sample_counts` on a CPU computes the probabilities
+        in its own pass over each cell (:func:`~scldiff.module._kernels.preselect_logits`),
+        without writing them out, nor a copy of the biases for every cell. The hurdle NB's
+        parameters are the usual ones either way.
         """
         h = self._hidden(z, labels)
         params: dict[str, Tensor] = {}
@@ -175,9 +177,11 @@ class CountDecoder(nn.Module):
             params["theta"] = self._log_theta(labels).exp()
         if logits and self.detect_offset is None:
             # float32 also under autocast, where the products come out in bf16
-            params["scale_logits"] = self.scale(h).float()
+            params["scale_logits"] = torch.mm(h, self.scale.weight.t()).float()
+            params["scale_bias"] = self.scale.bias
             if self.dropout_logits is not None:
-                params["zi_logits"] = self.dropout_logits(h).float()
+                params["zi_logits"] = torch.mm(h, self.dropout_logits.weight.t()).float()
+                params["zi_bias"] = self.dropout_logits.bias
             return params
         # softmax in one fused pass: on a CPU about 3.5x faster than log_softmax then exp.
         # In float32 also under autocast, where the products come out in bf16: the
@@ -384,6 +388,8 @@ _BOUND_SLACK = 1.0 + 1e-5
 _FLOAT32_SPACING = 2.0**-24
 # stand in for ``kept`` and ``theta`` in the CPU kernels where the likelihood has none
 _NO_KEPT = np.zeros((1, 1), np.float32)
+# what sampling_params(..., logits=True) gives in place of scale and kept
+_LOGIT_KEYS = ("scale_logits", "scale_bias", "zi_logits", "zi_bias")
 _NO_THETA = np.zeros(1)
 # means up to this are drawn by inverse CDF (a few steps each), larger ones as Gamma-Poisson
 _INVERSE_CDF_MAX_MEAN = 10.0
@@ -535,9 +541,9 @@ def sample_counts(
         or ``detect_offset`` (:func:`hurdle_logits`): :meth:`CountDecoder.sampling_params` or
         :meth:`CountDecoder.forward`. Or, in place of ``scale`` and ``kept``, the logits
         ``scale_logits`` of the gene proportions (a softmax over genes) and for the ZINB
-        ``zi_logits``, as ``CountDecoder.sampling_params(..., logits=True)`` gives them: the
-        ZINB's mean is then :math:`\ell\rho_g / \sum_h (1 - \pi_h)\rho_h`, as the decoder
-        has it.
+        ``zi_logits``, each plus its per-gene ``scale_bias`` and ``zi_bias`` where given, as
+        ``CountDecoder.sampling_params(..., logits=True)`` gives them: the ZINB's mean is
+        then :math:`\ell\rho_g / \sum_h (1 - \pi_h)\rho_h`, as the decoder has it.
     library
         ``(n_cells, 1)`` library sizes.
     rng
@@ -573,20 +579,15 @@ def sample_counts(
                 np.ascontiguousarray(kept.numpy()) if has_kept else _NO_KEPT,
                 lib, factor.astype(np.float32), not hurdle, has_kept, key)
         else:
-            logits = params["scale_logits"].detach().to("cpu", torch.float32).contiguous()
-            n_cells, n_genes = logits.shape
-            shift = logits.amax(1) if n_genes else logits.new_zeros(n_cells)
-            if not bool(torch.isfinite(shift).all()):
-                raise FloatingPointError(
-                    "The decoder's output is not finite (NaN or infinite logits): the "
-                    "latents or the model's weights hold NaN or infinite values.")
+            products, bias = _logits_on_cpu(params, "scale_logits", "scale_bias")
+            n_cells, n_genes = products.shape
             has_kept = likelihood == "zinb"
-            zi_logits = (params["zi_logits"].detach().to("cpu", torch.float32).contiguous()
-                         .numpy() if has_kept else _NO_KEPT)
+            zi_products, zi_bias = _logits_on_cpu(params, "zi_logits", "zi_bias") \
+                if has_kept else (_NO_KEPT, _NO_KEPT[0])
             lib = library.detach().to("cpu", torch.float64).reshape(-1).numpy()
             theta = None if likelihood == "poisson" else _theta(params, n_genes,
                                                                torch.device("cpu"))
-            selection = preselect_logits(logits.numpy(), zi_logits, shift.numpy(), lib,
+            selection = preselect_logits(products, bias, zi_products, zi_bias, lib,
                                          _BOUND_SLACK * TICKS, has_kept, key)
     rows, cols, mean, kept, u = selection
     if theta is None:  # Poisson: P(0) - 1 = expm1(-mu)
@@ -616,15 +617,30 @@ def _with_probabilities(likelihood: Likelihood, params: dict[str, Tensor]
     ``sampling_params(..., logits=True)``; as they are when they have ``scale``."""
     if "scale" in params:
         return params
-    scale = torch.softmax(params["scale_logits"].detach(), dim=-1, dtype=torch.float32)
-    out = {key: value for key, value in params.items()
-           if key not in ("scale_logits", "zi_logits")}
+
+    def logits(name: str, bias: str) -> Tensor:
+        value = params[name].detach().float()
+        return value if params.get(bias) is None else value + params[bias].detach().float()
+
+    scale = torch.softmax(logits("scale_logits", "scale_bias"), dim=-1)
+    out = {key: value for key, value in params.items() if key not in _LOGIT_KEYS}
     if likelihood == "zinb":
-        kept = torch.sigmoid(torch.neg(params["zi_logits"].detach().float()))
+        kept = torch.sigmoid(torch.neg(logits("zi_logits", "zi_bias")))
         scale.div_(torch.linalg.vecdot(kept, scale)[:, None])
         out["kept"] = kept
     out["scale"] = scale
     return out
+
+
+def _logits_on_cpu(params: dict[str, Tensor], name: str, bias: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``params[name]`` (float32, C-contiguous) and their per-gene biases
+    ``params[bias]`` (zeros where absent), as numpy arrays for the CPU kernels."""
+    value = params[name].detach().to("cpu", torch.float32).contiguous().numpy()
+    offset = params.get(bias)
+    offset = np.zeros(value.shape[1], np.float32) if offset is None else \
+        offset.detach().to("cpu", torch.float32).contiguous().numpy()
+    return value, offset
 
 
 def _theta(params: dict[str, Tensor], n_genes: int, device: torch.device) -> Tensor:

@@ -39,9 +39,11 @@ _INV_53 = 2.0**-53
 # entries that take their 16-bit integers from one SplitMix64 output
 _PER_OUTPUT = 4
 # fast-math flags: contraction (FMA) only, so the exponential's range reduction keeps its
-# order; sums may also be reassociated (vectorised), their inputs being finite
+# order; sums and maxima may also be reassociated (vectorised); those of finite values
+# only may assume no NaN or infinity
 _EXACT = {"contract"}
 _SUMS = {"contract", "reassoc", "nnan", "ninf", "nsz"}
+_FINITE_SUMS = {"contract", "reassoc", "nsz"}  # sums that must still see a NaN
 # the exponential's input range: exp(-87.3) is about float32's smallest normal number,
 # exp(88.3) about 2**127.4, the largest whose power of two 2**n is normal (n <= 127)
 _EXP_LOW = np.float32(-87.3)
@@ -107,6 +109,42 @@ def exp_f32(x, out):
         out[j] = _expf(x[j])
 
 
+@njit(cache=True, nogil=True, fastmath=_FINITE_SUMS, error_model="numpy")
+def _add_bias(products, bias, out):
+    """``out = products + bias``; returns their sum in float64, which is finite exactly
+    when they all are (NaN and infinities propagate through a reassociated sum too)."""
+    total = 0.0
+    for g in range(products.size):
+        out[g] = products[g] + bias[g]
+        total += np.float64(out[g])
+    return total
+
+
+@njit(cache=True, nogil=True, fastmath=_FINITE_SUMS, error_model="numpy")
+def _total_with_bias(products, bias):
+    """The float64 sum of ``products + bias`` (finite exactly when they all are)."""
+    total = 0.0
+    for g in range(products.size):
+        total += np.float64(products[g] + bias[g])
+    return total
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _max(a):
+    """The largest entry of ``a`` (finite; at least one), from 16 running maxima that
+    LLVM vectorises (it does not vectorise a single running maximum)."""
+    lanes = 16
+    partial = np.full(lanes, a[0])
+    whole = a.size // lanes * lanes
+    for g in range(0, whole, lanes):
+        for j in range(lanes):
+            partial[j] = a[g + j] if a[g + j] > partial[j] else partial[j]
+    largest = partial.max()
+    for g in range(whole, a.size):
+        largest = a[g] if a[g] > largest else largest
+    return largest
+
+
 @njit(cache=True, nogil=True, fastmath=_EXACT, error_model="numpy")
 def _exp_shifted(logits, shift, out):
     """``out = exp(logits - shift)``: a softmax's numerators."""
@@ -115,11 +153,11 @@ def _exp_shifted(logits, shift, out):
 
 
 @njit(cache=True, nogil=True, fastmath=_EXACT, error_model="numpy")
-def _sigmoid_of_negated(logits, out):
-    """``out = 1 / (1 + exp(logits))``, the sigmoid of ``-logits``: the ZINB's
-    :math:`1 - \\pi` from its dropout logits."""
-    for g in range(logits.size):
-        out[g] = np.float32(1.0) / (np.float32(1.0) + _expf(logits[g]))
+def _sigmoid_of_negated(products, bias, out):
+    """``out = 1 / (1 + exp(products + bias))``, the sigmoid of minus the logits: the
+    ZINB's :math:`1 - \\pi` from its dropout logits."""
+    for g in range(products.size):
+        out[g] = np.float32(1.0) / (np.float32(1.0) + _expf(products[g] + bias[g]))
 
 
 @njit(cache=True, nogil=True, fastmath=_SUMS, error_model="numpy")
@@ -258,34 +296,45 @@ def preselect(scale, kept, library, bound_factor, scale_in_bound, has_kept, key)
 
 
 @njit(cache=True, nogil=True)
-def preselect_logits(logits, zi_logits, shift, library, bound_slack, has_kept, key):
-    r""":func:`preselect` straight from the decoder's output logits, with the softmax and
-    the ZINB's renormalisation in the same pass over each row.
+def preselect_logits(products, bias, zi_products, zi_bias, library, bound_slack, has_kept,
+                     key):
+    r""":func:`preselect` straight from the decoder's output layers, with their biases, the
+    softmax and the ZINB's renormalisation in the same pass over each row.
 
-    ``logits``: ``(cells, genes)`` float32 logits of the gene proportions :math:`\rho`
-    (a softmax over genes); ``zi_logits``: those of the ZINB's dropout probabilities
-    :math:`\pi` (with ``has_kept``; otherwise a dummy); ``shift``: each row's largest
-    logit (finite), subtracted before the exponential. Row :math:`i` gets :math:`e_g =
-    \exp(l_g - \mathrm{shift}_i)` and :math:`k_g = 1 - \pi_g = \sigma(-l^\pi_g)`
-    (:func:`_expf`), and the mean :math:`\ell\rho_g / \sum_h k_h\rho_h = \ell e_g /
-    \sum_h k_h e_h` (NB and Poisson: :math:`\ell e_g / \sum_h e_h`), so the ZINB's mean
-    is :math:`\ell` times its proportion, as :meth:`CountDecoder.sampling_params` has
-    it, without writing the probabilities out. The bound is :math:`2^{16} E[X]`, the mean
-    times :math:`k_g`, times ``bound_slack`` in float32.
+    ``products``: ``(cells, genes)`` float32, the products of the hidden layer with the
+    output layer's weights, and ``bias`` its ``(genes,)`` biases: the logits of the gene
+    proportions :math:`\rho` (a softmax over genes) are their sums. ``zi_products`` and
+    ``zi_bias``: those of the ZINB's dropout probabilities :math:`\pi` (with ``has_kept``;
+    otherwise dummies). Row :math:`i` gets :math:`e_g = \exp(l_g - \max_h l_h)` and
+    :math:`k_g = 1 - \pi_g = \sigma(-l^\pi_g)` (:func:`_expf`), and the mean
+    :math:`\ell\rho_g / \sum_h k_h\rho_h = \ell e_g / \sum_h k_h e_h` (NB and Poisson:
+    :math:`\ell e_g / \sum_h e_h`), so the ZINB's mean is :math:`\ell` times its
+    proportion, as :meth:`CountDecoder.sampling_params` has it, without writing the
+    probabilities out. The bound is :math:`2^{16} E[X]`, the mean times :math:`k_g`,
+    times ``bound_slack`` in float32. A NaN or infinite logit raises
+    ``FloatingPointError``.
 
     Returns what :func:`preselect` returns.
     """
-    n_cells, n_genes = logits.shape
+    n_cells, n_genes = products.shape
     out = _empty_selection(max(1024, n_cells * n_genes // 8), has_kept)
     key = np.uint64(key)
     outputs, ticks, flags, selected = _row_buffers(n_genes)
+    logits = np.empty(n_genes, np.float32)
     numerators = np.empty(n_genes, np.float32)
     kept_row = np.empty(n_genes if has_kept else 1, np.float32)
     count = 0
     for i in range(n_cells):
-        _exp_shifted(logits[i], shift[i], numerators)
+        finite = np.isfinite(_add_bias(products[i], bias, logits))
         if has_kept:
-            _sigmoid_of_negated(zi_logits[i], kept_row)
+            finite = finite and np.isfinite(_total_with_bias(zi_products[i], zi_bias))
+        if not finite:
+            raise FloatingPointError("The decoder's output is not finite (NaN or infinite "
+                                     "logits): the latents or the model's weights hold NaN "
+                                     "or infinite values.")
+        _exp_shifted(logits, _max(logits), numerators)
+        if has_kept:
+            _sigmoid_of_negated(zi_products[i], zi_bias, kept_row)
             total = _dot(numerators, kept_row)
         else:
             total = _sum(numerators)
@@ -313,6 +362,36 @@ def _first_step(m, theta, p0, has_theta):
     return ratio_a, ratio_b, pmf, p0 + pmf
 
 
+# the inverse CDF steps all its running entries in passes while more than this many run,
+# then the rest one by one
+_STEP_PASSES_ABOVE = 64
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _step_pass(k, index, ratio_a, ratio_b, pmf, cdf, levels, n, out):
+    """Step ``k`` of the inverse CDF for the first ``n`` running entries (``index``: their
+    positions in ``out``, which gets ``k``), and keep in front, in place and in order,
+    those that run on; returns how many. No branch per entry: each one's outcome is
+    unpredictable."""
+    running = 0
+    for s in range(n):
+        factor = (k * ratio_a[s] + ratio_b[s]) / k
+        p = pmf[s] * factor
+        previous = cdf[s]
+        c = previous + p
+        out[index[s]] = k
+        index[running] = index[s]
+        ratio_a[running] = ratio_a[s]
+        ratio_b[running] = ratio_b[s]
+        pmf[running] = p
+        cdf[running] = c
+        levels[running] = levels[s]
+        # as in the loop below: the CDF has not passed the level, the pmf is positive and
+        # rounding has not stalled the CDF past the mode
+        running += (c <= levels[s]) & (p > 0) & ((c != previous) | (factor >= 1.0))
+    return running
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def inverse_cdf(mu, theta, p_zero, levels, has_theta, max_mean, out):
     r"""Inverse-CDF draws of :math:`X \mid X \ge 1` into ``out`` for the entries with
@@ -321,8 +400,9 @@ def inverse_cdf(mu, theta, p_zero, levels, has_theta, max_mean, out):
     same draws. ``levels``: CDF levels on :math:`(P(0), 1)`; ``theta`` is read only with
     ``has_theta`` (otherwise Poisson). Float64 arrays.
 
-    A first, vectorised pass settles the entries whose draw is 1 (most of them); the
-    others step on one by one."""
+    A first, vectorised pass settles the entries whose draw is 1 (most of them). The
+    others take the next steps together, one pass per step (:func:`_step_pass`), while
+    more than ``_STEP_PASSES_ABOVE`` run; the long tail's last few step on one by one."""
     n = mu.size
     more = np.empty(n, np.uint8)
     for j in range(n):
@@ -333,22 +413,35 @@ def inverse_cdf(mu, theta, p_zero, levels, has_theta, max_mean, out):
         more[j] = small and cdf <= levels[j] and pmf > 0
         if small:
             out[j] = 1.0
-    for j in np.flatnonzero(more):
-        ratio_a, ratio_b, pmf, cdf = _first_step(mu[j], theta[j] if has_theta else 0.0,
-                                                 p_zero[j], has_theta)
-        level = levels[j]
-        k = 1.0
+    index = np.flatnonzero(more)
+    running = index.size
+    state_a, state_b = np.empty(running), np.empty(running)
+    state_pmf, state_cdf, state_level = np.empty(running), np.empty(running), np.empty(running)
+    for s in range(running):
+        j = index[s]
+        state_a[s], state_b[s], state_pmf[s], state_cdf[s] = _first_step(
+            mu[j], theta[j] if has_theta else 0.0, p_zero[j], has_theta)
+        state_level[s] = levels[j]
+    k = 1.0
+    while running > _STEP_PASSES_ABOVE:
+        k += 1.0
+        running = _step_pass(k, index, state_a, state_b, state_pmf, state_cdf, state_level,
+                             running, out)
+    for s in range(running):
+        ratio_a, ratio_b, pmf, cdf = state_a[s], state_b[s], state_pmf[s], state_cdf[s]
+        level = state_level[s]
+        step = k
         stalled = False
         # stop where the CDF has passed the level, or where rounding stalls it past the
         # mode (see _inverse_cdf_steps)
         while cdf <= level and pmf > 0 and not stalled:
-            k += 1.0
-            factor = (k * ratio_a + ratio_b) / k
+            step += 1.0
+            factor = (step * ratio_a + ratio_b) / step
             pmf *= factor
             previous = cdf
             cdf = cdf + pmf
             stalled = cdf == previous and factor < 1.0
-        out[j] = k
+        out[index[s]] = step
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
