@@ -780,6 +780,41 @@ def test_csr_from_tensors_matches_csr():
     assert np.array_equal(_to_host(torch.arange(5)), np.arange(5))
 
 
+@pytest.mark.parametrize("per_cell_theta", [False, True])
+def test_zinb_log_zero_and_its_written_out_gradient_match_autograd(per_cell_theta):
+    # the ZINB's log P(X = 0) with its own backward: the value of the logaddexp form, and
+    # gradients that torch's finite-difference check accepts, in float64, from means far
+    # below to far above theta and dropout logits far out in both tails; the inverse
+    # dispersions one per gene, or one per cell and gene (dispersion="gene-label")
+    import torch.nn.functional as F
+
+    from scldiff.module._decoder import zinb_log_zero
+
+    gen = torch.Generator().manual_seed(3)
+    n, g = 5, 7
+    log_mu = (torch.randn(n, g, generator=gen, dtype=torch.float64) * 6).requires_grad_()
+    logits = (torch.randn(n, g, generator=gen, dtype=torch.float64) * 8).requires_grad_()
+    shape = (n, g) if per_cell_theta else (g,)
+    log_theta = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+
+    def reference(log_mu, logits, log_theta):
+        log_nb_zero = log_theta.exp() * (log_theta - torch.logaddexp(log_theta, log_mu))
+        return torch.logaddexp(-F.softplus(-logits), -F.softplus(logits) + log_nb_zero)
+
+    inputs = (log_mu, logits, log_theta)
+    torch.testing.assert_close(zinb_log_zero(*inputs), reference(*inputs))
+    assert torch.autograd.gradcheck(zinb_log_zero, inputs)
+    weights = torch.randn(n, g, generator=gen, dtype=torch.float64)
+    ours = torch.autograd.grad((zinb_log_zero(*inputs) * weights).sum(), inputs)
+    theirs = torch.autograd.grad((reference(*inputs) * weights).sum(), inputs)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+    # only the gradients asked for
+    (only_mu,) = torch.autograd.grad(
+        (zinb_log_zero(log_mu, logits.detach(), log_theta.detach()) * weights).sum(), log_mu)
+    torch.testing.assert_close(only_mu, theirs[0])
+
+
 def test_gene_label_dispersion_gradients_and_errors():
     """The sparse likelihood's gradient reaches each label's own inverse dispersions."""
     decoder, _ = decoder_params("zinb", n_cells=6, n_genes=30, dispersion="gene-label")

@@ -310,6 +310,52 @@ class HurdleNegativeBinomial(Distribution):
         return out.to(self.mu.dtype)
 
 
+class _ZINBLogZero(torch.autograd.Function):
+    r""":math:`\log P(X = 0)` of the ZINB, entry by entry, with its gradient written out.
+
+    With :math:`d = \log\mu - \log\theta`, :math:`s = \mathrm{softplus}(d) = \log(1 +
+    \mu/\theta)` and :math:`t = -\theta s - l` (:math:`l` the dropout logit, :math:`\pi =
+    \sigma(l)`), :math:`\log(\pi + (1 - \pi)\,\mathrm{NB}(0)) = \mathrm{softplus}(t) -
+    \mathrm{softplus}(-l)`, whose derivatives are :math:`\partial/\partial l = \sigma(-l) -
+    \sigma(t)`, :math:`\partial/\partial\log\mu = -\theta\sigma(t)\sigma(d)` and
+    :math:`\partial/\partial\log\theta = -\theta\sigma(t)(s - \sigma(d))`. Autograd
+    through the same formula as ``logaddexp`` of its terms takes about twice the time
+    (and tensor operations) on a ``(128, 13713)`` batch.
+    """
+
+    @staticmethod
+    def forward(ctx, log_mu: Tensor, logits: Tensor, log_theta: Tensor) -> Tensor:
+        theta = log_theta.exp()
+        negated = torch.neg(logits)
+        d = log_mu - log_theta
+        s = F.softplus(d)
+        t = torch.addcmul(negated, theta, s, value=-1)
+        ctx.save_for_backward(d, s, t, negated, theta)
+        ctx.log_theta_shape = log_theta.shape
+        return F.softplus(t).sub_(F.softplus(negated))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        d, s, t, negated, theta = ctx.saved_tensors
+        weighted = torch.sigmoid(t).mul_(grad)  # grad * sigma(t)
+        grad_logits = torch.sigmoid(negated).mul_(grad).sub_(weighted) \
+            if ctx.needs_input_grad[1] else None
+        weighted.mul_(theta)
+        sd = torch.sigmoid(d)
+        grad_log_theta = None
+        if ctx.needs_input_grad[2]:
+            grad_log_theta = (weighted * (sd - s)).sum_to_size(ctx.log_theta_shape)
+        grad_log_mu = weighted.mul_(sd).neg_() if ctx.needs_input_grad[0] else None
+        return grad_log_mu, grad_logits, grad_log_theta
+
+
+def zinb_log_zero(log_mu: Tensor, logits: Tensor, log_theta: Tensor) -> Tensor:
+    r""":math:`\log P(X = 0)` of the ZINB with means :math:`e^{\log\mu}`, dropout logits
+    (:math:`\pi = \sigma(\mathrm{logits})`) and log inverse dispersions ``log_theta``
+    (broadcast to ``log_mu``), differentiable in all three (:class:`_ZINBLogZero`)."""
+    return _ZINBLogZero.apply(log_mu, logits, log_theta)
+
+
 def sparse_log_likelihood(
     likelihood: Likelihood,
     params: dict[str, Tensor],
@@ -353,17 +399,22 @@ def sparse_log_likelihood(
         nonzero = x * log_mu_nz - torch.lgamma(x + 1.0)  # the -mu part is already in `zero`
         return zero.sum(-1).index_add(0, rows, nonzero)
     log_theta = params["log_theta"]  # (n_genes,) or, per gene and label, (n, n_genes)
-    theta = log_theta.exp()
-    log_theta_mu = torch.logaddexp(log_theta, log_mu)
-    log_nb_zero = theta * (log_theta - log_theta_mu)
     log_theta_nz = log_theta[col] if log_theta.dim() == 1 else log_theta[rows, col]
     theta_nz = log_theta_nz.exp()
+    log_theta_mu_nz = torch.logaddexp(log_theta_nz, log_mu_nz)
     log_nb_nz = (
         torch.lgamma(x + theta_nz) - torch.lgamma(theta_nz) - torch.lgamma(x + 1.0)
-        + theta_nz * (log_theta_nz - log_theta_mu[rows, col])
-        + x * (log_mu_nz - log_theta_mu[rows, col])
+        + theta_nz * (log_theta_nz - log_theta_mu_nz)
+        + x * (log_mu_nz - log_theta_mu_nz)
     )
+    if likelihood == "zinb":  # the dense zero terms in one function with its own gradient
+        logits = params["zi_logits"]
+        zero = zinb_log_zero(log_mu, logits, log_theta)
+        nonzero = -F.softplus(logits[rows, col]) + log_nb_nz  # log(1 - pi) + log NB(x)
+        return zero.sum(-1).index_add(0, rows, nonzero - zero[rows, col])
+    theta = log_theta.exp()
     if likelihood == "nb":
+        log_nb_zero = theta * (log_theta - torch.logaddexp(log_theta, log_mu))
         return log_nb_zero.sum(-1).index_add(0, rows, log_nb_nz - log_nb_zero[rows, col])
     if likelihood == "hurdle":
         # -log NB(0) = theta log(1 + mu / theta), to relative precision where mu << theta
@@ -374,11 +425,7 @@ def sparse_log_likelihood(
         nonzero = (-F.softplus(-logits[rows, col]) + log_nb_nz
                    - log_nb_positive[rows, col])  # log p + log NB(x) - log(1 - NB(0))
         return zero.sum(-1).index_add(0, rows, nonzero - zero[rows, col])
-    logits = params["zi_logits"]
-    log_pi, log_not_pi = -F.softplus(-logits), -F.softplus(logits)  # log(pi), log(1 - pi)
-    zero = torch.logaddexp(log_pi, log_not_pi + log_nb_zero)
-    nonzero = log_not_pi[rows, col] + log_nb_nz
-    return zero.sum(-1).index_add(0, rows, nonzero - zero[rows, col])
+    raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
 
 
 # P(X > 0) <= E[X]: the dense pre-selection's bound is E[X] times this, so that float32
