@@ -7,6 +7,7 @@ from ._decoder import (
     hurdle_logits,
     sample_counts,
     sparse_log_likelihood,
+    zinb_log_zero,
 )
 from ._encoder import FullGraphChebConv, GraphEncoder
 from ._module import PREDICTIONS, LapDDPMModule, LatentLibrary, gaussian_kl
@@ -27,4 +28,5 @@ __all__ = [
     "sample_counts",
     "sinusoidal_embedding",
     "sparse_log_likelihood",
+    "zinb_log_zero",
 ]
