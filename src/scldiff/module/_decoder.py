@@ -435,9 +435,9 @@ _BOUND_SLACK = 1.0 + 1e-5
 _FLOAT32_SPACING = 2.0**-24
 # stand in for ``kept`` and ``theta`` in the CPU kernels where the likelihood has none
 _NO_KEPT = np.zeros((1, 1), np.float32)
+_NO_THETA = np.zeros(1)
 # what sampling_params(..., logits=True) gives in place of scale and kept
 _LOGIT_KEYS = ("scale_logits", "scale_bias", "zi_logits", "zi_bias")
-_NO_THETA = np.zeros(1)
 # means up to this are drawn by inverse CDF (a few steps each), larger ones as Gamma-Poisson
 _INVERSE_CDF_MAX_MEAN = 10.0
 # on a GPU, the inverse CDF's last entries finish on the CPU once fewer than this remain

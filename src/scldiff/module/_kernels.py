@@ -120,15 +120,6 @@ def _add_bias(products, bias, out):
     return total
 
 
-@njit(cache=True, nogil=True, fastmath=_FINITE_SUMS, error_model="numpy")
-def _total_with_bias(products, bias):
-    """The float64 sum of ``products + bias`` (finite exactly when they all are)."""
-    total = 0.0
-    for g in range(products.size):
-        total += np.float64(products[g] + bias[g])
-    return total
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def _max(a):
     """The largest entry of ``a`` (finite; at least one), from 16 running maxima that
@@ -153,11 +144,11 @@ def _exp_shifted(logits, shift, out):
 
 
 @njit(cache=True, nogil=True, fastmath=_EXACT, error_model="numpy")
-def _sigmoid_of_negated(products, bias, out):
-    """``out = 1 / (1 + exp(products + bias))``, the sigmoid of minus the logits: the
-    ZINB's :math:`1 - \\pi` from its dropout logits."""
-    for g in range(products.size):
-        out[g] = np.float32(1.0) / (np.float32(1.0) + _expf(products[g] + bias[g]))
+def _sigmoid_of_negated(logits, out):
+    """``out = 1 / (1 + exp(logits))``, the sigmoid of minus the logits: the ZINB's
+    :math:`1 - \\pi` from its dropout logits."""
+    for g in range(logits.size):
+        out[g] = np.float32(1.0) / (np.float32(1.0) + _expf(logits[g]))
 
 
 @njit(cache=True, nogil=True, fastmath=_SUMS, error_model="numpy")
@@ -321,20 +312,21 @@ def preselect_logits(products, bias, zi_products, zi_bias, library, bound_slack,
     key = np.uint64(key)
     outputs, ticks, flags, selected = _row_buffers(n_genes)
     logits = np.empty(n_genes, np.float32)
+    zi_logits = np.empty(n_genes if has_kept else 1, np.float32)
     numerators = np.empty(n_genes, np.float32)
     kept_row = np.empty(n_genes if has_kept else 1, np.float32)
     count = 0
     for i in range(n_cells):
         finite = np.isfinite(_add_bias(products[i], bias, logits))
         if has_kept:
-            finite = finite and np.isfinite(_total_with_bias(zi_products[i], zi_bias))
+            finite = finite and np.isfinite(_add_bias(zi_products[i], zi_bias, zi_logits))
         if not finite:
             raise FloatingPointError("The decoder's output is not finite (NaN or infinite "
                                      "logits): the latents or the model's weights hold NaN "
                                      "or infinite values.")
         _exp_shifted(logits, _max(logits), numerators)
         if has_kept:
-            _sigmoid_of_negated(zi_products[i], zi_bias, kept_row)
+            _sigmoid_of_negated(zi_logits, kept_row)
             total = _dot(numerators, kept_row)
         else:
             total = _sum(numerators)
