@@ -691,6 +691,30 @@ def test_cpu_sampler_counts_depend_only_on_the_key():
     assert (first != other).nnz > 0
 
 
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+def test_bf16_products_are_sampled_as_their_float32_values(likelihood):
+    # Under bf16 autocast the decoder's products stay bf16, and the CPU kernel widens
+    # them as it reads them: the counts must be those of the same values in float32.
+    decoder, _ = decoder_params(likelihood, n_cells=40, n_genes=700)
+    z, library = torch.randn(40, 4), torch.full((40, 1), 3000.0)
+    with torch.no_grad():
+        decoder.scale.bias.normal_(0, 2)  # logits spread, so that counts vary
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = decoder.sampling_params(
+                z, logits=True, weights=decoder.output_weights(torch.bfloat16))
+    names = [name for name in ("scale_logits", "zi_logits") if name in mixed]
+    assert names == ["scale_logits"] + (["zi_logits"] if likelihood == "zinb" else [])
+    assert all(mixed[name].dtype == torch.bfloat16 for name in names)
+    widened = {**mixed, **{name: mixed[name].float() for name in names}}
+    # the bf16 values are not float32's by accident: the float32 products differ
+    with torch.no_grad():
+        exact = decoder.sampling_params(z, logits=True)
+    assert not torch.equal(exact["scale_logits"], widened["scale_logits"])
+    counts = sample_counts(likelihood, mixed, library, _FixedKey(11))
+    assert counts.nnz > 1000
+    assert (counts != sample_counts(likelihood, widened, library, _FixedKey(11))).nnz == 0
+
+
 @pytest.mark.parametrize("shape", [0.05, 0.3, 1.0, 4.0, 60.0])
 def test_torch_gamma_draws_follow_scipy_and_the_generator(shape):
     from scldiff.module._decoder import _standard_gamma

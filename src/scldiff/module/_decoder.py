@@ -152,8 +152,8 @@ class CountDecoder(nn.Module):
         return params
 
     @torch.no_grad()
-    def sampling_params(self, z: Tensor, labels: Tensor | None = None, logits: bool = False
-                        ) -> dict[str, Tensor]:
+    def sampling_params(self, z: Tensor, labels: Tensor | None = None, logits: bool = False,
+                        weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         r"""The parameters :func:`sample_counts` needs, in fewer passes than :meth:`forward`.
 
         ``scale`` (:math:`\mu / \ell`, as in :meth:`forward`), ``theta`` (one per gene, or
@@ -164,24 +164,33 @@ class CountDecoder(nn.Module):
         ``zi_logits``.
 
         ``logits=True`` (NB, ZINB and Poisson): the output layers' logits instead of
-        ``scale`` and ``kept``, as ``scale_logits`` (float32), the hidden layer times the
-        weights, and ``scale_bias``, the biases to add, and for the ZINB ``zi_logits`` and
-        ``zi_bias``. From these :func:`sample_counts` on a CPU computes the probabilities
-        in its own pass over each cell (:func:`~scldiff.module._kernels.preselect_logits`),
-        without writing them out, nor a copy of the biases for every cell. The hurdle NB's
-        parameters are the usual ones either way.
+        ``scale`` and ``kept``, as ``scale_logits``, the hidden layer times the weights
+        (float32, or bfloat16 under bf16 autocast), and ``scale_bias``, the biases to add,
+        and for the ZINB ``zi_logits`` and ``zi_bias``. From these :func:`sample_counts` on
+        a CPU computes the probabilities in its own pass over each cell
+        (:func:`~scldiff.module._kernels.preselect_logits`), without writing them out, nor
+        a copy of the biases for every cell, nor a float32 copy of bf16 products. The
+        hurdle NB's parameters are the usual ones either way.
+
+        ``weights``: the output layers' weights as :meth:`output_weights` gives them, for a
+        caller that decodes many chunks under autocast and casts the weights once.
         """
         h = self._hidden(z, labels)
         params: dict[str, Tensor] = {}
         if self.log_theta is not None:
             params["theta"] = self._log_theta(labels).exp()
         if logits and self.detect_offset is None:
-            # float32 also under autocast, where the products come out in bf16
-            params["scale_logits"] = torch.mm(h, self.scale.weight.t()).float()
-            params["scale_bias"] = self.scale.bias
-            if self.dropout_logits is not None:
-                params["zi_logits"] = torch.mm(h, self.dropout_logits.weight.t()).float()
-                params["zi_bias"] = self.dropout_logits.bias
+            if weights is None:
+                weights = self.output_weights()
+            for name, bias in (("scale", self.scale.bias),
+                               ("zi", getattr(self.dropout_logits, "bias", None))):
+                if name in weights:
+                    products = torch.mm(h, weights[name].t())
+                    # bf16 stays bf16: the CPU kernel widens it as it reads it
+                    if products.dtype not in (torch.float32, torch.bfloat16):
+                        products = products.float()
+                    params[f"{name}_logits"] = products
+                    params[f"{name}_bias"] = bias
             return params
         # softmax in one fused pass: on a CPU about 3.5x faster than log_softmax then exp.
         # In float32 also under autocast, where the products come out in bf16: the
@@ -199,6 +208,15 @@ class CountDecoder(nn.Module):
             params["detect_offset"] = self.detect_offset(h)
         params["scale"] = scale
         return params
+
+    def output_weights(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The weights of the output layers that :meth:`sampling_params` multiplies with
+        ``logits=True``: ``"scale"`` and for the ZINB ``"zi"``, cast to ``dtype`` (as is
+        when ``None``)."""
+        layers = {"scale": self.scale, "zi": self.dropout_logits}
+        return {name: layer.weight.detach() if dtype is None
+                else layer.weight.detach().to(dtype)
+                for name, layer in layers.items() if layer is not None}
 
     def distribution(self, params: dict[str, Tensor], library: Tensor) -> Distribution:
         """The count distribution for cells of the given library sizes ``(batch, 1)``."""
@@ -681,9 +699,13 @@ def _with_probabilities(likelihood: Likelihood, params: dict[str, Tensor]
 
 def _logits_on_cpu(params: dict[str, Tensor], name: str, bias: str
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits ``params[name]`` (float32, C-contiguous) and their per-gene biases
-    ``params[bias]`` (zeros where absent), as numpy arrays for the CPU kernels."""
-    value = params[name].detach().to("cpu", torch.float32).contiguous().numpy()
+    """Logits ``params[name]`` (float32, or bf16 as its ``uint16`` bit patterns;
+    C-contiguous) and their per-gene biases ``params[bias]`` (float32; zeros where absent),
+    as numpy arrays for the CPU kernels."""
+    value = params[name].detach().to("cpu")
+    # bf16 products go in as their bit patterns, which the kernel widens to float32
+    value = value.contiguous().view(torch.uint16).numpy() if value.dtype == torch.bfloat16 \
+        else value.to(torch.float32).contiguous().numpy()
     offset = params.get(bias)
     offset = np.zeros(value.shape[1], np.float32) if offset is None else \
         offset.detach().to("cpu", torch.float32).contiguous().numpy()

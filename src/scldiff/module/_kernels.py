@@ -25,7 +25,8 @@ is this order on a little-endian CPU (every platform torch is built for).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -109,13 +110,28 @@ def exp_f32(x, out):
         out[j] = _expf(x[j])
 
 
+def _widen(value):
+    """A product as float32: itself, or from the bit pattern of a bfloat16 (``uint16``),
+    which is the float32 with the same upper 16 bits (exact)."""
+
+
+@overload(_widen, inline="always")
+def _widen_overload(value):
+    if value == types.uint16:
+        return lambda value: np.uint32(np.uint32(value) << np.uint32(16)).view(np.float32)
+    return lambda value: np.float32(value)
+
+
 @njit(cache=True, nogil=True, fastmath=_FINITE_SUMS, error_model="numpy")
 def _add_bias(products, bias, out):
     """``out = products + bias``; returns their sum in float64, which is finite exactly
-    when they all are (NaN and infinities propagate through a reassociated sum too)."""
+    when they all are (NaN and infinities propagate through a reassociated sum too).
+    ``products``: float32, or the bit patterns of bfloat16 values (``uint16``), as a
+    matrix product under bf16 autocast gives them, widened here without a pass of their
+    own."""
     total = 0.0
     for g in range(products.size):
-        out[g] = products[g] + bias[g]
+        out[g] = _widen(products[g]) + bias[g]
         total += np.float64(out[g])
     return total
 

@@ -568,13 +568,16 @@ class LapDDPMModule(BaseModuleClass):
         starts = range(0, z.shape[0], chunk_size)
         seeds = rng.integers(0, 2**63, size=len(starts))
         autocast, dtype = _cpu_autocast()
+        # the output layers' weights, under autocast cast once rather than for each chunk
+        weights = self.decoder.output_weights(dtype if autocast else None)
 
         def chunk(start: int, seed: int) -> sp.csr_matrix:
             end = start + chunk_size
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=autocast):
                 # the logits: the sampler computes the probabilities in its own pass
                 params = self.decoder.sampling_params(
-                    z[start:end], None if labels is None else labels[start:end], logits=True)
+                    z[start:end], None if labels is None else labels[start:end], logits=True,
+                    weights=weights)
                 return sample_counts(self.likelihood, params, library[start:end],
                                      np.random.default_rng(seed))
 
