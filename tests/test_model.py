@@ -209,6 +209,19 @@ def test_generate_under_bf16_autocast(trained_model):
                for name, x in (("mixed", mixed), ("exact", exact), ("other", other))}
     sampling = np.corrcoef(profile["other"], profile["exact"])[0, 1]
     assert np.corrcoef(profile["mixed"], profile["exact"])[0, 1] > sampling - 0.01
+    # precision="bfloat16" is that autocast, and the provenance records either
+    asked = trained_model.generate(seed=4, precision="bfloat16", **kw)
+    assert (asked.X != mixed.X).nnz == 0 and (asked.X != exact.X).nnz > 0
+    assert asked.uns["scldiff"]["precision"] == "bfloat16"
+    assert mixed.uns["scldiff"]["precision"] == "bfloat16"
+    assert exact.uns["scldiff"]["precision"] == "float32"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 asked: the caller's rules
+        assert trained_model.generate(seed=4, precision="float32", **kw
+                                      ).uns["scldiff"]["precision"] == "bfloat16"
+    assert not torch.is_autocast_enabled("cpu")  # the model's autocast ended with the call
+    for bad in ("bf16", "float16", None, ["float32"]):
+        with pytest.raises(ValueError, match="precision must be one of"):
+            trained_model.generate(precision=bad, **kw)
 
 
 def test_generate_label_arguments(trained_model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from ..diffusion import DEFAULT_STEPS, SAMPLERS, check_guidance_interval
 from ..graph import SubgraphSampler, knn_graph, laplacian_positional_encoding, pca_embedding
 from ..module import LIKELIHOODS, PREDICTIONS, LapDDPMModule, LatentLibrary
 from ..module._decoder import DISPERSIONS, Likelihood
+from ..module._module import autocast_dtype
 from ..train import (
     PERTURBATIONS,
     STAGE_NAMES,
@@ -161,6 +163,10 @@ def _ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: in
 # decoder's outputs, the sampler's bound and uniforms, masks (float32/int32; an estimate
 # with room to spare, the measured peak is in docs "Scaling")
 _GENERATION_BYTES_PER_ENTRY = 48
+
+
+# generate()'s precisions: the dtype of the networks' matrix products under autocast
+_PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def default_generation_batch(device: torch.device, n_genes: int) -> int:
@@ -930,6 +936,7 @@ class LapDDPM(BaseModelClass):
         progress_bar: bool = True,
         library_size: Literal["latent", "label"] | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        precision: Literal["float32", "bfloat16"] = "float32",
     ) -> AnnData:
         r"""Generate cells: guided latent diffusion, decoder, library size, count sampling.
 
@@ -981,6 +988,10 @@ class LapDDPM(BaseModelClass):
             elsewhere, which also skips the unconditional network evaluation there
             (Kynkäänniemi et al., 2024). ``None``: guide at every step. Recorded in
             ``uns["scldiff"]["guidance_interval"]``.
+        precision
+            ``"float32"``, or ``"bfloat16"``: the networks' matrix products in bf16, as
+            under ``torch.autocast(device, dtype=torch.bfloat16)`` (see Notes). Recorded in
+            ``uns["scldiff"]["precision"]``, which also records a caller's autocast.
 
         Returns
         -------
@@ -990,11 +1001,12 @@ class LapDDPM(BaseModelClass):
 
         Notes
         -----
-        Called under ``torch.autocast(device, dtype=torch.bfloat16)``, the networks' matrix
-        products run in bf16 (their outputs move by about 0.3-0.4%); the ODE's state, the
-        softmax and the count draws stay in float32/float64. Faster only where the hardware
-        computes bf16 natively; on the benchmark splits the scores stayed within the
-        spread between draws (docs "Scaling", "Mixed precision").
+        With ``precision="bfloat16"``, or called under ``torch.autocast(device,
+        dtype=torch.bfloat16)``, the networks' matrix products run in bf16 (their outputs
+        move by about 0.3-0.4%); the ODE's state, the softmax and the count draws stay in
+        float32/float64. Faster only where the hardware computes bf16 natively (on a CPU
+        without bf16 instructions it is several times slower); on the benchmark splits the
+        scores stayed within the spread between draws (docs "Scaling", "Mixed precision").
         """
         self._check_if_trained(warn=False)
         if sampler not in SAMPLERS:
@@ -1008,6 +1020,9 @@ class LapDDPM(BaseModelClass):
             if value is not None and (isinstance(value, bool) or
                                       not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(precision, str) or precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got "
+                             f"{precision!r}.")
         library_size = self._generation_library_size(library_size)
         if labels is None and n_samples is None:
             n_samples = len(self.train_indices_)
@@ -1040,19 +1055,25 @@ class LapDDPM(BaseModelClass):
             library = np.exp(rng.normal(log_mean, log_std)).astype(np.float32)
 
         self.module.eval()
+        # bf16 asked for, or the caller's autocast on this device (recorded either way)
+        autocast = contextlib.nullcontext() if precision == "float32" else \
+            torch.autocast(device.type, dtype=_PRECISIONS[precision])
         blocks = []
-        for start in track(range(0, codes.size, batch_size), description="Generating cells",
-                           disable=not progress_bar, style="tqdm"):
-            stop = min(start + batch_size, codes.size)
-            # row blocks of all batches, stacked once below: every full-size copy of the
-            # counts costs fresh memory pages
-            blocks += self.module._sample_blocks(
-                torch.from_numpy(codes[start:stop]),
-                library if library is None or isinstance(library, LatentLibrary)
-                else torch.from_numpy(library[start:stop]),
-                rng, guidance_scale=scale, sampler=sampler, n_steps=steps, generator=generator,
-                guidance_interval=interval,
-            )
+        with autocast:
+            computed_in = autocast_dtype(device.type)
+            for start in track(range(0, codes.size, batch_size),
+                               description="Generating cells", disable=not progress_bar,
+                               style="tqdm"):
+                stop = min(start + batch_size, codes.size)
+                # row blocks of all batches, stacked once below: every full-size copy of
+                # the counts costs fresh memory pages
+                blocks += self.module._sample_blocks(
+                    torch.from_numpy(codes[start:stop]),
+                    library if library is None or isinstance(library, LatentLibrary)
+                    else torch.from_numpy(library[start:stop]),
+                    rng, guidance_scale=scale, sampler=sampler, n_steps=steps,
+                    generator=generator, guidance_interval=interval,
+                )
         x = self.module._stack(blocks).astype(np.float32, copy=False)  # float32 already
 
         obs = pd.DataFrame(index=pd.Index([f"synthetic-{i}" for i in range(codes.size)]))
@@ -1072,6 +1093,8 @@ class LapDDPM(BaseModelClass):
             "batch_size": int(batch_size),
             "guidance_scale": scale,
             "guidance_interval": list(interval or (0.0, 1.0)),
+            # the networks' matrix products: float32, or autocast's dtype
+            "precision": "float32" if computed_in is None else str(computed_in).split(".")[-1],
             "likelihood": self.module.likelihood,
             "labels_key": self.labels_key or "",
             "library_size": ("diffused jointly with the latent" if self.module.diffuse_library

@@ -41,12 +41,16 @@ _COUNT_CHUNK = 256
 _MAX_DECODE_WORKERS = 8
 
 
-def _cpu_autocast() -> tuple[bool, torch.dtype]:
-    """Whether ``torch.autocast`` is on for the CPU in this thread, and its dtype."""
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of ``torch.autocast`` on this device type in this thread, ``None`` when it
+    is off."""
     try:
-        return torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
-    except (TypeError, AttributeError):  # torch < 2.4
-        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        enabled = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if enabled else None
+    except (TypeError, AttributeError):  # torch < 2.4: one flag per device type
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 class LatentLibrary:
@@ -567,9 +571,10 @@ class LapDDPMModule(BaseModuleClass):
         The caller's ``torch.autocast`` carries over into the workers."""
         starts = range(0, z.shape[0], chunk_size)
         seeds = rng.integers(0, 2**63, size=len(starts))
-        autocast, dtype = _cpu_autocast()
+        dtype = autocast_dtype("cpu")
+        autocast = dtype is not None
         # the output layers' weights, under autocast cast once rather than for each chunk
-        weights = self.decoder.output_weights(dtype if autocast else None)
+        weights = self.decoder.output_weights(dtype)
 
         def chunk(start: int, seed: int) -> sp.csr_matrix:
             end = start + chunk_size
