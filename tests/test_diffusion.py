@@ -255,9 +255,14 @@ def test_scorenet_shares_conditions_across_a_batch_with_one_time():
         one_label = torch.full_like(labels, 2)
         torch.testing.assert_close(net(z, t, one_label), per_cell(z, t, one_label),
                                    rtol=1e-5, atol=1e-5)
-    # under torch.autocast (bf16) the grouped path, which writes into float32 buffers,
-    # steps aside: the modules' own layers run in bf16, close to the float32 outputs
+    # under torch.autocast (bf16) the modules' own layers run in bf16 on the rows sorted
+    # by label, each label's scale and shift applied to its rows: as close to the float32
+    # outputs as the per-cell computation under autocast, and each row with its own label
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = net(z, t, labels)
+        mixed, plain = net(z, t, labels), per_cell(z, t, labels)
+        assert mixed.dtype == torch.bfloat16
+        swapped = net(z, t, (labels + 1) % 5)
     assert torch.isfinite(mixed).all()
-    assert (mixed.float() - shared).norm() / shared.norm() < 0.03
+    error = (mixed.float() - shared).norm() / shared.norm()
+    assert error < 0.03 and error < 2 * (plain.float() - shared).norm() / shared.norm()
+    assert (swapped.float() - shared).norm() / shared.norm() > 10 * error

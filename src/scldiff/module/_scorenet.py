@@ -20,7 +20,8 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> T
 def _autocast(device_type: str) -> bool:
     """Whether ``torch.autocast`` is on for this device type. The grouped inference path
     writes its matrix products into preallocated float32 buffers, which autocast's lower
-    precision cannot fill, so under autocast the modules' own layers run instead."""
+    precision cannot fill, so under autocast the modules' own layers run instead, on the
+    rows in the same order (:meth:`_ResidualBlock.forward_sorted`)."""
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: one flag per device type
@@ -71,6 +72,21 @@ class _ResidualBlock(nn.Module):
                             out=a[start : start + count])
                 start += count
         return h.add_(second.bias).addmm_(F.gelu(a), second.weight.t())
+
+    def forward_sorted(self, h: Tensor, cond: Tensor, counts: list[int]) -> Tensor:
+        """:meth:`forward` for rows grouped by condition as in :meth:`forward_grouped`,
+        under autocast: the layers run as in :meth:`forward` (their products in autocast's
+        precision), and each row block's scale and shift are applied in place, one pass
+        per block, rather than gathered for every row first."""
+        scale, shift = self.film(cond).chunk(2, dim=-1)
+        x = self.norm(h)
+        start = 0
+        for u, count in enumerate(counts):
+            if count:
+                rows = x[start : start + count]
+                torch.addcmul(shift[u], rows, 1 + scale[u], out=rows)
+                start += count
+        return h + self.mlp(x)
 
 
 class ScoreNet(nn.Module):
@@ -135,21 +151,25 @@ class ScoreNet(nn.Module):
             # would wait for the device several times per evaluation.
             labels, index = torch.unique(labels, return_inverse=True)
             t = t[: labels.numel()]
-            if not (self.training or torch.is_grad_enabled() or _autocast(z.device.type)):
-                return self._forward_grouped(z, self.condition(t, labels), index)
+            if not (self.training or torch.is_grad_enabled()):
+                return self._forward_grouped(z, self.condition(t, labels), index,
+                                             _autocast(z.device.type))
         cond = self.condition(t, labels)
         h = self.inp(z)
         for block in self.blocks:
             h = block(h, cond, index)
         return self.out(self.out_norm(h))
 
-    def _forward_grouped(self, z: Tensor, cond: Tensor, index: Tensor) -> Tensor:
+    def _forward_grouped(self, z: Tensor, cond: Tensor, index: Tensor,
+                         autocast: bool = False) -> Tensor:
         """Inference with one time: rows sorted by condition, then each block's
-        :meth:`~_ResidualBlock.forward_grouped`, then back to the input order."""
+        :meth:`~_ResidualBlock.forward_grouped` (under autocast
+        :meth:`~_ResidualBlock.forward_sorted`), then back to the input order."""
         order = torch.argsort(index, stable=True)
         counts = torch.bincount(index, minlength=cond.shape[0]).tolist()
         h = self.inp(z[order])
         for block in self.blocks:
-            h = block.forward_grouped(h, cond, counts)
+            h = block.forward_sorted(h, cond, counts) if autocast \
+                else block.forward_grouped(h, cond, counts)
         out = self.out(self.out_norm(h))
         return out.new_empty(out.shape).index_copy_(0, order, out)
