@@ -71,7 +71,9 @@ class _ResidualBlock(nn.Module):
                 torch.addmm(bias[u], x[start : start + count], weight[u].t(),
                             out=a[start : start + count])
                 start += count
-        return h.add_(second.bias).addmm_(F.gelu(a), second.weight.t())
+        # GELU in place: a fresh output the size of ``a`` on every call costs more (memory
+        # pages) than the pass itself
+        return h.add_(second.bias).addmm_(torch.ops.aten.gelu_(a), second.weight.t())
 
     def forward_sorted(self, h: Tensor, cond: Tensor, counts: list[int]) -> Tensor:
         """:meth:`forward` for rows grouped by condition as in :meth:`forward_grouped`,
