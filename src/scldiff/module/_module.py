@@ -523,11 +523,12 @@ class LapDDPMModule(BaseModuleClass):
         chunk in one of ``torch.get_num_threads()`` worker threads (at most 8), torch
         itself on one thread meanwhile. The draws of each chunk come from their own
         generator, seeded from ``rng`` in chunk order, so the counts do not depend on the
-        number of threads. The caller's ``torch.autocast`` carries over into the workers.
-        For 10,000 PBMC3K cells on 2 threads (AMD EPYC VM, ``benchmarks/speed.py``, best
-        of 7): 0.90 s in float32 and 0.56 s under bf16 autocast; with the decoder on the
-        calling thread and numpy draws on one worker it was 1.54 s in float32. Chunks of
-        128 or 512 cells were slower than 256.
+        number of threads. The caller's ``torch.autocast`` carries over into the workers,
+        with the output layers' weights cast once for all chunks. For 10,000 PBMC3K cells
+        on 2 threads (Intel Xeon VM, ``benchmarks/speed.py``, best of 7): 0.67 s in
+        float32 and 0.50 s under bf16 autocast; with the decoder on the calling thread and
+        numpy draws on one worker it was 1.54 s in float32 (AMD EPYC VM). Chunks of 128 or
+        512 cells were slower than 256.
 
         With ``z`` on another device (a GPU) and a ``generator`` on that device, the counts
         are drawn there, in torch, from ``generator`` (all cells at once by default), and
