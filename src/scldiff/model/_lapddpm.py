@@ -11,7 +11,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -908,9 +907,9 @@ class LapDDPM(BaseModelClass):
         library = torch.from_numpy(collator.library[indices].astype(np.float32))
         self.module.eval()
         codes = torch.from_numpy(collator.labels[indices]).to(self.device)
-        x = self.module.decode_counts(z.to(self.device), library.to(self.device), rng,
-                                      labels=codes)
-        x = sp.csr_matrix(x, dtype=np.float32)
+        # X and the counts layer, sharing no memory (see generate)
+        x, counts = self.module._stack(self.module._decode_blocks(
+            z.to(self.device), library.to(self.device), rng, labels=codes), copies=2)
         obs = pd.DataFrame(index=pd.Index([f"posterior-{i}" for i in range(indices.size)]))
         if self.is_conditional:
             obs[self.labels_key] = pd.Categorical.from_codes(
@@ -918,7 +917,7 @@ class LapDDPM(BaseModelClass):
         obs["synthetic"] = True
         obs["source_cell"] = np.asarray(adata.obs_names[indices], dtype=str)
         var = pd.DataFrame(index=pd.Index(np.asarray(self.get_var_names(), dtype=str)))
-        return AnnData(X=x, obs=obs, var=var, layers={"counts": x.copy()},
+        return AnnData(X=x, obs=obs, var=var, layers={"counts": counts},
                        uns={"scldiff": {"model": "LapDDPM", "scldiff_version": __version__,
                                         "seed": "" if seed is None else str(seed),
                                         "draw": "posterior predictive",
@@ -1074,7 +1073,9 @@ class LapDDPM(BaseModelClass):
                     rng, guidance_scale=scale, sampler=sampler, n_steps=steps,
                     generator=generator, guidance_interval=interval,
                 )
-        x = self.module._stack(blocks).astype(np.float32, copy=False)  # float32 already
+        # X and the counts layer, which must not share memory (in-place normalisation of X
+        # would change the counts), each written once from the blocks
+        x, counts = self.module._stack(blocks, copies=2)
 
         obs = pd.DataFrame(index=pd.Index([f"synthetic-{i}" for i in range(codes.size)]))
         if self.is_conditional:
@@ -1105,7 +1106,7 @@ class LapDDPM(BaseModelClass):
                              if self.library_log_quantiles_ is not None
                              else "per-label log-normal fit of the training cells"),
         }
-        synth = AnnData(X=x, obs=obs, var=var, layers={"counts": x.copy()},
+        synth = AnnData(X=x, obs=obs, var=var, layers={"counts": counts},
                         uns={"scldiff": provenance})
         return synth
 

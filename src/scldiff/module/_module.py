@@ -12,6 +12,7 @@ from scvi.module.base import BaseModuleClass, LossOutput
 from torch import Tensor
 
 from .._constants import BATCH_KEYS
+from .._matrix import stack_rows
 from ..diffusion import DEFAULT_STEPS, SAMPLERS, ClassifierFreeGuidance, VPSchedule
 from ._decoder import (
     CountDecoder,
@@ -600,10 +601,11 @@ class LapDDPMModule(BaseModuleClass):
         finally:
             torch.set_num_threads(threads)
 
-    def _stack(self, blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
-        """Row blocks of counts as one CSR matrix (float32), copied once."""
-        if not blocks:  # no cells
-            return sp.csr_matrix((0, self.decoder.scale.out_features), dtype=np.float32)
-        if len(blocks) == 1:
-            return blocks[0]
-        return sp.vstack(blocks, format="csr")
+    def _stack(self, blocks: list[sp.csr_matrix], copies: int = 1
+               ) -> sp.csr_matrix | list[sp.csr_matrix]:
+        """Row blocks of counts as one CSR matrix (float32), copied once, in
+        ``torch.get_num_threads()`` threads; with ``copies > 1`` a list of that many that
+        share no memory (:func:`scldiff._matrix.stack_rows`)."""
+        out = stack_rows(blocks, self.decoder.scale.out_features, copies,
+                         workers=min(torch.get_num_threads(), _MAX_DECODE_WORKERS))
+        return out[0] if copies == 1 else out
