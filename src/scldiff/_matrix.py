@@ -92,7 +92,7 @@ def stack_rows(blocks: list[sp.csr_matrix], n_cols: int, copies: int = 1,
             row += block.shape[0]
     outputs = [(np.empty(total, np.float32), np.empty(total, index_dtype))
                for _ in range(copies)]
-    pieces = []  # (source, destination, start, stop) within the block and the output
+    pieces = []  # (source, destination, start, stop, the block's offset in the output)
     for block, offset in zip(blocks, offsets[:-1], strict=True):
         for start in range(0, block.nnz, _COPY_PIECE):
             stop = min(start + _COPY_PIECE, block.nnz)
