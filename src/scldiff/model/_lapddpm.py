@@ -21,6 +21,7 @@ from scvi.model.base import BaseModelClass
 from scvi.train._trainrunner import _safe_load_logger_history
 from scvi.utils import track
 
+from .._autocast import autocast_dtype
 from .._constants import ADATA_KEYS, BATCH_KEYS, REGISTRY_KEYS
 from .._matrix import is_in_memory
 from .._version import __version__
@@ -28,7 +29,6 @@ from ..diffusion import DEFAULT_STEPS, SAMPLERS, check_guidance_interval
 from ..graph import SubgraphSampler, knn_graph, laplacian_positional_encoding, pca_embedding
 from ..module import LIKELIHOODS, PREDICTIONS, LapDDPMModule, LatentLibrary
 from ..module._decoder import DISPERSIONS, Likelihood
-from ..module._module import autocast_dtype
 from ..train import (
     PERTURBATIONS,
     STAGE_NAMES,

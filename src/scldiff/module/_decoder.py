@@ -182,15 +182,13 @@ class CountDecoder(nn.Module):
         if logits and self.detect_offset is None:
             if weights is None:
                 weights = self.output_weights()
-            for name, bias in (("scale", self.scale.bias),
-                               ("zi", getattr(self.dropout_logits, "bias", None))):
-                if name in weights:
-                    products = torch.mm(h, weights[name].t())
-                    # bf16 stays bf16: the CPU kernel widens it as it reads it
-                    if products.dtype not in (torch.float32, torch.bfloat16):
-                        products = products.float()
-                    params[f"{name}_logits"] = products
-                    params[f"{name}_bias"] = bias
+            for name, layer in self._output_layers().items():
+                products = torch.mm(h, weights[name].t())
+                # bf16 stays bf16: the CPU kernel widens it as it reads it
+                if products.dtype not in (torch.float32, torch.bfloat16):
+                    products = products.float()
+                params[f"{name}_logits"] = products
+                params[f"{name}_bias"] = layer.bias
             return params
         # softmax in one fused pass: on a CPU about 3.5x faster than log_softmax then exp.
         # In float32 also under autocast, where the products come out in bf16: the
@@ -209,14 +207,19 @@ class CountDecoder(nn.Module):
         params["scale"] = scale
         return params
 
+    def _output_layers(self) -> dict[str, nn.Linear]:
+        """The output layers whose products :meth:`sampling_params` gives with
+        ``logits=True``: ``"scale"``, and for the ZINB ``"zi"``."""
+        layers = {"scale": self.scale, "zi": self.dropout_logits}
+        return {name: layer for name, layer in layers.items() if layer is not None}
+
     def output_weights(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """The weights of the output layers that :meth:`sampling_params` multiplies with
-        ``logits=True``: ``"scale"`` and for the ZINB ``"zi"``, cast to ``dtype`` (as is
-        when ``None``)."""
-        layers = {"scale": self.scale, "zi": self.dropout_logits}
+        ``logits=True`` (``"scale"``, and for the ZINB ``"zi"``), cast to ``dtype`` (as
+        they are when ``None``)."""
         return {name: layer.weight.detach() if dtype is None
                 else layer.weight.detach().to(dtype)
-                for name, layer in layers.items() if layer is not None}
+                for name, layer in self._output_layers().items()}
 
     def distribution(self, params: dict[str, Tensor], library: Tensor) -> Distribution:
         """The count distribution for cells of the given library sizes ``(batch, 1)``."""

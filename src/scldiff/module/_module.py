@@ -11,6 +11,7 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput
 from torch import Tensor
 
+from .._autocast import autocast_dtype
 from .._constants import BATCH_KEYS
 from .._matrix import stack_rows
 from ..diffusion import DEFAULT_STEPS, SAMPLERS, ClassifierFreeGuidance, VPSchedule
@@ -40,18 +41,6 @@ _COUNT_CHUNK = 256
 # at most this many threads decode and draw chunks at once on a CPU (each holds a chunk's
 # dense parameters)
 _MAX_DECODE_WORKERS = 8
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype of ``torch.autocast`` on this device type in this thread, ``None`` when it
-    is off."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-        return torch.get_autocast_dtype(device_type) if enabled else None
-    except (TypeError, AttributeError):  # torch < 2.4: one flag per device type
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 class LatentLibrary:

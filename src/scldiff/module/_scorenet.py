@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._autocast import autocast_dtype
+
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Transformer-style embedding of times ``t`` in [0, 1] (scaled by 1000, as in DDPM)."""
@@ -15,19 +17,6 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> T
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     angles = 1000.0 * t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-
-def _autocast(device_type: str) -> bool:
-    """Whether ``torch.autocast`` is on for this device type. The grouped inference path
-    writes its matrix products into preallocated float32 buffers, which autocast's lower
-    precision cannot fill, so under autocast the modules' own layers run instead, on the
-    rows in the same order (:meth:`_ResidualBlock.forward_sorted`)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: one flag per device type
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return torch.is_autocast_enabled()
 
 
 class _ResidualBlock(nn.Module):
@@ -154,8 +143,11 @@ class ScoreNet(nn.Module):
             labels, index = torch.unique(labels, return_inverse=True)
             t = t[: labels.numel()]
             if not (self.training or torch.is_grad_enabled()):
-                return self._forward_grouped(z, self.condition(t, labels), index,
-                                             _autocast(z.device.type))
+                # the float32 path writes its products into preallocated float32 buffers,
+                # which autocast's lower precision cannot fill: under autocast the layers
+                # run as they are, on the rows in the same order
+                autocast = autocast_dtype(z.device.type) is not None
+                return self._forward_grouped(z, self.condition(t, labels), index, autocast)
         cond = self.condition(t, labels)
         h = self.inp(z)
         for block in self.blocks:
