@@ -322,3 +322,24 @@ def test_default_stage_lengths_are_counted_in_optimisation_steps():
     assert _epochs_for_steps(STAGE_A_STEPS, 3_099, 128) == 80
     # at least one epoch, however large the data
     assert _epochs_for_steps(STAGE_A_STEPS, 10_000_000, 128) == 1
+
+
+def test_training_forward_leaves_out_the_count_distribution(model_and_batch, monkeypatch):
+    # the loss reads the log-parameters alone: px and the dense scale are not built, and
+    # the loss is the same
+    model, batch = model_and_batch
+    module = model.module.eval()
+    kwargs = {"inference_kwargs": {"use_mean": True}, "loss_kwargs": {"kl_weight": 1.0}}
+    _, full, full_out = module(batch, **kwargs)
+    _, lean, lean_out = module(batch, generative_kwargs={"distribution": False}, **kwargs)
+    assert "px" in full and "scale" in full["params"]
+    assert "px" not in lean and "scale" not in lean["params"]
+    assert lean_out.loss.item() == full_out.loss.item()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a training step built the count distribution")
+
+    fresh = scldiff.LapDDPM(model.adata, n_latent=8, n_hidden=32)
+    monkeypatch.setattr(fresh.module.decoder, "distribution", refuse)
+    fresh.train(n_epochs_stage_a=1, n_epochs_stage_b=1, enable_progress_bar=False)
+    assert fresh.is_trained

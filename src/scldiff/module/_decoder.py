@@ -127,10 +127,12 @@ class CountDecoder(nn.Module):
             z = torch.cat([z, onehot], dim=-1)
         return self.hidden(z)
 
-    def forward(self, z: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, z: Tensor, labels: Tensor | None = None, scale: bool = True
+                ) -> dict[str, Tensor]:
         """Likelihood parameters that do not depend on the library size (``labels``: the
         cells' label codes, needed with ``dispersion="gene-label"`` or
-        ``label_covariate``)."""
+        ``label_covariate``). ``scale=False`` leaves out ``scale`` (the exponential of
+        ``log_scale``), which the training loss does not read."""
         h = self._hidden(z, labels)
         log_scale = F.log_softmax(self.scale(h), dim=-1)
         params: dict[str, Tensor] = {}
@@ -148,7 +150,8 @@ class CountDecoder(nn.Module):
         if self.detect_offset is not None:
             params["detect_offset"] = self.detect_offset(h)
         params["log_scale"] = log_scale
-        params["scale"] = log_scale.exp()
+        if scale:
+            params["scale"] = log_scale.exp()
         return params
 
     @torch.no_grad()

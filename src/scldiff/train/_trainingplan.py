@@ -65,6 +65,9 @@ class ExponentialMovingAverage(nn.Module):
         network.load_state_dict(self.shadow.state_dict())
 PERTURBATIONS: tuple[str, ...] = ("spectral", "random", "none")
 STAGE_NAMES = {"A": "Stage A (graph VAE)", "B": "Stage B (diffusion)"}
+# stage A's forward passes: the loss reads the decoder's log-parameters, not the count
+# distribution (``px``) or the dense proportions ``scale`` (LapDDPMModule.generative)
+_LOSS_ONLY = {"distribution": False}
 
 
 def non_finite_gradient(named_grads, fused: bool | None = None) -> str | None:
@@ -235,7 +238,7 @@ class LapDDPMTrainingPlan(TrainingPlan):
             _, _, out = self.module(
                 {**batch, BATCH_KEYS.EDGE_WEIGHT: weight},
                 inference_kwargs={"input_mask": input_mask, "use_mean": True},
-                loss_kwargs=self.loss_kwargs,
+                generative_kwargs=_LOSS_ONLY, loss_kwargs=self.loss_kwargs,
             )
             (grad,) = torch.autograd.grad(out.loss, weight)
         return 1.0 if float((grad * direction).sum()) >= 0 else -1.0
@@ -273,7 +276,7 @@ class LapDDPMTrainingPlan(TrainingPlan):
         else:
             mask = None
         _, _, out = self.forward(batch, inference_kwargs={"input_mask": mask},
-                                 loss_kwargs=self.loss_kwargs)
+                                 generative_kwargs=_LOSS_ONLY, loss_kwargs=self.loss_kwargs)
         if mode == "train":
             self._check_finite(out.loss, {"reconstruction loss": out.reconstruction_loss,
                                           "KL divergence": out.kl_local})
