@@ -188,6 +188,9 @@ def test_subgraph_keeps_full_degrees_and_puts_seeds_first():
                               shape=induced.shape).toarray()
         assert np.count_nonzero(induced) == sub.edge_index.shape[1]
         np.testing.assert_allclose(built, induced, rtol=1e-6)
+        # the edges into the seeds are the first n_seed_edges, and only those
+        into = sub.edge_index[1] < seeds.size
+        assert sub.n_seed_edges == into.sum() > 0 and into[: sub.n_seed_edges].all()
         # every neighbour of a seed is in a 1-hop subgraph; a 2-hop one is the closure
         for s in seeds:
             assert np.isin(graph[s].indices, sub.nodes).all()
@@ -295,6 +298,12 @@ def test_chebconv_on_a_subgraph_equals_the_full_graph_for_seed_cells(cheb_k, hop
     seeds_only = conv(*args, n_out=4)
     assert seeds_only.shape == (4, 4)
     torch.testing.assert_close(seeds_only, full[seeds], atol=1e-5, rtol=1e-5)
+    # the edges into the seeds taken as the subgraph's prefix rather than by a mask
+    torch.testing.assert_close(conv(*args, n_out=4, n_out_edges=sub.n_seed_edges),
+                               seeds_only, atol=0, rtol=0)
+    if cheb_k == 2:  # a wrong prefix gives other values (K > 2 propagates over all edges)
+        short = conv(*args, n_out=4, n_out_edges=sub.n_seed_edges - 1)
+        assert (short - seeds_only).abs().max() > 1e-4
     (grad_seeds,) = torch.autograd.grad(seeds_only.square().sum(), weight)
     (grad_all,) = torch.autograd.grad(conv(*args)[:4].square().sum(), weight)
     torch.testing.assert_close(grad_seeds, grad_all, atol=1e-6, rtol=1e-5)

@@ -343,3 +343,61 @@ def test_training_forward_leaves_out_the_count_distribution(model_and_batch, mon
     monkeypatch.setattr(fresh.module.decoder, "distribution", refuse)
     fresh.train(n_epochs_stage_a=1, n_epochs_stage_b=1, enable_progress_bar=False)
     assert fresh.is_trained
+
+
+class _HostWaits:
+    """Counts, per training step, the operations that on a GPU wait for the device: a
+    tensor read as a Python number, and selections whose size depends on the data (a
+    boolean mask, ``nonzero``, ``repeat_interleave`` without its output size)."""
+
+    def __init__(self):
+        from lightning.pytorch import Callback
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.counts: dict[str, list[int]] = {}
+        self.on, self.count = False, 0
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if counter.on and _waits(func, args, kwargs or {}):
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        class PerStep(Callback):
+            def on_train_batch_start(self, trainer, plan, batch, batch_idx):
+                counter.on, counter.count = True, 0
+
+            def on_train_batch_end(self, trainer, plan, outputs, batch, batch_idx):
+                counter.on = False
+                counter.counts.setdefault(plan.stage, []).append(counter.count)
+
+        self.mode, self.callback = Mode(), PerStep()
+
+
+def _waits(func, args, kwargs) -> bool:
+    name = str(func)
+    if name in ("aten._local_scalar_dense.default", "aten.nonzero.default",
+                "aten.masked_select.default"):
+        return True
+    if name == "aten.index.Tensor":
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                   for i in args[1] if i is not None)
+    return name.startswith("aten.repeat_interleave") and kwargs.get("output_size") is None \
+        and len(args) < 4
+
+
+def test_a_training_step_waits_for_the_device_once(model_and_batch):
+    # on a GPU every such wait stalls the queue of kernels: a stage-A step has one, the
+    # combined check of its loss and gradients (12 before the spectral perturbation's sign,
+    # the decoder's one-hot labels, the encoder's seed edges and the likelihood's rows
+    # stayed on the device)
+    model, _ = model_and_batch
+    fresh = scldiff.LapDDPM(model.adata, n_latent=8, n_hidden=32)
+    waits = _HostWaits()
+    with waits.mode:
+        fresh.train(n_epochs_stage_a=2, n_epochs_stage_b=1, enable_progress_bar=False,
+                    callbacks=[waits.callback])
+    assert len(waits.counts["A"]) >= 2 and set(waits.counts["A"]) == {1}
+    # stage B: the check, and on a CPU (only) the ScoreNet's test for a shared time
+    assert len(waits.counts["B"]) >= 1 and set(waits.counts["B"]) <= {1, 2}

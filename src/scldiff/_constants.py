@@ -40,6 +40,9 @@ class _BATCH_KEYS_NT(NamedTuple):
     EDGE_WEIGHT: str = "edge_weight"  # (n_edge,) symmetric edge weights
     DEGREE_OUTSIDE: str = "degree_outside"  # (n_node,) weighted degree to cells outside
     NODES: str = "nodes"  # (n_node,) cell index of each node (encoding-only batches)
+    # a Python int, not a tensor: the number of edges into the seed cells, which come first
+    # (edges are listed by destination in node order), known on the host
+    SEED_EDGES: str = "n_seed_edges"
 
 
 class _LATENT_KEYS_NT(NamedTuple):

@@ -45,7 +45,7 @@ def principal_eigenvector(
     for _ in range(n_iter):
         v = v + _spmv(edge_index, edge_weight, v, num_nodes) / rho
         v = v / v.norm()
-    return v if v.sum() >= 0 else -v
+    return torch.where(v.sum() >= 0, v, -v)  # on the device: no host synchronisation
 
 
 def spectral_direction(edge_index: Tensor, eigenvector: Tensor) -> Tensor:

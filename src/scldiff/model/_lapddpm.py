@@ -188,6 +188,12 @@ STAGE_A_STEPS = 2_000
 STAGE_B_STEPS = 4_000
 
 
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """A minibatch's tensors on ``device``; its other entries (host-side counts such as
+    ``BATCH_KEYS.SEED_EDGES``) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _epochs_for_steps(steps: int, n_cells: int, batch_size: int) -> int:
     """Epochs giving about ``steps`` minibatches (at least one epoch)."""
     per_epoch = max(1, math.ceil(n_cells / batch_size))
@@ -530,7 +536,7 @@ class LapDDPM(BaseModelClass):
             loader = SubgraphDataModule(collator, indices, [], batch_size)._loader(
                 indices, shuffle=False)
             out = [self.module.inference(**self.module._get_inference_input(
-                {k: v.to(device) for k, v in batch.items()}), use_mean=True)
+                _to_device(batch, device)), use_mean=True)
                 for batch in loader]
             return (torch.cat([o["qz_mean"].cpu() for o in out]),
                     torch.cat([o["qz_logvar"].cpu() for o in out]))
@@ -551,7 +557,7 @@ class LapDDPM(BaseModelClass):
                            style="tqdm"):
             nodes = batch.pop(BATCH_KEYS.NODES)
             labels = batch.pop(BATCH_KEYS.LABELS)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = _to_device(batch, device)
             out = self.module.inference_projected(projection[nodes].to(device),
                                                   n_seed=labels.shape[0],
                                                   labels=labels.to(device), **batch)

@@ -123,7 +123,10 @@ class CountDecoder(nn.Module):
             if labels is None:
                 raise ValueError("A decoder with label_covariate=True needs the cells' "
                                  "label codes.")
-            onehot = F.one_hot(labels.reshape(-1).long(), self.n_labels).to(z.dtype)
+            # scattered rather than F.one_hot, which checks the codes' range on the host
+            # (a device synchronisation on a GPU); a code out of range fails in scatter_
+            codes = labels.reshape(-1, 1).long()
+            onehot = z.new_zeros(codes.shape[0], self.n_labels).scatter_(1, codes, 1.0)
             z = torch.cat([z, onehot], dim=-1)
         return self.hidden(z)
 
@@ -414,7 +417,9 @@ def sparse_log_likelihood(
     ``(n,)`` log-likelihoods.
     """
     n = library.shape[0]
-    rows = torch.repeat_interleave(torch.arange(n, device=crow.device), crow.diff())
+    # the output's length given: without it, a GPU would be waited for to learn it
+    rows = torch.repeat_interleave(torch.arange(n, device=crow.device), crow.diff(),
+                                   output_size=value.shape[0])
     log_mu = torch.log(library) + params["log_scale"]
     x = value
     log_mu_nz = log_mu[rows, col]

@@ -34,10 +34,15 @@ class FullGraphChebConv(ChebConv):
     def forward(  # type: ignore[override]
         self, x: Tensor, edge_index: Tensor, edge_weight: Tensor, degree_outside: Tensor,
         n_out: int | None = None,
+        n_out_edges: int | None = None,
     ) -> Tensor:
         """``n_out``: return only the first ``n_out`` nodes' outputs. With ``K <= 2`` only
         the edges into those nodes then carry messages (the degrees still come from all
-        edges), which is what a subgraph batch needs for its seed cells."""
+        edges), which is what a subgraph batch needs for its seed cells.
+        ``n_out_edges``: those edges are the first ``n_out_edges`` (edges listed by
+        destination in node order, as :class:`~scldiff.graph.SubgraphSampler` lists
+        them); without it they are found by a mask, whose selection on a GPU waits for
+        the device."""
         degree = degree_outside.index_add(0, edge_index[1], edge_weight)
         inv_sqrt = degree.clamp_min(torch.finfo(degree.dtype).tiny).rsqrt()
         norm = -edge_weight * inv_sqrt[edge_index[0]] * inv_sqrt[edge_index[1]]
@@ -45,7 +50,7 @@ class FullGraphChebConv(ChebConv):
             x_out = x[:n_out]
             out = self.lins[0](x_out)
             if len(self.lins) > 1:
-                into = edge_index[1] < n_out
+                into = edge_index[1] < n_out if n_out_edges is None else slice(n_out_edges)
                 tx_1 = self.propagate(edge_index[:, into], x=(x, x_out), norm=norm[into],
                                       size=(x.shape[0], n_out))
                 out = out + self.lins[1](tx_1)
@@ -162,11 +167,16 @@ class GraphEncoder(nn.Module):
         degree_outside: Tensor,
         n_seed: int | None = None,
         labels: Tensor | None = None,
+        n_seed_entries: int | None = None,
+        n_seed_edges: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode the nodes (only the first ``n_seed`` with ``n_seed``, see
-        :meth:`forward_projected`); ``(crow, col, value)`` is the CSR input matrix."""
+        :meth:`forward_projected`); ``(crow, col, value)`` is the CSR input matrix.
+        ``n_seed_entries``: the number of stored entries of the seed rows,
+        ``crow[n_seed]``, if the caller knows it (read from ``crow`` otherwise, which on a
+        GPU waits for the device). ``n_seed_edges``: see :meth:`forward_projected`."""
         if self.training and not self.neighbour_gradients and n_seed is not None:
-            split = int(crow[n_seed])
+            split = int(crow[n_seed]) if n_seed_entries is None else n_seed_entries
             seeds = self.project(crow[: n_seed + 1], col[:split], value[:split])
             with torch.no_grad():
                 others = self.project(crow[n_seed:] - split, col[split:], value[split:])
@@ -174,7 +184,7 @@ class GraphEncoder(nn.Module):
         else:
             h = self.project(crow, col, value)
         return self.forward_projected(h, lpe, edge_index, edge_weight, degree_outside, n_seed,
-                                      labels)
+                                      labels, n_seed_edges)
 
     def forward_projected(
         self,
@@ -185,6 +195,7 @@ class GraphEncoder(nn.Module):
         degree_outside: Tensor,
         n_seed: int | None = None,
         labels: Tensor | None = None,
+        n_seed_edges: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode from the nodes' input projections (:meth:`project`), so that a pass over
         many subgraphs projects each cell's expression once, not once per subgraph.
@@ -193,6 +204,9 @@ class GraphEncoder(nn.Module):
         last graph layer computes just their outputs. Otherwise every node is encoded.
         ``labels``: the label codes of the encoded cells (the seeds, or every node), needed
         when the encoder reads labels (``n_labels > 0``) and ignored otherwise.
+        ``n_seed_edges``: the number of edges into the seed cells, which come first
+        (:class:`~scldiff.graph.SubgraphSampler`'s order), so that the last layer takes
+        them as a prefix rather than by a mask (:meth:`FullGraphChebConv.forward`).
         """
         h = projection
         if self.lpe is not None and lpe is not None:
@@ -201,7 +215,8 @@ class GraphEncoder(nn.Module):
         last = len(self.convs) - 1
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
             h = conv(h, edge_index, edge_weight, degree_outside,
-                     n_out=n_seed if i == last else None)
+                     n_out=n_seed if i == last else None,
+                     n_out_edges=n_seed_edges if i == last else None)
             h = self.dropout(F.gelu(norm(h)))
         if self.label_embedding is not None:
             if labels is None:

@@ -263,6 +263,10 @@ class LapDDPMModule(BaseModuleClass):
     def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict:
         inputs = {key: tensors[key] for key in _ENCODER_INPUTS}
         inputs["n_seed"] = tensors[BATCH_KEYS.LABELS].shape[0]
+        if BATCH_KEYS.SEED_COUNTS in tensors:
+            # the seed rows' stored entries, known on the host from the counts' length
+            inputs["n_seed_entries"] = tensors[BATCH_KEYS.SEED_COUNTS].shape[0]
+        inputs["n_seed_edges"] = tensors.get(BATCH_KEYS.SEED_EDGES)
         if self.encoder.label_embedding is not None:
             inputs["labels"] = tensors[BATCH_KEYS.LABELS]
         return inputs
@@ -280,6 +284,8 @@ class LapDDPMModule(BaseModuleClass):
         input_mask: Tensor | None = None,
         use_mean: bool = False,
         labels: Tensor | None = None,
+        n_seed_entries: int | None = None,
+        n_seed_edges: int | None = None,
     ) -> dict[str, Tensor]:
         """Posterior q(z | x, graph) of the seed cells (the first ``n_seed`` nodes).
 
@@ -287,12 +293,15 @@ class LapDDPMModule(BaseModuleClass):
         ``input_mask`` (one 0/1 value per stored entry) zeroes masked genes in the encoder's
         input only (paper 001's input gene masking); the likelihood sees all counts.
         ``labels``: the seed cells' label codes, read by a label-aware encoder
-        (``encoder_labels``).
+        (``encoder_labels``). ``n_seed_entries``: the seed rows' stored entries,
+        ``node_crow[n_seed]``, and ``n_seed_edges``, the edges into the seeds (the first
+        ones), where the caller knows them without reading the device (a GPU's).
         """
         value = node_input if input_mask is None else node_input * input_mask
         mean, logvar = self.encoder(
             node_crow, node_col, value, lpe * self.lpe_scale, edge_index, edge_weight,
-            degree_outside, n_seed=n_seed, labels=labels,
+            degree_outside, n_seed=n_seed, labels=labels, n_seed_entries=n_seed_entries,
+            n_seed_edges=n_seed_edges,
         )
         mean, logvar = mean[:n_seed], logvar[:n_seed]
         z = mean if use_mean else mean + torch.randn_like(mean) * (0.5 * logvar).exp()
@@ -313,13 +322,14 @@ class LapDDPMModule(BaseModuleClass):
         degree_outside: Tensor,
         n_seed: int,
         labels: Tensor | None = None,
+        n_seed_edges: int | None = None,
     ) -> dict[str, Tensor]:
         """Posterior mean and log-variance of the seed cells from the nodes' input
         projections (:meth:`project_expression`): what :meth:`inference` computes with
         ``use_mean=True`` and no input mask."""
         mean, logvar = self.encoder.forward_projected(
             node_projection, lpe * self.lpe_scale, edge_index, edge_weight, degree_outside,
-            n_seed, labels)
+            n_seed, labels, n_seed_edges)
         mean, logvar = mean[:n_seed], logvar[:n_seed]
         return {"qz_mean": mean, "qz_logvar": logvar, "z": mean}
 
@@ -355,7 +365,8 @@ class LapDDPMModule(BaseModuleClass):
         """
         n_seed = tensors[BATCH_KEYS.LABELS].shape[0]
         crow = tensors[BATCH_KEYS.NODE_CROW][: n_seed + 1]
-        nnz = int(crow[-1])
+        # crow[-1], known on the host from the counts' length (no device synchronisation)
+        nnz = tensors[BATCH_KEYS.SEED_COUNTS].shape[0]
         reconstruction = -sparse_log_likelihood(
             self.likelihood, generative_outputs["params"], generative_outputs["library"], crow,
             tensors[BATCH_KEYS.NODE_COL][:nnz], tensors[BATCH_KEYS.SEED_COUNTS],

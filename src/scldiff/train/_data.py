@@ -157,8 +157,9 @@ class SubgraphCollator:
             **self._graph_tensors(sub),
         }
 
-    def _graph_tensors(self, sub) -> dict[str, torch.Tensor]:
+    def _graph_tensors(self, sub) -> dict[str, torch.Tensor | int]:
         return {
+            BATCH_KEYS.SEED_EDGES: sub.n_seed_edges,
             BATCH_KEYS.LPE: torch.from_numpy(self.lpe[sub.nodes]),
             BATCH_KEYS.EDGE_INDEX: torch.from_numpy(sub.edge_index),
             BATCH_KEYS.EDGE_WEIGHT: torch.from_numpy(sub.edge_weight),

@@ -68,6 +68,8 @@ STAGE_NAMES = {"A": "Stage A (graph VAE)", "B": "Stage B (diffusion)"}
 # stage A's forward passes: the loss reads the decoder's log-parameters, not the count
 # distribution (``px``) or the dense proportions ``scale`` (LapDDPMModule.generative)
 _LOSS_ONLY = {"distribution": False}
+# the loss's name among the parameters' in the finiteness check (no parameter's name)
+_LOSS = "\0loss"
 
 
 def non_finite_gradient(named_grads, fused: bool | None = None) -> str | None:
@@ -221,6 +223,8 @@ class LapDDPMTrainingPlan(TrainingPlan):
             raise ValueError(f"dispersion_lr_factor must be > 0, got {dispersion_lr_factor}.")
         self.dispersion_lr_factor = dispersion_lr_factor
         self.seed = int(seed)
+        # the last training step's loss and its terms, checked with the gradients
+        self._unchecked_loss: tuple[torch.Tensor, dict] | None = None
         self.ema = ExponentialMovingAverage(module.score_net, ema_decay) if (
             stage == "B" and ema_decay > 0) else None
 
@@ -231,8 +235,9 @@ class LapDDPMTrainingPlan(TrainingPlan):
         values = batch[BATCH_KEYS.NODE_INPUT]
         return (torch.rand(values.shape, device=values.device) >= self.mask_fraction).float()
 
-    def _loss_increasing_sign(self, batch, direction, input_mask) -> float:
-        """Sign of the directional derivative of the loss along ``direction`` (FGSM)."""
+    def _loss_increasing_sign(self, batch, direction, input_mask) -> torch.Tensor:
+        """Sign of the directional derivative of the loss along ``direction`` (FGSM), +1
+        or -1 as a tensor on the batch's device (a Python number would wait for it)."""
         weight = batch[BATCH_KEYS.EDGE_WEIGHT].detach().requires_grad_(True)
         with torch.enable_grad():
             _, _, out = self.module(
@@ -241,7 +246,8 @@ class LapDDPMTrainingPlan(TrainingPlan):
                 generative_kwargs=_LOSS_ONLY, loss_kwargs=self.loss_kwargs,
             )
             (grad,) = torch.autograd.grad(out.loss, weight)
-        return 1.0 if float((grad * direction).sum()) >= 0 else -1.0
+        slope = (grad * direction).sum()
+        return torch.where(slope >= 0, 1.0, -1.0).to(slope.dtype)
 
     def adversarial_edge_weight(
         self, batch: dict[str, torch.Tensor], input_mask: torch.Tensor | None = None
@@ -277,9 +283,9 @@ class LapDDPMTrainingPlan(TrainingPlan):
             mask = None
         _, _, out = self.forward(batch, inference_kwargs={"input_mask": mask},
                                  generative_kwargs=_LOSS_ONLY, loss_kwargs=self.loss_kwargs)
-        if mode == "train":
-            self._check_finite(out.loss, {"reconstruction loss": out.reconstruction_loss,
-                                          "KL divergence": out.kl_local})
+        if mode == "train":  # checked with the gradients (on_before_optimizer_step)
+            self._unchecked_loss = (out.loss, {"reconstruction loss": out.reconstruction_loss,
+                                               "KL divergence": out.kl_local})
         self.log(f"{'train' if mode == 'train' else 'validation'}_loss", out.loss,
                  on_step=False, on_epoch=True, prog_bar=mode == "train",
                  batch_size=out.n_obs_minibatch, sync_dist=self.use_sync_dist)
@@ -292,8 +298,8 @@ class LapDDPMTrainingPlan(TrainingPlan):
         loss = self.module.diffusion_loss(batch[LATENT_KEYS.QZ_MEAN],
                                           batch[LATENT_KEYS.QZ_LOGVAR],
                                           batch[LATENT_KEYS.LABELS], self.p_uncond)
-        if mode == "train":
-            self._check_finite(loss, {"diffusion loss": loss})
+        if mode == "train":  # checked with the gradients (on_before_optimizer_step)
+            self._unchecked_loss = (loss, {"diffusion loss": loss})
         self.log(f"diffusion_loss_{mode}", loss, on_step=False, on_epoch=True,
                  prog_bar=mode == "train", batch_size=batch[LATENT_KEYS.LABELS].shape[0],
                  sync_dist=self.use_sync_dist)
@@ -308,21 +314,28 @@ class LapDDPMTrainingPlan(TrainingPlan):
             "or lower the learning rate (lr / lr_stage_b)."
         )
 
-    def _check_finite(self, loss: torch.Tensor, terms: dict) -> None:
-        if bool(torch.isfinite(loss).all()):
-            return
+    def _loss_fault(self, loss: torch.Tensor, terms: dict) -> NonFiniteLossError:
+        """The error for a non-finite ``loss``, naming its non-finite ``terms``."""
         def finite(value) -> bool:  # scvi's LossOutput keeps its terms as dicts of tensors
             if isinstance(value, dict):
                 return all(finite(v) for v in value.values())
             return not isinstance(value, torch.Tensor) or bool(torch.isfinite(value).all())
 
         bad = [name for name, value in terms.items() if not finite(value)]
-        raise self._fault(f"the {' and the '.join(bad) or 'loss'} became "
-                          f"{'NaN' if bool(torch.isnan(loss).any()) else 'infinite'}")
+        return self._fault(f"the {' and the '.join(bad) or 'loss'} became "
+                           f"{'NaN' if bool(torch.isnan(loss).any()) else 'infinite'}")
 
     def on_before_optimizer_step(self, optimizer):
-        name = non_finite_gradient(
-            (name, p.grad) for name, p in self.named_parameters() if p.grad is not None)
+        """The step's loss and gradients checked together, in one host synchronisation
+        (on a GPU, the only one of a training step): a NaN or an infinity stops training
+        before the optimiser changes the weights."""
+        unchecked, self._unchecked_loss = self._unchecked_loss, None
+        named = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        if unchecked is not None:  # first, so that a bad loss is named before its gradients
+            named.insert(0, (_LOSS, unchecked[0].detach().reshape(-1)))
+        name = non_finite_gradient(named)
+        if name == _LOSS:
+            raise self._loss_fault(*unchecked)
         if name is not None:
             raise self._fault(f"the gradient of {name} became NaN or infinite")
 
