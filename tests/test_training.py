@@ -401,3 +401,65 @@ def test_a_training_step_waits_for_the_device_once(model_and_batch):
     assert len(waits.counts["A"]) >= 2 and set(waits.counts["A"]) == {1}
     # stage B: the check, and on a CPU (only) the ScoreNet's test for a shared time
     assert len(waits.counts["B"]) >= 1 and set(waits.counts["B"]) <= {1, 2}
+
+
+def test_a_step_projects_the_inputs_once_with_the_same_result(model_and_batch):
+    # the perturbation's pass and the loss's share the nodes' input projection: the same
+    # perturbed weights, loss and gradients as when each pass projects its own
+    model, batch = model_and_batch
+    module = model.module.train()
+    plan = LapDDPMTrainingPlan(module, stage="A", epsilon=0.05, mask_fraction=0.2)
+    plan.loss_kwargs["kl_weight"] = 1.0
+    inputs = module._get_inference_input(batch)
+    results = []
+    for shared in (False, True):
+        torch.manual_seed(0)
+        mask = plan._input_mask(batch)
+        projection = module.project_nodes(
+            inputs["node_crow"], inputs["node_col"], inputs["node_input"], inputs["n_seed"],
+            mask, inputs["n_seed_entries"]) if shared else None
+        weight, _ = plan.adversarial_edge_weight(batch, mask, projection)
+        module.zero_grad()
+        _, _, out = module({**batch, BATCH_KEYS.EDGE_WEIGHT: weight},
+                           inference_kwargs={"input_mask": mask, "node_projection": projection},
+                           loss_kwargs={"kl_weight": 1.0})
+        out.loss.backward()
+        results.append((weight, out.loss.detach(),
+                        {n: p.grad.clone() for n, p in module.named_parameters()
+                         if p.grad is not None}))
+    (w0, l0, g0), (w1, l1, g1) = results
+    torch.testing.assert_close(w1, w0, rtol=0, atol=0)
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert g1.keys() == g0.keys() and "encoder.expression.weight" in g0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-7, msg=name)
+    module.zero_grad()
+    module.eval()
+
+
+def test_a_training_step_projects_the_expression_once(model_and_batch, monkeypatch):
+    from lightning.pytorch import Callback
+
+    model, _ = model_and_batch
+    fresh = scldiff.LapDDPM(model.adata, n_latent=8, n_hidden=32)
+    encoder, calls, steps, inside = fresh.module.encoder, [], [], [False]
+    project = encoder.project
+
+    def counted(*args):
+        calls.extend([1] if inside[0] else [])
+        return project(*args)
+
+    monkeypatch.setattr(encoder, "project", counted)
+
+    class Count(Callback):  # the training steps' calls, not the encoding pass's after them
+        def on_train_batch_start(self, trainer, plan, batch, batch_idx):
+            inside[0] = True
+
+        def on_train_batch_end(self, trainer, plan, outputs, batch, batch_idx):
+            inside[0] = False
+            steps.append(plan.stage)
+
+    fresh.train(n_epochs_stage_a=2, n_epochs_stage_b=0, enable_progress_bar=False,
+                callbacks=[Count()], check_val_every_n_epoch=100)
+    # the seeds' rows (with gradients) and the other nodes' (without), once per step
+    assert len(steps) >= 2 and len(calls) == 2 * len(steps)

@@ -175,16 +175,23 @@ class GraphEncoder(nn.Module):
         ``n_seed_entries``: the number of stored entries of the seed rows,
         ``crow[n_seed]``, if the caller knows it (read from ``crow`` otherwise, which on a
         GPU waits for the device). ``n_seed_edges``: see :meth:`forward_projected`."""
+        h = self.project_nodes(crow, col, value, n_seed, n_seed_entries)
+        return self.forward_projected(h, lpe, edge_index, edge_weight, degree_outside, n_seed,
+                                      labels, n_seed_edges)
+
+    def project_nodes(self, crow: Tensor, col: Tensor, value: Tensor,
+                      n_seed: int | None = None, n_seed_entries: int | None = None
+                      ) -> Tensor:
+        """The input projection (:meth:`project`) of a batch's nodes, as :meth:`forward`
+        computes it: in training, unless ``neighbour_gradients``, only the first ``n_seed``
+        rows (the seed cells) carry gradients. ``n_seed_entries``: see :meth:`forward`."""
         if self.training and not self.neighbour_gradients and n_seed is not None:
             split = int(crow[n_seed]) if n_seed_entries is None else n_seed_entries
             seeds = self.project(crow[: n_seed + 1], col[:split], value[:split])
             with torch.no_grad():
                 others = self.project(crow[n_seed:] - split, col[split:], value[split:])
-            h = torch.cat([seeds, others])
-        else:
-            h = self.project(crow, col, value)
-        return self.forward_projected(h, lpe, edge_index, edge_weight, degree_outside, n_seed,
-                                      labels, n_seed_edges)
+            return torch.cat([seeds, others])
+        return self.project(crow, col, value)
 
     def forward_projected(
         self,

@@ -286,6 +286,7 @@ class LapDDPMModule(BaseModuleClass):
         labels: Tensor | None = None,
         n_seed_entries: int | None = None,
         n_seed_edges: int | None = None,
+        node_projection: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Posterior q(z | x, graph) of the seed cells (the first ``n_seed`` nodes).
 
@@ -296,16 +297,29 @@ class LapDDPMModule(BaseModuleClass):
         (``encoder_labels``). ``n_seed_entries``: the seed rows' stored entries,
         ``node_crow[n_seed]``, and ``n_seed_edges``, the edges into the seeds (the first
         ones), where the caller knows them without reading the device (a GPU's).
+        ``node_projection``: the nodes' input projection, computed already by
+        :meth:`project_nodes` with the same ``input_mask`` (the expression and the mask
+        are then not read again).
         """
-        value = node_input if input_mask is None else node_input * input_mask
-        mean, logvar = self.encoder(
-            node_crow, node_col, value, lpe * self.lpe_scale, edge_index, edge_weight,
-            degree_outside, n_seed=n_seed, labels=labels, n_seed_entries=n_seed_entries,
-            n_seed_edges=n_seed_edges,
-        )
+        if node_projection is None:
+            node_projection = self.project_nodes(node_crow, node_col, node_input, n_seed,
+                                                 input_mask, n_seed_entries)
+        mean, logvar = self.encoder.forward_projected(
+            node_projection, lpe * self.lpe_scale, edge_index, edge_weight, degree_outside,
+            n_seed, labels, n_seed_edges)
         mean, logvar = mean[:n_seed], logvar[:n_seed]
         z = mean if use_mean else mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         return {"qz_mean": mean, "qz_logvar": logvar, "z": z}
+
+    def project_nodes(self, node_crow: Tensor, node_col: Tensor, node_input: Tensor,
+                      n_seed: int, input_mask: Tensor | None = None,
+                      n_seed_entries: int | None = None) -> Tensor:
+        """The input projection of a batch's nodes that :meth:`inference` starts from
+        (:meth:`GraphEncoder.project_nodes`), with ``input_mask`` applied. A training step
+        computes it once for its two passes (the perturbation's and the loss's): it does
+        not depend on the edge weights."""
+        value = node_input if input_mask is None else node_input * input_mask
+        return self.encoder.project_nodes(node_crow, node_col, value, n_seed, n_seed_entries)
 
     def project_expression(self, node_crow: Tensor, node_col: Tensor, node_input: Tensor
                            ) -> Tensor:

@@ -235,14 +235,17 @@ class LapDDPMTrainingPlan(TrainingPlan):
         values = batch[BATCH_KEYS.NODE_INPUT]
         return (torch.rand(values.shape, device=values.device) >= self.mask_fraction).float()
 
-    def _loss_increasing_sign(self, batch, direction, input_mask) -> torch.Tensor:
+    def _loss_increasing_sign(self, batch, direction, input_mask,
+                              projection: torch.Tensor | None = None) -> torch.Tensor:
         """Sign of the directional derivative of the loss along ``direction`` (FGSM), +1
-        or -1 as a tensor on the batch's device (a Python number would wait for it)."""
+        or -1 as a tensor on the batch's device (a Python number would wait for it).
+        ``projection``: the nodes' input projection with ``input_mask``, if computed."""
         weight = batch[BATCH_KEYS.EDGE_WEIGHT].detach().requires_grad_(True)
         with torch.enable_grad():
             _, _, out = self.module(
                 {**batch, BATCH_KEYS.EDGE_WEIGHT: weight},
-                inference_kwargs={"input_mask": input_mask, "use_mean": True},
+                inference_kwargs={"input_mask": input_mask, "use_mean": True,
+                                  "node_projection": projection},
                 generative_kwargs=_LOSS_ONLY, loss_kwargs=self.loss_kwargs,
             )
             (grad,) = torch.autograd.grad(out.loss, weight)
@@ -250,9 +253,11 @@ class LapDDPMTrainingPlan(TrainingPlan):
         return torch.where(slope >= 0, 1.0, -1.0).to(slope.dtype)
 
     def adversarial_edge_weight(
-        self, batch: dict[str, torch.Tensor], input_mask: torch.Tensor | None = None
+        self, batch: dict[str, torch.Tensor], input_mask: torch.Tensor | None = None,
+        projection: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch subgraph's edge weights after the adversarial perturbation.
+        """The batch subgraph's edge weights after the adversarial perturbation
+        (``projection``: the nodes' input projection with ``input_mask``, if computed).
 
         Returns the perturbed weights and the relative change actually applied.
         """
@@ -266,22 +271,31 @@ class LapDDPMTrainingPlan(TrainingPlan):
             direction = spectral_direction(edge_index, v1)
         else:
             direction = random_direction(edge_index, n_nodes)
-        sign = self._loss_increasing_sign(batch, direction, input_mask)
+        sign = self._loss_increasing_sign(batch, direction, input_mask, projection)
         return perturb_edge_weights(weight, direction, self.epsilon, sign)
 
     def _vae_step(self, batch, mode: str) -> torch.Tensor:
         if "kl_weight" in self.loss_kwargs:
             self.loss_kwargs["kl_weight"] = self.kl_weight
+        projection = None
         if mode == "train":
             mask = self._input_mask(batch)
-            weight, applied = self.adversarial_edge_weight(batch, mask)
+            # the nodes' input projection, once for both passes: it does not depend on the
+            # edge weights (the perturbation's gradient does not free it: it reaches only
+            # the weights)
+            inputs = self.module._get_inference_input(batch)
+            projection = self.module.project_nodes(
+                inputs["node_crow"], inputs["node_col"], inputs["node_input"],
+                inputs["n_seed"], mask, inputs.get("n_seed_entries"))
+            weight, applied = self.adversarial_edge_weight(batch, mask, projection)
             batch = {**batch, BATCH_KEYS.EDGE_WEIGHT: weight}
             self.log("perturbation_relative_change_train", applied, on_step=False,
                      on_epoch=True, batch_size=batch[BATCH_KEYS.LABELS].shape[0],
                      sync_dist=self.use_sync_dist)
         else:
             mask = None
-        _, _, out = self.forward(batch, inference_kwargs={"input_mask": mask},
+        _, _, out = self.forward(batch, inference_kwargs={"input_mask": mask,
+                                                          "node_projection": projection},
                                  generative_kwargs=_LOSS_ONLY, loss_kwargs=self.loss_kwargs)
         if mode == "train":  # checked with the gradients (on_before_optimizer_step)
             self._unchecked_loss = (out.loss, {"reconstruction loss": out.reconstruction_loss,
