@@ -7,6 +7,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import ChebConv
 
+# the largest dense (rows, genes) matrix _SparseRowsTimesWeight builds for its backward pass
+# (64 MiB of float32): a training step's seed cells, 128 x 13,713 genes of PBMC3K, are 1.8M
+_DENSE_BACKWARD_MAX = 2**24
+
+
+class _SparseRowsTimesWeight(torch.autograd.Function):
+    r""":math:`X W` for CSR rows :math:`X` (``crow``, ``col``, ``value``) and a dense
+    :math:`W` (genes, hidden), differentiable in :math:`W` only.
+
+    The forward pass is ``embedding_bag``'s weighted sum. The backward pass writes
+    :math:`X` out densely and takes :math:`X^\top G` as one matrix product. For 128 cells
+    of 13,713 genes, 900 entries a cell and 128 hidden units, the forward and backward
+    passes took 4.4-5.3 ms on 2 CPU cores against 11.7 ms with ``embedding_bag``'s own
+    backward, which sorts the entries by gene and accumulates them row by row. Repeated
+    entries of a row add up, as in the forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, crow: Tensor, col: Tensor, value: Tensor) -> Tensor:
+        ctx.save_for_backward(crow, col, value)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        return F.embedding_bag(col, weight, crow[:-1], mode="sum", per_sample_weights=value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        crow, col, value = ctx.saved_tensors
+        n_rows = crow.shape[0] - 1
+        rows = torch.repeat_interleave(torch.arange(n_rows, device=crow.device), crow.diff(),
+                                       output_size=col.shape[0])
+        dense = grad.new_zeros(n_rows, ctx.weight_shape[0])
+        dense.index_put_((rows, col), value.to(grad.dtype), accumulate=True)
+        return torch.mm(dense.t(), grad).to(ctx.weight_dtype), None, None, None
+
 
 class FullGraphChebConv(ChebConv):
     r""":class:`~torch_geometric.nn.conv.ChebConv` on a subgraph with the full graph's degrees.
@@ -146,9 +179,16 @@ class GraphEncoder(nn.Module):
 
     def project(self, crow: Tensor, col: Tensor, value: Tensor) -> Tensor:
         """Sparse ``X @ W + b`` over CSR rows (a weighted embedding-bag sum): the input
-        projection of each cell, which depends on that cell's expression alone."""
-        h = F.embedding_bag(col, self.expression.weight, crow[:-1], mode="sum",
-                            per_sample_weights=value)
+        projection of each cell, which depends on that cell's expression alone. With a
+        gradient to compute for ``W`` alone, and the rows' dense form at most
+        ``_DENSE_BACKWARD_MAX`` entries, the backward pass is the dense product of
+        :class:`_SparseRowsTimesWeight` instead of ``embedding_bag``'s."""
+        weight = self.expression.weight
+        if torch.is_grad_enabled() and weight.requires_grad and not value.requires_grad \
+                and (crow.shape[0] - 1) * weight.shape[0] <= _DENSE_BACKWARD_MAX:
+            h = _SparseRowsTimesWeight.apply(weight, crow, col, value)
+        else:
+            h = F.embedding_bag(col, weight, crow[:-1], mode="sum", per_sample_weights=value)
         return h + self.expression_bias
 
     @property
