@@ -209,13 +209,17 @@ class GraphEncoder(nn.Module):
         labels: Tensor | None = None,
         n_seed_entries: int | None = None,
         n_seed_edges: int | None = None,
+        projection: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode the nodes (only the first ``n_seed`` with ``n_seed``, see
         :meth:`forward_projected`); ``(crow, col, value)`` is the CSR input matrix.
         ``n_seed_entries``: the number of stored entries of the seed rows,
         ``crow[n_seed]``, if the caller knows it (read from ``crow`` otherwise, which on a
-        GPU waits for the device). ``n_seed_edges``: see :meth:`forward_projected`."""
-        h = self.project_nodes(crow, col, value, n_seed, n_seed_entries)
+        GPU waits for the device). ``n_seed_edges``: see :meth:`forward_projected`.
+        ``projection``: the nodes' input projection (:meth:`project_nodes`) if computed
+        already; ``crow``, ``col`` and ``value`` are then not read."""
+        h = self.project_nodes(crow, col, value, n_seed, n_seed_entries) \
+            if projection is None else projection
         return self.forward_projected(h, lpe, edge_index, edge_weight, degree_outside, n_seed,
                                       labels, n_seed_edges)
 
