@@ -36,9 +36,10 @@ class _SparseRowsTimesWeight(torch.autograd.Function):
         n_rows = crow.shape[0] - 1
         rows = torch.repeat_interleave(torch.arange(n_rows, device=crow.device), crow.diff(),
                                        output_size=col.shape[0])
-        dense = grad.new_zeros(n_rows, ctx.weight_shape[0])
-        dense.index_put_((rows, col), value.to(grad.dtype), accumulate=True)
-        return torch.mm(dense.t(), grad).to(ctx.weight_dtype), None, None, None
+        # in the weight's precision, whatever autocast made of the forward pass's output
+        dense = grad.new_zeros(n_rows, ctx.weight_shape[0], dtype=ctx.weight_dtype)
+        dense.index_put_((rows, col), value.to(ctx.weight_dtype), accumulate=True)
+        return torch.mm(dense.t(), grad.to(ctx.weight_dtype)), None, None, None
 
 
 class FullGraphChebConv(ChebConv):
