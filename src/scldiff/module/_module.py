@@ -301,12 +301,14 @@ class LapDDPMModule(BaseModuleClass):
         :meth:`project_nodes` with the same ``input_mask`` (the expression and the mask
         are then not read again).
         """
-        value = node_input if input_mask is None or node_projection is not None \
-            else node_input * input_mask
+        if node_projection is None:
+            node_projection = self.project_nodes(node_crow, node_col, node_input, n_seed,
+                                                 input_mask, n_seed_entries)
+        # through the encoder's forward, so that hooks on it see every pass
         mean, logvar = self.encoder(
-            node_crow, node_col, value, lpe * self.lpe_scale, edge_index, edge_weight,
-            degree_outside, n_seed=n_seed, labels=labels, n_seed_entries=n_seed_entries,
-            n_seed_edges=n_seed_edges, projection=node_projection,
+            node_crow, node_col, node_input, lpe * self.lpe_scale, edge_index, edge_weight,
+            degree_outside, n_seed=n_seed, labels=labels, n_seed_edges=n_seed_edges,
+            projection=node_projection,
         )
         mean, logvar = mean[:n_seed], logvar[:n_seed]
         z = mean if use_mean else mean + torch.randn_like(mean) * (0.5 * logvar).exp()
