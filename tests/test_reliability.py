@@ -477,6 +477,8 @@ def test_the_gradient_check_finds_a_single_non_finite_entry_and_nothing_else(fus
     assert check([]) is None
     # finite extremes are finite: no square of them is taken
     assert check(grads(a=(0, 3e38), c=(24, -3e38), b=(6, 1e300))) is None
+    # nor a gradient whose sum overflows
+    assert check([("a", torch.full((4, 3), 3e38)), ("b", torch.full((2,), -3e38))]) is None
     for value in (float("nan"), float("inf"), -float("inf")):
         for index in (0, 12, -1):  # first, middle, last entry
             assert check(grads(a=(index * 500, value))) == "a"

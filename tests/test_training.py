@@ -69,6 +69,30 @@ def test_no_perturbation_leaves_weights_alone(model_and_batch):
     assert weight is batch[BATCH_KEYS.EDGE_WEIGHT] and applied.item() == 0.0
 
 
+def test_keep_mask_drops_each_value_independently_with_the_fraction():
+    from scldiff.train._trainingplan import keep_mask
+
+    torch.manual_seed(0)
+    n = 400_003  # not a multiple of 4: the last 64-bit integer is used in part
+    for fraction in (0.0, 0.1, 0.3, 0.5):
+        mask = keep_mask(n, fraction)
+        assert mask.shape == (n,) and mask.dtype == torch.float32
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        dropped = 1 - mask
+        sd = (fraction * (1 - fraction) / (n / 4)) ** 0.5 + 1e-9
+        # each of the four 16-bit fields of a random integer, alone: all uniform
+        for field in range(4):
+            assert abs(dropped[field::4].mean().item() - fraction) < 5 * sd
+        # neighbours (the same integer) independent: both dropped with probability f^2
+        both = (dropped[0 : n - 1 : 4] * dropped[1::4]).mean().item()
+        assert abs(both - fraction**2) < 5 * sd
+    torch.manual_seed(1)
+    first = keep_mask(1000, 0.2)
+    torch.manual_seed(1)
+    assert torch.equal(keep_mask(1000, 0.2), first)  # from the global generator
+    assert not torch.equal(keep_mask(1000, 0.2), first)
+
+
 def test_input_masking_zeroes_the_requested_fraction_of_encoder_inputs(model_and_batch):
     model, batch = model_and_batch
     plan = LapDDPMTrainingPlan(model.module, stage="A", mask_fraction=0.3)

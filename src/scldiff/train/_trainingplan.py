@@ -80,8 +80,14 @@ def non_finite_gradient(named_grads, fused: bool | None = None) -> str | None:
     over all gradients, ``torch._foreach_norm`` with ``ord=inf``, a few kernels on a GPU
     instead of two per parameter. The largest absolute entry of a gradient is finite
     exactly when all its entries are: NaN propagates through the maximum, and no square is
-    taken that could overflow. On a CPU, ``isfinite(...).all()`` per parameter is faster
-    (4.8 against 7.8 ms for stage A's parameters on 2 cores).
+    taken that could overflow.
+
+    Otherwise each gradient's sum, one reading pass: a sum is finite only when every
+    entry is (NaN propagates, an infinity too or meets its opposite in a NaN). A sum of
+    finite entries can still overflow, so only where a sum is not finite are the entries
+    themselves tested, ``isfinite(...).all()``. For stage A's gradients on PBMC3K (2
+    cores) the sums take 0.7 ms, ``isfinite(...).all()`` per parameter 10.8 ms and the
+    maximum norm 8.8 ms.
     """
     named = [(name, grad) for name, grad in named_grads if grad.numel()]
     if not named:
@@ -92,6 +98,8 @@ def non_finite_gradient(named_grads, fused: bool | None = None) -> str | None:
     if fused:
         finite = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
     else:
+        if bool(torch.stack([grad.sum() for grad in grads]).isfinite().all()):
+            return None
         finite = torch.stack([torch.isfinite(grad).all() for grad in grads])
     if bool(finite.all()):
         return None
@@ -103,6 +111,26 @@ class NonFiniteLossError(FloatingPointError):
 
     The model keeps the weights of the last step whose loss and gradients were finite.
     """
+
+
+def keep_mask(n: int, fraction: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(n,)`` float 0/1 values, each 0 with probability ``fraction``, independently,
+    from torch's global generator.
+
+    On a CPU each value takes 16 random bits, four from one 64-bit integer, and is 0 when
+    they fall below ``round(fraction * 2**16)``: ``fraction`` resolved to 1/65,536. For
+    the 1.6 million inputs of a PBMC3K minibatch that takes 2.5 ms on 2 cores against 5.3
+    ms for ``torch.rand(n) >= fraction``: torch's CPU generator (Mersenne Twister) makes
+    32 bits at a time, one draw per uniform. On other devices, ``torch.rand``.
+    """
+    device = torch.device(device)
+    if device.type != "cpu":
+        return (torch.rand(n, device=device) >= fraction).float()
+    # uniform 64-bit integers (from -2**63 to 2**63 - 1, which random_ leaves out), seen as
+    # four signed 16-bit integers each
+    bits = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    threshold = round(fraction * 2**16) - 2**15
+    return (bits.view(torch.int16)[:n] >= threshold).float()
 
 
 def step_seed(seed: int, stage: str, step: int, rank: int = 0) -> int:
@@ -233,7 +261,7 @@ class LapDDPMTrainingPlan(TrainingPlan):
         if self.mask_fraction == 0.0:
             return None
         values = batch[BATCH_KEYS.NODE_INPUT]
-        return (torch.rand(values.shape, device=values.device) >= self.mask_fraction).float()
+        return keep_mask(values.shape[0], self.mask_fraction, values.device)
 
     def _loss_increasing_sign(self, batch, direction, input_mask,
                               projection: torch.Tensor | None = None) -> torch.Tensor:
