@@ -908,3 +908,106 @@ def test_sampled_counts_follow_each_labels_dispersion(backend):
         expected = mean + mean**2 / theta[label].double().numpy()
         np.testing.assert_allclose(rows.mean(0), mean, rtol=0.04)
         np.testing.assert_allclose(rows.var(0), expected, rtol=0.1)
+
+
+@pytest.mark.parametrize("likelihood,dispersion", [
+    ("zinb", "gene"), ("zinb", "gene-label"), ("nb", "gene"), ("hurdle", "gene-label"),
+    ("poisson", "gene")])
+def test_likelihood_from_the_decoders_logits_equals_the_normalised_one(likelihood,
+                                                                      dispersion):
+    # CountDecoder.forward(..., normalized=False), as training calls it: the logits of the
+    # gene proportions, normalised inside sparse_log_likelihood (the ZINB's dense terms in
+    # one function with a written-out gradient). The same values and gradients as from
+    # log_scale, in float64, for every parameter, the library size and z
+    decoder, _ = decoder_params(likelihood, n_cells=6, n_genes=40, dispersion=dispersion)
+    decoder = decoder.double()
+    rng = np.random.default_rng(4)
+    labels = torch.arange(6) % 3 if dispersion == "gene-label" else None
+    z = torch.randn(6, 4, dtype=torch.float64) * 2
+    library = torch.tensor(rng.uniform(50, 3000, size=(6, 1)))
+    counts = rng.poisson(rng.gamma(0.3, 4.0, size=(6, 40))).astype(np.float64)
+    counts[0], counts[1, :5] = 0, 500  # a row with no stored values, large counts
+    x = sp.csr_matrix(counts)
+    args = (torch.from_numpy(x.indptr.astype(np.int64)),
+            torch.from_numpy(x.indices.astype(np.int64)), torch.from_numpy(x.data))
+    weights = torch.from_numpy(rng.normal(size=6))
+    results = []
+    for normalized in (True, False):
+        decoder.zero_grad()
+        z_in = z.clone().requires_grad_()
+        lib = library.clone().requires_grad_()
+        params = decoder(z_in, labels, normalized=normalized)
+        assert ("log_scale" in params) == normalized
+        assert ("scale_logits" in params) != normalized
+        ll = sparse_log_likelihood(likelihood, params, lib, *args)
+        (ll * weights).sum().backward()
+        results.append((ll.detach(), z_in.grad, lib.grad,
+                        {n: p.grad.clone() for n, p in decoder.named_parameters()}))
+    (ll, g_z, g_lib, g_params), (ll_logits, g_z_logits, g_lib_logits, g_params_logits) = results
+    torch.testing.assert_close(ll_logits, ll, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(g_z_logits, g_z, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(g_lib_logits, g_lib, rtol=1e-7, atol=1e-9)
+    for name, grad in g_params.items():
+        torch.testing.assert_close(g_params_logits[name], grad, rtol=1e-7, atol=1e-9,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("per_cell_theta", [False, True])
+def test_zinb_from_logits_passes_the_finite_difference_check(per_cell_theta):
+    # every output (the zero terms' sums, the offsets, the logits at the stored entries)
+    # and every input (logits, dropout logits far out in both tails, inverse dispersions
+    # per gene or per cell, log library sizes) in float64
+    from scldiff.module._decoder import _ZINBFromLogits
+
+    gen = torch.Generator().manual_seed(5)
+    n, g = 4, 6
+    logits = (torch.randn(n, g, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    zi_logits = (torch.randn(n, g, generator=gen, dtype=torch.float64) * 6).requires_grad_()
+    shape = (n, g) if per_cell_theta else (g,)
+    log_theta = (torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    log_library = (torch.rand(n, 1, generator=gen, dtype=torch.float64) * 6 + 2
+                   ).requires_grad_()
+    flat = torch.tensor([0, 3, 7, 8, 8 + 5, 3 * g + 1])  # row-major positions, row 1 twice
+
+    def function(*inputs):
+        return _ZINBFromLogits.apply(*inputs, flat)
+
+    inputs = (logits, zi_logits, log_theta, log_library)
+    assert torch.autograd.gradcheck(function, inputs)
+    # the values: log P(X = 0) summed over genes, and log mu = logits + offset
+    import torch.nn.functional as F
+
+    from scldiff.module import zinb_log_zero
+
+    zero, offset, logits_nz, zi_nz = function(*inputs)
+    log_scale = F.log_softmax(logits, -1)
+    log_scale = log_scale - torch.logsumexp(log_scale - F.softplus(zi_logits), -1, True)
+    log_mu = log_library + log_scale
+    torch.testing.assert_close(zero, zinb_log_zero(log_mu, zi_logits, log_theta).sum(-1))
+    torch.testing.assert_close(logits + offset[:, None], log_mu)
+    torch.testing.assert_close(logits_nz, logits.reshape(-1)[flat])
+    torch.testing.assert_close(zi_nz, zi_logits.reshape(-1)[flat])
+
+
+def test_zinb_from_logits_under_bf16_autocast_computes_in_float32():
+    # under autocast the decoder's logits arrive in bf16: widened, the result in float32,
+    # the gradients back in bf16
+    decoder, _ = decoder_params("zinb", n_cells=5, n_genes=30)
+    counts = np.random.default_rng(6).poisson(1.0, size=(5, 30)).astype(np.float32)
+    x = sp.csr_matrix(counts)
+    args = (torch.from_numpy(x.indptr.astype(np.int64)),
+            torch.from_numpy(x.indices.astype(np.int64)), torch.from_numpy(x.data))
+    library = torch.full((5, 1), 300.0)
+    z = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        params = decoder(z, normalized=False)
+        assert params["scale_logits"].dtype == torch.bfloat16
+        ll = sparse_log_likelihood("zinb", params, library, *args)
+    assert ll.dtype == torch.float32
+    (g,) = torch.autograd.grad(ll.sum(), params["scale_logits"])
+    assert g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all()
+    # as the same bf16 values give it in float64
+    reference = sparse_log_likelihood(
+        "zinb", {key: value.detach().double() for key, value in params.items()},
+        library.double(), *args)
+    torch.testing.assert_close(ll.double(), reference, rtol=1e-6, atol=1e-4)

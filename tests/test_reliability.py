@@ -235,7 +235,8 @@ def test_a_nan_loss_stops_training_naming_the_term_and_keeps_the_last_weights(
                     out = original(*args, **kwargs)
                     if isinstance(out, dict):  # training builds no "scale"
                         return {**out, **{key: out[key] * float("nan")
-                                          for key in ("log_scale", "scale") if key in out}}
+                                          for key in ("log_scale", "scale", "scale_logits")
+                                          if key in out}}
                     return out * float("nan")
 
                 monkeypatch.setattr(target, "forward", poisoned)

@@ -349,16 +349,28 @@ def test_default_stage_lengths_are_counted_in_optimisation_steps():
 
 
 def test_training_forward_leaves_out_the_count_distribution(model_and_batch, monkeypatch):
-    # the loss reads the log-parameters alone: px and the dense scale are not built, and
-    # the loss is the same
+    # the loss reads the decoder's logits alone: px and the dense scale and log-scale are
+    # not built, and the loss and its gradients are the same (to float32 rounding)
     model, batch = model_and_batch
     module = model.module.eval()
     kwargs = {"inference_kwargs": {"use_mean": True}, "loss_kwargs": {"kl_weight": 1.0}}
-    _, full, full_out = module(batch, **kwargs)
-    _, lean, lean_out = module(batch, generative_kwargs={"distribution": False}, **kwargs)
+    grads = []
+    for generative_kwargs in ({}, {"distribution": False}):
+        module.zero_grad()
+        _, out, loss_out = module(batch, generative_kwargs=generative_kwargs, **kwargs)
+        loss_out.loss.backward()
+        grads.append((out, loss_out.loss.detach(),
+                      {n: p.grad.clone() for n, p in module.named_parameters()
+                       if p.grad is not None}))
+    module.zero_grad()
+    (full, full_loss, full_grads), (lean, lean_loss, lean_grads) = grads
     assert "px" in full and "scale" in full["params"]
     assert "px" not in lean and "scale" not in lean["params"]
-    assert lean_out.loss.item() == full_out.loss.item()
+    assert "log_scale" not in lean["params"] and "scale_logits" in lean["params"]
+    torch.testing.assert_close(lean_loss, full_loss, rtol=1e-6, atol=0)
+    assert lean_grads.keys() == full_grads.keys() and "decoder.log_theta" in lean_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a training step built the count distribution")
@@ -487,3 +499,4 @@ def test_a_training_step_projects_the_expression_once(model_and_batch, monkeypat
                 callbacks=[Count()], check_val_every_n_epoch=100)
     # the seeds' rows (with gradients) and the other nodes' (without), once per step
     assert len(steps) >= 2 and len(calls) == 2 * len(steps)
+

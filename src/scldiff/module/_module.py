@@ -358,10 +358,11 @@ class LapDDPMModule(BaseModuleClass):
                    distribution: bool = True) -> dict:
         """Likelihood parameters; ``px`` is the count distribution (scvi-tools objects).
         ``labels`` (codes) are needed with ``dispersion="gene-label"`` or
-        ``decoder_labels``. ``distribution=False`` leaves out ``px`` and
-        ``params["scale"]``, dense ``(cells, genes)`` tensors that :meth:`loss` does not
-        read (training passes it: about 3% of a PBMC3K step on a CPU)."""
-        params = self.decoder(z, labels, scale=distribution)
+        ``decoder_labels``. ``distribution=False``, as training passes it, gives what
+        :meth:`loss` reads alone: no ``px``, and the decoder's logits ``scale_logits`` in
+        place of ``params["log_scale"]`` and ``params["scale"]``, dense ``(cells, genes)``
+        tensors (:meth:`CountDecoder.forward` with ``normalized=False``)."""
+        params = self.decoder(z, labels, scale=distribution, normalized=distribution)
         out = {"params": params, "library": library}
         if distribution:
             out["px"] = self.decoder.distribution(params, library)
