@@ -1,6 +1,7 @@
 """scldiff: LapDDPM, conditional graph latent diffusion for single-cell RNA-seq counts."""
 
 from . import datasets, diffusion, graph, metrics, module, pl, train
+from ._settings import settings
 from ._version import __version__
 from .model import LapDDPM, ModelFileError
 
@@ -14,5 +15,6 @@ __all__ = [
     "metrics",
     "module",
     "pl",
+    "settings",
     "train",
 ]

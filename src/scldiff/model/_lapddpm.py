@@ -23,6 +23,7 @@ from scvi.utils import track
 
 from .._autocast import autocast_dtype
 from .._constants import ADATA_KEYS, BATCH_KEYS, REGISTRY_KEYS
+from .._malloc import heap_kept
 from .._matrix import is_in_memory
 from .._version import __version__
 from ..diffusion import DEFAULT_STEPS, SAMPLERS, check_guidance_interval
@@ -584,7 +585,8 @@ class LapDDPM(BaseModelClass):
                                     max_epochs=max_epochs, accelerator=accelerator,
                                     devices=devices, **trainer_kwargs)
         try:
-            runner()
+            with heap_kept():  # each step's tensors reuse the heap's pages
+                runner()
         except BaseException:
             self.is_trained_ = False  # an unfinished run: generate() refuses until trained
             self.module.eval()
@@ -1064,7 +1066,7 @@ class LapDDPM(BaseModelClass):
         autocast = contextlib.nullcontext() if precision == "float32" else \
             torch.autocast(device.type, dtype=_PRECISIONS[precision])
         blocks = []
-        with autocast:
+        with autocast, heap_kept():
             computed_in = autocast_dtype(device.type)
             for start in track(range(0, codes.size, batch_size),
                                description="Generating cells", disable=not progress_bar,
