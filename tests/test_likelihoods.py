@@ -804,6 +804,11 @@ def test_csr_from_tensors_matches_csr():
     assert np.array_equal(_to_host(torch.arange(5)), np.arange(5))
 
 
+def _leaf(shape, gen, scale=1.0):
+    """A float64 standard normal tensor times ``scale``, requiring its gradient."""
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+
+
 @pytest.mark.parametrize("per_cell_theta", [False, True])
 def test_zinb_log_zero_and_its_written_out_gradient_match_autograd(per_cell_theta):
     # the ZINB's log P(X = 0) with its own backward: the value of the logaddexp form, and
@@ -816,10 +821,8 @@ def test_zinb_log_zero_and_its_written_out_gradient_match_autograd(per_cell_thet
 
     gen = torch.Generator().manual_seed(3)
     n, g = 5, 7
-    log_mu = (torch.randn(n, g, generator=gen, dtype=torch.float64) * 6).requires_grad_()
-    logits = (torch.randn(n, g, generator=gen, dtype=torch.float64) * 8).requires_grad_()
-    shape = (n, g) if per_cell_theta else (g,)
-    log_theta = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    log_mu, logits = _leaf((n, g), gen, 6), _leaf((n, g), gen, 8)
+    log_theta = _leaf((n, g) if per_cell_theta else (g,), gen, 2)
 
     def reference(log_mu, logits, log_theta):
         log_nb_zero = log_theta.exp() * (log_theta - torch.logaddexp(log_theta, log_mu))
@@ -961,10 +964,8 @@ def test_zinb_from_logits_passes_the_finite_difference_check(per_cell_theta):
 
     gen = torch.Generator().manual_seed(5)
     n, g = 4, 6
-    logits = (torch.randn(n, g, generator=gen, dtype=torch.float64) * 3).requires_grad_()
-    zi_logits = (torch.randn(n, g, generator=gen, dtype=torch.float64) * 6).requires_grad_()
-    shape = (n, g) if per_cell_theta else (g,)
-    log_theta = (torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    logits, zi_logits = _leaf((n, g), gen, 3), _leaf((n, g), gen, 6)
+    log_theta = _leaf((n, g) if per_cell_theta else (g,), gen)
     log_library = (torch.rand(n, 1, generator=gen, dtype=torch.float64) * 6 + 2
                    ).requires_grad_()
     flat = torch.tensor([0, 3, 7, 8, 8 + 5, 3 * g + 1])  # row-major positions, row 1 twice
