@@ -414,8 +414,8 @@ class _ZINBFromLogits(torch.autograd.Function):
     Computed in float32 at least (bf16 inputs, from autocast, are widened; float64 stays);
     the gradients are cast back to the inputs' types. Not twice differentiable. The sum
     :math:`\sum_h e_h k_h` is taken in linear space: it underflows to zero only where
-    every gene with :math:`e_h` above float32's range has :math:`1 - \pi_h` below it
-    (dropout logits above about 88), and then the loss is infinite, which stops training
+    every one of a cell's products :math:`e_h k_h` does (for instance with dropout logits
+    above about 88 for all its genes). The loss is then infinite, which stops training
     (:class:`~scldiff.train.NonFiniteLossError`); the normalised path (``log_scale``)
     takes that sum in log space.
     """
