@@ -415,9 +415,9 @@ class _ZINBFromLogits(torch.autograd.Function):
     the gradients are cast back to the inputs' types. Not twice differentiable. The sum
     :math:`\sum_h e_h k_h` is taken in linear space: it underflows to zero only where
     every one of a cell's products :math:`e_h k_h` does (for instance with dropout logits
-    above about 88 for all its genes). The loss is then infinite, which stops training
-    (:class:`~scldiff.train.NonFiniteLossError`); the normalised path (``log_scale``)
-    takes that sum in log space.
+    above about 100 for all its genes). The cell's offset is then infinite and the
+    gradients NaN, which stops training (:class:`~scldiff.train.NonFiniteLossError`); the
+    normalised path (``log_scale``) takes that sum in log space.
     """
 
     @staticmethod
