@@ -142,16 +142,15 @@ class CountDecoder(nn.Module):
             z = torch.cat([z, onehot], dim=-1)
         return self.hidden(z)
 
-    def forward(self, z: Tensor, labels: Tensor | None = None, scale: bool = True,
-                normalized: bool = True) -> dict[str, Tensor]:
+    def forward(self, z: Tensor, labels: Tensor | None = None, normalized: bool = True
+                ) -> dict[str, Tensor]:
         """Likelihood parameters that do not depend on the library size (``labels``: the
         cells' label codes, needed with ``dispersion="gene-label"`` or
-        ``label_covariate``). ``scale=False`` leaves out ``scale`` (the exponential of
-        ``log_scale``), which the training loss does not read. ``normalized=False`` gives
-        the output layer's logits of the gene proportions, ``scale_logits``, in place of
-        ``log_scale`` and ``scale``: :func:`sparse_log_likelihood` normalises them itself,
-        for the ZINB in one pass with its zero terms and their gradients (the training
-        loss)."""
+        ``label_covariate``). ``normalized=False`` gives the output layer's logits of the
+        gene proportions, ``scale_logits``, in place of ``log_scale`` and ``scale``, dense
+        tensors the training loss does not read: :func:`sparse_log_likelihood` normalises
+        the logits itself, for the ZINB in one pass with its zero terms and their
+        gradients."""
         h = self._hidden(z, labels)
         logits = self.scale(h)
         params: dict[str, Tensor] = {}
@@ -167,8 +166,7 @@ class CountDecoder(nn.Module):
             params["scale_logits"] = logits
             return params
         params["log_scale"] = _log_scale(logits, params.get("zi_logits"))
-        if scale:
-            params["scale"] = params["log_scale"].exp()
+        params["scale"] = params["log_scale"].exp()
         return params
 
     @torch.no_grad()
@@ -553,15 +551,15 @@ def sparse_log_likelihood(
         + theta_nz * (log_theta_nz - log_theta_mu_nz)
         + x * (log_mu_nz - log_theta_mu_nz)
     )
-    if from_logits and likelihood == "zinb":
-        zero_nz = zinb_log_zero(log_mu_nz, zi_logits_nz, log_theta_nz)
+    if likelihood == "zinb":
+        if from_logits:  # the dense zero terms' sum came with the offsets
+            zero_nz = zinb_log_zero(log_mu_nz, zi_logits_nz, log_theta_nz)
+        else:  # the dense zero terms in one function with its own gradient
+            zi_logits = params["zi_logits"]
+            zero = zinb_log_zero(log_mu, zi_logits, log_theta)
+            zero_sum, zero_nz, zi_logits_nz = zero.sum(-1), zero[rows, col], zi_logits[rows, col]
         nonzero = -F.softplus(zi_logits_nz) + log_nb_nz  # log(1 - pi) + log NB(x)
         return zero_sum.index_add(0, rows, nonzero - zero_nz)
-    if likelihood == "zinb":  # the dense zero terms in one function with its own gradient
-        logits = params["zi_logits"]
-        zero = zinb_log_zero(log_mu, logits, log_theta)
-        nonzero = -F.softplus(logits[rows, col]) + log_nb_nz  # log(1 - pi) + log NB(x)
-        return zero.sum(-1).index_add(0, rows, nonzero - zero[rows, col])
     theta = log_theta.exp()
     if likelihood == "nb":
         log_nb_zero = theta * (log_theta - torch.logaddexp(log_theta, log_mu))

@@ -362,7 +362,7 @@ class LapDDPMModule(BaseModuleClass):
         :meth:`loss` reads alone: no ``px``, and the decoder's logits ``scale_logits`` in
         place of ``params["log_scale"]`` and ``params["scale"]``, dense ``(cells, genes)``
         tensors (:meth:`CountDecoder.forward` with ``normalized=False``)."""
-        params = self.decoder(z, labels, scale=distribution, normalized=distribution)
+        params = self.decoder(z, labels, normalized=distribution)
         out = {"params": params, "library": library}
         if distribution:
             out["px"] = self.decoder.distribution(params, library)

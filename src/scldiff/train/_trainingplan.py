@@ -65,8 +65,8 @@ class ExponentialMovingAverage(nn.Module):
         network.load_state_dict(self.shadow.state_dict())
 PERTURBATIONS: tuple[str, ...] = ("spectral", "random", "none")
 STAGE_NAMES = {"A": "Stage A (graph VAE)", "B": "Stage B (diffusion)"}
-# stage A's forward passes: the loss reads the decoder's log-parameters, not the count
-# distribution (``px``) or the dense proportions ``scale`` (LapDDPMModule.generative)
+# stage A's forward passes: the loss reads the decoder's logits, not the count
+# distribution (``px``) or the dense proportions (LapDDPMModule.generative)
 _LOSS_ONLY = {"distribution": False}
 # the loss's name among the parameters' in the finiteness check (no parameter's name)
 _LOSS = "\0loss"
