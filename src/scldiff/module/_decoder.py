@@ -13,6 +13,8 @@ from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 from torch import Tensor, nn
 from torch.distributions import Distribution, Poisson
 
+from ._csr import entry_rows
+
 Likelihood = Literal["nb", "zinb", "hurdle", "poisson"]
 LIKELIHOODS: tuple[str, ...] = ("nb", "zinb", "hurdle", "poisson")
 Dispersion = Literal["gene", "gene-label"]
@@ -516,10 +518,7 @@ def sparse_log_likelihood(
     -------
     ``(n,)`` log-likelihoods.
     """
-    n = library.shape[0]
-    # the output's length given: without it, a GPU would be waited for to learn it
-    rows = torch.repeat_interleave(torch.arange(n, device=crow.device), crow.diff(),
-                                   output_size=value.shape[0])
+    rows = entry_rows(crow, value.shape[0])
     x = value
     # from the decoder's logits (CountDecoder.forward(..., normalized=False)): the ZINB's
     # dense terms in one function with its own gradient, the others' log_scale here

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import ChebConv
 
+from ._csr import entry_rows
+
 # the largest dense (rows, genes) matrix _SparseRowsTimesWeight builds for its backward pass
 # (64 MiB of float32): a training step's seed cells, 128 x 13,713 genes of PBMC3K, are 1.8M
 _DENSE_BACKWARD_MAX = 2**24
@@ -34,8 +36,7 @@ class _SparseRowsTimesWeight(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         crow, col, value = ctx.saved_tensors
         n_rows = crow.shape[0] - 1
-        rows = torch.repeat_interleave(torch.arange(n_rows, device=crow.device), crow.diff(),
-                                       output_size=col.shape[0])
+        rows = entry_rows(crow, col.shape[0])
         # in the weight's precision, whatever autocast made of the forward pass's output
         dense = grad.new_zeros(n_rows, ctx.weight_shape[0], dtype=ctx.weight_dtype)
         dense.index_put_((rows, col), value.to(ctx.weight_dtype), accumulate=True)
