@@ -7,9 +7,9 @@ import scipy.sparse as sp
 import scvi
 
 import scldiff
-from scldiff import _matrix
-from scldiff._constants import ADATA_KEYS, BATCH_KEYS
-from scldiff.graph import SubgraphSampler, knn_graph, log_normalize, pca_embedding
+from scldiff.graph import SubgraphSampler, _matrix, knn_graph, log_normalize, pca_embedding
+from scldiff.model._constants import ADATA_KEYS
+from scldiff.module import BATCH_KEYS
 from scldiff.train import SubgraphCollator
 
 from .conftest import QUIET, small_pbmc
@@ -119,7 +119,7 @@ def test_a_backed_anndata_gives_the_graph_and_model_of_the_in_memory_one(tmp_pat
         scvi.settings.seed = 0
         model = scldiff.LapDDPM(data, n_latent=4, n_hidden=16, score_hidden=16,
                                 score_blocks=1)
-        model.train(n_epochs_stage_a=1, n_epochs_stage_b=1, **QUIET)
+        model.train(max_epochs=1, max_epochs_diffusion=1, **QUIET)
         models.append(model)
     assert isinstance(backed.X, anndata.abc.CSRDataset)  # still on disk
     np.testing.assert_array_equal(backed.obsp[ADATA_KEYS.GRAPH].toarray(),
@@ -203,29 +203,3 @@ def test_backed_rows_through_a_memory_map_equal_hdf5_reads(tmp_path, layout):
         got = read(rows)
         assert got.dtype == np.float32 and got.has_sorted_indices
         np.testing.assert_array_equal(got.toarray(), x[rows].toarray())
-
-
-@pytest.mark.parametrize("workers", [1, 3])
-def test_stacked_rows_equal_vstack_in_copies_that_share_no_memory(workers, monkeypatch):
-    # generate()'s X and counts layer: every copy the stacked blocks, none sharing an array
-    # with another or with the blocks (normalising X in place must leave the counts)
-    monkeypatch.setattr(_matrix, "_COPY_PIECE", 500)  # blocks copied in several pieces
-    blocks = [sp.random(n, 300, density=0.1, format="csr", dtype=np.float32, random_state=i)
-              for i, n in enumerate([5, 0, 40, 1, 64])]
-    blocks[2].indices = blocks[2].indices.astype(np.int64)
-    expected = sp.vstack(blocks, format="csr")
-    out = _matrix.stack_rows(blocks, 300, copies=3, workers=workers)
-    assert len(out) == 3
-    for matrix in out:
-        assert matrix.shape == expected.shape and matrix.dtype == np.float32
-        for name in ("data", "indices", "indptr"):
-            assert np.array_equal(getattr(matrix, name), getattr(expected, name))
-    arrays = [getattr(m, name) for m in out + blocks for name in ("data", "indices", "indptr")]
-    assert not any(np.shares_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
-    # one block is itself the first matrix; then copies of it
-    one = _matrix.stack_rows([blocks[4]], 300, copies=2, workers=workers)
-    assert one[0] is blocks[4] and (one[1] != blocks[4]).nnz == 0
-    assert not np.shares_memory(one[1].data, blocks[4].data)
-    assert not np.shares_memory(one[1].indices, blocks[4].indices)
-    none = _matrix.stack_rows([], 300, copies=2)
-    assert [m.shape for m in none] == [(0, 300), (0, 300)] and none[0] is not none[1]

@@ -12,12 +12,9 @@ import scanpy as sc
 import scipy.sparse as sp
 import scvi
 import torch
-from scipy import stats
 
 import scldiff
 from scldiff import LapDDPM, ModelFileError
-from scldiff.model._lapddpm import _sample_quantiles
-from scldiff.module import LatentLibrary
 
 from .conftest import QUIET, small_pbmc
 
@@ -174,7 +171,7 @@ def test_generate_records_its_batch_size(trained_model):
 def test_default_generation_batch_follows_the_gpu_memory(monkeypatch):
     from types import SimpleNamespace
 
-    from scldiff.model._lapddpm import default_generation_batch
+    from scldiff.model._generation import default_generation_batch
 
     assert default_generation_batch(torch.device("cpu"), 13_713) == 4096
     gib = 2**30
@@ -267,24 +264,6 @@ def test_every_sampler_generates_plausible_libraries(trained_model, sampler):
     assert 0.5 * real < generated < 2 * real
 
 
-def test_library_quantile_draws_follow_the_interpolated_empirical_distribution():
-    values = np.log(np.array([100.0, 150.0, 400.0, 1000.0, 5000.0]))
-    probabilities = np.linspace(0, 1, 101)
-    quantiles = np.stack([np.quantile(values, probabilities), np.full(101, 2.0)])
-    codes = np.r_[np.zeros(200_000, dtype=np.int64), np.ones(10, dtype=np.int64)]
-    draws = _sample_quantiles(quantiles, codes, np.random.default_rng(0))
-    first = draws[:200_000]
-    # inverse transform of the linear interpolation of the sorted values: its CDF is
-    # piecewise linear through (value_i, i / 4), so each interval between two training
-    # values holds a quarter of the draws, uniformly
-    assert first.min() >= values[0] and first.max() <= values[-1]
-    shares = np.histogram(first, bins=values)[0] / first.size
-    np.testing.assert_allclose(shares, 0.25, atol=0.005)
-    inside = first[(first > values[1]) & (first < values[2])]
-    assert stats.kstest(inside, stats.uniform(values[1], values[2] - values[1]).cdf).pvalue > 1e-3
-    np.testing.assert_array_equal(draws[200_000:], 2.0)  # a one-value label gives that value
-
-
 def test_generated_libraries_follow_each_labels_training_libraries(trained_model):
     adata = trained_model.adata
     train = np.asarray(trained_model.train_indices_)
@@ -302,7 +281,7 @@ def test_generated_libraries_follow_each_labels_training_libraries(trained_model
         # within the training range, but for the count noise of the totals around the
         # drawn library (the log-normal fit's draws reached 1.39 times the largest in a check)
         assert generated.min() >= 0.7 * real.min() and generated.max() <= 1.3 * real.max()
-    assert synth.uns["scldiff"]["library_size"] == "per-label quantiles of the training cells"
+    assert synth.uns["scldiff"]["library_size"] == "label"
 
 
 def test_same_seed_same_counts_and_different_seed_different_counts(trained_model):
@@ -386,61 +365,18 @@ def test_load_refuses_tampered_metadata_and_mismatched_weights(trained_model, tm
         LapDDPM.load(str(tmp_path / "nothing"))
 
 
-def test_library_quantiles_round_trip_and_older_files_keep_the_log_normal(trained_model,
-                                                                          tmp_path):
+def test_load_refuses_a_file_of_another_format_version(trained_model, tmp_path):
     path = tmp_path / "model"
     trained_model.save(str(path))
     meta = json.loads((path / "model.json").read_text())
-    assert np.asarray(meta["library_log_quantiles_"]).shape == (
-        len(trained_model.label_categories), 101)
-    kw = dict(labels={"B cells": 30}, seed=2, progress_bar=False)
-    # a file written before the quantiles were kept: generation falls back to the log-normal
-    # (such a file has no regression on the latent either, and drew by label)
-    del meta["library_log_quantiles_"], meta["library_latent_"]
-    meta["init_params_"]["non_kwargs"]["library_size"] = "label"
-    (path / "model.json").write_text(json.dumps(meta))
-    old = LapDDPM.load(str(path), adata=False)
-    assert old.library_log_quantiles_ is None
-    synth = old.generate(**kw)
-    assert synth.uns["scldiff"]["library_size"] == "per-label log-normal fit of the training cells"
-    assert (synth.X != trained_model.generate(**kw).X).nnz > 0
-    for damaged in ([[1.0, 0.0]] * len(trained_model.label_categories),  # decreasing
-                    [[1.0, float("nan")]] * len(trained_model.label_categories),
-                    [[1.0, 2.0]],  # one row for several labels
-                    "text"):
-        meta["library_log_quantiles_"] = damaged
-        (path / "model.json").write_text(json.dumps(meta))
-        with pytest.raises(ModelFileError, match="library_log_quantiles_"):
+    assert meta["format_version"] == 2
+    for version in (1, 3, None):
+        (path / "model.json").write_text(json.dumps({**meta, "format_version": version}))
+        with pytest.raises(ModelFileError, match="saved by another version of scldiff"):
             LapDDPM.load(str(path), adata=False)
-
-
-def test_files_saved_before_decoder_labels_load_with_a_label_free_decoder(trained_model,
-                                                                         tmp_path):
-    """The default decoder reads the labels; a model.json written before that option
-    existed has no ``decoder_labels`` and was trained without it, so it loads as False."""
-    assert trained_model.module.decoder.label_covariate
-    assert trained_model.init_params_["non_kwargs"]["decoder_labels"] is True
-    adata = small_pbmc(n_cells=150, n_genes=200)
-    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
-    old = LapDDPM(adata, n_latent=8, n_hidden=32, score_hidden=32, score_blocks=1,
-                  decoder_labels=False)
-    path = tmp_path / "old"
-    old.save(str(path))
-    meta = json.loads((path / "model.json").read_text())
-    del meta["init_params_"]["non_kwargs"]["decoder_labels"]
+    del meta["library_model_"]
     (path / "model.json").write_text(json.dumps(meta))
-    loaded = LapDDPM.load(str(path), adata=False)
-    assert not loaded.module.decoder.label_covariate
-    z = torch.randn(3, 8)
-    torch.testing.assert_close(loaded.module.decoder.eval().sampling_params(z)["scale"],
-                               old.module.decoder.eval().sampling_params(z)["scale"])
-    # the default model's file, stripped the same way, no longer fits its weights
-    path = tmp_path / "new"
-    trained_model.save(str(path))
-    meta = json.loads((path / "model.json").read_text())
-    del meta["init_params_"]["non_kwargs"]["decoder_labels"]
-    (path / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelFileError, match="do not fit"):
+    with pytest.raises(ModelFileError, match="lacks 'library_model_'"):
         LapDDPM.load(str(path), adata=False)
 
 
@@ -474,13 +410,13 @@ def test_posterior_predictive_sample(trained_model, monkeypatch):
     rng = np.random.default_rng(1)
     indices = np.concatenate([rng.permutation(n), rng.integers(0, n, 50)])  # shuffled, repeats
     seen = {}
-    decode = model.module._decode_blocks  # decode_counts' row blocks
+    decode = model.module.decode_counts
 
     def spy(z, library, *args, **kwargs):
         seen["z"], seen["library"] = z.clone(), library.clone()
         return decode(z, library, *args, **kwargs)
 
-    monkeypatch.setattr(model.module, "_decode_blocks", spy)
+    monkeypatch.setattr(model.module, "decode_counts", spy)
     draws = model.posterior_predictive_sample(indices=indices, seed=3)
     mean, logvar = model._posterior(model._collator(), np.arange(n))
     # standardised against each source cell's own posterior (so the rows follow indices)
@@ -546,7 +482,7 @@ def test_unconditional_model_with_validation_split():
     adata = small_pbmc(n_cells=200, n_genes=300)
     LapDDPM.setup_anndata(adata, n_neighbors=8, n_lpe=4)
     model = LapDDPM(adata, n_latent=4, n_hidden=32, score_hidden=32, score_blocks=1)
-    model.train(n_epochs_stage_a=2, n_epochs_stage_b=2, train_size=0.8, **QUIET)
+    model.train(max_epochs=2, max_epochs_diffusion=2, train_size=0.8, **QUIET)
     assert len(model.train_indices_) == 160 and len(model.validation_indices_) == 40
     assert "validation_loss" in model.history and "diffusion_loss_validation" in model.history
     synth = model.generate(n_samples=50, seed=0, progress_bar=False)
@@ -575,12 +511,12 @@ def test_training_again_runs_in_train_mode_and_appends_history():
     adata = small_pbmc(n_cells=200, n_genes=300)
     LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=8, n_lpe=4)
     model = LapDDPM(adata, n_latent=4, n_hidden=32, score_hidden=32, score_blocks=1)
-    model.train(n_epochs_stage_a=3, n_epochs_stage_b=4, **QUIET)
+    model.train(max_epochs=3, max_epochs_diffusion=4, **QUIET)
     modes = []
     handle = model.module.encoder.register_forward_pre_hook(
         lambda module, args: modes.append(module.training))
     try:
-        model.train(n_epochs_stage_a=1, n_epochs_stage_b=1, **QUIET)
+        model.train(max_epochs=1, max_epochs_diffusion=1, **QUIET)
     finally:
         handle.remove()
     assert True in modes  # stage A ran with dropout (the posterior pass is in eval mode)
@@ -591,14 +527,14 @@ def test_training_again_runs_in_train_mode_and_appends_history():
     assert not model.module.training
 
 
-@pytest.mark.parametrize("likelihood", ["zinb", "hurdle", "poisson"])
+@pytest.mark.parametrize("likelihood", ["nb", "poisson"])
 def test_other_likelihoods_train_and_generate(likelihood, tmp_path):
     scvi.settings.seed = 0
     adata = small_pbmc(n_cells=150, n_genes=200)
     LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
     model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1,
                     likelihood=likelihood)
-    model.train(n_epochs_stage_a=2, n_epochs_stage_b=2, **QUIET)
+    model.train(max_epochs=2, max_epochs_diffusion=2, **QUIET)
     assert np.isfinite(model.history["reconstruction_loss_train"].to_numpy(float)).all()
     synth = model.generate(labels={"CD4 T cells": 20}, seed=0, progress_bar=False)
     assert synth.n_obs == 20 and synth.uns["scldiff"]["likelihood"] == likelihood
@@ -622,132 +558,75 @@ def _generates_and_round_trips(model, adata, tmp_path):
     return again
 
 
-def test_gene_label_dispersion_trains_generates_and_round_trips(tmp_path):
-    scvi.settings.seed = 0
-    adata = small_pbmc(n_cells=150, n_genes=200)
-    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
-    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1,
-                    dispersion="gene-label")
-    n_labels = len(model.label_categories)
-    assert model.module.decoder.log_theta.shape == (n_labels, adata.n_vars)
-    before = model.module.decoder.log_theta.detach().clone()
-    model.train(n_epochs_stage_a=3, n_epochs_stage_b=2, **QUIET)
-    after = model.module.decoder.log_theta.detach()
-    # every label present in training moved its own row
-    assert ((after - before).abs().amax(1) > 0).all()
-    assert not torch.allclose(after[0], after[1])
-    again = _generates_and_round_trips(model, adata, tmp_path)
-    assert again.module.decoder.dispersion == "gene-label"
-
-
 def test_decoder_labels_train_generate_and_round_trip(tmp_path):
     """A decoder that reads the label: the label's one-hot changes what a latent decodes
     to, it is the label each cell is generated for, and it is saved with the model."""
     scvi.settings.seed = 0
     adata = small_pbmc(n_cells=150, n_genes=200)
     LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
-    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1,
-                    decoder_labels=True)
+    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1)
     n_labels = len(model.label_categories)
     first = model.module.decoder.hidden[0]
-    assert first.in_features == 4 + n_labels
+    assert first.in_features == 4 + n_labels  # the default with labels
     before = first.weight.detach()[:, 4:].clone()
-    model.train(n_epochs_stage_a=3, n_epochs_stage_b=2, **QUIET)
+    model.train(max_epochs=3, max_epochs_diffusion=2, **QUIET)
     assert not torch.allclose(first.weight.detach()[:, 4:], before)  # the label columns learn
     decoder = model.module.decoder.eval()
-    z = torch.zeros(2, 4)
-    scale = decoder.sampling_params(z, torch.tensor([0, 1]))["scale"]
+    with torch.no_grad():
+        scale = decoder(torch.zeros(2, 4), torch.tensor([0, 1])).scale_and_kept()[0]
     assert not torch.allclose(scale[0], scale[1])
     # each cell is decoded with its own label: the one it is generated for, or its own
     seen = []
-    sampling_params = decoder.sampling_params
-
-    def recording(z, labels=None, **kwargs):
-        seen.append(labels.cpu())
-        return sampling_params(z, labels, **kwargs)
-
-    decoder.sampling_params = recording
-    synth = model.generate(labels=["B cells", "CD4 T cells", "CD4 T cells"], seed=0,
-                           progress_bar=False)
-    codes = pd.Categorical(synth.obs["cell_type"], categories=model.label_categories).codes
-    np.testing.assert_array_equal(torch.cat(seen).numpy(), codes)
-    seen.clear()
-    own = pd.Categorical(adata.obs["cell_type"], categories=model.label_categories).codes
-    cells = [int(np.flatnonzero(own == code)[0]) for code in np.unique(own)[:3]]
-    model.posterior_predictive_sample(indices=cells, seed=0)
-    np.testing.assert_array_equal(torch.cat(seen).numpy(), own[cells])
-    del decoder.sampling_params
+    handle = decoder.register_forward_pre_hook(
+        lambda module, args: seen.append(args[1].cpu()))
+    try:
+        synth = model.generate(labels=["B cells", "CD4 T cells", "CD4 T cells"], seed=0,
+                               progress_bar=False)
+        codes = pd.Categorical(synth.obs["cell_type"], categories=model.label_categories).codes
+        np.testing.assert_array_equal(torch.cat(seen).numpy(), codes)
+        seen.clear()
+        own = pd.Categorical(adata.obs["cell_type"], categories=model.label_categories).codes
+        cells = [int(np.flatnonzero(own == code)[0]) for code in np.unique(own)[:3]]
+        model.posterior_predictive_sample(indices=cells, seed=0)
+        np.testing.assert_array_equal(torch.cat(seen).numpy(), own[cells])
+    finally:
+        handle.remove()
+    plain = LapDDPM(adata, n_latent=4, n_hidden=16, decoder_labels=False)
+    assert plain.module.decoder.hidden[0].in_features == 4
     again = _generates_and_round_trips(model, adata, tmp_path)
-    assert again.module.decoder.label_covariate
+    assert again.module.decoder.n_labels == n_labels
 
 
-def test_encoder_labels_train_encode_and_round_trip(tmp_path):
-    """An encoder that reads the label: its per-label vectors learn, and each cell is
-    encoded with its own label's, by subgraph batches and by the one pass over all cells
-    alike (the label's vector moves a cell's posterior mean by exactly the mean layer's
-    weights times it), and it is saved with the model."""
-    scvi.settings.seed = 0
-    adata = small_pbmc(n_cells=150, n_genes=200)
-    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
-    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1,
-                    encoder_labels=True)
-    embedding = model.module.encoder.label_embedding
-    assert embedding.num_embeddings == len(model.label_categories)
-    assert not embedding.weight.any()  # starts as the label-free encoder
-    model.train(n_epochs_stage_a=3, n_epochs_stage_b=2, **QUIET)
-    own = pd.Categorical(adata.obs["cell_type"], categories=model.label_categories).codes
-    vectors = embedding.weight.detach().clone()
-    assert (vectors[np.unique(own)].abs().amax(1) > 0).all()
-    z = model.get_latent_representation()  # one projection pass over all cells
-    few = np.arange(0, adata.n_obs, 30)
-    np.testing.assert_allclose(model.get_latent_representation(indices=few), z[few],
-                               atol=1e-5)  # subgraph batches
-    with torch.no_grad():
-        embedding.weight.zero_()
-    shift = (vectors @ model.module.encoder.mean.weight.detach().T).numpy()
-    np.testing.assert_allclose(z - model.get_latent_representation(), shift[own],
-                               atol=1e-4)
-    with torch.no_grad():
-        embedding.weight.copy_(vectors)
-    encoder = model.module.encoder.eval()
-    graph = (torch.zeros(3, 16), None, torch.zeros(2, 0, dtype=torch.long), torch.zeros(0),
-             torch.ones(3))
-    with pytest.raises(ValueError, match="pass their codes as `labels`"):
-        encoder.forward_projected(*graph)
-    with pytest.raises(ValueError, match="2 codes for 3 encoded cells"):
-        encoder.forward_projected(*graph, labels=torch.tensor([0, 1]))
-    again = _generates_and_round_trips(model, adata, tmp_path)
-    assert torch.equal(again.module.encoder.label_embedding.weight, vectors)
-    np.testing.assert_array_equal(again.get_latent_representation(), z)
-
-
-def test_gene_label_dispersion_needs_labels():
+def test_bad_model_and_training_arguments():
     adata = small_pbmc(n_cells=100, n_genes=100)
     LapDDPM.setup_anndata(adata, n_neighbors=5, n_lpe=2)
     with pytest.raises(ValueError, match="needs labels"):
-        LapDDPM(adata, dispersion="gene-label")
-    with pytest.raises(ValueError, match="needs labels"):
         LapDDPM(adata, decoder_labels=True)
-    with pytest.raises(ValueError, match="needs labels"):
-        LapDDPM(adata, encoder_labels=True)
-    with pytest.raises(ValueError, match="dispersion must be one of"):
-        LapDDPM(adata, dispersion="cell")
-
-
-def test_bad_model_arguments():
-    adata = small_pbmc(n_cells=100, n_genes=100)
     LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=5, n_lpe=2)
-    with pytest.raises(ValueError, match="likelihood"):
-        LapDDPM(adata, likelihood="gaussian")
+    for name, value in (("likelihood", "hurdle"), ("library_size", "diffusion"),
+                        ("prediction", "x0")):
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            LapDDPM(adata, **{name: value})
     model = LapDDPM(adata, n_latent=4, n_hidden=16)
-    with pytest.raises(ValueError, match="perturbation"):
-        model.train(perturbation="adversarial")
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    quick = dict(max_epochs=1, max_epochs_diffusion=0, **QUIET)
+    with pytest.raises(ValueError, match="perturbation must be one of"):
+        model.train(plan_kwargs={"perturbation": "adversarial"}, **quick)
+    with pytest.raises(ValueError, match="mask_fraction"):
+        model.train(plan_kwargs={"mask_fraction": 1.0}, **quick)
+    with pytest.raises(ValueError, match="p_uncond"):
+        model.train(max_epochs=0, max_epochs_diffusion=1,
+                    diffusion_plan_kwargs={"p_uncond": 1.0}, **QUIET)
+    with pytest.raises(TypeError, match="n_epochs_stage_a"):
+        model.train(n_epochs_stage_a=1, **quick)  # not an argument of the plan either
     with pytest.raises(ValueError, match="train_size"):
         model.train(train_size=1.5)
-    with pytest.raises(ValueError, match="n_epochs_stage_a and n_epochs_stage_b"):
-        model.train(max_epochs=5)
-    with pytest.raises(ValueError, match="mask_fraction"):
-        model.train(n_epochs_stage_a=1, n_epochs_stage_b=0, mask_fraction=1.0, **QUIET)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_epochs must be a non-negative integer"):
+            model.train(max_epochs=bad)
+    with pytest.raises(ValueError, match="nothing to train"):
+        model.train(max_epochs=0, max_epochs_diffusion=0)
+    assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
 
 
 def test_an_encoder_without_neighbours_trains_only_without_perturbation():
@@ -755,146 +634,21 @@ def test_an_encoder_without_neighbours_trains_only_without_perturbation():
     LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=5, n_lpe=2)
     model = LapDDPM(adata, n_latent=4, n_hidden=16, cheb_k=1)
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    quick = dict(max_epochs=1, max_epochs_diffusion=1, **QUIET)
     for perturbation in ("spectral", "random"):
-        with pytest.raises(ValueError, match="cheb_k=1.*perturbation='none'"):
-            model.train(perturbation=perturbation, n_epochs_stage_a=1, n_epochs_stage_b=1,
-                        **QUIET)
+        with pytest.raises(ValueError, match="cheb_k=1.*'perturbation': 'none'"):
+            model.train(plan_kwargs={"perturbation": perturbation}, **quick)
     assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
-    model.train(perturbation="none", n_epochs_stage_a=1, n_epochs_stage_b=1, **QUIET)
+    model.train(plan_kwargs={"perturbation": "none"}, **quick)
     synth = model.generate(n_samples=20, seed=0, progress_bar=False)
     assert synth.n_obs == 20 and np.isfinite(synth.X.data).all()
 
 
-def test_library_size_by_diffusion_trains_and_follows_the_cells():
-    scvi.settings.seed = 0
-    adata = small_pbmc(n_cells=200, n_genes=200)
-    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=4)
-    # NB: its mean is the library exactly (a barely trained ZINB still drops about half)
-    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=32, score_blocks=1,
-                    library_size="diffusion", likelihood="nb")
-    model.train(n_epochs_stage_a=3, n_epochs_stage_b=30, **QUIET)
-    synth = model.generate(labels={"CD4 T cells": 200}, seed=0, progress_bar=False)
-    assert synth.uns["scldiff"]["library_size"] == "diffused jointly with the latent"
-    real = np.asarray(adata[adata.obs["cell_type"] == "CD4 T cells"].X.sum(1)).ravel()
-    generated = np.asarray(synth.X.sum(1)).ravel()
-    ratio = np.median(generated) / np.median(real)
-    assert 0.2 < ratio < 5.0  # a tiny, briefly trained model: the order of magnitude
-    with pytest.raises(ValueError, match="library_size"):
-        LapDDPM(adata, library_size="observed")
-    assert model.library_latent_ is None  # nothing to regress: the diffusion draws it
-    with pytest.raises(ValueError, match="diffuses the library size"):
-        model.generate(n_samples=5, library_size="latent", progress_bar=False)
-
-
-# ------------------------------------------------------------ library size given the latent
-def _regression_data(n: int, rng: np.random.Generator):
-    """Latents, labels and log library sizes of a known per-label linear-Gaussian model."""
-    coef = np.array([0.3, -0.2, 0.1, 0.0])
-    intercept = np.array([7.0, 8.0, 6.5, 0.0])  # label 3 has no cells
-    std = np.array([0.2, 0.3, 0.25, 0.0])
-    labels = rng.integers(0, 3, n)
-    z = rng.normal(size=(n, 4)) + labels[:, None]  # label means differ, as in a latent
-    log_library = intercept[labels] + z @ coef + std[labels] * rng.normal(size=n)
-    return z, labels, log_library, coef, intercept, std
-
-
-def _quantile_std(quantiles: np.ndarray) -> float:
-    """Standard deviation of the distribution whose quantile function is linear between
-    ``quantiles`` (evenly spaced probabilities), by a fine grid."""
-    values = np.interp(np.linspace(0, 1, 200_001), np.linspace(0, 1, quantiles.size), quantiles)
-    return float(values.std())
-
-
-def test_latent_library_fit_recovers_a_known_regression():
-    z, labels, y, coef, intercept, std = _regression_data(60_000, np.random.default_rng(0))
-    fit = LatentLibrary.fit(torch.from_numpy(z), torch.from_numpy(np.exp(y)),
-                            torch.from_numpy(labels), n_labels=4)
-    np.testing.assert_allclose(fit.coef.numpy(), coef, atol=0.005)
-    np.testing.assert_allclose(fit.intercept[:3].numpy(), intercept[:3], atol=0.01)
-    quantiles = fit.residual_quantiles.double().numpy()
-    assert quantiles.shape == (4, 101) and (np.diff(quantiles, axis=1) >= 0).all()
-    for code in range(3):  # normal residuals: quartiles at -+0.674 sd, median at 0
-        np.testing.assert_allclose(quantiles[code, [25, 50, 75]],
-                                   np.array([-0.6745, 0.0, 0.6745]) * std[code], atol=0.01)
-    np.testing.assert_allclose(fit.log_range.numpy(), [y.min(), y.max()], rtol=1e-6)
-    # a label without cells: the intercept of all cells, the residuals of all cells
-    b = fit.coef.double().numpy()
-    assert fit.intercept[3].item() == pytest.approx(y.mean() - z.mean(0) @ b, abs=1e-4)
-    residual = y - fit.intercept.double().numpy()[labels] - z @ b
-    np.testing.assert_allclose(quantiles[3], np.quantile(residual, np.linspace(0, 1, 101)),
-                               atol=1e-4)
-    # a label with one cell gets all cells' residuals too, its intercept through that cell
-    one = LatentLibrary.fit(torch.from_numpy(z[:501]),
-                            torch.from_numpy(np.exp(y[:501])),
-                            torch.from_numpy(np.r_[np.zeros(500, dtype=np.int64), 1]), 2)
-    assert one.residual_quantiles[1, -1] > one.residual_quantiles[1, 0]
-    assert (one.intercept[1] + torch.from_numpy(z[500]).float() @ one.coef).item() == \
-        pytest.approx(y[500], abs=1e-4)
-
-
-def test_latent_library_fit_with_posterior_variances_is_the_fit_to_drawn_latents():
-    """With ``z_var``, the fit equals least squares on latents drawn from the posteriors
-    N(z, z_var), in expectation, and its residuals are those of such draws: checked against
-    300 draws per cell."""
-    rng = np.random.default_rng(1)
-    mean, labels, y, *_ = _regression_data(2_000, rng)
-    var = rng.uniform(0.1, 1.0, size=mean.shape)
-    fit = LatentLibrary.fit(torch.from_numpy(mean), torch.from_numpy(np.exp(y)),
-                            torch.from_numpy(labels), 3, z_var=torch.from_numpy(var))
-    draws = 300
-    drawn = np.repeat(mean, draws, 0) + np.sqrt(np.repeat(var, draws, 0)) * rng.normal(
-        size=(mean.shape[0] * draws, mean.shape[1]))
-    codes = np.repeat(labels, draws)
-    onehot = np.eye(3)[codes]
-    solution = np.linalg.lstsq(np.c_[drawn, onehot], np.repeat(y, draws), rcond=None)[0]
-    np.testing.assert_allclose(fit.coef.numpy(), solution[:4], atol=0.004)
-    np.testing.assert_allclose(fit.intercept.numpy(), solution[4:], atol=0.01)
-    residual = np.repeat(y, draws) - np.c_[drawn, onehot] @ solution
-    grid = np.linspace(0, 1, 101)
-    for code in range(3):
-        quantiles = fit.residual_quantiles[code].double().numpy()
-        assert _quantile_std(quantiles) == pytest.approx(residual[codes == code].std(),
-                                                         rel=0.02)
-        np.testing.assert_allclose(quantiles[10:91],
-                                   np.quantile(residual[codes == code], grid)[10:91],
-                                   atol=0.02)
-    # drawn latents attenuate the slopes against the means' own fit
-    plain = LatentLibrary.fit(torch.from_numpy(mean), torch.from_numpy(np.exp(y)),
-                              torch.from_numpy(labels), 3)
-    assert (fit.coef.abs() <= plain.coef.abs() + 1e-6).all()
-
-
-def test_latent_library_draws_follow_the_regression_and_skewed_residuals():
-    grid = np.linspace(0, 1, 101)
-    skewed = np.quantile(np.random.default_rng(2).gamma(2.0, 0.2, 200_000) - 0.4, grid)
-    normal = 0.1 * stats.norm.ppf(np.clip(grid, 1e-4, 1 - 1e-4))
-    fit = LatentLibrary(torch.tensor([0.5, -1.0]), torch.tensor([7.0, 5.0]),
-                        torch.tensor(np.stack([normal, skewed]), dtype=torch.float32),
-                        torch.tensor([4.0, 9.0]))
-    z = torch.tensor([[1.0, 0.5], [0.0, -1.0]]).repeat(100_000, 1)
-    labels = torch.tensor([0, 1]).repeat(100_000)
-    log_library = fit.sample(z, labels, torch.Generator().manual_seed(0)).log().double()
-    first, second = log_library[0::2].numpy(), log_library[1::2].numpy()
-    assert np.median(first) == pytest.approx(7.0 + 0.5 - 0.5, abs=0.002)
-    assert first.std() == pytest.approx(_quantile_std(normal), rel=0.01)
-    # the skewed residuals keep their shape: quantiles of the draws are the table's, shifted
-    np.testing.assert_allclose(np.quantile(second, [0.1, 0.5, 0.9]),
-                               6.0 + np.interp([0.1, 0.5, 0.9], grid, skewed), atol=0.005)
-    assert log_library.min() >= 4.0 - 1e-5 and log_library.max() <= 9.0 + 1e-5
-    narrow = LatentLibrary(fit.coef, fit.intercept, fit.residual_quantiles,
-                           torch.tensor([6.0, 6.5]))
-    clipped = narrow.sample(z, labels, torch.Generator().manual_seed(0)).log()
-    assert clipped.min().item() >= 6.0 - 1e-5 and clipped.max().item() <= 6.5 + 1e-5
-
-
 def test_generated_libraries_follow_the_latent_by_default(trained_model):
-    fit = trained_model.library_latent_
     assert trained_model.library_size == "latent"
-    assert len(fit["coef"]) == 8 and len(fit["intercept"]) == len(
-        trained_model.label_categories)
     kw = dict(labels={"CD4 T cells": 1500, "B cells": 500}, seed=5, progress_bar=False)
     synth = trained_model.generate(**kw)
-    assert synth.uns["scldiff"]["library_size"].startswith("regressed on the latent")
+    assert synth.uns["scldiff"]["library_size"] == "latent"
     adata = trained_model.adata
     train = np.asarray(trained_model.train_indices_)
     library = np.asarray(adata.X[train].sum(1)).ravel()
@@ -906,63 +660,47 @@ def test_generated_libraries_follow_the_latent_by_default(trained_model):
         assert 0.85 < ratio < 1.15, (label, ratio)
     # the other mode is a generation-time choice of the same model
     by_label = trained_model.generate(**kw, library_size="label")
-    assert by_label.uns["scldiff"]["library_size"] == "per-label quantiles of the training cells"
+    assert by_label.uns["scldiff"]["library_size"] == "label"
     assert (by_label.X != synth.X).nnz > 0
     for bad in ("diffusion", "observed"):
         with pytest.raises(ValueError, match="library_size"):
             trained_model.generate(**kw, library_size=bad)
 
 
-def test_latent_library_round_trips_and_older_files_draw_by_label(trained_model, tmp_path):
+def test_library_model_round_trips_and_a_damaged_one_is_refused(trained_model, tmp_path):
     path = tmp_path / "model"
     trained_model.save(str(path))
     kw = dict(labels={"B cells": 30}, seed=2, progress_bar=False)
     loaded = LapDDPM.load(str(path), adata=False)
-    assert loaded.library_latent_ == trained_model.library_latent_
+    assert loaded.library_model_.to_dict() == trained_model.library_model_.to_dict()
     assert (loaded.generate(**kw).X != trained_model.generate(**kw).X).nnz == 0
     meta = json.loads((path / "model.json").read_text())
-    rows = meta["library_latent_"]["residual_quantiles"]
-    for damaged in ({**meta["library_latent_"], "coef": [0.0]},  # wrong length
-                    {**meta["library_latent_"], "residual_quantiles": [
-                        [float("nan")] * len(rows[0])] * len(rows)},
-                    {**meta["library_latent_"], "residual_quantiles": [
-                        list(reversed(row)) for row in rows]},  # decreasing
-                    {**meta["library_latent_"], "log_range": [9.0, 4.0]},
-                    {"coef": meta["library_latent_"]["coef"]},  # fields missing
+    fit = meta["library_model_"]
+    rows = fit["residual_quantiles"]
+    for damaged in ({**fit, "coef": [0.0]},  # wrong length
+                    {**fit, "residual_quantiles": [[float("nan")] * len(rows[0])] * len(rows)},
+                    {**fit, "log_quantiles": [list(reversed(r)) for r in fit["log_quantiles"]]},
+                    {**fit, "log_range": [9.0, 4.0]},
+                    {"coef": fit["coef"]},  # fields missing
                     "text"):
-        broken = {**meta, "library_latent_": damaged}
-        (path / "model.json").write_text(json.dumps(broken))
-        with pytest.raises(ModelFileError, match="library_latent_"):
+        (path / "model.json").write_text(json.dumps({**meta, "library_model_": damaged}))
+        with pytest.raises(ModelFileError, match="library-size model"):
             LapDDPM.load(str(path), adata=False)
-    # a file written before the regression existed: no fit, no library_size argument
-    old_meta = {k: v for k, v in meta.items() if k != "library_latent_"}
-    old_meta["init_params_"]["non_kwargs"].pop("library_size")
-    (path / "model.json").write_text(json.dumps(old_meta))
-    old = LapDDPM.load(str(path), adata=False)
-    assert old.library_size == "label" and old.library_latent_ is None
-    synth = old.generate(**kw)
-    assert synth.uns["scldiff"]["library_size"] == "per-label quantiles of the training cells"
-    with pytest.raises(ValueError, match="train the model again"):
-        old.generate(**kw, library_size="latent")
 
 
-def test_velocity_prediction_round_trips_and_older_files_predict_the_noise(trained_model,
-                                                                          tmp_path):
-    assert trained_model.module.prediction == "v"
-    path = tmp_path / "model"
-    trained_model.save(str(path))
+@pytest.mark.parametrize("prediction", ["v", "epsilon"])
+def test_the_scorenets_prediction_round_trips(trained_model, tmp_path, prediction):
+    model = trained_model
+    if prediction == "epsilon":  # the same weights read as a noise predictor
+        model = LapDDPM(registry=trained_model.registry_, n_latent=8, n_hidden=64,
+                        score_hidden=64, score_blocks=2, prediction="epsilon")
+        model.module.load_state_dict(trained_model.module.state_dict())
+        for name in ("is_trained_", "train_indices_", "label_proportions_", "library_model_"):
+            setattr(model, name, getattr(trained_model, name))
     kw = dict(labels={"B cells": 40}, seed=3, progress_bar=False)
-    loaded = LapDDPM.load(str(path), adata=False)
-    assert loaded.module.prediction == "v"
-    assert (loaded.generate(**kw).X != trained_model.generate(**kw).X).nnz == 0
-    # a file written before the option existed was trained to predict the noise, and its
-    # network's output must be read as the noise (here: different cells from the same
-    # weights)
-    meta = json.loads((path / "model.json").read_text())
-    meta["init_params_"]["non_kwargs"].pop("prediction")
-    (path / "model.json").write_text(json.dumps(meta))
-    old = LapDDPM.load(str(path), adata=False)
-    assert old.module.prediction == "epsilon"
-    assert (old.generate(**kw).X != trained_model.generate(**kw).X).nnz > 0
-    with pytest.raises(ValueError, match="prediction must be one of"):
-        LapDDPM(trained_model.adata, prediction="x0")
+    model.save(str(tmp_path / "m"))
+    loaded = LapDDPM.load(str(tmp_path / "m"), adata=False)
+    assert loaded.module.prediction == prediction
+    assert (loaded.generate(**kw).X != model.generate(**kw).X).nnz == 0
+    if prediction == "epsilon":
+        assert (model.generate(**kw).X != trained_model.generate(**kw).X).nnz > 0

@@ -1,7 +1,6 @@
 """scldiff: LapDDPM, conditional graph latent diffusion for single-cell RNA-seq counts."""
 
-from . import datasets, diffusion, graph, metrics, module, pl, train
-from ._settings import settings
+from . import datasets, diffusion, distributions, graph, metrics, module, pl, sampling, train
 from ._version import __version__
 from .model import LapDDPM, ModelFileError
 
@@ -11,10 +10,11 @@ __all__ = [
     "__version__",
     "datasets",
     "diffusion",
+    "distributions",
     "graph",
     "metrics",
     "module",
     "pl",
-    "settings",
+    "sampling",
     "train",
 ]

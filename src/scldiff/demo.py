@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     setup_s = time.perf_counter() - t0
     model = scldiff.LapDDPM(train)
     t0 = time.perf_counter()
-    model.train(n_epochs_stage_a=args.epochs_a, n_epochs_stage_b=args.epochs_b,
+    model.train(max_epochs=args.epochs_a, max_epochs_diffusion=args.epochs_b,
                 enable_progress_bar=not args.no_progress)
     train_s = time.perf_counter() - t0
 

@@ -12,7 +12,7 @@ def guided_epsilon(eps_cond: Tensor, eps_uncond: Tensor, scale: float) -> Tensor
     r""":math:`\tilde\epsilon = \epsilon_u + w(\epsilon_c - \epsilon_u)`.
 
     ``scale`` :math:`w = 0` is the unconditional model, :math:`w = 1` the conditional one,
-    :math:`w > 1` sharpens the condition. SCLD (paper 002, Eq. 13) writes the same as
+    :math:`w > 1` sharpens the condition. SCLD (Wang et al., 2023, Eq. 13) writes the same as
     :math:`(1 + \omega)\epsilon_c - \omega \epsilon_u` with :math:`\omega = w - 1`.
     """
     return eps_uncond + scale * (eps_cond - eps_uncond)
@@ -54,23 +54,27 @@ class ClassifierFreeGuidance:
         self.interval = check_guidance_interval(interval)
 
     def __call__(self, z: Tensor, t: Tensor) -> Tensor:
+        """The guided noise at ``z`` and time ``t`` (0-d, shared by all rows, or one per
+        row)."""
         if self.scale == 1.0:
             return self.network(z, t, self.labels)
+        inside = None
         if self.interval is not None:
             inside = (t >= self.interval[0]) & (t <= self.interval[1])
             if not bool(inside.any()):
                 return self.network(z, t, self.labels)
+        eps_cond = None
         if self.scale == 0.0:
             eps = self.network(z, t, self.null)
         else:
+            times = t if t.dim() == 0 else torch.cat([t, t])
             eps_cond, eps_uncond = self.network(
-                torch.cat([z, z]), torch.cat([t, t]), torch.cat([self.labels, self.null])
-            ).chunk(2)
+                torch.cat([z, z]), times, torch.cat([self.labels, self.null])).chunk(2)
             eps = guided_epsilon(eps_cond, eps_uncond, self.scale)
-        if self.interval is not None and not bool(inside.all()):  # rows at other times
-            eps = torch.where(inside[:, None], eps,
-                              self.network(z, t, self.labels) if self.scale == 0.0
-                              else eps_cond)
+        if inside is not None and not bool(inside.all()):  # rows at times outside
+            if eps_cond is None:
+                eps_cond = self.network(z, t, self.labels)
+            eps = torch.where(inside.reshape(-1, 1), eps, eps_cond)
         return eps
 
 

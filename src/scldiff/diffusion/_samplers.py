@@ -2,8 +2,9 @@ r"""Samplers for the VP-SDE as pure functions with one signature.
 
 ``sample_x(eps_fn, z, schedule, n_steps, generator=None, progress=False) -> z_0``, where
 ``eps_fn(z, t)`` predicts the noise in :math:`z_t = \alpha_t z_0 + \sigma_t \epsilon` (any
-callable: a network, or :class:`~scldiff.diffusion.ClassifierFreeGuidance`), and the score
-is :math:`\nabla \log p_t(z) = -\epsilon(z, t) / \sigma_t`. Each sampler integrates from
+callable: a network, or :class:`~scldiff.diffusion.ClassifierFreeGuidance`) at the time
+``t``, a 0-d tensor shared by all rows of ``z``, and the score is :math:`\nabla \log p_t(z)
+= -\epsilon(z, t) / \sigma_t`. Each sampler integrates from
 :math:`t = 1` to ``schedule.t_min`` and ends with the denoising step
 :math:`\hat z_0 = (z - \sigma \hat\epsilon) / \alpha`.
 """
@@ -21,12 +22,8 @@ from ._schedule import VPSchedule
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _batch_time(t: Tensor, z: Tensor) -> Tensor:
-    return t.expand(z.shape[0]).to(z.dtype)
-
-
 def _denoise(eps_fn: EpsFn, z: Tensor, t: Tensor, schedule: VPSchedule) -> Tensor:
-    eps = eps_fn(z, _batch_time(t, z))
+    eps = eps_fn(z, t.to(z.dtype))
     return (z - schedule.sigma(t) * eps) / schedule.alpha(t)
 
 
@@ -43,7 +40,7 @@ def sample_ddim(
     ts = schedule.timesteps(n_steps, device=z.device)
     for i in tqdm(range(n_steps), disable=not progress, desc="DDIM", leave=False):
         t, s = ts[i], ts[i + 1]
-        eps = eps_fn(z, _batch_time(t, z))
+        eps = eps_fn(z, t.to(z.dtype))
         z0 = (z - schedule.sigma(t) * eps) / schedule.alpha(t)
         z = schedule.alpha(s) * z0 + schedule.sigma(s) * eps
     return _denoise(eps_fn, z, ts[-1], schedule)
@@ -69,7 +66,7 @@ def sample_ode(
     lam = torch.log(alpha) - torch.log(sigma)
     previous = None  # data prediction at the previous grid point
     for i in tqdm(range(n_steps), disable=not progress, desc="ODE", leave=False):
-        eps = eps_fn(z, _batch_time(ts[i], z))
+        eps = eps_fn(z, ts[i].to(z.dtype))
         x0 = (z - sigma[i] * eps) / alpha[i]
         h = lam[i + 1] - lam[i]
         if previous is None:
@@ -102,7 +99,7 @@ def sample_sde(
     for i in tqdm(range(n_steps), disable=not progress, desc="SDE", leave=False):
         t, s = ts[i], ts[i + 1]
         h = t - s
-        eps = eps_fn(z, _batch_time(t, z))
+        eps = eps_fn(z, t.to(z.dtype))
         beta = schedule.beta(t)
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         z = z + h * beta * (0.5 * z - eps / schedule.sigma(t)) + torch.sqrt(beta * h) * noise
@@ -114,9 +111,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ode": sample_ode,
     "sde": sample_sde,
 }
-# Default steps. DDIM and the SDE reproduce a Gaussian's variance to about 1% there
-# (tests/test_diffusion.py). DPM-Solver++(2M) is second order: on the test Gaussians its
-# variance error is 6-7% at 10 steps, 1.2% at 30 and 0.5% at 50. On the trained benchmark
-# models (PBMC3K and Zheng 2017), 10 steps score as 30 and 50 do on every metric
-# (benchmarks/sampler_steps.py, docs/benchmarks.md), at a third of the cost of 30.
+# Default steps: DDIM and the SDE reproduce a Gaussian's variance to about 1% there; the
+# second-order ODE solver's 10 steps score as 30 and 50 do on the benchmark models (docs
+# "Benchmarks") at a third of the cost of 30.
 DEFAULT_STEPS: dict[str, int] = {"ddim": 200, "ode": 10, "sde": 500}

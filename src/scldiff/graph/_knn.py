@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from .._matrix import as_csr, is_in_memory, row_chunks
+from ._matrix import as_csr, is_in_memory, row_chunks
 
 # Up to this many cells an exact search is faster than pynndescent, whose numba functions
 # are compiled afresh in every process (~40 s on 2 cores, whatever the data size).

@@ -1,4 +1,5 @@
-r"""Normalised Laplacian and Laplacian positional encodings (paper 001, Sec. 3.1)."""
+r"""Normalised Laplacian and Laplacian positional encodings (Bini & Marchand-Maillet, 2025,
+Sec. 3.1)."""
 
 from __future__ import annotations
 

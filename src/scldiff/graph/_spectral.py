@@ -1,4 +1,5 @@
-r"""Spectral adversarial perturbation of edge weights (paper 001, Sec. 3.3, Eqs. 1-2).
+r"""Spectral adversarial perturbation of edge weights (Bini & Marchand-Maillet, 2025,
+Sec. 3.3, Eqs. 1-2).
 
 The adversary perturbs the weights of the existing edges of a (batch-local) graph along
 

@@ -24,9 +24,6 @@ class Subgraph:
     degree_outside
         ``(n_node,)`` weighted degree of each node towards cells *not* in the subgraph, so
         that ``degree_outside + (edge weights inside)`` is the node's degree in the full graph.
-    n_seed_edges
-        The number of edges into the seed cells. Edges are listed by destination in node
-        order, so these are the first ``n_seed_edges``.
     """
 
     nodes: np.ndarray
@@ -34,7 +31,6 @@ class Subgraph:
     edge_index: np.ndarray
     edge_weight: np.ndarray
     degree_outside: np.ndarray
-    n_seed_edges: int
 
 
 class SubgraphSampler:
@@ -99,8 +95,6 @@ class SubgraphSampler:
             edge_index=np.stack([src_local, dst_local]),
             edge_weight=weights,
             degree_outside=degree_outside,
-            # the destinations ascend: the edges into the seeds are a prefix
-            n_seed_edges=int(np.searchsorted(dst_local, seeds.size)),
         )
 
 

@@ -9,11 +9,11 @@ import scipy.sparse as sp
 from anndata import AnnData
 from sklearn.decomposition import PCA
 
-from .._threads import torch_threads_kept
 from ._classifier import classifier_auc, tstr_f1
 from ._counts import count_diagnostics, library_coupling
 from ._distances import mmd_rbf, wasserstein
 from ._markers import marker_overlap
+from ._threads import torch_threads_kept
 
 
 def _counts(adata: AnnData, layer: str | None):

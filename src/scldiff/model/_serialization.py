@@ -27,7 +27,7 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
 ADATA_FILE = "adata.h5ad"
 BACKUP_SUFFIX = ".scldiff-previous"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _ARRAY_TAG = "__ndarray__"
 _FRAME_TAG = "__dataframe__"
 _ALLOWED_KINDS = set("biufUSO")
@@ -191,9 +191,10 @@ def read_model_dir(dir_path: str) -> tuple[dict[str, torch.Tensor], dict]:
             attributes = _decode(json.load(handle))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as err:
         raise ModelFileError(f"{meta} is not valid scldiff model metadata ({err}).") from err
-    if not isinstance(attributes, dict) or attributes.get("format_version") != FORMAT_VERSION:
+    version = attributes.get("format_version") if isinstance(attributes, dict) else None
+    if version != FORMAT_VERSION:
         raise ModelFileError(
-            f"{meta} has format_version {attributes.get('format_version')!r} "
-            f"(this scldiff reads {FORMAT_VERSION})."
-        )
+            f"{meta} has format_version {version!r}, and this scldiff reads "
+            f"{FORMAT_VERSION} only: the model was saved by another version of scldiff. "
+            "Train it again with this one (or load it with the version that saved it).")
     return state_dict, attributes

@@ -9,7 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._matrix import row_blocks
+from ..graph._matrix import row_blocks
 
 
 def _layer(adata: AnnData, layer: str | None):

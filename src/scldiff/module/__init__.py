@@ -1,32 +1,20 @@
-"""LapDDPM networks and losses: pure torch, no AnnData."""
+"""LapDDPM networks and losses: pure torch on tensors, no AnnData."""
 
-from ._decoder import (
-    LIKELIHOODS,
-    CountDecoder,
-    HurdleNegativeBinomial,
-    hurdle_logits,
-    sample_counts,
-    sparse_log_likelihood,
-    zinb_log_zero,
-)
+from ._constants import BATCH_KEYS, LATENT_KEYS
+from ._decoder import CountDecoder
 from ._encoder import FullGraphChebConv, GraphEncoder
-from ._module import PREDICTIONS, LapDDPMModule, LatentLibrary, gaussian_kl
+from ._module import PREDICTIONS, LapDDPMModule, gaussian_kl
 from ._scorenet import ScoreNet, sinusoidal_embedding
 
 __all__ = [
-    "LIKELIHOODS",
+    "BATCH_KEYS",
+    "LATENT_KEYS",
     "PREDICTIONS",
     "CountDecoder",
     "FullGraphChebConv",
     "GraphEncoder",
-    "HurdleNegativeBinomial",
     "LapDDPMModule",
-    "LatentLibrary",
     "ScoreNet",
     "gaussian_kl",
-    "hurdle_logits",
-    "sample_counts",
     "sinusoidal_embedding",
-    "sparse_log_likelihood",
-    "zinb_log_zero",
 ]

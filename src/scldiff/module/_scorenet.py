@@ -1,4 +1,5 @@
-"""ScoreNet: the conditional noise predictor of the latent diffusion (paper 001, Sec. 3.2.2)."""
+"""ScoreNet: the conditional network of the latent diffusion (Bini & Marchand-Maillet, 2025,
+Sec. 3.2.2)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .._autocast import autocast_dtype
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -20,7 +19,8 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> T
 
 
 class _ResidualBlock(nn.Module):
-    """Pre-LayerNorm MLP block; the condition enters as a per-feature scale and shift."""
+    r"""Pre-LayerNorm MLP block; the condition enters as a per-feature scale and shift
+    (FiLM): :math:`h + \mathrm{MLP}(\mathrm{LN}(h)(1 + s) + b)`, :math:`(s, b) = W c`."""
 
     def __init__(self, n_hidden: int, dropout_rate: float):
         super().__init__()
@@ -34,64 +34,29 @@ class _ResidualBlock(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def forward(self, h: Tensor, cond: Tensor, index: Tensor | None = None) -> Tensor:
-        film = self.film(cond)
-        if index is not None:  # cond holds one row per distinct condition
-            film = film[index]
-        scale, shift = film.chunk(2, dim=-1)
-        return h + self.mlp(self.norm(h) * (1 + scale) + shift)
-
-    def forward_grouped(self, h: Tensor, cond: Tensor, counts: list[int]) -> Tensor:
-        r""":meth:`forward` for rows grouped by condition, without autograd; updates ``h``.
-
-        Row block :math:`u` (``counts[u]`` rows) has condition ``cond[u]``. Its scale and
-        shift are folded into the first linear layer, :math:`W(x(1 + s) + b) + c = (W
-        \mathrm{diag}(1 + s))\,x + (Wb + c)`, one small matrix per condition, so the
-        per-cell scale-and-shift passes and the gather of each cell's condition go away.
-        """
-        first, second = self.mlp[0], self.mlp[3]
+        """``cond``: one condition per row of ``h``, or with ``index`` a table of
+        conditions and the row of each of ``h``'s."""
         scale, shift = self.film(cond).chunk(2, dim=-1)
-        weight = first.weight[None] * (1 + scale)[:, None, :]  # (conditions, 2H, H)
-        bias = torch.addmm(first.bias, shift, first.weight.t())  # (conditions, 2H)
-        x = self.norm(h)
-        a = x.new_empty(x.shape[0], first.out_features)
-        start = 0
-        for u, count in enumerate(counts):
-            if count:
-                torch.addmm(bias[u], x[start : start + count], weight[u].t(),
-                            out=a[start : start + count])
-                start += count
-        # GELU in place: a fresh output the size of ``a`` on every call costs more (memory
-        # pages) than the pass itself
-        return h.add_(second.bias).addmm_(torch.ops.aten.gelu_(a), second.weight.t())
-
-    def forward_sorted(self, h: Tensor, cond: Tensor, counts: list[int]) -> Tensor:
-        """:meth:`forward` for rows grouped by condition as in :meth:`forward_grouped`,
-        under autocast: the layers run as in :meth:`forward` (their products in autocast's
-        precision), and each row block's scale and shift are applied in place, one pass
-        per block, rather than gathered for every row first."""
-        scale, shift = self.film(cond).chunk(2, dim=-1)
-        x = self.norm(h)
-        start = 0
-        for u, count in enumerate(counts):
-            if count:
-                rows = x[start : start + count]
-                torch.addcmul(shift[u], rows, 1 + scale[u], out=rows)
-                start += count
-        return h + self.mlp(x)
+        gain = 1 + scale
+        if index is not None:
+            gain, shift = gain[index], shift[index]
+        return h + self.mlp(torch.addcmul(shift, self.norm(h), gain))
 
 
 class ScoreNet(nn.Module):
-    r"""MLP predicting the noise :math:`\epsilon(z_t, t, c)`.
+    r"""MLP :math:`(z_t, t, c) \mapsto` the noise :math:`\epsilon` or the velocity
+    :math:`v`, whichever the module trains it on.
 
-    Labels are embedded with one extra row, index ``n_labels``, the *null* token used for
-    unconditional predictions (classifier-free guidance).
+    The condition of each row is :math:`\mathrm{GELU}(\mathrm{MLP}(\mathrm{emb}(t)) +
+    E_c)`, with :math:`E` one embedding per label and one extra row, index ``n_labels``,
+    the *null* label of unconditional predictions (classifier-free guidance).
 
     Parameters
     ----------
     n_latent
         Dimension of the latents.
     n_labels
-        Number of labels (the null token is added).
+        Number of labels (the null label is added).
     n_hidden
         Hidden width.
     n_blocks
@@ -100,6 +65,12 @@ class ScoreNet(nn.Module):
         Width of the sinusoidal time embedding.
     dropout_rate
         Dropout inside the blocks.
+
+    Shapes:
+        - **input:** ``z`` :math:`(n, \text{n_latent})`; ``t`` :math:`(n,)`, or :math:`()`
+          for one time shared by all rows (a sampler's step: the conditions are then
+          computed once per label, not per row); ``labels`` :math:`(n,)`
+        - **output:** :math:`(n, \text{n_latent})`
     """
 
     def __init__(
@@ -134,36 +105,14 @@ class ScoreNet(nn.Module):
         return F.gelu(cond + self.label_embedding(labels))
 
     def forward(self, z: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        labels = labels.reshape(-1).long()
         index = None
-        if z.device.type == "cpu" and t.numel() > 1 and bool((t == t[0]).all()):
-            # Sampling: one time for the whole batch, so only the few distinct labels need
-            # a condition and a scale-and-shift (about a third of each block's arithmetic).
-            # On a CPU only: on a GPU that arithmetic is cheap, and finding the labels
-            # would wait for the device several times per evaluation.
-            labels, index = torch.unique(labels, return_inverse=True)
-            t = t[: labels.numel()]
-            if not (self.training or torch.is_grad_enabled()):
-                # the float32 path writes its products into preallocated float32 buffers,
-                # which autocast's lower precision cannot fill: under autocast the layers
-                # run as they are, on the rows in the same order
-                autocast = autocast_dtype(z.device.type) is not None
-                return self._forward_grouped(z, self.condition(t, labels), index, autocast)
-        cond = self.condition(t, labels)
+        if t.dim() == 0:  # one time: a table of every label's condition, rows gather theirs
+            every = torch.arange(self.n_labels + 1, device=z.device)
+            cond, index = self.condition(t.expand(every.shape[0]), every), labels
+        else:
+            cond = self.condition(t, labels)
         h = self.inp(z)
         for block in self.blocks:
             h = block(h, cond, index)
         return self.out(self.out_norm(h))
-
-    def _forward_grouped(self, z: Tensor, cond: Tensor, index: Tensor,
-                         autocast: bool = False) -> Tensor:
-        """Inference with one time: rows sorted by condition, then each block's
-        :meth:`~_ResidualBlock.forward_grouped` (under autocast
-        :meth:`~_ResidualBlock.forward_sorted`), then back to the input order."""
-        order = torch.argsort(index, stable=True)
-        counts = torch.bincount(index, minlength=cond.shape[0]).tolist()
-        h = self.inp(z[order])
-        for block in self.blocks:
-            h = block.forward_sorted(h, cond, counts) if autocast \
-                else block.forward_grouped(h, cond, counts)
-        out = self.out(self.out_norm(h))
-        return out.new_empty(out.shape).index_copy_(0, order, out)

@@ -1,20 +1,18 @@
-"""Training: the two-stage plan and its data modules."""
+"""Training: the two stages' plans on a shared base, their data modules and the runner."""
 
 from ._data import EpochBatchSampler, LatentDataModule, SubgraphCollator, SubgraphDataModule
+from ._plan_base import LapDDPMTrainingPlan, NonFiniteLossError, step_seed
+from ._plan_diffusion import DiffusionTrainingPlan, ExponentialMovingAverage
+from ._plan_vae import PERTURBATIONS, GraphVAETrainingPlan, keep_mask
 from ._progress import StageProgressBar
 from ._runner import LapDDPMTrainer, LapDDPMTrainRunner
-from ._trainingplan import (
-    PERTURBATIONS,
-    STAGE_NAMES,
-    LapDDPMTrainingPlan,
-    NonFiniteLossError,
-    step_seed,
-)
 
 __all__ = [
     "PERTURBATIONS",
-    "STAGE_NAMES",
+    "DiffusionTrainingPlan",
     "EpochBatchSampler",
+    "ExponentialMovingAverage",
+    "GraphVAETrainingPlan",
     "LapDDPMTrainRunner",
     "LapDDPMTrainer",
     "LapDDPMTrainingPlan",
@@ -23,5 +21,6 @@ __all__ = [
     "StageProgressBar",
     "SubgraphCollator",
     "SubgraphDataModule",
+    "keep_mask",
     "step_seed",
 ]

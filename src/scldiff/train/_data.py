@@ -10,10 +10,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .. import _matrix
-from .._constants import BATCH_KEYS, LATENT_KEYS
-from .._matrix import as_csr, is_in_memory, row_chunks, row_reader, row_sums
-from ..graph import SubgraphSampler, log_normalize
+from ..graph import SubgraphSampler, _matrix, log_normalize
+from ..graph._matrix import as_csr, is_in_memory, row_chunks, row_reader, row_sums
+from ..module import BATCH_KEYS, LATENT_KEYS
 
 
 class EpochBatchSampler(Sampler):
@@ -157,9 +156,8 @@ class SubgraphCollator:
             **self._graph_tensors(sub),
         }
 
-    def _graph_tensors(self, sub) -> dict[str, torch.Tensor | int]:
+    def _graph_tensors(self, sub) -> dict[str, torch.Tensor]:
         return {
-            BATCH_KEYS.SEED_EDGES: sub.n_seed_edges,
             BATCH_KEYS.LPE: torch.from_numpy(self.lpe[sub.nodes]),
             BATCH_KEYS.EDGE_INDEX: torch.from_numpy(sub.edge_index),
             BATCH_KEYS.EDGE_WEIGHT: torch.from_numpy(sub.edge_weight),

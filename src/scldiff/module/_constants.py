@@ -1,29 +1,12 @@
-"""Keys shared by the model, module and training plan (no magic strings elsewhere)."""
+"""Keys of the tensors a minibatch hands the module (no magic strings elsewhere)."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 
-class _REGISTRY_KEYS_NT(NamedTuple):
-    """Keys of the fields registered by :meth:`scldiff.LapDDPM.setup_anndata`."""
-
-    X_KEY: str = "X"
-    LABELS_KEY: str = "labels"
-    LPE_KEY: str = "lpe"
-    GRAPH_KEY: str = "graph"
-
-
-class _ADATA_KEYS_NT(NamedTuple):
-    """Where ``setup_anndata`` stores the cell graph in the user's AnnData."""
-
-    GRAPH: str = "scldiff_connectivities"  # adata.obsp
-    LPE: str = "X_scldiff_lpe"  # adata.obsm
-    GRAPH_PARAMS: str = "scldiff_graph"  # adata.uns
-
-
 class _BATCH_KEYS_NT(NamedTuple):
-    """Tensors of one subgraph minibatch.
+    """Tensors of one stage-A minibatch: a subgraph of seed cells and their neighbours.
 
     The seed cells come first among the nodes, so their counts share the first rows of the
     CSR structure ``NODE_CROW``/``NODE_COL`` (log-normalisation keeps the zeros).
@@ -40,9 +23,6 @@ class _BATCH_KEYS_NT(NamedTuple):
     EDGE_WEIGHT: str = "edge_weight"  # (n_edge,) symmetric edge weights
     DEGREE_OUTSIDE: str = "degree_outside"  # (n_node,) weighted degree to cells outside
     NODES: str = "nodes"  # (n_node,) cell index of each node (encoding-only batches)
-    # a Python int, not a tensor: the number of edges into the seed cells, which come first
-    # (edges are listed by destination in node order), known on the host
-    SEED_EDGES: str = "n_seed_edges"
 
 
 class _LATENT_KEYS_NT(NamedTuple):
@@ -53,7 +33,5 @@ class _LATENT_KEYS_NT(NamedTuple):
     LABELS: str = "labels"
 
 
-REGISTRY_KEYS = _REGISTRY_KEYS_NT()
-ADATA_KEYS = _ADATA_KEYS_NT()
 BATCH_KEYS = _BATCH_KEYS_NT()
 LATENT_KEYS = _LATENT_KEYS_NT()

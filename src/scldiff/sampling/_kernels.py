@@ -1,7 +1,6 @@
-"""Compiled (numba) loops of the CPU count sampler: which entries may be nonzero
-(:func:`preselect`, and :func:`preselect_logits` straight from the decoder's output
-logits), and which of those are nonzero with their counts (:func:`nonzero_draws`, whose
-inverse-CDF steps are :func:`inverse_cdf`).
+"""Compiled (numba) loops of the CPU count sampler: which entries may be nonzero, straight
+from the decoder's output logits (:func:`preselect_logits`), and which of those are nonzero
+with their counts (:func:`nonzero_draws`, whose inverse-CDF steps are :func:`inverse_cdf`).
 
 numba comes with pynndescent, which builds the cell graph. The loops are compiled on their
 first call and cached on disk (``cache=True``), so later processes load them. They release
@@ -192,19 +191,16 @@ def _row_outputs(outputs, key, first):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _flag_row(flags, ticks, row, kept_row, factor, scale_in_bound, has_kept):
+def _flag_row(flags, ticks, row, kept_row, factor, has_kept):
     """``flags[g]``: whether entry ``g`` of the row passes the dense test, its integer
-    ``ticks[g]`` at most its bound (vectorised loops, one per kind of bound; a bound
-    without ``row``, the hurdle's, has ``kept_row``)."""
-    if scale_in_bound and has_kept:
+    ``ticks[g]`` at most its bound ``factor * row[g]`` (times ``kept_row[g]`` with
+    ``has_kept``); one vectorised loop for each kind of bound."""
+    if has_kept:
         for g in range(flags.size):
             flags[g] = np.float32(ticks[g]) <= row[g] * factor * kept_row[g]
-    elif scale_in_bound:
-        for g in range(flags.size):
-            flags[g] = np.float32(ticks[g]) <= row[g] * factor
     else:
         for g in range(flags.size):
-            flags[g] = np.float32(ticks[g]) <= factor * kept_row[g]
+            flags[g] = np.float32(ticks[g]) <= row[g] * factor
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -268,45 +264,11 @@ def _row_buffers(n_genes):
 
 
 @njit(cache=True, nogil=True)
-def preselect(scale, kept, library, bound_factor, scale_in_bound, has_kept, key):
-    r"""Entries that may be nonzero, with their uniforms.
-
-    ``scale`` and ``kept``: ``(cells, genes)`` float32, C-contiguous (``kept`` may be a
-    dummy when ``has_kept`` is false). The bound of entry ``(i, g)`` in units of
-    :math:`2^{-16}` is ``bound_factor[i] * scale[i, g] * kept[i, g]`` in float32 (without
-    ``scale`` unless ``scale_in_bound``, without ``kept`` unless ``has_kept``). The entry
-    is kept when its 16-bit uniform ``k`` is at most that bound: :math:`u < b` implies
-    :math:`k < 2^{16} b`, so no entry with :math:`u` below its bound is missed.
-
-    Returns, for the kept entries in row-major order: row, column, mean
-    ``library[i] * scale[i, g]`` (float64), ``kept[i, g]`` (float64; empty without
-    ``has_kept``) and the completed uniform :math:`u = (k + v) 2^{-16}` (float64).
-    """
-    n_cells, n_genes = scale.shape
-    out = _empty_selection(max(1024, n_cells * n_genes // 8), has_kept)
-    key = np.uint64(key)
-    outputs, ticks, flags, selected = _row_buffers(n_genes)
-    count = 0
-    for i in range(n_cells):
-        row = scale[i]
-        kept_row = kept[i] if has_kept else kept[0]
-        _row_outputs(outputs, key, np.uint64(i * outputs.size))
-        _flag_row(flags, ticks, row, kept_row, np.float32(bound_factor[i]), scale_in_bound,
-                  has_kept)
-        n_selected = _compact(flags, selected)
-        out, count = _write_row(out, count, selected, n_selected, ticks, row, kept_row,
-                                has_kept, library[i], i, np.uint64(i * n_genes), key)
-    rows, cols, mean, keep, uniform = out
-    # views: copying them would cost more than the unused capacity they hold on to
-    return (rows[:count], cols[:count], mean[:count], keep[: count if has_kept else 0],
-            uniform[:count])
-
-
-@njit(cache=True, nogil=True)
 def preselect_logits(products, bias, zi_products, zi_bias, library, bound_slack, has_kept,
                      key):
-    r""":func:`preselect` straight from the decoder's output layers, with their biases, the
-    softmax and the ZINB's renormalisation in the same pass over each row.
+    r"""The entries of a chunk that may be nonzero, with their uniforms, straight from the
+    decoder's output layers: their biases, the softmax and the ZINB's renormalisation in the
+    same pass over each row.
 
     ``products``: ``(cells, genes)`` float32, the products of the hidden layer with the
     output layer's weights, and ``bias`` its ``(genes,)`` biases: the logits of the gene
@@ -315,13 +277,16 @@ def preselect_logits(products, bias, zi_products, zi_bias, library, bound_slack,
     otherwise dummies). Row :math:`i` gets :math:`e_g = \exp(l_g - \max_h l_h)` and
     :math:`k_g = 1 - \pi_g = \sigma(-l^\pi_g)` (:func:`_expf`), and the mean
     :math:`\ell\rho_g / \sum_h k_h\rho_h = \ell e_g / \sum_h k_h e_h` (NB and Poisson:
-    :math:`\ell e_g / \sum_h e_h`), so the ZINB's mean is :math:`\ell` times its
-    proportion, as :meth:`CountDecoder.sampling_params` has it, without writing the
-    probabilities out. The bound is :math:`2^{16} E[X]`, the mean times :math:`k_g`,
-    times ``bound_slack`` in float32. A NaN or infinite logit raises
+    :math:`\ell e_g / \sum_h e_h`), as :class:`~scldiff.distributions.CountParams` has
+    it, without writing the probabilities out. The bound is :math:`2^{16} E[X]`, the mean
+    times :math:`k_g`, times ``bound_slack`` in float32. An entry is kept when its 16-bit
+    integer :math:`k` is at most its bound: :math:`u < b` implies :math:`k < 2^{16} b`,
+    so no entry with :math:`u` below its bound is missed. A NaN or infinite logit raises
     ``FloatingPointError``.
 
-    Returns what :func:`preselect` returns.
+    Returns, for the kept entries in row-major order: row, column, mean (float64),
+    :math:`k_g` (float64; empty without ``has_kept``) and the completed uniform :math:`u =
+    (k + v) 2^{-16}` (float64).
     """
     n_cells, n_genes = products.shape
     out = _empty_selection(max(1024, n_cells * n_genes // 8), has_kept)
@@ -349,7 +314,7 @@ def preselect_logits(products, bias, zi_products, zi_bias, library, bound_slack,
         mean_factor = library[i] / total
         _row_outputs(outputs, key, np.uint64(i * outputs.size))
         _flag_row(flags, ticks, numerators, kept_row, np.float32(mean_factor * bound_slack),
-                  True, has_kept)
+                  has_kept)
         n_selected = _compact(flags, selected)
         out, count = _write_row(out, count, selected, n_selected, ticks, numerators, kept_row,
                                 has_kept, mean_factor, i, np.uint64(i * n_genes), key)
@@ -404,7 +369,7 @@ def _step_pass(k, index, ratio_a, ratio_b, pmf, cdf, levels, n, out):
 def inverse_cdf(mu, theta, p_zero, levels, has_theta, max_mean, out):
     r"""Inverse-CDF draws of :math:`X \mid X \ge 1` into ``out`` for the entries with
     ``mu <= max_mean`` (the others are left alone): the arithmetic, entry by entry, of
-    the vectorised steps of :func:`scldiff.module._decoder._inverse_cdf_steps`, so the
+    the vectorised steps of :func:`scldiff.sampling._torch.inverse_cdf_draws`, so the
     same draws. ``levels``: CDF levels on :math:`(P(0), 1)`; ``theta`` is read only with
     ``has_theta`` (otherwise Poisson). Float64 arrays.
 
@@ -454,17 +419,16 @@ def inverse_cdf(mu, theta, p_zero, levels, has_theta, max_mean, out):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def nonzero_draws(rows, cols, mean, kept, uniform, zero_m1, theta, has_kept, has_theta,
-                  hurdle, max_mean, n_cells):
+                  max_mean, n_cells):
     r"""Which pre-selected entries are nonzero, and their counts where the mean is at
     most ``max_mean``, as the CSR arrays of the chunk's counts.
 
     Per entry (float64 arrays): ``mean`` :math:`\mu`, ``kept`` (:math:`1 - \pi` of the
-    ZINB, with ``hurdle`` the hurdle's :math:`P(X > 0)` itself; read only with
-    ``has_kept`` or ``hurdle``), ``uniform`` :math:`u`, ``zero_m1`` :math:`P_0 - 1 =
+    ZINB; read only with ``has_kept``), ``uniform`` :math:`u`, ``zero_m1`` :math:`P_0 - 1 =
     \mathrm{expm1}(\log P_0)` with :math:`P_0` the negative binomial's (Poisson's)
     probability of a zero, and ``theta`` (read only with ``has_theta``). The entry is
     nonzero when :math:`u < P(X > 0)`, which is :math:`-\mathrm{expm1}(\log P_0)` times
-    :math:`1 - \pi` (the hurdle's: given). Its count is drawn from :math:`X \mid X \ge 1`
+    :math:`1 - \pi`. Its count is drawn from :math:`X \mid X \ge 1`
     by inverse CDF (:func:`inverse_cdf`) at the level :math:`P_0 + (1 - P_0)\,u / P(X >
     0)`: given :math:`u < P(X > 0)`, the ratio is a fresh uniform.
 
@@ -474,10 +438,7 @@ def nonzero_draws(rows, cols, mean, kept, uniform, zero_m1, theta, has_kept, has
     """
     n = uniform.size
     flags = np.empty(n, np.uint8)
-    if hurdle:
-        for j in range(n):
-            flags[j] = uniform[j] < kept[j]
-    elif has_kept:
+    if has_kept:
         for j in range(n):
             flags[j] = uniform[j] < -zero_m1[j] * kept[j]
     else:
@@ -498,7 +459,7 @@ def nonzero_draws(rows, cols, mean, kept, uniform, zero_m1, theta, has_kept, has
         mu[s] = mean[j]
         if has_theta:
             theta_out[s] = theta[j]
-        p_nonzero = kept[j] if hurdle else -zero_m1[j] * kept[j] if has_kept else -zero_m1[j]
+        p_nonzero = -zero_m1[j] * kept[j] if has_kept else -zero_m1[j]
         p_zero[s] = 1.0 + zero_m1[j]
         levels[s] = p_zero[s] - zero_m1[j] * (uniform[j] / p_nonzero)
     for i in range(n_cells):

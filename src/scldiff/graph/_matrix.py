@@ -1,4 +1,5 @@
-"""Reading a count matrix that may live in memory or in a backed ``.h5ad`` file.
+"""Reading a count matrix that may live in memory or in a backed ``.h5ad`` file: blocks of
+rows for the graph's PCA and the input checks, rows of a subgraph for minibatches.
 
 A backed AnnData (``anndata.read_h5ad(path, backed="r")``) keeps ``X`` on disk; reading it
 whole would defeat the purpose. These helpers read it a block of rows at a time, so the
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sp
@@ -52,66 +52,6 @@ def row_chunks(matrix, chunk_size: int | None = None) -> Iterator[sp.csr_matrix]
         return
     for block in row_blocks(matrix, chunk_size):
         yield _to_csr(block)
-
-
-# stack_rows copies in pieces of at most this many entries, so that one large block is
-# shared out among the threads too
-_COPY_PIECE = 1 << 20
-
-
-def stack_rows(blocks: list[sp.csr_matrix], n_cols: int, copies: int = 1,
-               workers: int = 1) -> list[sp.csr_matrix]:
-    """Row blocks stacked into ``copies`` CSR matrices (float32) that share no memory.
-
-    Each array is written once, straight from the blocks, by ``workers`` threads (numpy's
-    copies release the GIL): the copying of a large result is mostly first touches of
-    fresh memory pages, which threads share out. One block is itself the first matrix.
-    """
-    if copies < 1:
-        raise ValueError(f"copies must be at least 1, got {copies}.")
-    blocks = [block if isinstance(block, sp.csr_matrix) else sp.csr_matrix(block)
-              for block in blocks]
-    n_rows = sum(block.shape[0] for block in blocks)
-    if not blocks or n_rows == 0:
-        return [sp.csr_matrix((n_rows, n_cols), dtype=np.float32) for _ in range(copies)]
-    nnz = np.array([block.nnz for block in blocks], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(nnz)])
-    total = int(offsets[-1])
-    index_dtype = np.int32 if max(total, n_cols) < 2**31 else np.int64
-    first: list[sp.csr_matrix] = []
-    if len(blocks) == 1:  # the block itself, then copies of it
-        block = blocks[0]
-        first = [block if block.dtype == np.float32 else block.astype(np.float32)]
-        copies -= 1
-        indptr = block.indptr.astype(index_dtype)
-    else:
-        indptr = np.empty(n_rows + 1, index_dtype)
-        indptr[0], row = 0, 0
-        for block, offset in zip(blocks, offsets[:-1], strict=True):
-            indptr[row + 1 : row + 1 + block.shape[0]] = block.indptr[1:] + offset
-            row += block.shape[0]
-    outputs = [(np.empty(total, np.float32), np.empty(total, index_dtype))
-               for _ in range(copies)]
-    pieces = []  # (source, destination, start, stop, the block's offset in the output)
-    for block, offset in zip(blocks, offsets[:-1], strict=True):
-        for start in range(0, block.nnz, _COPY_PIECE):
-            stop = min(start + _COPY_PIECE, block.nnz)
-            for data, indices in outputs:
-                pieces.append((block.data, data, start, stop, offset))
-                pieces.append((block.indices, indices, start, stop, offset))
-
-    def copy(piece) -> None:
-        source, destination, start, stop, offset = piece
-        destination[offset + start : offset + stop] = source[start:stop]
-
-    if workers > 1 and len(pieces) > 1:
-        with ThreadPoolExecutor(max_workers=min(workers, len(pieces))) as executor:
-            list(executor.map(copy, pieces))
-    else:
-        for piece in pieces:
-            copy(piece)
-    return first + [sp.csr_matrix((data, indices, indptr.copy()), shape=(n_rows, n_cols))
-                    for data, indices in outputs]
 
 
 def _backed_csr_group(matrix):

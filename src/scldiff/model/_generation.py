@@ -1,0 +1,263 @@
+"""``generate()`` and ``posterior_predictive_sample()``: cells drawn from the model, returned
+as an AnnData of counts built in one place."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi.utils import track
+
+from .._version import __version__
+from ..diffusion import DEFAULT_STEPS, SAMPLERS, check_guidance_interval
+from ..module._module import autocast_dtype
+from ._library import LIBRARY_SIZES
+from ._validation import resolve_generation_labels
+
+# generate()'s precisions: the dtype of the networks' matrix products under autocast
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# bytes per (cell, gene) entry that generating a batch needs on a GPU at its peak: the
+# decoder's outputs, the sampler's bound and uniforms, masks (an estimate with room to
+# spare; the measured peak is in docs "Performance")
+_GENERATION_BYTES_PER_ENTRY = 48
+
+
+def default_generation_batch(device: torch.device, n_genes: int) -> int:
+    """``generate()``'s default cells per batch: 4096 on a CPU (the decoder works in chunks
+    of 256 there anyway); on a GPU as many as fit in an eighth of its memory, in multiples
+    of 1024 from 1024 to 65,536. The device's total memory, not its free memory, so that
+    the batches, and with them the counts of a seed, do not depend on what else runs on
+    it."""
+    if device.type != "cuda":
+        return 4096
+    total = torch.cuda.get_device_properties(device).total_memory
+    cells = total // 8 // (max(n_genes, 1) * _GENERATION_BYTES_PER_ENTRY)
+    return int(min(max(cells // 1024 * 1024, 1024), 65_536))
+
+
+def _check_positive(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(
+            value, (int, np.integer)) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+class GenerationMixin:
+    """:meth:`generate` and :meth:`posterior_predictive_sample` of :class:`~scldiff.LapDDPM`."""
+
+    def generate(
+        self,
+        labels=None,
+        n_samples: int | None = None,
+        guidance_scale: float = 1.5,
+        sampler: Literal["ode", "ddim", "sde"] = "ode",
+        n_steps: int | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        progress_bar: bool = True,
+        library_size: Literal["latent", "label"] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        precision: Literal["float32", "bfloat16"] = "float32",
+    ) -> AnnData:
+        r"""Generate cells: guided latent diffusion, decoder, library size, count draws.
+
+        Parameters
+        ----------
+        labels
+            A mapping ``{label: count}``, or a sequence with one label per cell. ``None``
+            gives ``n_samples`` cells in the training label proportions.
+        n_samples
+            Number of cells when ``labels`` is ``None`` (default: as many as trained on).
+        guidance_scale
+            Classifier-free guidance :math:`w` in :math:`\epsilon_u + w(\epsilon_c -
+            \epsilon_u)`: 0 draws the latents without the labels (a decoder that reads the
+            labels still decodes them with each cell's label), 1 samples the conditional
+            model, larger values sharpen the labels. Ignored by unconditional models.
+        sampler
+            ``"ode"`` (probability-flow ODE, DPM-Solver++(2M)), ``"ddim"`` or ``"sde"``
+            (reverse SDE, Euler–Maruyama).
+        n_steps
+            Sampler steps (default 10 for ``"ode"``, 200 for ``"ddim"``, 500 for ``"sde"``).
+        batch_size
+            Cells generated at a time. Default: 4096 on a CPU; on a GPU as many as keep
+            the dense ``(cells, genes)`` arrays of a batch within about an eighth of the
+            device's memory (multiples of 1024, at most 65,536).
+        seed
+            Seed of the random numbers; the same seed and ``batch_size`` give the same
+            counts, also after save and load, on the same kind of device. On a GPU the
+            counts are drawn there, from a torch generator, so they differ from a CPU's
+            for the same seed (with the same distribution).
+        progress_bar
+            Show a progress bar.
+        library_size
+            How the cells' library sizes are drawn: ``"latent"`` (given each cell's latent)
+            or ``"label"`` (from the label's training cells alone); see
+            :class:`~scldiff.model.LibrarySizeModel`. ``None``: the model's.
+        guidance_interval
+            ``(t_low, t_high)`` with :math:`0 \le t_{low} \le t_{high} \le 1`: guide only
+            at diffusion times in that interval (:math:`t = 1` is pure noise) and sample
+            the conditional model elsewhere, with one network evaluation there
+            (Kynkäänniemi et al., 2024). ``None``: guide at every step.
+        precision
+            ``"float32"``, or ``"bfloat16"``: the networks' matrix products in bf16, as
+            under ``torch.autocast(device, dtype=torch.bfloat16)``; the ODE's state, the
+            softmax and the count draws stay in float32 and float64. Faster only where the
+            hardware computes bf16 natively (docs "Performance").
+
+        Returns
+        -------
+        AnnData with integer counts in ``X`` (CSR) and ``layers["counts"]``, the training
+        ``var_names``, ``obs[labels_key]`` (categorical, training categories),
+        ``obs["synthetic"] = True`` and the provenance of every choice (versions, seed,
+        sampler, guidance, batch size, precision, library size) in ``uns["scldiff"]``.
+        """
+        self._check_if_trained(warn=False)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
+        if isinstance(guidance_scale, bool) or not isinstance(
+                guidance_scale, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got "
+                             f"{guidance_scale!r}.")
+        _check_positive("n_steps", n_steps)
+        _check_positive("batch_size", batch_size)
+        if not isinstance(precision, str) or precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got "
+                             f"{precision!r}.")
+        library_size = self.library_size if library_size is None else library_size
+        if library_size not in LIBRARY_SIZES:
+            raise ValueError(f"library_size must be one of {LIBRARY_SIZES}, got "
+                             f"{library_size!r}.")
+        if labels is None and n_samples is None:
+            n_samples = len(self.train_indices_)
+        codes = resolve_generation_labels(labels, n_samples, self.label_categories,
+                                          np.asarray(self.label_proportions_),
+                                          self.is_conditional)
+        scale = float(guidance_scale) if self.is_conditional else 1.0
+        interval = check_guidance_interval(guidance_interval)
+        steps = n_steps or DEFAULT_STEPS[sampler]
+        device = self.device
+        if batch_size is None:
+            batch_size = default_generation_batch(device, self.summary_stats["n_vars"])
+        seed_sequence = np.random.SeedSequence(seed)
+        torch_seed, numpy_seed = seed_sequence.spawn(2)
+        # the latents and library sizes, and a GPU's counts, from a torch generator; a
+        # CPU's counts from numpy
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(torch_seed.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+        counts_generator = generator if device.type != "cpu" else \
+            np.random.default_rng(numpy_seed)
+        self.module.eval()
+        autocast = contextlib.nullcontext() if precision == "float32" else \
+            torch.autocast(device.type, dtype=PRECISIONS[precision])
+        blocks = []
+        with autocast:
+            computed_in = autocast_dtype(device.type)  # a caller's autocast counts too
+            for start in track(range(0, codes.size, batch_size),
+                               description="Generating cells", disable=not progress_bar,
+                               style="tqdm"):
+                batch = torch.from_numpy(codes[start : start + batch_size]).to(device)
+                z = self.module.sample_latents(batch, scale, sampler, steps, generator,
+                                               interval)
+                library = self.library_model_.draw(library_size, z, batch, generator)
+                blocks.append(self.module.decode_counts(z, library, counts_generator, batch))
+        provenance = {
+            "seed": "" if seed is None else str(seed),
+            "seed_entropy": str(seed_sequence.entropy),
+            "sampler": sampler,
+            "n_steps": int(steps),
+            "batch_size": int(batch_size),
+            "guidance_scale": scale,
+            "guidance_interval": list(interval or (0.0, 1.0)),
+            "precision": "float32" if computed_in is None else str(computed_in).split(".")[-1],
+            "library_size": library_size,
+        }
+        return self._counts_anndata(blocks, codes, "synthetic", provenance)
+
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices: np.ndarray | None = None,
+        batch_size: int = 512,
+        seed: int | None = None,
+        progress_bar: bool = False,
+    ) -> AnnData:
+        r"""Counts drawn from each cell's posterior predictive: the stage-A model's
+        reconstruction, with no diffusion.
+
+        For every cell, a latent :math:`z \sim q(z \mid x)` (encoded on the full cell
+        graph) is decoded with the cell's own library size (its total count) and counts are
+        drawn from the likelihood. Comparing these cells with :meth:`generate`'s tells the
+        count model's share of a gap to real data from the latent diffusion's: the
+        diffusion cannot do better than the posterior it was trained on.
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the training data (default: the model's).
+        indices
+            Cells to draw, in this order; repeat an index for several draws of a cell
+            (default: all cells once).
+        batch_size
+            Seed cells per encoding batch.
+        seed
+            Seed of the latent and count draws.
+        progress_bar
+            Show a progress bar while encoding.
+
+        Returns
+        -------
+        AnnData like :meth:`generate`'s, with the cells' own labels;
+        ``obs["source_cell"]`` names the cell each row was drawn from.
+        """
+        self._check_if_trained(warn=True)
+        adata = self._validate_anndata(adata)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        if indices.ndim != 1 or (indices.size and (
+                not np.issubdtype(indices.dtype, np.integer) or indices.min() < 0
+                or indices.max() >= adata.n_obs)):
+            raise ValueError(f"indices must be integer positions of cells in [0, "
+                             f"{adata.n_obs}), got {indices!r}.")
+        collator = self._collator(adata)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        mean, logvar = self._posterior(collator, unique, batch_size, progress_bar)
+        rng = np.random.default_rng(seed)
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        mean, logvar = mean[inverse], logvar[inverse]
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+        library = torch.from_numpy(collator.library[indices].astype(np.float32))
+        codes = collator.labels[indices]
+        self.module.eval()
+        counts = self.module.decode_counts(z.to(self.device), library.to(self.device), rng,
+                                           torch.from_numpy(codes).to(self.device))
+        synth = self._counts_anndata([counts], codes, "posterior",
+                                     {"seed": "" if seed is None else str(seed),
+                                      "draw": "posterior predictive"})
+        synth.obs["source_cell"] = np.asarray(adata.obs_names[indices], dtype=str)
+        return synth
+
+    def _counts_anndata(self, blocks: list[sp.csr_matrix], codes: np.ndarray, prefix: str,
+                        provenance: dict) -> AnnData:
+        """The AnnData of drawn counts: ``X`` and ``layers["counts"]`` (CSR, sharing no
+        memory, so that normalising ``X`` in place leaves the counts), the training genes,
+        ``obs[labels_key]`` from the label codes, ``obs["synthetic"]`` and
+        ``uns["scldiff"]``."""
+        n_genes = self.summary_stats["n_vars"]
+        x = sp.vstack(blocks, format="csr") if len(blocks) > 1 else \
+            blocks[0] if blocks else sp.csr_matrix((0, n_genes), dtype=np.float32)
+        obs = pd.DataFrame(index=pd.Index([f"{prefix}-{i}" for i in range(codes.size)]))
+        if self.is_conditional:
+            obs[self.labels_key] = pd.Categorical.from_codes(
+                codes, categories=self.label_categories)
+        obs["synthetic"] = True
+        var = pd.DataFrame(index=pd.Index(np.asarray(self.get_var_names(), dtype=str)))
+        uns = {"scldiff": {"model": type(self).__name__, "scldiff_version": __version__,
+                           "scvi_tools_version": self.registry_.get("scvi_version", ""),
+                           "torch_version": str(torch.__version__),
+                           "likelihood": self.module.likelihood,
+                           "labels_key": self.labels_key or "", **provenance}}
+        return AnnData(X=x, obs=obs, var=var, layers={"counts": x.copy()}, uns=uns)
