@@ -1,4 +1,4 @@
-"""Evaluation of generated cells against held-out real cells (DESIGN.md's protocol)."""
+"""Evaluation of generated cells against held-out real cells (docs "Benchmarks")."""
 
 from ._classifier import classifier_auc, tstr_f1
 from ._counts import count_diagnostics, library_coupling

@@ -1,4 +1,4 @@
-"""The evaluation protocol of DESIGN.md on two AnnData of raw counts."""
+"""The evaluation protocol (docs "Benchmarks") on two AnnData of raw counts."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from ._counts import count_diagnostics, library_coupling
 from ._distances import mmd_rbf, wasserstein
 from ._markers import marker_overlap
 from ._threads import torch_threads_kept
+
+
+def _check_genes(real: AnnData, generated: AnnData) -> None:
+    if list(real.var_names) != list(generated.var_names):
+        raise ValueError("real and generated must have the same var_names in the same order.")
 
 
 def _counts(adata: AnnData, layer: str | None):
@@ -62,8 +67,7 @@ def shared_pca(
     generated cells are projected with the same loadings. ``hvg`` (a boolean gene mask)
     skips the gene selection when the caller has made it already.
     """
-    if list(real.var_names) != list(generated.var_names):
-        raise ValueError("real and generated must have the same var_names in the same order.")
+    _check_genes(real, generated)
     if hvg is None:
         hvg = _seurat_v3_genes(_counts(real, layer), min(n_hvg, real.n_vars))
     x_real = _log_normalize(_counts(real, layer)[:, hvg])
@@ -71,6 +75,22 @@ def shared_pca(
     n_pcs = min(n_pcs, x_real.shape[0] - 1, x_real.shape[1])
     pca = PCA(n_components=n_pcs, random_state=random_state).fit(x_real)
     return pca.transform(x_real), pca.transform(x_gen)
+
+
+def _marker_overlap(real_log, real_labels, gen_log, gen_labels, genes, shared, n_markers
+                    ) -> float:
+    """The mean over the ``shared`` labels of :func:`marker_overlap`."""
+    keep_real, keep_gen = np.isin(real_labels, shared), np.isin(gen_labels, shared)
+    overlap = marker_overlap(real_log[keep_real], real_labels[keep_real], gen_log[keep_gen],
+                             gen_labels[keep_gen], genes, shared, n_markers)
+    return float(np.mean(list(overlap.values())))
+
+
+def _labels(adata: AnnData, labels_key: str, name: str) -> np.ndarray:
+    if labels_key not in adata.obs:
+        raise ValueError(f"labels_key {labels_key!r} is not a column of the {name} cells' obs; "
+                         "pass labels_key=None for unconditional metrics.")
+    return np.asarray(adata.obs[labels_key].astype(str))
 
 
 def evaluate(
@@ -86,7 +106,7 @@ def evaluate(
     markers: bool = True,
     n_markers: int = 100,
 ) -> pd.DataFrame:
-    """Compare generated cells with held-out real cells, the protocol of DESIGN.md.
+    """Compare generated cells with held-out real cells (the protocol of docs "Benchmarks").
 
     Distances (the LapDDPM paper's, as coded by CFGen): ``n_hvg`` Seurat-v3 genes chosen on
     the real counts, normalise to 1e4 + log1p, PCA(``n_pcs``) fitted on the real cells with
@@ -109,8 +129,7 @@ def evaluate(
     DataFrame indexed by metric with columns ``conditional`` and ``unconditional`` (the
     column that does not apply to a metric is NaN).
     """
-    if list(real.var_names) != list(generated.var_names):
-        raise ValueError("real and generated must have the same var_names in the same order.")
+    _check_genes(real, generated)
     real_counts, gen_counts = _counts(real, layer), _counts(generated, layer)
     hvg = _seurat_v3_genes(real_counts, min(n_hvg, real.n_vars))
     pcs_real, pcs_gen = shared_pca(real, generated, n_hvg, n_pcs, layer, random_state, hvg)
@@ -118,14 +137,10 @@ def evaluate(
             "W1": (wasserstein, {"power": 1})}
     result = {name: {"unconditional": fn(pcs_gen, pcs_real, **kw)}
               for name, (fn, kw) in rows.items()}
-    shared: list[str] = []
+    shared, real_labels, gen_labels = [], None, None
     if labels_key is not None:
-        for adata, name in ((real, "real"), (generated, "generated")):
-            if labels_key not in adata.obs:
-                raise ValueError(f"labels_key {labels_key!r} is not a column of the {name} "
-                                 "cells' obs; pass labels_key=None for unconditional metrics.")
-        real_labels = np.asarray(real.obs[labels_key].astype(str))
-        gen_labels = np.asarray(generated.obs[labels_key].astype(str))
+        real_labels, gen_labels = (_labels(adata, labels_key, name) for adata, name in
+                                   ((real, "real"), (generated, "generated")))
         shared = [label for label in np.unique(real_labels)
                   if (real_labels == label).sum() >= min_cells
                   and (gen_labels == label).sum() >= min_cells]
@@ -135,7 +150,6 @@ def evaluate(
             per_label = [fn(pcs_gen[gen_labels == label], pcs_real[real_labels == label], **kw)
                          for label in shared]
             result[name]["conditional"] = float(np.mean(per_label))
-
     real_log, gen_log = _log_normalize_sparse(real_counts), _log_normalize_sparse(gen_counts)
     if classifier:
         result["RF AUC"] = {"unconditional": classifier_auc(
@@ -145,17 +159,13 @@ def evaluate(
             result["TSTR macro F1"] = {"conditional": tstr_f1(
                 pcs_gen, gen_labels, pcs_real, real_labels, random_state=random_state)}
     if markers and labels_key is not None and len(shared) >= 2:
-        keep_real, keep_gen = np.isin(real_labels, shared), np.isin(gen_labels, shared)
-        overlap = marker_overlap(real_log[keep_real], real_labels[keep_real],
-                                 gen_log[keep_gen], gen_labels[keep_gen],
-                                 real.var_names, shared, n_markers)
-        result["marker overlap"] = {"conditional": float(np.mean(list(overlap.values())))}
-    column = "unconditional" if labels_key is None else "conditional"
-    for name, pcs, counts, cell_labels in (
-            ("real", pcs_real, real_counts, None if labels_key is None else real_labels),
-            ("generated", pcs_gen, gen_counts, None if labels_key is None else gen_labels)):
+        result["marker overlap"] = {"conditional": _marker_overlap(
+            real_log, real_labels, gen_log, gen_labels, real.var_names, shared, n_markers)}
+    for name, pcs, counts, cell_labels in (("real", pcs_real, real_counts, real_labels),
+                                           ("generated", pcs_gen, gen_counts, gen_labels)):
         value = library_coupling(pcs, np.asarray(counts.sum(1)).ravel(), cell_labels)
         if np.isfinite(value):
+            column = "unconditional" if labels_key is None else "conditional"
             result[f"library-expression R2 ({name})"] = {column: value}
     diagnostics = count_diagnostics(real_counts, gen_counts, real_log, gen_log)
     for name, value in diagnostics.items():

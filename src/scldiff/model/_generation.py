@@ -74,48 +74,67 @@ class GenerationMixin:
             Number of cells when ``labels`` is ``None`` (default: as many as trained on).
         guidance_scale
             Classifier-free guidance :math:`w` in :math:`\epsilon_u + w(\epsilon_c -
-            \epsilon_u)`: 0 draws the latents without the labels (a decoder that reads the
-            labels still decodes them with each cell's label), 1 samples the conditional
-            model, larger values sharpen the labels. Ignored by unconditional models.
-        sampler
-            ``"ode"`` (probability-flow ODE, DPM-Solver++(2M)), ``"ddim"`` or ``"sde"``
-            (reverse SDE, Euler–Maruyama).
-        n_steps
-            Sampler steps (default 10 for ``"ode"``, 200 for ``"ddim"``, 500 for ``"sde"``).
+            \epsilon_u)`: 0 ignores the labels in the latents, 1 samples the conditional
+            model, larger values sharpen the labels (unconditional models: ignored).
+        sampler, n_steps
+            ``"ode"`` (probability-flow ODE, DPM-Solver++(2M), 10 steps by default),
+            ``"ddim"`` (200) or ``"sde"`` (reverse SDE, Euler–Maruyama, 500), and its steps.
         batch_size
-            Cells generated at a time. Default: 4096 on a CPU; on a GPU as many as keep
-            the dense ``(cells, genes)`` arrays of a batch within about an eighth of the
-            device's memory (multiples of 1024, at most 65,536).
+            Cells generated at a time: by default 4096 on a CPU, and on a GPU as many as
+            keep a batch's dense ``(cells, genes)`` arrays within an eighth of its memory.
         seed
-            Seed of the random numbers; the same seed and ``batch_size`` give the same
-            counts, also after save and load, on the same kind of device. On a GPU the
-            counts are drawn there, from a torch generator, so they differ from a CPU's
-            for the same seed (with the same distribution).
+            Seed of the random numbers: the same seed and ``batch_size`` give the same
+            counts on the same kind of device, also after save and load (a GPU draws the
+            counts from a torch generator, a CPU from numpy: other counts, same law).
         progress_bar
             Show a progress bar.
         library_size
-            How the cells' library sizes are drawn: ``"latent"`` (given each cell's latent)
-            or ``"label"`` (from the label's training cells alone); see
-            :class:`~scldiff.model.LibrarySizeModel`. ``None``: the model's.
+            ``"latent"`` or ``"label"`` (:class:`~scldiff.model.LibrarySizeModel`);
+            ``None``: the model's.
         guidance_interval
-            ``(t_low, t_high)`` with :math:`0 \le t_{low} \le t_{high} \le 1`: guide only
-            at diffusion times in that interval (:math:`t = 1` is pure noise) and sample
-            the conditional model elsewhere, with one network evaluation there
-            (Kynkäänniemi et al., 2024). ``None``: guide at every step.
+            ``(t_low, t_high)`` in :math:`[0, 1]`: guide only at diffusion times in that
+            interval and sample the conditional model elsewhere (Kynkäänniemi et al.,
+            2024). ``None``: guide at every step.
         precision
             ``"float32"``, or ``"bfloat16"``: the networks' matrix products in bf16, as
-            under ``torch.autocast(device, dtype=torch.bfloat16)``; the ODE's state, the
-            softmax and the count draws stay in float32 and float64. Faster only where the
-            hardware computes bf16 natively (docs "Performance").
+            under ``torch.autocast``, which pays only where the hardware computes bf16
+            natively (docs "Performance"); the ODE's state, the softmax and the draws stay
+            in float32 and float64.
 
         Returns
         -------
-        AnnData with integer counts in ``X`` (CSR) and ``layers["counts"]``, the training
-        ``var_names``, ``obs[labels_key]`` (categorical, training categories),
-        ``obs["synthetic"] = True`` and the provenance of every choice (versions, seed,
-        sampler, guidance, batch size, precision, library size) in ``uns["scldiff"]``.
+        AnnData of integer counts in ``X`` (CSR) and ``layers["counts"]``, the training
+        genes, ``obs[labels_key]`` (the training categories), ``obs["synthetic"] = True``
+        and the provenance of every choice in ``uns["scldiff"]``.
         """
         self._check_if_trained(warn=False)
+        sampling, library_size, batch_size = self._generation_settings(
+            guidance_scale, sampler, n_steps, batch_size, precision, library_size,
+            guidance_interval)
+        if labels is None and n_samples is None:
+            n_samples = len(self.train_indices_)
+        codes = resolve_generation_labels(labels, n_samples, self.label_categories,
+                                          np.asarray(self.label_proportions_),
+                                          self.is_conditional)
+        seed_sequence = np.random.SeedSequence(seed)
+        self.module.eval()
+        autocast = contextlib.nullcontext() if precision == "float32" else \
+            torch.autocast(self.device.type, dtype=PRECISIONS[precision])
+        with autocast:
+            computed_in = autocast_dtype(self.device.type)  # a caller's autocast counts too
+            blocks = self._draw_batches(codes, batch_size, seed_sequence, progress_bar,
+                                        library_size, sampling)
+        return self._counts_anndata(blocks, codes, "synthetic", {
+            "seed": "" if seed is None else str(seed), "seed_entropy": str(seed_sequence.entropy),
+            **sampling, "guidance_interval": list(sampling["guidance_interval"] or (0.0, 1.0)),
+            "batch_size": int(batch_size), "library_size": library_size,
+            "precision": "float32" if computed_in is None else str(computed_in).split(".")[-1]})
+
+    def _generation_settings(self, guidance_scale, sampler, n_steps, batch_size, precision,
+                             library_size, guidance_interval) -> tuple[dict, str, int]:
+        """:meth:`generate`'s arguments checked (``ValueError`` naming a bad one), with
+        their defaults: the sampler's arguments, the library-size mode and the batch
+        size."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
         if isinstance(guidance_scale, bool) or not isinstance(
@@ -132,51 +151,35 @@ class GenerationMixin:
         if library_size not in LIBRARY_SIZES:
             raise ValueError(f"library_size must be one of {LIBRARY_SIZES}, got "
                              f"{library_size!r}.")
-        if labels is None and n_samples is None:
-            n_samples = len(self.train_indices_)
-        codes = resolve_generation_labels(labels, n_samples, self.label_categories,
-                                          np.asarray(self.label_proportions_),
-                                          self.is_conditional)
-        scale = float(guidance_scale) if self.is_conditional else 1.0
-        interval = check_guidance_interval(guidance_interval)
-        steps = n_steps or DEFAULT_STEPS[sampler]
-        device = self.device
         if batch_size is None:
-            batch_size = default_generation_batch(device, self.summary_stats["n_vars"])
-        seed_sequence = np.random.SeedSequence(seed)
+            batch_size = default_generation_batch(self.device, self.summary_stats["n_vars"])
+        sampling = {"guidance_scale": float(guidance_scale) if self.is_conditional else 1.0,
+                    "sampler": sampler, "n_steps": int(n_steps or DEFAULT_STEPS[sampler]),
+                    "guidance_interval": check_guidance_interval(guidance_interval)}
+        return sampling, library_size, batch_size
+
+    def _draw_batches(self, codes: np.ndarray, batch_size: int,
+                      seed_sequence: np.random.SeedSequence, progress_bar: bool,
+                      library_size: str, sampling: dict) -> list[sp.csr_matrix]:
+        """The counts of cells of label codes ``codes``, ``batch_size`` at a time: latents
+        (``sampling``: :meth:`~scldiff.module.LapDDPMModule.sample_latents`' arguments),
+        library sizes and counts. The latents and library sizes, and a GPU's counts, come
+        from a torch generator, a CPU's counts from numpy, both seeded from
+        ``seed_sequence``."""
+        device = self.device
         torch_seed, numpy_seed = seed_sequence.spawn(2)
-        # the latents and library sizes, and a GPU's counts, from a torch generator; a
-        # CPU's counts from numpy
         generator = torch.Generator(device=device)
         generator.manual_seed(int(torch_seed.generate_state(1, np.uint64)[0] >> np.uint64(1)))
         counts_generator = generator if device.type != "cpu" else \
             np.random.default_rng(numpy_seed)
-        self.module.eval()
-        autocast = contextlib.nullcontext() if precision == "float32" else \
-            torch.autocast(device.type, dtype=PRECISIONS[precision])
         blocks = []
-        with autocast:
-            computed_in = autocast_dtype(device.type)  # a caller's autocast counts too
-            for start in track(range(0, codes.size, batch_size),
-                               description="Generating cells", disable=not progress_bar,
-                               style="tqdm"):
-                batch = torch.from_numpy(codes[start : start + batch_size]).to(device)
-                z = self.module.sample_latents(batch, scale, sampler, steps, generator,
-                                               interval)
-                library = self.library_model_.draw(library_size, z, batch, generator)
-                blocks.append(self.module.decode_counts(z, library, counts_generator, batch))
-        provenance = {
-            "seed": "" if seed is None else str(seed),
-            "seed_entropy": str(seed_sequence.entropy),
-            "sampler": sampler,
-            "n_steps": int(steps),
-            "batch_size": int(batch_size),
-            "guidance_scale": scale,
-            "guidance_interval": list(interval or (0.0, 1.0)),
-            "precision": "float32" if computed_in is None else str(computed_in).split(".")[-1],
-            "library_size": library_size,
-        }
-        return self._counts_anndata(blocks, codes, "synthetic", provenance)
+        for start in track(range(0, codes.size, batch_size), description="Generating cells",
+                           disable=not progress_bar, style="tqdm"):
+            batch = torch.from_numpy(codes[start : start + batch_size]).to(device)
+            z = self.module.sample_latents(batch, generator=generator, **sampling)
+            library = self.library_model_.draw(library_size, z, batch, generator)
+            blocks.append(self.module.decode_counts(z, library, counts_generator, batch))
+        return blocks
 
     def posterior_predictive_sample(
         self,

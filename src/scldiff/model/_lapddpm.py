@@ -32,7 +32,7 @@ from ._serialization import (
 )
 from ._setup import ensure_graph, warn_backed_csc
 from ._training import TrainingMixin
-from ._validation import check_counts, check_graph_parameters, check_labels
+from ._validation import check_counts, check_genes, check_graph_parameters, check_labels
 
 # attributes saved with the model besides its init parameters and registry (JSON)
 _SAVED_ATTRIBUTES = ("is_trained_", "history_", "train_indices_", "validation_indices_",
@@ -399,7 +399,7 @@ class LapDDPM(TrainingMixin, GenerationMixin, BaseModelClass):
         if adata is False:
             adata = None
         if adata is not None:
-            _check_genes(adata, np.asarray(attributes["var_names"], dtype=str))
+            check_genes(adata, np.asarray(attributes["var_names"], dtype=str))
             cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
         try:
             model = cls(adata, registry=registry if adata is None else None,
@@ -436,16 +436,3 @@ class LapDDPM(TrainingMixin, GenerationMixin, BaseModelClass):
         trained = "trained" if self.is_trained_ else "untrained"
         return f"{self._model_summary_string} ({trained})"
 
-
-def _check_genes(adata: AnnData, var_names: np.ndarray) -> None:
-    """Raise ``ValueError`` unless ``adata`` has exactly the model's genes, in order."""
-    given = np.asarray(adata.var_names, dtype=str)
-    if np.array_equal(given, var_names):
-        return
-    missing = [g for g in var_names if g not in set(given)]
-    extra = [g for g in given if g not in set(var_names)]
-    raise ValueError(
-        "The AnnData's genes differ from the model's: "
-        f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} extra (e.g. {extra[:5]})"
-        + ("" if missing or extra else ", same genes in another order")
-        + ". Subset and order them as in training: adata[:, model_var_names].")

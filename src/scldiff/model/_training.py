@@ -74,9 +74,30 @@ def _merge_history(old: dict | None, new: dict | None) -> dict:
     return old
 
 
-def _check_epochs(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+def _run_seed(ckpt_path: str | None) -> tuple[int, str | None, dict | None]:
+    """The run's seed, the stage it resumes in and the checkpoint's module weights (``None``
+    and ``None`` for a new run, whose seed is one draw from torch's global generator, which
+    ``scvi.settings.seed`` sets)."""
+    if ckpt_path is None:
+        return int(torch.randint(0, 2**31 - 1, ()).item()), None, None
+    meta, module_state = _read_checkpoint(ckpt_path)
+    return meta["seed"], meta["stage"], module_state
+
+
+def _stage_epochs(max_epochs, max_epochs_diffusion, n_cells: int, batch_size: int,
+                  batch_size_diffusion: int) -> tuple[int, int]:
+    """The two stages' epochs, by default those of ``STAGE_A_STEPS`` and ``STAGE_B_STEPS``
+    optimisation steps; checked."""
+    n_a = epochs_for_steps(STAGE_A_STEPS, n_cells, batch_size) if max_epochs is None \
+        else max_epochs
+    n_b = epochs_for_steps(STAGE_B_STEPS, n_cells, batch_size_diffusion) \
+        if max_epochs_diffusion is None else max_epochs_diffusion
+    for name, value in (("max_epochs", n_a), ("max_epochs_diffusion", n_b)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+    if n_a + n_b == 0:
+        raise ValueError("Both stages have 0 epochs; nothing to train.")
+    return n_a, n_b
 
 
 class TrainingMixin:
@@ -96,117 +117,101 @@ class TrainingMixin:
         diffusion_plan_kwargs: dict | None = None,
         **trainer_kwargs,
     ) -> None:
-        """Train in two stages: the graph VAE (A), then the latent diffusion (B).
-
-        Stage A minibatches are subgraphs (seed cells and their graph neighbourhood), so a
-        step costs O(batch_size * n_neighbors) whatever the number of cells. Stage B trains
-        the ScoreNet on the frozen encoder's posteriors. Then the library-size model is fit
-        to the training cells. Both stages' losses are appended to :attr:`history`
-        (``elbo_train``, ``reconstruction_loss_train``, ``kl_local_train``,
-        ``perturbation_relative_change_train``, then ``diffusion_loss_train``).
+        """Train the graph VAE (stage A), then the latent diffusion on its posteriors (stage
+        B), then fit the library-size model. Stage A's minibatches are subgraphs, so a step
+        costs O(batch_size * n_neighbors) on any atlas. Both stages' losses go to
+        :attr:`history`.
 
         Parameters
         ----------
-        max_epochs
-            Epochs of stage A; by default about 2,000 optimisation steps (at least one
-            epoch).
-        max_epochs_diffusion
-            Epochs of stage B; by default about 4,000 steps (at least one epoch).
+        max_epochs, max_epochs_diffusion
+            Epochs of stage A and of stage B; by default about 2,000 and 4,000 optimisation
+            steps (at least one epoch each).
         accelerator, devices
             Lightning's accelerator and devices.
-        train_size
-            Fraction of cells used for training.
-        validation_size
-            Fraction used for validation (default: the rest).
-        batch_size
-            Seed cells per stage-A minibatch.
-        batch_size_diffusion
-            Cells per stage-B minibatch.
-        plan_kwargs
-            Keyword arguments of stage A's :class:`~scldiff.train.GraphVAETrainingPlan`
-            (``lr``, ``kl_weight``, ``perturbation``, ``epsilon``, ``mask_fraction``, ...);
-            ``n_epochs_kl_warmup`` defaults to a quarter of stage A.
-        diffusion_plan_kwargs
-            Keyword arguments of stage B's :class:`~scldiff.train.DiffusionTrainingPlan`
-            (``lr``, ``p_uncond``, ``ema_decay``, ...).
+        train_size, validation_size
+            Fractions of the cells to train and to validate on (default: the rest).
+        batch_size, batch_size_diffusion
+            Seed cells per stage-A minibatch; cells per stage-B minibatch.
+        plan_kwargs, diffusion_plan_kwargs
+            Keyword arguments of :class:`~scldiff.train.GraphVAETrainingPlan` (``lr``,
+            ``kl_weight``, ``perturbation``, ``epsilon``, ``mask_fraction``, ...;
+            ``n_epochs_kl_warmup`` defaults to a quarter of stage A) and of
+            :class:`~scldiff.train.DiffusionTrainingPlan` (``lr``, ``p_uncond``, ...).
         **trainer_kwargs
-            Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar=False``,
-            ``callbacks=[ModelCheckpoint(dirpath=..., save_last=True)]``), and
-            ``ckpt_path``: a checkpoint written by such a callback during an earlier call
-            with the same arguments; training resumes from it (in stage A or B, whichever
-            it was written in) and ends as the uninterrupted run would have.
+            Passed to :class:`scvi.train.Trainer` (``enable_progress_bar=False``,
+            ``callbacks=[ModelCheckpoint(...)]``, ...), and ``ckpt_path``: a checkpoint
+            such a callback wrote during an earlier call with the same arguments, from
+            which training resumes to end as the uninterrupted run would have.
 
         Notes
         -----
-        A run draws one seed from torch's global generator (set by ``scvi.settings.seed``);
-        the split, the batch order of each epoch and every random draw of each step derive
-        from it, so the same seed gives the same weights on a CPU (on GPUs, to
-        floating-point tolerance: some scatter-adds are non-deterministic there). The
-        global generator's state is restored when training returns. A NaN or infinite
-        loss or gradient stops training with :class:`~scldiff.train.NonFiniteLossError`,
-        naming the stage and the loss term; the model keeps the weights of the last finite
-        step.
+        A run's seed is one draw from torch's global generator (``scvi.settings.seed``);
+        the split, the batches and every draw of each step derive from it, so a seed gives
+        the same weights on a CPU (on GPUs to floating-point tolerance). A NaN or infinite
+        loss or gradient stops training with :class:`~scldiff.train.NonFiniteLossError`;
+        the model keeps the weights of the last finite step.
         """
         if self.adata is None:
             raise ValueError("This model was loaded without an AnnData; pass adata to "
                              "LapDDPM.load(dir_path, adata) to train it.")
         resume = trainer_kwargs.pop("ckpt_path", None)
-        if resume is not None:
-            meta, module_state = _read_checkpoint(resume)
-            seed, resume_stage = meta["seed"], meta["stage"]
-        else:  # one draw from the global generator (scvi.settings.seed) seeds the run
-            seed, resume_stage = int(torch.randint(0, 2**31 - 1, ()).item()), None
-        # the split derives from the run's seed, so a resumed run trains on the same cells
+        seed, resume_stage, module_state = _run_seed(resume)  # resumed: the same split
         train_idx, val_idx = self._split(train_size, validation_size, seed)
-        n_a = epochs_for_steps(STAGE_A_STEPS, train_idx.size, batch_size) \
-            if max_epochs is None else max_epochs
-        n_b = epochs_for_steps(STAGE_B_STEPS, train_idx.size, batch_size_diffusion) \
-            if max_epochs_diffusion is None else max_epochs_diffusion
-        _check_epochs("max_epochs", n_a)
-        _check_epochs("max_epochs_diffusion", n_b)
-        if n_a + n_b == 0:
-            raise ValueError("Both stages have 0 epochs; nothing to train.")
+        n_a, n_b = _stage_epochs(max_epochs, max_epochs_diffusion, train_idx.size, batch_size,
+                                 batch_size_diffusion)
         if len(val_idx):
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         # both plans first, so that bad arguments are refused before anything changes
+        plan_a, plan_b = self._plans(n_a, seed, plan_kwargs, diffusion_plan_kwargs)
+        collator = self._collator()
+        if resume_stage == "B":  # stage A had finished: its weights are in the checkpoint
+            self._load_checkpoint_weights(resume, module_state)
+            n_a = 0
+        fit = {"accelerator": accelerator, "devices": devices, "trainer_kwargs": trainer_kwargs}
+        bar = bool(trainer_kwargs.get("enable_progress_bar", True))
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            if n_a > 0:
+                data_a = SubgraphDataModule(collator, train_idx, val_idx, batch_size, seed=seed)
+                self._fit(plan_a, data_a, n_a, resume if resume_stage == "A" else None, **fit)
+            posterior = self._posterior(collator, train_idx, progress_bar=bar)
+            if n_b > 0:
+                self.module.set_latent_statistics(*posterior)
+                val = self._posterior(collator, val_idx, progress_bar=bar) if len(val_idx) \
+                    else None
+                data_b = LatentDataModule.of_cells(posterior, val, collator.labels, train_idx,
+                                                   val_idx, batch_size_diffusion, seed)
+                self._fit(plan_b, data_b, n_b, resume if resume_stage == "B" else None, **fit)
+        self._finish(collator, train_idx, val_idx, posterior)
+
+    def _plans(self, n_a: int, seed: int, plan_kwargs: dict | None,
+               diffusion_plan_kwargs: dict | None
+               ) -> tuple[GraphVAETrainingPlan, DiffusionTrainingPlan]:
+        """The two stages' plans, with the defaults that depend on the run."""
         plan_a = GraphVAETrainingPlan(self.module, **{
             "n_epochs_kl_warmup": max(n_a // 4, 1), **(plan_kwargs or {}), "seed": seed})
         plan_b = DiffusionTrainingPlan(self.module, **{
             "p_uncond": 0.1 if self.is_conditional else 0.0, **(diffusion_plan_kwargs or {}),
             "seed": seed})
-        collator = self._collator()
-        if resume_stage == "B":  # stage A had finished: its weights are in the checkpoint
-            missing = set(self.module.state_dict()) - set(module_state)
-            if missing:
-                raise ValueError(f"The checkpoint {resume} does not fit this model (missing "
-                                 f"{sorted(missing)[:5]}); resume with the same model.")
-            self.module.load_state_dict(module_state)
-            n_a = 0
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            if n_a > 0:
-                logger.info("Stage A: graph VAE, %d epochs.", n_a)
-                data_a = SubgraphDataModule(collator, train_idx, val_idx, batch_size, seed=seed)
-                self._fit(plan_a, data_a, n_a, accelerator, devices, trainer_kwargs,
-                          resume if resume_stage == "A" else None)
-            bar = bool(trainer_kwargs.get("enable_progress_bar", True))
-            posterior = self._posterior(collator, train_idx, progress_bar=bar)
-            if n_b > 0:
-                logger.info("Stage B: latent diffusion, %d epochs.", n_b)
-                self.module.set_latent_statistics(*posterior)
-                labels = torch.from_numpy(collator.labels)
-                val = None
-                if len(val_idx):
-                    val = (*self._posterior(collator, val_idx, progress_bar=bar),
-                           labels[val_idx])
-                data_b = LatentDataModule((*posterior, labels[train_idx]), val,
-                                          batch_size_diffusion, seed=seed)
-                self._fit(plan_b, data_b, n_b, accelerator, devices, trainer_kwargs,
-                          resume if resume_stage == "B" else None)
+        return plan_a, plan_b
+
+    def _load_checkpoint_weights(self, path: str, module_state: dict) -> None:
+        missing = set(self.module.state_dict()) - set(module_state)
+        if missing:
+            raise ValueError(f"The checkpoint {path} does not fit this model (missing "
+                             f"{sorted(missing)[:5]}); resume with the same model.")
+        self.module.load_state_dict(module_state)
+
+    def _finish(self, collator, train_idx: np.ndarray, val_idx: np.ndarray,
+                posterior: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """The library-size model and the label proportions of the training cells, and the
+        split, of a finished run."""
         codes = collator.labels[train_idx]
+        n_labels = len(self.label_categories)
         self.library_model_ = LibrarySizeModel.fit(
-            collator.library[train_idx], codes, len(self.label_categories),
-            posterior[0].numpy(), posterior[1].exp().numpy())
-        counts = np.bincount(codes, minlength=len(self.label_categories))
+            collator.library[train_idx], codes, n_labels, posterior[0].numpy(),
+            posterior[1].exp().numpy())
+        counts = np.bincount(codes, minlength=n_labels)
         self.label_proportions_ = (counts / counts.sum()).tolist()
         self.train_indices_, self.validation_indices_ = train_idx, val_idx
         self.test_indices_ = np.zeros(0, dtype=np.int64)
@@ -226,9 +231,11 @@ class TrainingMixin:
         permutation = np.random.default_rng(seed).permutation(n)
         return np.sort(permutation[:n_train]), np.sort(permutation[n_train:n_train + n_val])
 
-    def _fit(self, plan, datamodule, max_epochs: int, accelerator, devices,
-             trainer_kwargs: dict, ckpt_path: str | None = None) -> None:
-        """One stage through scvi-tools' runner, its history appended to the model's."""
+    def _fit(self, plan, datamodule, max_epochs: int, ckpt_path: str | None, accelerator,
+             devices, trainer_kwargs: dict) -> None:
+        """One stage through scvi-tools' runner, its history appended to the model's. (Its
+        steps seed torch's global generator: :meth:`train` restores that afterwards.)"""
+        logger.info("%s, %d epochs.", plan.stage_name, max_epochs)
         previous = dict(self.history_ or {})  # the runner appends to the dict in place
         trainer_kwargs = dict(trainer_kwargs)
         if trainer_kwargs.get("enable_progress_bar", True) and trainer_kwargs.get(

@@ -198,3 +198,17 @@ def resolve_generation_labels(
     if len(labels) == 0:
         raise ValueError("labels is empty; give at least one label.")
     return np.array([code(label) for label in labels], dtype=np.int64)
+
+
+def check_genes(adata: AnnData, var_names: np.ndarray) -> None:
+    """Raise ``ValueError`` unless ``adata`` has exactly the model's genes, in order."""
+    given = np.asarray(adata.var_names, dtype=str)
+    if np.array_equal(given, var_names):
+        return
+    missing = [g for g in var_names if g not in set(given)]
+    extra = [g for g in given if g not in set(var_names)]
+    raise ValueError(
+        "The AnnData's genes differ from the model's: "
+        f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} extra (e.g. {extra[:5]})"
+        + ("" if missing or extra else ", same genes in another order")
+        + ". Subset and order them as in training: adata[:, model_var_names].")

@@ -250,6 +250,17 @@ class _Latents(Dataset):
 class LatentDataModule(LightningDataModule):
     """Stage B: posterior parameters of the training cells (the encoder is frozen)."""
 
+    @classmethod
+    def of_cells(cls, train_posterior: tuple[torch.Tensor, torch.Tensor],
+                 val_posterior: tuple[torch.Tensor, torch.Tensor] | None, labels: np.ndarray,
+                 train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, seed: int
+                 ) -> LatentDataModule:
+        """The data module of the training (and validation) cells' posteriors, with the
+        label codes ``labels`` of all cells."""
+        labels = torch.from_numpy(np.asarray(labels))
+        val = None if val_posterior is None else (*val_posterior, labels[val_idx])
+        return cls((*train_posterior, labels[train_idx]), val, batch_size, seed=seed)
+
     def __init__(self, train: tuple[torch.Tensor, ...], val: tuple[torch.Tensor, ...] | None,
                  batch_size: int = 256, seed: int = 0):
         super().__init__()
