@@ -54,12 +54,10 @@ class SubgraphSampler:
     A sampler builds one subgraph at a time (it reuses a cell-to-node map of ``n_cells``
     integers); DataLoader workers are processes, each with its own copy.
 
-    Why not torch_geometric's samplers: its ``NeighborSampler`` (``NeighborLoader``) needs
-    the compiled ``pyg-lib`` or ``torch-sparse``, which PyPI does not carry as wheels, and
-    its pure-torch ``k_hop_subgraph`` marks nodes over every edge of the graph for each
-    batch, so a batch's cost grows with the atlas (134 ms against this sampler's 1.5 ms at
-    one million cells; ``benchmarks/speed.py --parts scale``). This sampler reads only the seed
-    cells' rows of the CSR graph. Neither returns ``degree_outside``.
+    Why not torch_geometric's samplers: its ``NeighborSampler`` needs the compiled
+    ``pyg-lib`` or ``torch-sparse``, which PyPI does not carry as wheels, and its pure-torch
+    ``k_hop_subgraph`` marks nodes over every edge of the graph for each batch, so a batch's
+    cost grows with the atlas (docs "Performance"). Neither returns ``degree_outside``.
     """
 
     def __init__(self, graph: sp.spmatrix, n_hops: int = 1):

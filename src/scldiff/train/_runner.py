@@ -12,9 +12,8 @@ class CpuDeterminism(Callback):
 
     Some CPU kernels (scatter/index accumulation) pick a parallel, order-dependent
     algorithm for large inputs by default, so two runs with the same seed could end with
-    slightly different weights, even on one thread (seen on PBMC3K-sized batches). Their
-    deterministic versions cost no measurable time on a CPU. On a GPU they can be much
-    slower, so nothing changes there.
+    slightly different weights, even on one thread. Their deterministic versions cost no
+    measurable time on a CPU; on a GPU they can be much slower, so nothing changes there.
     """
 
     def __init__(self):
