@@ -3,7 +3,7 @@
 Usage (from the repository root, after ``make install``)::
 
     python benchmarks/speed.py                         # all parts, atlases of 10k and 100k cells
-    python benchmarks/speed.py --parts generation training
+    python benchmarks/speed.py --parts generation training tricks
     python benchmarks/speed.py --parts scale --sizes 10000 100000 1000000 [--backed]
     python benchmarks/speed.py --quick                 # small and short: checks the script runs
     python benchmarks/speed.py --device cuda --full-training   # on a GPU, the default runs too
@@ -17,6 +17,8 @@ Parts (``speed_parts/``):
 * **training**: time per optimisation step of LapDDPM's two stages and of scVI on PBMC3K,
   the default runs' times estimated from them (``--full-training``: measured), and the
   host's time to build a stage-A minibatch.
+* **tricks**: each speed trick against the plain path it replaces, in one process (docs
+  "Performance").
 * **scale**: a synthetic atlas made from PBMC3K (per-label negative binomial resampling of
   its 2,000 most variable genes), each size in a fresh process: setup's time and peak
   memory, the stage-A step (the smallest median of ``--windows`` windows of ``--steps``
@@ -43,8 +45,9 @@ from speed_parts.generation import bench_generation
 from speed_parts.report import report
 from speed_parts.scale import bench_scale, relative_steps, scale_worker
 from speed_parts.training import bench_training
+from speed_parts.tricks import bench_tricks
 
-PARTS = ("generation", "training", "scale")
+PARTS = ("generation", "training", "scale", "tricks")
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     if "training" in args.parts:
         print("[training] ...", flush=True)
         results["training"] = bench_training(epochs, args.full_training)
+    if "tricks" in args.parts:
+        print("[tricks] ...", flush=True)
+        results["tricks"] = bench_tricks(args.repeats)
     if "scale" in args.parts:
         results["scale"] = bench_scale(os.path.abspath(__file__), args.sizes, args.steps,
                                        args.generate_cells,

@@ -8,8 +8,8 @@
 # (a call runs 10 minutes at most: scale in a call of its own, made while the machine is
 # still warm)
 # Parts, in the order given (times on an H100, machine start not included):
-#   generation  speed.py --parts generation training: 10,000 cells against the 0.1 s
-#               target, and the training steps of both stages and of scVI (about 3 min)
+#   generation  speed.py --parts generation training tricks: 10,000 cells generated,
+#               the training steps of both stages and of scVI, the speed tricks (about 3 min)
 #   full        speed.py --parts training --full-training: also the default trainings of
 #               LapDDPM and scVI end to end (about 5 min)
 #   scale       speed.py --parts scale --sizes 10000 1000000 --backed: the atlas sizes read
@@ -49,7 +49,7 @@ PY
 status=0
 for part in "$@"; do
   case $part in
-    generation) args=(--parts generation training) ;;
+    generation) args=(--parts generation training tricks) ;;
     full) args=(--parts training --full-training) ;;
     scale) args=(--parts scale --sizes 10000 1000000 --backed) ;;
     *) echo "unknown part: $part (generation, full or scale)" >&2; exit 2 ;;

@@ -114,11 +114,20 @@ def _scale(results: dict) -> list[str]:
     return lines
 
 
+def _tricks(results: dict) -> list[str]:
+    return ["### Speed tricks against the plain paths they replace", "",
+            *_measured(results, "tricks"),
+            "| trick | trick ms | plain path ms | saving |", "|---|---|---|---|",
+            *[f"| {name} | {_fmt(r['trick_seconds'] * 1e3, 2)} | "
+              f"{_fmt(r['plain_seconds'] * 1e3, 2)} | {r['saving']:.0%} |"
+              for name, r in results["tricks"].items()], ""]
+
+
 def report(results: dict) -> str:
     lines = ["Produced by `python benchmarks/speed.py` (`--parts` runs some parts and keeps "
              "the others' earlier results).", ""]
     for part, section in (("generation", _generation), ("training", _training),
-                          ("scale", _scale)):
+                          ("tricks", _tricks), ("scale", _scale)):
         if part in results:
             lines += section(results)
     return "\n".join(lines)

@@ -92,6 +92,16 @@ class LapDDPMTrainingPlan(TrainingPlan):
         """The networks this stage trains."""
         raise NotImplementedError
 
+    def _step(self, batch: dict, mode: str) -> torch.Tensor:
+        """The loss of a minibatch, logged; ``mode``: ``"train"`` or ``"validation"``."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "validation")
+
     # ------------------------------------------------------------- numerical faults
     def _fault(self, what: str) -> NonFiniteLossError:
         return NonFiniteLossError(

@@ -101,12 +101,6 @@ class DiffusionTrainingPlan(LapDDPMTrainingPlan):
                  sync_dist=self.use_sync_dist)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "validation")
-
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None:
             self.ema.update(self.module.score_net)

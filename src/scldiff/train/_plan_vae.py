@@ -209,12 +209,6 @@ class GraphVAETrainingPlan(LapDDPMTrainingPlan):
         self.compute_and_log_metrics(out, metrics, mode)
         return out.loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "validation")
-
     def configure_optimizers(self):
         dispersion = self.module.decoder.log_theta
         params = [p for p in (*self.module.encoder.parameters(),
