@@ -222,6 +222,22 @@ def test_generate_under_bf16_autocast(trained_model):
             trained_model.generate(precision=bad, **kw)
 
 
+def test_generate_leaves_torch_global_state_alone(trained_model):
+    # a library call: torch's global generator, thread count, autocast and deterministic
+    # algorithms are as the caller left them (the draws come from generate's own generators)
+    torch.manual_seed(123)
+    rng_state = torch.random.get_rng_state()
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    for precision in ("float32", "bfloat16"):
+        trained_model.generate(n_samples=600, seed=1, progress_bar=False, precision=precision)
+        trained_model.posterior_predictive_sample(seed=1)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    assert torch.get_num_threads() == threads
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_generate_label_arguments(trained_model):
     gen = lambda **kw: trained_model.generate(seed=0, progress_bar=False, **kw)
     seq = gen(labels=["NK cells", "B cells", "NK cells"])

@@ -3,7 +3,7 @@ r"""Variance-preserving SDE noise schedule (Song et al., 2021), kept apart from 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -109,7 +109,3 @@ class VPSchedule:
         a2 = math.exp(-self.integral_beta(torch.tensor(1.0)).item())
         var = a2 * data_variance + (1.0 - a2)
         return 0.5 * (var - 1.0 - math.log(var))
-
-    def to_config(self) -> dict:
-        """JSON-serialisable hyper-parameters."""
-        return asdict(self)

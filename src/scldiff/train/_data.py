@@ -82,6 +82,12 @@ def _replicas(datamodule: LightningDataModule) -> tuple[int, int]:
     return trainer.world_size, trainer.global_rank
 
 
+def _loader_generator(seed: int) -> torch.Generator:
+    """The generator of a DataLoader's own seed (for workers): without one, iterating a
+    DataLoader draws from torch's global generator, which a library must leave alone."""
+    return torch.Generator().manual_seed(int(seed))
+
+
 class _Indices(Dataset):
     """A map-style dataset of cell indices, read through :class:`EpochBatchSampler`."""
 
@@ -127,11 +133,6 @@ class SubgraphCollator:
         self.lpe = np.asarray(lpe, dtype=np.float32)
         self.library = row_sums(self.counts).astype(np.float32)
         self.sampler = sampler
-
-    @property
-    def backed(self) -> bool:
-        """Whether the counts are read from disk for each minibatch."""
-        return self.inputs is None
 
     def input_blocks(self, chunk_size: int | None = None) -> Iterator[sp.csr_matrix]:
         """The encoder's input (log-normalised expression) of all cells, in consecutive
@@ -208,7 +209,8 @@ class SubgraphDataModule(LightningDataModule):
         batches = EpochBatchSampler(len(indices), self.batch_size, shuffle, seed=self.seed,
                                     num_replicas=replicas[0], rank=replicas[1])
         return DataLoader(_Indices(indices), batch_sampler=batches,
-                          collate_fn=self.collator if collate_fn is None else collate_fn)
+                          collate_fn=self.collator if collate_fn is None else collate_fn,
+                          generator=_loader_generator(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_idx, shuffle=True, replicas=_replicas(self))
@@ -244,7 +246,8 @@ class _Latents(Dataset):
                replicas: tuple[int, int] = (1, 0)) -> DataLoader:
         batches = EpochBatchSampler(len(self), batch_size, shuffle, drop_last=shuffle,
                                     seed=seed, num_replicas=replicas[0], rank=replicas[1])
-        return DataLoader(self, sampler=batches, batch_size=None)
+        return DataLoader(self, sampler=batches, batch_size=None,
+                          generator=_loader_generator(seed))
 
 
 class LatentDataModule(LightningDataModule):
