@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tutorials
 
 docs: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[docs]"
