@@ -96,7 +96,7 @@ def test_bad_labels_and_sizes_raise_and_leave_adata_unchanged(pbmc_small):
     with pytest.raises(ValueError, match="not a column of adata.obs"):
         LapDDPM.setup_anndata(pbmc_small, labels_key="celltype")
     with pytest.raises(ValueError, match="not in adata.layers"):
-        LapDDPM.setup_anndata(pbmc_small, layer="counts")
+        LapDDPM.setup_anndata(pbmc_small, layer="raw_counts")
     with pytest.raises(ValueError, match="too few for a 15-nearest-neighbour graph"):
         LapDDPM.setup_anndata(pbmc_small[:12].copy(), labels_key="cell_type")
     with pytest.raises(ValueError, match="smaller n_lpe"):
@@ -123,11 +123,11 @@ def test_generate_returns_a_well_formed_anndata(trained_model, tmp_path):
     assert list(synth.var_names) == list(trained_model.adata.var_names)
     labels = synth.obs["cell_type"]
     assert isinstance(labels.dtype, pd.CategoricalDtype)
-    assert list(labels.cat.categories) == list(trained_model.adata.obs["cell_type"].cat.categories)
+    assert list(labels.cat.categories) == ["B cells", "Megakaryocytes"]  # the requested ones
     assert labels.value_counts()[["B cells", "Megakaryocytes"]].tolist() == [30, 5]
     assert synth.obs["synthetic"].all() and synth.obs_names.is_unique
     info = synth.uns["scldiff"]
-    assert info["seed"] == "0" and info["guidance_scale"] == 2.0 and info["sampler"] == "ode"
+    assert info["seed"] == 0 and info["guidance_scale"] == 2.0 and info["sampler"] == "ode"
     assert info["scldiff_version"] == scldiff.__version__
     synth.write_h5ad(tmp_path / "synth.h5ad")
     back = anndata.read_h5ad(tmp_path / "synth.h5ad")
@@ -231,7 +231,7 @@ def test_generate_leaves_torch_global_state_alone(trained_model):
     deterministic = torch.are_deterministic_algorithms_enabled()
     for precision in ("float32", "bfloat16"):
         trained_model.generate(n_samples=600, seed=1, progress_bar=False, precision=precision)
-        trained_model.posterior_predictive_sample(seed=1)
+        trained_model.posterior_predictive_cells(seed=1)
     assert torch.equal(torch.random.get_rng_state(), rng_state)
     assert torch.get_num_threads() == threads
     assert torch.are_deterministic_algorithms_enabled() == deterministic
@@ -416,7 +416,7 @@ def test_history_has_both_stages(trained_model):
 
 
 
-def test_posterior_predictive_sample(trained_model, monkeypatch):
+def test_posterior_predictive_cells(trained_model, monkeypatch):
     """Each row decodes a draw from its source cell's posterior with that cell's library."""
     import torch
 
@@ -433,7 +433,7 @@ def test_posterior_predictive_sample(trained_model, monkeypatch):
         return decode(z, library, *args, **kwargs)
 
     monkeypatch.setattr(model.module, "decode_counts", spy)
-    draws = model.posterior_predictive_sample(indices=indices, seed=3)
+    draws = model.posterior_predictive_cells(indices=indices, seed=3)
     mean, logvar = model._posterior(model._collator(), np.arange(n))
     # standardised against each source cell's own posterior (so the rows follow indices)
     standardized = (seen["z"] - mean[indices]) / torch.exp(0.5 * logvar[indices])
@@ -454,13 +454,13 @@ def test_posterior_predictive_sample(trained_model, monkeypatch):
     drawn = x.sum(1)
     assert np.corrcoef(np.log1p(drawn), np.log1p(totals[indices]))[0, 1] > 0.9
     monkeypatch.undo()
-    again = model.posterior_predictive_sample(indices=indices[:20], seed=3)
-    repeat = model.posterior_predictive_sample(indices=indices[:20], seed=3)
+    again = model.posterior_predictive_cells(indices=indices[:20], seed=3)
+    repeat = model.posterior_predictive_cells(indices=indices[:20], seed=3)
     np.testing.assert_array_equal(again.X.toarray(), repeat.X.toarray())
-    assert model.posterior_predictive_sample(seed=0).n_obs == n
+    assert model.posterior_predictive_cells(seed=0).n_obs == n
     for bad in (np.array([n]), np.array([-1]), np.array([0.5]), np.zeros((2, 2), int)):
         with pytest.raises(ValueError, match="indices must be integer positions"):
-            model.posterior_predictive_sample(indices=bad)
+            model.posterior_predictive_cells(indices=bad)
 
 
 def test_latent_representation_is_the_full_graph_encoding(trained_model, capsys):
@@ -514,12 +514,16 @@ def test_untrained_model_refuses_to_generate(pbmc_small):
         model.generate(n_samples=3)
 
 
-def test_datasets_pbmc3k_is_bundled_raw_counts():
+def test_datasets_pbmc3k_is_bundled_raw_counts_ready_for_setup():
     adata = scldiff.datasets.pbmc3k()
-    assert adata.shape == (2638, 13714)
+    assert adata.shape == (2638, 13713)
     assert (adata.X.data == np.round(adata.X.data)).all()
     assert adata.obs["cell_type"].value_counts()["B cells"] == 342
     assert isinstance(adata, anndata.AnnData)
+    assert (adata.layers["counts"] != adata.X).nnz == 0
+    assert adata.layers["counts"].data is not adata.X.data  # normalising X keeps the counts
+    LapDDPM.setup_anndata(adata, labels_key="cell_type")  # as it comes: no filtering first
+    assert "scldiff_connectivities" in adata.obsp
 
 
 def test_training_again_runs_in_train_mode_and_appends_history():
@@ -567,7 +571,7 @@ def _generates_and_round_trips(model, adata, tmp_path):
     kw = dict(labels={"CD4 T cells": 20, "B cells": 10}, seed=0, progress_bar=False)
     synth = model.generate(**kw)
     assert synth.n_obs == 30 and (synth.X.data == np.round(synth.X.data)).all()
-    assert model.posterior_predictive_sample(seed=0).n_obs == adata.n_obs
+    assert model.posterior_predictive_cells(seed=0).n_obs == adata.n_obs
     model.save(str(tmp_path / "m"), save_anndata=True)
     again = LapDDPM.load(str(tmp_path / "m"))
     assert (again.generate(**kw).X != synth.X).nnz == 0
@@ -603,7 +607,7 @@ def test_decoder_labels_train_generate_and_round_trip(tmp_path):
         seen.clear()
         own = pd.Categorical(adata.obs["cell_type"], categories=model.label_categories).codes
         cells = [int(np.flatnonzero(own == code)[0]) for code in np.unique(own)[:3]]
-        model.posterior_predictive_sample(indices=cells, seed=0)
+        model.posterior_predictive_cells(indices=cells, seed=0)
         np.testing.assert_array_equal(torch.cat(seen).numpy(), own[cells])
     finally:
         handle.remove()
@@ -720,3 +724,60 @@ def test_the_scorenets_prediction_round_trips(trained_model, tmp_path, predictio
     assert (loaded.generate(**kw).X != model.generate(**kw).X).nnz == 0
     if prediction == "epsilon":
         assert (model.generate(**kw).X != trained_model.generate(**kw).X).nnz > 0
+
+
+def test_posterior_predictive_sample_has_scvi_tools_contract(trained_model):
+    """scvi-tools' signature and return type: a sparse.GCXS of (cells, genes[, samples]),
+    so that scvi.criticism.PosteriorPredictiveCheck takes the model."""
+    import sparse
+    from scvi.criticism import PosteriorPredictiveCheck
+
+    model = trained_model
+    cells = np.array([5, 0, 7])
+    one = model.posterior_predictive_sample(indices=cells, seed=2)
+    assert isinstance(one, sparse.GCXS) and one.shape == (3, model.adata.n_vars)
+    same = model.posterior_predictive_cells(indices=cells, seed=2)
+    np.testing.assert_array_equal(one.todense(), same.X.toarray())
+    three = model.posterior_predictive_sample(indices=cells, n_samples=3, seed=2)
+    assert three.shape == (3, model.adata.n_vars, 3)
+    repeated = model.posterior_predictive_cells(indices=np.repeat(cells, 3), seed=2).X.toarray()
+    np.testing.assert_array_equal(three.todense().transpose(0, 2, 1).reshape(9, -1), repeated)
+    genes = list(model.adata.var_names[[3, 1]])
+    assert model.posterior_predictive_sample(indices=cells, gene_list=genes, seed=2).shape \
+        == (3, 2)
+    with pytest.raises(ValueError, match="gene_list"):
+        model.posterior_predictive_sample(gene_list=["not a gene"])
+    # integer counts: scvi-tools 1.4's check of float counts fails with sparse 0.19, for SCVI too
+    real = model.adata.copy()
+    real.X = real.X.astype(np.int64)
+    ppc = PosteriorPredictiveCheck(real, {"lapddpm": model}, n_samples=2)
+    ppc.coefficient_of_variation("features")
+    assert np.isfinite(ppc.metrics["cv_cell"].to_numpy()).any()
+
+
+def test_generate_follows_scvi_settings_seed_and_names_cells_uniquely(trained_model):
+    gen = lambda **kw: trained_model.generate(n_samples=40, progress_bar=False, **kw)
+    scvi.settings.seed = 7
+    first = gen()
+    scvi.settings.seed = 7
+    again = gen()
+    np.testing.assert_array_equal(first.X.toarray(), again.X.toarray())
+    seed = first.uns["scldiff"]["seed"]
+    np.testing.assert_array_equal(gen(seed=seed).X.toarray(), first.X.toarray())
+    other = gen()  # the global generator moved on: other cells, other names
+    assert not set(other.obs_names) & set(first.obs_names)
+    both = anndata.concat([first, other])
+    assert both.obs_names.is_unique
+
+
+def test_generated_cells_go_straight_into_rank_genes_groups(trained_model):
+    import scanpy as sc
+
+    synth = trained_model.generate(labels={"B cells": 30, "NK cells": 30}, seed=0,
+                                   progress_bar=False)
+    assert list(synth.obs["cell_type"].cat.categories) == ["B cells", "NK cells"]
+    sc.pp.normalize_total(synth)
+    sc.pp.log1p(synth)
+    sc.tl.rank_genes_groups(synth, "cell_type")
+    assert synth.uns["rank_genes_groups"]["names"].dtype.names == ("B cells", "NK cells")
+    assert (synth.layers["counts"].data == np.round(synth.layers["counts"].data)).all()

@@ -9,15 +9,15 @@ from anndata import AnnData
 
 
 def pbmc3k() -> AnnData:
-    """2,638 peripheral blood mononuclear cells x 13,714 genes, raw UMI counts.
+    """2,638 peripheral blood mononuclear cells x 13,713 genes, raw UMI counts, ready for
+    :meth:`~scldiff.LapDDPM.setup_anndata`.
 
     The cells and labels of the standard scanpy/Seurat tutorial: 10x Genomics "3k PBMCs from
     a Healthy Donor" after QC (200 < genes < 2500, < 5% mitochondrial counts); genes seen in
-    at least 3 of the 2,700 unfiltered cells. ``X`` is CSR float32 holding whole numbers;
-    ``obs["cell_type"]`` (categorical, 8 types, = the scanpy tutorial's ``louvain``) and
-    ``obs["seurat_annotation"]`` hold labels. One gene has no counts in these cells;
-    remove it (``sc.pp.filter_genes(adata, min_counts=1)``) before
-    :meth:`~scldiff.LapDDPM.setup_anndata`, which refuses genes without counts.
+    at least 3 of the 2,700 unfiltered cells and in at least one of these. ``X`` and
+    ``layers["counts"]`` are CSR float32 holding whole numbers (two copies, so that
+    normalising ``X`` keeps the counts); ``obs["cell_type"]`` (categorical, 8 types, = the
+    scanpy tutorial's ``louvain``) and ``obs["seurat_annotation"]`` hold labels.
 
     The file ships inside the package; each call returns a fresh copy. Provenance: see
     ``scldiff/datasets/data/README.md``.
@@ -33,4 +33,6 @@ def pbmc3k() -> AnnData:
     342
     """
     with as_file(files(__package__) / "data" / "pbmc3k.h5ad") as path:
-        return anndata.read_h5ad(path)
+        adata = anndata.read_h5ad(path)
+    adata.layers["counts"] = adata.X.copy()
+    return adata

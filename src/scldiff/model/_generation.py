@@ -1,9 +1,10 @@
-"""``generate()`` and ``posterior_predictive_sample()``: cells drawn from the model, returned
-as an AnnData of counts built in one place."""
+"""``generate()``, ``posterior_predictive_sample()`` and ``posterior_predictive_cells()``:
+cells drawn from the model, the AnnData of counts built in one place."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Literal
 
 import numpy as np
@@ -40,6 +41,28 @@ def default_generation_batch(device: torch.device, n_genes: int) -> int:
     return int(min(max(cells // 1024 * 1024, 1024), 65_536))
 
 
+def resolve_seed(seed: int | None) -> int:
+    """``seed``, or for ``None`` one draw from torch's global generator, which
+    ``scvi.settings.seed`` sets: a run is reproducible from the global seed, as training is,
+    and records the seed it used."""
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}.")
+    return int(seed)
+
+
+def _obs_names(prefix: str, n: int, *parts) -> pd.Index:
+    """``{prefix}-{token}-{i}``: the token hashes what determines the cells (seed, labels,
+    settings), so that two calls that draw different cells name them differently and
+    ``anndata.concat`` of their outputs needs no ``index_unique``."""
+    digest = hashlib.blake2b(digest_size=4)
+    for part in parts:
+        digest.update(part.tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
+    token = digest.hexdigest()
+    return pd.Index([f"{prefix}-{token}-{i}" for i in range(n)])
+
+
 def _check_positive(name: str, value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(
             value, (int, np.integer)) or value < 1):
@@ -47,7 +70,8 @@ def _check_positive(name: str, value) -> None:
 
 
 class GenerationMixin:
-    """:meth:`generate` and :meth:`posterior_predictive_sample` of :class:`~scldiff.LapDDPM`."""
+    """:meth:`generate`, :meth:`posterior_predictive_sample` and
+    :meth:`posterior_predictive_cells` of :class:`~scldiff.LapDDPM`."""
 
     def generate(
         self,
@@ -86,6 +110,9 @@ class GenerationMixin:
             Seed of the random numbers: the same seed and ``batch_size`` give the same
             counts on the same kind of device, also after save and load (a GPU draws the
             counts from a torch generator, a CPU from numpy: other counts, same law).
+            ``None``: one draw from torch's global generator, so that
+            ``scvi.settings.seed`` makes the call reproducible; ``uns["scldiff"]["seed"]``
+            records the seed used.
         progress_bar
             Show a progress bar.
         library_size
@@ -104,8 +131,10 @@ class GenerationMixin:
         Returns
         -------
         AnnData of integer counts in ``X`` (CSR) and ``layers["counts"]``, the training
-        genes, ``obs[labels_key]`` (the training categories), ``obs["synthetic"] = True``
-        and the provenance of every choice in ``uns["scldiff"]``.
+        genes, ``obs[labels_key]`` (the requested labels, in the training categories'
+        order), ``obs["synthetic"] = True`` and the provenance of every choice in
+        ``uns["scldiff"]``. Obs names are ``synthetic-{token}-{i}``, the token differing
+        between calls that draw different cells.
         """
         self._check_if_trained(warn=False)
         sampling, library_size, batch_size = self._generation_settings(
@@ -116,6 +145,7 @@ class GenerationMixin:
         codes = resolve_generation_labels(labels, n_samples, self.label_categories,
                                           np.asarray(self.label_proportions_),
                                           self.is_conditional)
+        seed = resolve_seed(seed)
         seed_sequence = np.random.SeedSequence(seed)
         self.module.eval()
         autocast = contextlib.nullcontext() if precision == "float32" else \
@@ -125,8 +155,8 @@ class GenerationMixin:
             blocks = self._draw_batches(codes, batch_size, seed_sequence, progress_bar,
                                         library_size, sampling)
         return self._counts_anndata(blocks, codes, "synthetic", {
-            "seed": "" if seed is None else str(seed), "seed_entropy": str(seed_sequence.entropy),
-            **sampling, "guidance_interval": list(sampling["guidance_interval"] or (0.0, 1.0)),
+            "seed": seed, **sampling,
+            "guidance_interval": list(sampling["guidance_interval"] or (0.0, 1.0)),
             "batch_size": int(batch_size), "library_size": library_size,
             "precision": "float32" if computed_in is None else str(computed_in).split(".")[-1]})
 
@@ -185,49 +215,120 @@ class GenerationMixin:
         self,
         adata: AnnData | None = None,
         indices: np.ndarray | None = None,
-        batch_size: int = 512,
+        n_samples: int = 1,
+        gene_list: list[str] | None = None,
+        batch_size: int | None = None,
         seed: int | None = None,
         progress_bar: bool = False,
-    ) -> AnnData:
-        r"""Counts drawn from each cell's posterior predictive: the stage-A model's
-        reconstruction, with no diffusion.
-
-        For every cell, a latent :math:`z \sim q(z \mid x)` (encoded on the full cell
-        graph) is decoded with the cell's own library size (its total count) and counts are
-        drawn from the likelihood. Comparing these cells with :meth:`generate`'s tells the
-        count model's share of a gap to real data from the latent diffusion's: the
-        diffusion cannot do better than the posterior it was trained on.
+    ):
+        r"""Counts drawn from each cell's posterior predictive :math:`p(\hat x \mid x)`, as
+        scvi-tools' models return them (so that :class:`scvi.criticism.PosteriorPredictiveCheck`
+        takes a LapDDPM model): :math:`z \sim q(z \mid x)`, encoded on the full cell graph,
+        decoded with the cell's own library size, counts drawn from the likelihood. No
+        diffusion: the diffusion cannot do better than the posterior it was trained on.
 
         Parameters
         ----------
         adata
             AnnData set up like the training data (default: the model's).
         indices
-            Cells to draw, in this order; repeat an index for several draws of a cell
-            (default: all cells once).
+            Cells to draw, in this order (default: all).
+        n_samples
+            Draws per cell.
+        gene_list
+            Genes to return (default: all).
         batch_size
-            Seed cells per encoding batch.
+            Seed cells per encoding batch (default 512).
         seed
-            Seed of the latent and count draws.
+            Seed of the latent and count draws (``None``: from ``scvi.settings.seed``, as
+            :meth:`generate`).
         progress_bar
             Show a progress bar while encoding.
 
         Returns
         -------
-        AnnData like :meth:`generate`'s, with the cells' own labels;
-        ``obs["source_cell"]`` names the cell each row was drawn from.
+        :class:`sparse.GCXS` of shape ``(n_cells, n_genes)`` if ``n_samples == 1``, else
+        ``(n_cells, n_genes, n_samples)``. :meth:`posterior_predictive_cells` returns the
+        draws as an AnnData.
         """
-        self._check_if_trained(warn=True)
+        import sparse
+
+        _check_positive("n_samples", n_samples)
         adata = self._validate_anndata(adata)
+        cells = self._check_indices(adata, indices)
+        counts, _ = self._posterior_draws(adata, np.repeat(cells, n_samples), batch_size,
+                                          resolve_seed(seed), progress_bar)
+        if gene_list is not None:
+            genes = np.asarray(self.get_var_names())
+            mask = np.isin(genes, np.asarray(gene_list))
+            if not mask.any():
+                raise ValueError("None of the genes in gene_list are the model's genes.")
+            counts = counts[:, np.flatnonzero(mask)]
+        coo = counts.tocoo()
+        if n_samples == 1:
+            return sparse.GCXS(sparse.COO((coo.row, coo.col), coo.data, shape=coo.shape),
+                               compressed_axes=(0,))
+        coords = (coo.row // n_samples, coo.col, coo.row % n_samples)
+        return sparse.GCXS(sparse.COO(coords, coo.data,
+                                      shape=(cells.size, coo.shape[1], n_samples)),
+                           compressed_axes=(0,))
+
+    def posterior_predictive_cells(
+        self,
+        adata: AnnData | None = None,
+        indices: np.ndarray | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        progress_bar: bool = False,
+    ) -> AnnData:
+        """:meth:`posterior_predictive_sample`'s draws as an AnnData like :meth:`generate`'s,
+        with the cells' own labels: comparing them with generated cells tells the count
+        model's share of a gap to real data from the latent diffusion's.
+
+        Parameters
+        ----------
+        adata, batch_size, progress_bar
+            As :meth:`posterior_predictive_sample`.
+        indices
+            Cells to draw, in this order; repeat an index for several draws of a cell
+            (default: all cells once).
+        seed
+            Seed of the draws (``None``: from ``scvi.settings.seed``).
+
+        Returns
+        -------
+        AnnData like :meth:`generate`'s; ``obs["source_cell"]`` names the cell each row was
+        drawn from.
+        """
+        adata = self._validate_anndata(adata)
+        indices = self._check_indices(adata, indices)
+        seed = resolve_seed(seed)
+        counts, codes = self._posterior_draws(adata, indices, batch_size, seed, progress_bar)
+        synth = self._counts_anndata([counts], codes, "posterior",
+                                     {"seed": seed, "draw": "posterior predictive"},
+                                     name_parts=(indices,))
+        synth.obs["source_cell"] = np.asarray(adata.obs_names[indices], dtype=str)
+        return synth
+
+    @staticmethod
+    def _check_indices(adata: AnnData, indices) -> np.ndarray:
         indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
         if indices.ndim != 1 or (indices.size and (
                 not np.issubdtype(indices.dtype, np.integer) or indices.min() < 0
                 or indices.max() >= adata.n_obs)):
             raise ValueError(f"indices must be integer positions of cells in [0, "
                              f"{adata.n_obs}), got {indices!r}.")
+        return indices
+
+    def _posterior_draws(self, adata: AnnData, indices: np.ndarray, batch_size: int | None,
+                         seed: int, progress_bar: bool) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Counts (CSR, one row per entry of ``indices``) decoded from one draw of each
+        entry's posterior, with its own library size; and the entries' label codes."""
+        self._check_if_trained(warn=True)
+        _check_positive("batch_size", batch_size)
         collator = self._collator(adata)
         unique, inverse = np.unique(indices, return_inverse=True)
-        mean, logvar = self._posterior(collator, unique, batch_size, progress_bar)
+        mean, logvar = self._posterior(collator, unique, batch_size or 512, progress_bar)
         rng = np.random.default_rng(seed)
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         mean, logvar = mean[inverse], logvar[inverse]
@@ -237,25 +338,23 @@ class GenerationMixin:
         self.module.eval()
         counts = self.module.decode_counts(z.to(self.device), library.to(self.device), rng,
                                            torch.from_numpy(codes).to(self.device))
-        synth = self._counts_anndata([counts], codes, "posterior",
-                                     {"seed": "" if seed is None else str(seed),
-                                      "draw": "posterior predictive"})
-        synth.obs["source_cell"] = np.asarray(adata.obs_names[indices], dtype=str)
-        return synth
+        return counts, codes
 
     def _counts_anndata(self, blocks: list[sp.csr_matrix], codes: np.ndarray, prefix: str,
-                        provenance: dict) -> AnnData:
+                        provenance: dict, name_parts: tuple = ()) -> AnnData:
         """The AnnData of drawn counts: ``X`` and ``layers["counts"]`` (CSR, sharing no
         memory, so that normalising ``X`` in place leaves the counts), the training genes,
-        ``obs[labels_key]`` from the label codes, ``obs["synthetic"]`` and
+        ``obs[labels_key]`` from the label codes (categories that no cell has dropped, so
+        that ``sc.tl.rank_genes_groups`` takes it), ``obs["synthetic"]`` and
         ``uns["scldiff"]``."""
         n_genes = self.summary_stats["n_vars"]
         x = sp.vstack(blocks, format="csr") if len(blocks) > 1 else \
             blocks[0] if blocks else sp.csr_matrix((0, n_genes), dtype=np.float32)
-        obs = pd.DataFrame(index=pd.Index([f"{prefix}-{i}" for i in range(codes.size)]))
+        obs = pd.DataFrame(index=_obs_names(prefix, codes.size, codes, provenance,
+                                            *name_parts))
         if self.is_conditional:
             obs[self.labels_key] = pd.Categorical.from_codes(
-                codes, categories=self.label_categories)
+                codes, categories=self.label_categories).remove_unused_categories()
         obs["synthetic"] = True
         var = pd.DataFrame(index=pd.Index(np.asarray(self.get_var_names(), dtype=str)))
         uns = {"scldiff": {"model": type(self).__name__, "scldiff_version": __version__,
