@@ -33,7 +33,10 @@ sc.pp.filter_genes(adata, min_counts=1)
 scldiff.LapDDPM.setup_anndata(adata, labels_key="cell_type")
 model = scldiff.LapDDPM(adata)
 kw = {"enable_progress_bar": False, "enable_model_summary": False}
-if "max_epochs_diffusion" in inspect.signature(model.train).parameters:
+arguments = inspect.signature(model.train).parameters
+if "max_epochs_vae" in arguments:
+    model.train(max_epochs_vae=10, max_epochs_diffusion=20, **kw)
+elif "max_epochs_diffusion" in arguments:  # max_epochs was stage A's before the 0.1.0 API
     model.train(max_epochs=10, max_epochs_diffusion=20, **kw)
 else:  # the argument names before commit a7bccca
     model.train(n_epochs_stage_a=10, n_epochs_stage_b=20, **kw)

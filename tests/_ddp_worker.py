@@ -40,7 +40,7 @@ def main(out: str) -> None:
     LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=5, n_lpe=4)
     model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1)
     record = RecordBatches()
-    model.train(max_epochs=2, max_epochs_diffusion=2, batch_size=32, batch_size_diffusion=32,
+    model.train(max_epochs_vae=2, max_epochs_diffusion=2, batch_size=32, batch_size_diffusion=32,
                 accelerator="cpu", devices=2, strategy="ddp", callbacks=[record],
                 enable_progress_bar=False, enable_model_summary=False)
     rank = model.trainer.global_rank

@@ -53,5 +53,5 @@ def trained_model():
     adata = small_pbmc()
     scldiff.LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=10, n_lpe=8)
     model = scldiff.LapDDPM(adata, n_latent=8, n_hidden=64, score_hidden=64, score_blocks=2)
-    model.train(max_epochs=8, max_epochs_diffusion=20, **QUIET)
+    model.train(max_epochs_vae=8, max_epochs_diffusion=20, **QUIET)
     return model

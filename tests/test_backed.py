@@ -119,7 +119,7 @@ def test_a_backed_anndata_gives_the_graph_and_model_of_the_in_memory_one(tmp_pat
         scvi.settings.seed = 0
         model = scldiff.LapDDPM(data, n_latent=4, n_hidden=16, score_hidden=16,
                                 score_blocks=1)
-        model.train(max_epochs=1, max_epochs_diffusion=1, **QUIET)
+        model.train(max_epochs_vae=1, max_epochs_diffusion=1, **QUIET)
         models.append(model)
     assert isinstance(backed.X, anndata.abc.CSRDataset)  # still on disk
     np.testing.assert_array_equal(backed.obsp[ADATA_KEYS.GRAPH].toarray(),

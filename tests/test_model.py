@@ -498,7 +498,7 @@ def test_unconditional_model_with_validation_split():
     adata = small_pbmc(n_cells=200, n_genes=300)
     LapDDPM.setup_anndata(adata, n_neighbors=8, n_lpe=4)
     model = LapDDPM(adata, n_latent=4, n_hidden=32, score_hidden=32, score_blocks=1)
-    model.train(max_epochs=2, max_epochs_diffusion=2, train_size=0.8, **QUIET)
+    model.train(max_epochs_vae=2, max_epochs_diffusion=2, train_size=0.8, **QUIET)
     assert len(model.train_indices_) == 160 and len(model.validation_indices_) == 40
     assert "validation_loss" in model.history and "diffusion_loss_validation" in model.history
     synth = model.generate(n_samples=50, seed=0, progress_bar=False)
@@ -531,12 +531,12 @@ def test_training_again_runs_in_train_mode_and_appends_history():
     adata = small_pbmc(n_cells=200, n_genes=300)
     LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=8, n_lpe=4)
     model = LapDDPM(adata, n_latent=4, n_hidden=32, score_hidden=32, score_blocks=1)
-    model.train(max_epochs=3, max_epochs_diffusion=4, **QUIET)
+    model.train(max_epochs_vae=3, max_epochs_diffusion=4, **QUIET)
     modes = []
     handle = model.module.encoder.register_forward_pre_hook(
         lambda module, args: modes.append(module.training))
     try:
-        model.train(max_epochs=1, max_epochs_diffusion=1, **QUIET)
+        model.train(max_epochs_vae=1, max_epochs_diffusion=1, **QUIET)
     finally:
         handle.remove()
     assert True in modes  # stage A ran with dropout (the posterior pass is in eval mode)
@@ -554,7 +554,7 @@ def test_other_likelihoods_train_and_generate(likelihood, tmp_path):
     LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=6, n_lpe=0)
     model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1,
                     likelihood=likelihood)
-    model.train(max_epochs=2, max_epochs_diffusion=2, **QUIET)
+    model.train(max_epochs_vae=2, max_epochs_diffusion=2, **QUIET)
     assert np.isfinite(model.history["reconstruction_loss_train"].to_numpy(float)).all()
     synth = model.generate(labels={"CD4 T cells": 20}, seed=0, progress_bar=False)
     assert synth.n_obs == 20 and synth.uns["scldiff"]["likelihood"] == likelihood
@@ -589,7 +589,7 @@ def test_decoder_labels_train_generate_and_round_trip(tmp_path):
     first = model.module.decoder.hidden[0]
     assert first.in_features == 4 + n_labels  # the default with labels
     before = first.weight.detach()[:, 4:].clone()
-    model.train(max_epochs=3, max_epochs_diffusion=2, **QUIET)
+    model.train(max_epochs_vae=3, max_epochs_diffusion=2, **QUIET)
     assert not torch.allclose(first.weight.detach()[:, 4:], before)  # the label columns learn
     decoder = model.module.decoder.eval()
     with torch.no_grad():
@@ -629,13 +629,13 @@ def test_bad_model_and_training_arguments():
             LapDDPM(adata, **{name: value})
     model = LapDDPM(adata, n_latent=4, n_hidden=16)
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    quick = dict(max_epochs=1, max_epochs_diffusion=0, **QUIET)
+    quick = dict(max_epochs_vae=1, max_epochs_diffusion=0, **QUIET)
     with pytest.raises(ValueError, match="perturbation must be one of"):
         model.train(plan_kwargs={"perturbation": "adversarial"}, **quick)
     with pytest.raises(ValueError, match="mask_fraction"):
         model.train(plan_kwargs={"mask_fraction": 1.0}, **quick)
     with pytest.raises(ValueError, match="p_uncond"):
-        model.train(max_epochs=0, max_epochs_diffusion=1,
+        model.train(max_epochs_vae=0, max_epochs_diffusion=1,
                     diffusion_plan_kwargs={"p_uncond": 1.0}, **QUIET)
     with pytest.raises(TypeError, match="n_epochs_stage_a"):
         model.train(n_epochs_stage_a=1, **quick)  # not an argument of the plan either
@@ -645,7 +645,7 @@ def test_bad_model_and_training_arguments():
         with pytest.raises(ValueError, match="max_epochs must be a non-negative integer"):
             model.train(max_epochs=bad)
     with pytest.raises(ValueError, match="nothing to train"):
-        model.train(max_epochs=0, max_epochs_diffusion=0)
+        model.train(max_epochs_vae=0, max_epochs_diffusion=0)
     assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
 
 
@@ -654,7 +654,7 @@ def test_an_encoder_without_neighbours_trains_only_without_perturbation():
     LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=5, n_lpe=2)
     model = LapDDPM(adata, n_latent=4, n_hidden=16, cheb_k=1)
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    quick = dict(max_epochs=1, max_epochs_diffusion=1, **QUIET)
+    quick = dict(max_epochs_vae=1, max_epochs_diffusion=1, **QUIET)
     for perturbation in ("spectral", "random"):
         with pytest.raises(ValueError, match="cheb_k=1.*'perturbation': 'none'"):
             model.train(plan_kwargs={"perturbation": perturbation}, **quick)
@@ -781,3 +781,67 @@ def test_generated_cells_go_straight_into_rank_genes_groups(trained_model):
     sc.tl.rank_genes_groups(synth, "cell_type")
     assert synth.uns["rank_genes_groups"]["names"].dtype.names == ("B cells", "NK cells")
     assert (synth.layers["counts"].data == np.round(synth.layers["counts"].data)).all()
+
+
+def test_max_epochs_is_the_whole_budget_split_in_the_default_proportion():
+    from scldiff.model._training import (
+        STAGE_A_STEPS,
+        STAGE_B_STEPS,
+        epochs_for_steps,
+        stage_epochs,
+    )
+
+    n = 2_638
+    d_a, d_b = epochs_for_steps(STAGE_A_STEPS, n, 128), epochs_for_steps(STAGE_B_STEPS, n, 256)
+    assert stage_epochs(None, None, None, n, 128, 256) == (d_a, d_b)
+    assert stage_epochs(100, None, None, n, 128, 256) == (round(100 * d_a / (d_a + d_b)),
+                                                          100 - round(100 * d_a / (d_a + d_b)))
+    assert stage_epochs(2, None, None, n, 128, 256) == (1, 1)  # at least one epoch each
+    assert stage_epochs(100, 7, None, n, 128, 256)[0] == 7  # a stage's own argument wins
+    assert stage_epochs(100, None, 0, n, 128, 256)[1] == 0
+
+
+def test_train_takes_scvi_tools_max_epochs():
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=150, n_genes=100)
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=5, n_lpe=2)
+    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1)
+    model.train(max_epochs=2, **QUIET)
+    assert len(model.history["reconstruction_loss_train"]) == 1
+    assert len(model.history["diffusion_loss_train"]) == 1
+    assert model.generate(n_samples=5, seed=0, progress_bar=False).n_obs == 5
+
+
+def test_get_normalized_expression_is_the_decoders_mean_per_library(trained_model):
+    model = trained_model
+    cells = np.array([3, 1, 4])
+    expr = model.get_normalized_expression(indices=cells)
+    assert expr.shape == (3, model.adata.n_vars)
+    assert list(expr.index) == list(model.adata.obs_names[cells])
+    np.testing.assert_allclose(expr.to_numpy().sum(1), 1.0, rtol=1e-4)  # fractions of ℓ
+    # against the expected counts by hand: E[x] = ℓ (1 - π) ρ / Σ (1 - π) ρ
+    import torch
+
+    z = torch.from_numpy(model.get_latent_representation(indices=cells))
+    codes = torch.from_numpy(model._collator().labels[cells])
+    with torch.no_grad():
+        params = model.module.decoder(z, codes).with_biases()
+    rho = torch.softmax(params.logits.double(), -1)
+    kept = torch.sigmoid(-params.zi_logits.double())
+    by_hand = (kept * rho / (kept * rho).sum(1, keepdim=True)).numpy()
+    np.testing.assert_allclose(expr.to_numpy(), by_hand, rtol=1e-4, atol=1e-9)
+    genes = list(model.adata.var_names[[5, 2]])  # returned in the model's order, as scVI's
+    sub = model.get_normalized_expression(indices=cells, gene_list=genes, library_size=1e4)
+    assert list(sub.columns) == genes[::-1]
+    np.testing.assert_allclose(sub.to_numpy(), expr[genes[::-1]].to_numpy() * 1e4, rtol=1e-5)
+    draws = model.get_normalized_expression(indices=cells, n_samples=4, return_mean=False,
+                                            seed=0)
+    assert draws.shape == (4, 3, model.adata.n_vars) and not np.allclose(draws[0], draws[1])
+
+
+def test_registry_and_setup_args_of_a_saved_model(trained_model, tmp_path, capsys):
+    trained_model.save(str(tmp_path / "m"))
+    registry = LapDDPM.load_registry(str(tmp_path / "m"))
+    assert registry["setup_args"]["labels_key"] == "cell_type"
+    LapDDPM.view_setup_args(str(tmp_path / "m"))
+    assert "cell_type" in capsys.readouterr().out

@@ -134,7 +134,7 @@ def test_metadata_is_plain_json(tmp_path):
 
 
 TINY = dict(n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1)
-EPOCHS = dict(max_epochs=3, max_epochs_diffusion=3, batch_size=64, batch_size_diffusion=64)
+EPOCHS = dict(max_epochs_vae=3, max_epochs_diffusion=3, batch_size=64, batch_size_diffusion=64)
 
 
 def _tiny_model(n_cells=400, n_genes=120):
@@ -302,7 +302,7 @@ BAD_SETUPS = {
     "n_lpe >= cells": (lambda a: None, {"n_lpe": 60}, ValueError, "smaller n_lpe"),
     "n_neighbors not an integer": (lambda a: None, {"n_neighbors": 2.5}, ValueError,
                                    "n_neighbors must be an integer"),
-    "layer missing": (lambda a: None, {"layer": "counts"}, ValueError, "not in adata.layers"),
+    "layer missing": (lambda a: None, {"layer": "raw_counts"}, ValueError, "not in adata.layers"),
     "string counts": (lambda a: setattr(a, "X", a.X.toarray().astype(str)), {}, ValueError,
                       "numeric counts"),
 }
@@ -336,7 +336,7 @@ def _fit_generate(adata, **setup):
     LapDDPM.setup_anndata(adata, **{"labels_key": "cell_type", "n_neighbors": 5, "n_lpe": 4,
                                     **setup})
     model = LapDDPM(adata, **TINY)
-    model.train(max_epochs=1, max_epochs_diffusion=1, **QUIET)
+    model.train(max_epochs_vae=1, max_epochs_diffusion=1, **QUIET)
     return model, model.generate(n_samples=12, seed=0, progress_bar=False)
 
 
@@ -412,7 +412,7 @@ def test_random_small_count_matrices_train_and_generate_or_raise_documented_erro
         assert fingerprint(adata) == before
         return
     model = LapDDPM(adata, **TINY)
-    model.train(max_epochs=1, max_epochs_diffusion=1, **QUIET)
+    model.train(max_epochs_vae=1, max_epochs_diffusion=1, **QUIET)
     generated = model.generate(labels={labels[0]: 3}, seed=0, progress_bar=False)
     out = generated.X.toarray()
     assert out.shape == (3, n_genes) and (out >= 0).all() and (out == np.round(out)).all()
@@ -526,7 +526,7 @@ def test_same_seed_same_weights_at_a_size_where_default_kernels_are_not_determin
         adata = small_pbmc(400, 600)
         LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=10, n_lpe=8)
         model = LapDDPM(adata, n_latent=8, n_hidden=64, score_hidden=16, score_blocks=1)
-        model.train(max_epochs=2, max_epochs_diffusion=1, **QUIET)
+        model.train(max_epochs_vae=2, max_epochs_diffusion=1, **QUIET)
         return model
 
     before = torch.are_deterministic_algorithms_enabled()

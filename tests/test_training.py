@@ -1,5 +1,8 @@
 """The training plan's maths on real minibatches: perturbation, masking, label dropout."""
 
+import logging
+import warnings
+
 import numpy as np
 import pytest
 import scvi
@@ -304,7 +307,7 @@ def test_training_leaves_torch_global_generator_after_its_one_draw(model_and_bat
     torch.randint(0, 2**31 - 1, ())
     expected = torch.rand(3)
     torch.manual_seed(5)
-    fresh.train(max_epochs=1, max_epochs_diffusion=1, enable_progress_bar=False)
+    fresh.train(max_epochs_vae=1, max_epochs_diffusion=1, enable_progress_bar=False)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -366,8 +369,28 @@ def test_a_training_step_projects_the_expression_once(model_and_batch, monkeypat
             inside[0] = False
             steps.append(plan.stage)
 
-    fresh.train(max_epochs=2, max_epochs_diffusion=0, enable_progress_bar=False,
+    fresh.train(max_epochs_vae=2, max_epochs_diffusion=0, enable_progress_bar=False,
                 callbacks=[Count()], check_val_every_n_epoch=100)
     # the seeds' rows (with gradients) and the other nodes' (without), once per step
     assert len(steps) >= 2 and len(calls) == 2 * len(steps)
 
+
+
+def test_a_default_train_prints_its_progress_bar_and_nothing_else(capfd):
+    import scldiff
+
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=120, n_genes=80)
+    scldiff.LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=5, n_lpe=2)
+    model = scldiff.LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train(max_epochs=2)
+        model.generate(n_samples=5, seed=0)
+    out, err = capfd.readouterr()
+    ours = ("Training", "Epoch", "Stage A", "Encoding cells", "Stage B", "Generating cells")
+    lines = [line for line in (out + err).replace("\r", "\n").splitlines() if line.strip()]
+    assert lines and not [line for line in lines if not line.startswith(ours)]
+    assert not [w for w in caught if "lightning" in w.filename], caught
+    assert logging.getLogger("lightning.pytorch").level == logging.INFO  # restored

@@ -147,6 +147,6 @@ def train_pbmc3k(epochs: int, epochs_diffusion: int) -> scldiff.LapDDPM:
     adata = pbmc3k()
     scldiff.LapDDPM.setup_anndata(adata, labels_key=LABELS)
     model = scldiff.LapDDPM(adata)
-    model.train(max_epochs=epochs, max_epochs_diffusion=epochs_diffusion,
+    model.train(max_epochs_vae=epochs, max_epochs_diffusion=epochs_diffusion,
                 enable_progress_bar=False, accelerator=accelerator())
     return model

@@ -119,7 +119,7 @@ def scale_worker(n_cells: int, steps: int, n_generate: int, backed: bool = False
     timer = StepTimer(limit=warmup + windows * steps)
     if device() == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model.train(max_epochs=epochs_for_steps(warmup + windows * steps, n_cells, 128) + 1,
+    model.train(max_epochs_vae=epochs_for_steps(warmup + windows * steps, n_cells, 128) + 1,
                 max_epochs_diffusion=1, callbacks=[timer], enable_progress_bar=False,
                 accelerator=accelerator())
     times, rss = timer.times["A"], timer.rss["A"]

@@ -69,7 +69,7 @@ def bench_training(epochs: int, full: bool = False) -> dict:
     scldiff.LapDDPM.setup_anndata(data, labels_key=LABELS)
     model = scldiff.LapDDPM(data)
     timer = StepTimer()
-    model.train(max_epochs=epochs, max_epochs_diffusion=epochs, callbacks=[timer],
+    model.train(max_epochs_vae=epochs, max_epochs_diffusion=epochs, callbacks=[timer],
                 enable_progress_bar=False, accelerator=accelerator())
     n_train = len(model.train_indices_)
     scvi_data = adata.copy()

@@ -25,6 +25,7 @@ import scanpy as sc  # noqa: E402
 import scvi  # noqa: E402
 
 import scldiff  # noqa: E402
+from scldiff.train._runner import quiet_lightning  # noqa: E402
 
 
 def _plot_history(history: dict, path: str) -> None:
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
 
-    scvi.settings.seed = args.seed
+    with quiet_lightning():  # setting the seed announces itself through Lightning
+        scvi.settings.seed = args.seed
     adata = scldiff.datasets.pbmc3k()
     train, test = scldiff.metrics.stratified_split(adata, "cell_type", 0.2, seed=args.seed)
     # setup_anndata refuses genes without counts; compare on the genes the model learns
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     setup_s = time.perf_counter() - t0
     model = scldiff.LapDDPM(train)
     t0 = time.perf_counter()
-    model.train(max_epochs=args.epochs_a, max_epochs_diffusion=args.epochs_b,
+    model.train(max_epochs_vae=args.epochs_a, max_epochs_diffusion=args.epochs_b,
                 enable_progress_bar=not args.no_progress)
     train_s = time.perf_counter() - t0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from anndata import AnnData
-from scvi.data.fields import BaseAnnDataField
+from scvi.data.fields import BaseAnnDataField, ObsmField
 
 
 class ObspField(BaseAnnDataField):
@@ -64,3 +64,11 @@ class ObspField(BaseAnnDataField):
 
     def view_state_registry(self, state_registry: dict) -> None:
         return None
+
+
+class PositionalEncodingField(ObsmField):
+    """``adata.obsm`` array of the Laplacian positional encodings, its columns numbered
+    ``0 .. k-1`` as scvi-tools numbers those of any array, without its log line about it."""
+
+    def _setup_column_names(self, adata: AnnData) -> np.ndarray:
+        return np.arange(self.get_field_data(adata).shape[1])

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
+from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 from scvi.utils import track
 
@@ -20,7 +20,8 @@ from ..graph import SubgraphSampler
 from ..module import BATCH_KEYS, PREDICTIONS, LapDDPMModule
 from ..train import SubgraphCollator, SubgraphDataModule
 from ._constants import ADATA_KEYS, REGISTRY_KEYS
-from ._fields import ObspField
+from ._expression import ExpressionMixin
+from ._fields import ObspField, PositionalEncodingField
 from ._generation import GenerationMixin
 from ._library import LIBRARY_SIZES, LibrarySizeModel
 from ._serialization import (
@@ -43,7 +44,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class LapDDPM(TrainingMixin, GenerationMixin, BaseModelClass):
+class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
     r"""Conditional graph latent diffusion model for scRNA-seq counts (LapDDPM, Bini &
     Marchand-Maillet, 2025).
 
@@ -204,7 +205,7 @@ class LapDDPM(TrainingMixin, GenerationMixin, BaseModelClass):
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
-            ObsmField(REGISTRY_KEYS.LPE_KEY, ADATA_KEYS.LPE),
+            PositionalEncodingField(REGISTRY_KEYS.LPE_KEY, ADATA_KEYS.LPE),
             ObspField(REGISTRY_KEYS.GRAPH_KEY, ADATA_KEYS.GRAPH),
         ]
         adata_manager = AnnDataManager(fields=anndata_fields,
@@ -277,36 +278,6 @@ class LapDDPM(TrainingMixin, GenerationMixin, BaseModelClass):
                     use_mean=True, node_projection=projection[nodes].to(device)))
         return (torch.cat([o["qz_mean"].cpu() for o in out]),
                 torch.cat([o["qz_logvar"].cpu() for o in out]))
-
-    def get_latent_representation(
-        self,
-        adata: AnnData | None = None,
-        indices: np.ndarray | None = None,
-        batch_size: int = 512,
-        progress_bar: bool = False,
-    ) -> np.ndarray:
-        """Posterior mean of each cell's latent, encoded on the full cell graph.
-
-        Parameters
-        ----------
-        adata
-            AnnData set up like the training data (default: the model's).
-        indices
-            Cells to encode (default: all).
-        batch_size
-            Seed cells per encoding batch.
-        progress_bar
-            Show a progress bar.
-
-        Returns
-        -------
-        ``(n_cells, n_latent)`` array.
-        """
-        self._check_if_trained(warn=True)
-        adata = self._validate_anndata(adata)
-        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-        mean, _ = self._posterior(self._collator(adata), indices, batch_size, progress_bar)
-        return mean.numpy()
 
     def save(
         self,
@@ -431,6 +402,25 @@ class LapDDPM(TrainingMixin, GenerationMixin, BaseModelClass):
         model.to_device(torch_device)
         model.module.eval()
         return model
+
+    @classmethod
+    def load_registry(cls, dir_path: str, prefix: str | None = None) -> dict:
+        """The registry (setup arguments, fields, versions) of a model saved by
+        :meth:`save`, read from its ``model.json`` without loading weights or data."""
+        if prefix is not None:
+            raise ValueError("prefix is not supported by LapDDPM; use dir_path.")
+        _, attributes = read_model_dir(resolve_model_dir(dir_path), weights=False)
+        registry = attributes.get("registry_")
+        if not isinstance(registry, dict) or "setup_args" not in registry:
+            raise ModelFileError(f"{dir_path}/model.json has no registry.")
+        return registry
+
+    @classmethod
+    def view_setup_args(cls, dir_path: str, prefix: str | None = None) -> None:
+        """Print the arguments :meth:`setup_anndata` was called with for a saved model."""
+        import rich.pretty  # noqa: F401  scvi-tools' printer uses it without importing it
+
+        AnnDataManager.view_setup_method_args(cls.load_registry(dir_path, prefix))
 
     def __repr__(self) -> str:
         trained = "trained" if self.is_trained_ else "untrained"

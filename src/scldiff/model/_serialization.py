@@ -169,22 +169,26 @@ def resolve_model_dir(dir_path: str) -> str:
     return dir_path
 
 
-def read_model_dir(dir_path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read the tensors and attributes of a model directory, refusing anything unsafe."""
-    weights = os.path.join(dir_path, MODEL_WEIGHTS)
+def read_model_dir(dir_path: str, weights: bool = True
+                   ) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """Read the tensors (``None`` with ``weights=False``) and attributes of a model
+    directory, refusing anything unsafe."""
+    weights_path = os.path.join(dir_path, MODEL_WEIGHTS)
     meta = os.path.join(dir_path, MODEL_JSON)
-    for path in (weights, meta):
+    for path in (weights_path, meta):
         if not os.path.isfile(path):
             raise ModelFileError(
                 f"{path} is missing: {dir_path} is not an scldiff model directory "
                 "(expected model.safetensors and model.json, written by LapDDPM.save)."
             )
+    state_dict = None
     try:
-        state_dict = load_file(weights, device="cpu")
+        if weights:
+            state_dict = load_file(weights_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelFileError(
-            f"{weights} is not a valid safetensors file ({err}); it may be corrupt or not "
-            "an scldiff model (pickled files are refused)."
+            f"{weights_path} is not a valid safetensors file ({err}); it may be corrupt or "
+            "not an scldiff model (pickled files are refused)."
         ) from err
     try:
         with open(meta) as handle:

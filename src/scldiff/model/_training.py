@@ -21,6 +21,7 @@ from ..train import (
     StageProgressBar,
     SubgraphDataModule,
 )
+from ..train._runner import quiet_lightning
 from ._library import LibrarySizeModel
 from ._serialization import ModelFileError
 
@@ -84,17 +85,31 @@ def _run_seed(ckpt_path: str | None) -> tuple[int, str | None, dict | None]:
     return meta["seed"], meta["stage"], module_state
 
 
-def _stage_epochs(max_epochs, max_epochs_diffusion, n_cells: int, batch_size: int,
-                  batch_size_diffusion: int) -> tuple[int, int]:
-    """The two stages' epochs, by default those of ``STAGE_A_STEPS`` and ``STAGE_B_STEPS``
-    optimisation steps; checked."""
-    n_a = epochs_for_steps(STAGE_A_STEPS, n_cells, batch_size) if max_epochs is None \
-        else max_epochs
-    n_b = epochs_for_steps(STAGE_B_STEPS, n_cells, batch_size_diffusion) \
-        if max_epochs_diffusion is None else max_epochs_diffusion
-    for name, value in (("max_epochs", n_a), ("max_epochs_diffusion", n_b)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+def _check_epochs(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(
+            value, (int, np.integer)) or value < 0):
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+
+
+def stage_epochs(max_epochs, max_epochs_vae, max_epochs_diffusion, n_cells: int,
+                 batch_size: int, batch_size_diffusion: int) -> tuple[int, int]:
+    r"""The two stages' epochs.
+
+    By default those of ``STAGE_A_STEPS`` and ``STAGE_B_STEPS`` optimisation steps.
+    ``max_epochs`` is the whole budget, split in the defaults' proportion, at least one
+    epoch each (:math:`n_A = \max(1, \mathrm{round}(E\, d_A / (d_A + d_B)))`, :math:`n_B =
+    \max(1, E - n_A)`); a stage-specific argument sets its stage whatever ``max_epochs``
+    says."""
+    for name, value in (("max_epochs", max_epochs), ("max_epochs_vae", max_epochs_vae),
+                        ("max_epochs_diffusion", max_epochs_diffusion)):
+        _check_epochs(name, value)
+    n_a = epochs_for_steps(STAGE_A_STEPS, n_cells, batch_size)
+    n_b = epochs_for_steps(STAGE_B_STEPS, n_cells, batch_size_diffusion)
+    if max_epochs is not None:
+        share = max(1, round(max_epochs * n_a / (n_a + n_b)))
+        n_a, n_b = share, max(1, max_epochs - share)
+    n_a = n_a if max_epochs_vae is None else max_epochs_vae
+    n_b = n_b if max_epochs_diffusion is None else max_epochs_diffusion
     if n_a + n_b == 0:
         raise ValueError("Both stages have 0 epochs; nothing to train.")
     return n_a, n_b
@@ -106,6 +121,7 @@ class TrainingMixin:
     def train(
         self,
         max_epochs: int | None = None,
+        max_epochs_vae: int | None = None,
         max_epochs_diffusion: int | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
@@ -124,9 +140,14 @@ class TrainingMixin:
 
         Parameters
         ----------
-        max_epochs, max_epochs_diffusion
-            Epochs of stage A and of stage B; by default about 2,000 and 4,000 optimisation
-            steps (at least one epoch each).
+        max_epochs
+            Epochs of both stages together, as scvi-tools' models take it: split over the
+            two stages in the defaults' proportion (about one in five to stage A), at least
+            one each. By default about 2,000 optimisation steps of stage A and 4,000 of
+            stage B.
+        max_epochs_vae, max_epochs_diffusion
+            Epochs of stage A (graph VAE) and of stage B (diffusion), overriding their
+            share of ``max_epochs``.
         accelerator, devices
             Lightning's accelerator and devices.
         train_size, validation_size
@@ -158,8 +179,8 @@ class TrainingMixin:
         resume = trainer_kwargs.pop("ckpt_path", None)
         seed, resume_stage, module_state = _run_seed(resume)  # resumed: the same split
         train_idx, val_idx = self._split(train_size, validation_size, seed)
-        n_a, n_b = _stage_epochs(max_epochs, max_epochs_diffusion, train_idx.size, batch_size,
-                                 batch_size_diffusion)
+        n_a, n_b = stage_epochs(max_epochs, max_epochs_vae, max_epochs_diffusion,
+                                train_idx.size, batch_size, batch_size_diffusion)
         if len(val_idx):
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         # both plans first, so that bad arguments are refused before anything changes
@@ -247,11 +268,12 @@ class TrainingMixin:
             trainer_kwargs["ckpt_path"] = ckpt_path
         if any(isinstance(c, ModelCheckpoint) for c in trainer_kwargs.get("callbacks", [])):
             trainer_kwargs.setdefault("enable_checkpointing", True)  # scvi's default is off
-        runner = LapDDPMTrainRunner(self, training_plan=plan, data_splitter=datamodule,
-                                    max_epochs=max_epochs, accelerator=accelerator,
-                                    devices=devices, **trainer_kwargs)
         try:
-            runner()
+            with quiet_lightning():
+                runner = LapDDPMTrainRunner(self, training_plan=plan, data_splitter=datamodule,
+                                            max_epochs=max_epochs, accelerator=accelerator,
+                                            devices=devices, **trainer_kwargs)
+                runner()
         except BaseException:
             self.is_trained_ = False  # an unfinished run: generate() refuses until trained
             self.module.eval()

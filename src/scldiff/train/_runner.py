@@ -1,10 +1,46 @@
-"""scvi-tools' train runner, with checkpointing left to the user's callbacks."""
+"""scvi-tools' train runner, with checkpointing left to the user's callbacks, and Lightning's
+console notices kept out of a default run."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+import scvi
 import torch
 from lightning.pytorch.callbacks import Callback
 from scvi.train import SaveCheckpoint, Trainer, TrainRunner
+
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's notices (accelerators found, tips, "fit stopped", the loader's step
+    estimate) and its deprecation warnings silenced for the block, unless
+    ``scvi.settings.verbosity`` is ``logging.DEBUG`` or lower; the loggers' levels and the
+    warning filters are restored when it ends. A default ``train()`` shows its progress
+    bar and nothing else; Lightning's warnings about the user's own arguments still show.
+    """
+    if scvi.settings.verbosity <= logging.DEBUG:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            for category in (DeprecationWarning, FutureWarning):
+                warnings.filterwarnings("ignore", category=category, module=r"lightning\.")
+            # the per-epoch history logs on epochs; step logging's interval is moot
+            warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 class CpuDeterminism(Callback):
