@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the local CPU wheel, not gigabytes of CUDA packages
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# the CPU sampler's kernels into numba's on-disk cache: no generate() compiles them later
+	$(PY) -c "import scldiff.sampling; scldiff.sampling.compile_kernels()"
 	touch $(STAMP)
 
 install: $(STAMP)

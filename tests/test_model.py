@@ -797,6 +797,11 @@ def test_max_epochs_is_the_whole_budget_split_in_the_default_proportion():
     assert stage_epochs(100, None, None, n, 128, 256) == (round(100 * d_a / (d_a + d_b)),
                                                           100 - round(100 * d_a / (d_a + d_b)))
     assert stage_epochs(2, None, None, n, 128, 256) == (1, 1)  # at least one epoch each
+    # below 2,000 cells the epochs are capped, so the steps scale with the cells
+    assert stage_epochs(None, None, None, 500, 128, 256) == (128, 512)
+    assert stage_epochs(None, None, None, 1_000, 128, 256) == (128, 512)
+    assert stage_epochs(None, None, None, 10_000, 128, 256) == (
+        epochs_for_steps(STAGE_A_STEPS, 10_000, 128), epochs_for_steps(STAGE_B_STEPS, 10_000, 256))
     assert stage_epochs(100, 7, None, n, 128, 256)[0] == 7  # a stage's own argument wins
     assert stage_epochs(100, None, 0, n, 128, 256)[1] == 0
 

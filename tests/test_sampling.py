@@ -419,3 +419,9 @@ def test_cpu_decoding_threads_change_neither_counts_nor_settings(monkeypatch):
         assert (low != low_one).nnz == 0 and (low != counts[1]).nnz > 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_compile_kernels_draws_every_likelihood_in_both_precisions():
+    from scldiff.sampling import compile_kernels
+
+    compile_kernels()  # from numba's cache after the first run; an error here breaks install

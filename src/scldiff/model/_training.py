@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 # "Benchmarks").
 STAGE_A_STEPS = 2_000
 STAGE_B_STEPS = 4_000
+# ... and at most this many epochs: below 2,000 cells the steps would take more epochs,
+# and cost more than scVI's default training, which grows with the cells (400 epochs); the
+# caps keep a default run at about half of scVI's on any size (docs "Benchmarks").
+STAGE_A_MAX_EPOCHS = 128
+STAGE_B_MAX_EPOCHS = 512
 
 
 def epochs_for_steps(steps: int, n_cells: int, batch_size: int) -> int:
@@ -95,7 +100,9 @@ def stage_epochs(max_epochs, max_epochs_vae, max_epochs_diffusion, n_cells: int,
                  batch_size: int, batch_size_diffusion: int) -> tuple[int, int]:
     r"""The two stages' epochs.
 
-    By default those of ``STAGE_A_STEPS`` and ``STAGE_B_STEPS`` optimisation steps.
+    By default those of ``STAGE_A_STEPS`` and ``STAGE_B_STEPS`` optimisation steps, at most
+    ``STAGE_A_MAX_EPOCHS`` and ``STAGE_B_MAX_EPOCHS``, so that the steps scale with the cells
+    below 2,000 of them.
     ``max_epochs`` is the whole budget, split in the defaults' proportion, at least one
     epoch each (:math:`n_A = \max(1, \mathrm{round}(E\, d_A / (d_A + d_B)))`, :math:`n_B =
     \max(1, E - n_A)`); a stage-specific argument sets its stage whatever ``max_epochs``
@@ -103,8 +110,9 @@ def stage_epochs(max_epochs, max_epochs_vae, max_epochs_diffusion, n_cells: int,
     for name, value in (("max_epochs", max_epochs), ("max_epochs_vae", max_epochs_vae),
                         ("max_epochs_diffusion", max_epochs_diffusion)):
         _check_epochs(name, value)
-    n_a = epochs_for_steps(STAGE_A_STEPS, n_cells, batch_size)
-    n_b = epochs_for_steps(STAGE_B_STEPS, n_cells, batch_size_diffusion)
+    n_a = min(epochs_for_steps(STAGE_A_STEPS, n_cells, batch_size), STAGE_A_MAX_EPOCHS)
+    n_b = min(epochs_for_steps(STAGE_B_STEPS, n_cells, batch_size_diffusion),
+              STAGE_B_MAX_EPOCHS)
     if max_epochs is not None:
         share = max(1, round(max_epochs * n_a / (n_a + n_b)))
         n_a, n_b = share, max(1, max_epochs - share)
@@ -144,7 +152,7 @@ class TrainingMixin:
             Epochs of both stages together, as scvi-tools' models take it: split over the
             two stages in the defaults' proportion (about one in five to stage A), at least
             one each. By default about 2,000 optimisation steps of stage A and 4,000 of
-            stage B.
+            stage B, and at most 128 and 512 epochs (fewer steps below 2,000 cells).
         max_epochs_vae, max_epochs_diffusion
             Epochs of stage A (graph VAE) and of stage B (diffusion), overriding their
             share of ``max_epochs``.

@@ -1,5 +1,5 @@
 """Count sampling: :func:`draw_counts`, compiled kernels on a CPU, torch on a GPU."""
 
-from ._draw import draw_counts
+from ._draw import compile_kernels, draw_counts
 
-__all__ = ["draw_counts"]
+__all__ = ["compile_kernels", "draw_counts"]
