@@ -850,3 +850,18 @@ def test_registry_and_setup_args_of_a_saved_model(trained_model, tmp_path, capsy
     assert registry["setup_args"]["labels_key"] == "cell_type"
     LapDDPM.view_setup_args(str(tmp_path / "m"))
     assert "cell_type" in capsys.readouterr().out
+
+
+def test_early_stopping_watches_each_stages_validation_loss():
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=150, n_genes=100)
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=5, n_lpe=2)
+    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1)
+    with pytest.raises(ValueError, match="early_stopping=True needs validation cells"):
+        model.train(max_epochs=4, early_stopping=True, **QUIET)
+    model.train(max_epochs_vae=8, max_epochs_diffusion=8, early_stopping=True, train_size=0.8,
+                early_stopping_patience=1, early_stopping_min_delta=1e9,
+                **QUIET)  # no epoch improves by 1e9: each stage stops after its patience
+    assert 1 <= len(model.history["elbo_validation"]) < 8
+    assert 1 <= len(model.history["diffusion_loss_validation"]) < 8
+    assert model.generate(n_samples=5, seed=0, progress_bar=False).n_obs == 5

@@ -137,6 +137,7 @@ class TrainingMixin:
         validation_size: float | None = None,
         batch_size: int = 128,
         batch_size_diffusion: int = 256,
+        early_stopping: bool = False,
         plan_kwargs: dict | None = None,
         diffusion_plan_kwargs: dict | None = None,
         **trainer_kwargs,
@@ -162,6 +163,11 @@ class TrainingMixin:
             Fractions of the cells to train and to validate on (default: the rest).
         batch_size, batch_size_diffusion
             Seed cells per stage-A minibatch; cells per stage-B minibatch.
+        early_stopping
+            Stop each stage when its validation loss stops improving, as scvi-tools does
+            (stage A: ``elbo_validation``, stage B: ``diffusion_loss_validation``; patience
+            and threshold: ``early_stopping_patience``, ``early_stopping_min_delta``). Needs
+            validation cells (``train_size < 1``).
         plan_kwargs, diffusion_plan_kwargs
             Keyword arguments of :class:`~scldiff.train.GraphVAETrainingPlan` (``lr``,
             ``kl_weight``, ``perturbation``, ``epsilon``, ``mask_fraction``, ...;
@@ -189,8 +195,12 @@ class TrainingMixin:
         train_idx, val_idx = self._split(train_size, validation_size, seed)
         n_a, n_b = stage_epochs(max_epochs, max_epochs_vae, max_epochs_diffusion,
                                 train_idx.size, batch_size, batch_size_diffusion)
+        if early_stopping and not len(val_idx):
+            raise ValueError("early_stopping=True needs validation cells to watch; pass "
+                             "train_size < 1 (e.g. train_size=0.9, as scvi-tools' default).")
         if len(val_idx):
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        trainer_kwargs["early_stopping"] = early_stopping
         # both plans first, so that bad arguments are refused before anything changes
         plan_a, plan_b = self._plans(n_a, seed, plan_kwargs, diffusion_plan_kwargs)
         collator = self._collator()
@@ -267,6 +277,9 @@ class TrainingMixin:
         logger.info("%s, %d epochs.", plan.stage_name, max_epochs)
         previous = dict(self.history_ or {})  # the runner appends to the dict in place
         trainer_kwargs = dict(trainer_kwargs)
+        if trainer_kwargs.get("early_stopping"):  # each stage watches its own loss
+            trainer_kwargs["early_stopping_monitor"] = (
+                "elbo_validation" if plan.stage == "A" else "diffusion_loss_validation")
         if trainer_kwargs.get("enable_progress_bar", True) and trainer_kwargs.get(
                 "simple_progress_bar", True):
             trainer_kwargs["simple_progress_bar"] = False
