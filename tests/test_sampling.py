@@ -422,6 +422,13 @@ def test_cpu_decoding_threads_change_neither_counts_nor_settings(monkeypatch):
 
 
 def test_compile_kernels_draws_every_likelihood_in_both_precisions():
-    from scldiff.sampling import compile_kernels
+    from scldiff.sampling import _kernels, compile_kernels
 
     compile_kernels()  # from numba's cache after the first run; an error here breaks install
+    # the pre-selection kernel holds float32 logits and bf16 ones (as uint16 bits), the
+    # latter with and without the ZINB's dropout logits
+    signatures = {tuple(str(a) for a in s[:3]) for s in _kernels.preselect_logits.signatures}
+    assert {("array(float32, 2d, C)", "array(float32, 1d, C)", "array(float32, 2d, C)"),
+            ("array(uint16, 2d, C)", "array(float32, 1d, C)", "array(uint16, 2d, C)"),
+            ("array(uint16, 2d, C)", "array(float32, 1d, C)", "array(float32, 2d, C)"),
+            } <= signatures

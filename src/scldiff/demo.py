@@ -25,7 +25,7 @@ import scanpy as sc  # noqa: E402
 import scvi  # noqa: E402
 
 import scldiff  # noqa: E402
-from scldiff.train._runner import quiet_lightning  # noqa: E402
+from scldiff.train import quiet_lightning  # noqa: E402
 
 
 def _plot_history(history: dict, path: str) -> None:

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from ._generation import resolve_seed
+from ._validation import check_positive, gene_columns, resolve_seed
 
 
 class ExpressionMixin:
@@ -94,13 +94,8 @@ class ExpressionMixin:
         adata = self._validate_anndata(adata)
         indices = self._check_indices(adata, indices)
         genes = np.asarray(self.get_var_names(), dtype=str)
-        columns = np.arange(genes.size) if gene_list is None else \
-            np.flatnonzero(np.isin(genes, np.asarray(gene_list)))
-        if not columns.size:
-            raise ValueError("None of the genes in gene_list are the model's genes.")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) \
-                or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
+        columns = gene_columns(genes, gene_list)
+        check_positive("n_samples", n_samples)
         collator = self._collator(adata)
         mean, logvar = self._posterior(collator, indices, batch_size or 512)
         labels = torch.from_numpy(collator.labels[indices]).to(self.device)

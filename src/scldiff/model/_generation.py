@@ -18,7 +18,12 @@ from .._version import __version__
 from ..diffusion import DEFAULT_STEPS, SAMPLERS, check_guidance_interval
 from ..module._module import autocast_dtype
 from ._library import LIBRARY_SIZES
-from ._validation import resolve_generation_labels
+from ._validation import (
+    check_positive,
+    gene_columns,
+    resolve_generation_labels,
+    resolve_seed,
+)
 
 # generate()'s precisions: the dtype of the networks' matrix products under autocast
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -41,17 +46,6 @@ def default_generation_batch(device: torch.device, n_genes: int) -> int:
     return int(min(max(cells // 1024 * 1024, 1024), 65_536))
 
 
-def resolve_seed(seed: int | None) -> int:
-    """``seed``, or for ``None`` one draw from torch's global generator, which
-    ``scvi.settings.seed`` sets: a run is reproducible from the global seed, as training is,
-    and records the seed it used."""
-    if seed is None:
-        return int(torch.randint(0, 2**31 - 1, ()).item())
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}.")
-    return int(seed)
-
-
 def _obs_names(prefix: str, n: int, *parts) -> pd.Index:
     """``{prefix}-{token}-{i}``: the token hashes what determines the cells (seed, labels,
     settings), so that two calls that draw different cells name them differently and
@@ -61,12 +55,6 @@ def _obs_names(prefix: str, n: int, *parts) -> pd.Index:
         digest.update(part.tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
     token = digest.hexdigest()
     return pd.Index([f"{prefix}-{token}-{i}" for i in range(n)])
-
-
-def _check_positive(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(
-            value, (int, np.integer)) or value < 1):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 class GenerationMixin:
@@ -131,10 +119,9 @@ class GenerationMixin:
         Returns
         -------
         AnnData of integer counts in ``X`` (CSR) and ``layers["counts"]``, the training
-        genes, ``obs[labels_key]`` (the requested labels, in the training categories'
-        order), ``obs["synthetic"] = True`` and the provenance of every choice in
-        ``uns["scldiff"]``. Obs names are ``synthetic-{token}-{i}``, the token differing
-        between calls that draw different cells.
+        genes, ``obs[labels_key]`` (the requested labels, in training order),
+        ``obs["synthetic"] = True``, every choice in ``uns["scldiff"]``, and obs names
+        ``synthetic-{token}-{i}`` that differ between calls drawing different cells.
         """
         self._check_if_trained(warn=False)
         sampling, library_size, batch_size = self._generation_settings(
@@ -146,19 +133,25 @@ class GenerationMixin:
                                           np.asarray(self.label_proportions_),
                                           self.is_conditional)
         seed = resolve_seed(seed)
-        seed_sequence = np.random.SeedSequence(seed)
-        self.module.eval()
-        autocast = contextlib.nullcontext() if precision == "float32" else \
-            torch.autocast(self.device.type, dtype=PRECISIONS[precision])
-        with autocast:
-            computed_in = autocast_dtype(self.device.type)  # a caller's autocast counts too
-            blocks = self._draw_batches(codes, batch_size, seed_sequence, progress_bar,
-                                        library_size, sampling)
+        blocks, computed_in = self._draw_in_precision(
+            precision, codes, batch_size, np.random.SeedSequence(seed), progress_bar,
+            library_size, sampling)
         return self._counts_anndata(blocks, codes, "synthetic", {
             "seed": seed, **sampling,
             "guidance_interval": list(sampling["guidance_interval"] or (0.0, 1.0)),
             "batch_size": int(batch_size), "library_size": library_size,
-            "precision": "float32" if computed_in is None else str(computed_in).split(".")[-1]})
+            "precision": computed_in})
+
+    def _draw_in_precision(self, precision: str, *args) -> tuple[list[sp.csr_matrix], str]:
+        """:meth:`_draw_batches` (``args``) with the networks' products in ``precision``,
+        and the name of the dtype they were computed in (a caller's autocast counts too)."""
+        self.module.eval()
+        autocast = contextlib.nullcontext() if precision == "float32" else \
+            torch.autocast(self.device.type, dtype=PRECISIONS[precision])
+        with autocast:
+            computed_in = autocast_dtype(self.device.type)
+            blocks = self._draw_batches(*args)
+        return blocks, "float32" if computed_in is None else str(computed_in).split(".")[-1]
 
     def _generation_settings(self, guidance_scale, sampler, n_steps, batch_size, precision,
                              library_size, guidance_interval) -> tuple[dict, str, int]:
@@ -172,8 +165,8 @@ class GenerationMixin:
                 or not np.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got "
                              f"{guidance_scale!r}.")
-        _check_positive("n_steps", n_steps)
-        _check_positive("batch_size", batch_size)
+        check_positive("n_steps", n_steps)
+        check_positive("batch_size", batch_size)
         if not isinstance(precision, str) or precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got "
                              f"{precision!r}.")
@@ -253,17 +246,13 @@ class GenerationMixin:
         """
         import sparse
 
-        _check_positive("n_samples", n_samples)
+        check_positive("n_samples", n_samples)
         adata = self._validate_anndata(adata)
         cells = self._check_indices(adata, indices)
         counts, _ = self._posterior_draws(adata, np.repeat(cells, n_samples), batch_size,
                                           resolve_seed(seed), progress_bar)
         if gene_list is not None:
-            genes = np.asarray(self.get_var_names())
-            mask = np.isin(genes, np.asarray(gene_list))
-            if not mask.any():
-                raise ValueError("None of the genes in gene_list are the model's genes.")
-            counts = counts[:, np.flatnonzero(mask)]
+            counts = counts[:, gene_columns(self.get_var_names(), gene_list)]
         coo = counts.tocoo()
         if n_samples == 1:
             return sparse.GCXS(sparse.COO((coo.row, coo.col), coo.data, shape=coo.shape),
@@ -325,7 +314,7 @@ class GenerationMixin:
         """Counts (CSR, one row per entry of ``indices``) decoded from one draw of each
         entry's posterior, with its own library size; and the entries' label codes."""
         self._check_if_trained(warn=True)
-        _check_positive("batch_size", batch_size)
+        check_positive("batch_size", batch_size)
         collator = self._collator(adata)
         unique, inverse = np.unique(indices, return_inverse=True)
         mean, logvar = self._posterior(collator, unique, batch_size or 512, progress_bar)

@@ -20,10 +20,11 @@ from ..train import (
     LatentDataModule,
     StageProgressBar,
     SubgraphDataModule,
+    quiet_lightning,
 )
-from ..train._runner import quiet_lightning
 from ._library import LibrarySizeModel
 from ._serialization import ModelFileError
+from ._validation import resolve_seed
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ STAGE_A_STEPS = 2_000
 STAGE_B_STEPS = 4_000
 # ... and at most this many epochs: below 2,000 cells the steps would take more epochs,
 # and cost more than scVI's default training, which grows with the cells (400 epochs); the
-# caps keep a default run at about half of scVI's on any size (docs "Benchmarks").
+# caps keep a default run below scVI's default at any size (docs "Benchmarks").
 STAGE_A_MAX_EPOCHS = 128
 STAGE_B_MAX_EPOCHS = 512
 
@@ -85,7 +86,7 @@ def _run_seed(ckpt_path: str | None) -> tuple[int, str | None, dict | None]:
     and ``None`` for a new run, whose seed is one draw from torch's global generator, which
     ``scvi.settings.seed`` sets)."""
     if ckpt_path is None:
-        return int(torch.randint(0, 2**31 - 1, ()).item()), None, None
+        return resolve_seed(None), None, None
     meta, module_state = _read_checkpoint(ckpt_path)
     return meta["seed"], meta["stage"], module_state
 
@@ -123,6 +124,18 @@ def stage_epochs(max_epochs, max_epochs_vae, max_epochs_diffusion, n_cells: int,
     return n_a, n_b
 
 
+def _validation_kwargs(trainer_kwargs: dict, early_stopping: bool, n_val: int) -> dict:
+    """The trainer's arguments with validation every epoch when there are validation
+    cells, and ``early_stopping`` (refused without them)."""
+    if early_stopping and not n_val:
+        raise ValueError("early_stopping=True needs validation cells to watch; pass "
+                         "train_size < 1 (e.g. train_size=0.9, as scvi-tools' default).")
+    kwargs = dict(trainer_kwargs, early_stopping=early_stopping)
+    if n_val:
+        kwargs.setdefault("check_val_every_n_epoch", 1)
+    return kwargs
+
+
 class TrainingMixin:
     """:meth:`train` of :class:`~scldiff.LapDDPM`."""
 
@@ -142,32 +155,28 @@ class TrainingMixin:
         diffusion_plan_kwargs: dict | None = None,
         **trainer_kwargs,
     ) -> None:
-        """Train the graph VAE (stage A), then the latent diffusion on its posteriors (stage
-        B), then fit the library-size model. Stage A's minibatches are subgraphs, so a step
-        costs O(batch_size * n_neighbors) on any atlas. Both stages' losses go to
-        :attr:`history`.
+        """Train the graph VAE (stage A; subgraph minibatches, a step costs O(batch_size *
+        n_neighbors) on any atlas), then the latent diffusion on its posteriors (stage B),
+        then fit the library-size model. Both stages' losses go to :attr:`history`.
 
         Parameters
         ----------
         max_epochs
-            Epochs of both stages together, as scvi-tools' models take it: split over the
-            two stages in the defaults' proportion (about one in five to stage A), at least
-            one each. By default about 2,000 optimisation steps of stage A and 4,000 of
-            stage B, and at most 128 and 512 epochs (fewer steps below 2,000 cells).
+            Epochs of both stages, as scvi-tools takes it: split in the defaults' proportion
+            (about one in five to stage A), at least one each. Default: about 2,000 steps
+            of stage A and 4,000 of stage B, at most 128 and 512 epochs.
         max_epochs_vae, max_epochs_diffusion
-            Epochs of stage A (graph VAE) and of stage B (diffusion), overriding their
-            share of ``max_epochs``.
+            Epochs of stage A and of stage B, overriding their share of ``max_epochs``.
         accelerator, devices
-            Lightning's accelerator and devices.
+            Lightning's.
         train_size, validation_size
             Fractions of the cells to train and to validate on (default: the rest).
         batch_size, batch_size_diffusion
             Seed cells per stage-A minibatch; cells per stage-B minibatch.
         early_stopping
-            Stop each stage when its validation loss stops improving, as scvi-tools does
-            (stage A: ``elbo_validation``, stage B: ``diffusion_loss_validation``; patience
-            and threshold: ``early_stopping_patience``, ``early_stopping_min_delta``). Needs
-            validation cells (``train_size < 1``).
+            Stop each stage when its validation loss (``elbo_validation``,
+            ``diffusion_loss_validation``) stops improving, as scvi-tools does
+            (``early_stopping_patience``, ...). Needs ``train_size < 1``.
         plan_kwargs, diffusion_plan_kwargs
             Keyword arguments of :class:`~scldiff.train.GraphVAETrainingPlan` (``lr``,
             ``kl_weight``, ``perturbation``, ``epsilon``, ``mask_fraction``, ...;
@@ -182,25 +191,16 @@ class TrainingMixin:
         Notes
         -----
         A run's seed is one draw from torch's global generator (``scvi.settings.seed``);
-        the split, the batches and every draw of each step derive from it, so a seed gives
-        the same weights on a CPU (on GPUs to floating-point tolerance). A NaN or infinite
-        loss or gradient stops training with :class:`~scldiff.train.NonFiniteLossError`;
-        the model keeps the weights of the last finite step.
+        the split, the batches and every step's draws derive from it, so a seed gives the
+        same weights on a CPU (on GPUs to floating-point tolerance). A non-finite loss or
+        gradient raises :class:`~scldiff.train.NonFiniteLossError`, keeping the last
+        finite step's weights.
         """
-        if self.adata is None:
-            raise ValueError("This model was loaded without an AnnData; pass adata to "
-                             "LapDDPM.load(dir_path, adata) to train it.")
-        resume = trainer_kwargs.pop("ckpt_path", None)
-        seed, resume_stage, module_state = _run_seed(resume)  # resumed: the same split
+        resume, seed, resume_stage, module_state = self._run_start(trainer_kwargs)
         train_idx, val_idx = self._split(train_size, validation_size, seed)
         n_a, n_b = stage_epochs(max_epochs, max_epochs_vae, max_epochs_diffusion,
                                 train_idx.size, batch_size, batch_size_diffusion)
-        if early_stopping and not len(val_idx):
-            raise ValueError("early_stopping=True needs validation cells to watch; pass "
-                             "train_size < 1 (e.g. train_size=0.9, as scvi-tools' default).")
-        if len(val_idx):
-            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        trainer_kwargs["early_stopping"] = early_stopping
+        trainer_kwargs = _validation_kwargs(trainer_kwargs, early_stopping, len(val_idx))
         # both plans first, so that bad arguments are refused before anything changes
         plan_a, plan_b = self._plans(n_a, seed, plan_kwargs, diffusion_plan_kwargs)
         collator = self._collator()
@@ -215,11 +215,8 @@ class TrainingMixin:
                 self._fit(plan_a, data_a, n_a, resume if resume_stage == "A" else None, **fit)
             posterior = self._posterior(collator, train_idx, progress_bar=bar)
             if n_b > 0:
-                self.module.set_latent_statistics(*posterior)
-                val = self._posterior(collator, val_idx, progress_bar=bar) if len(val_idx) \
-                    else None
-                data_b = LatentDataModule.of_cells(posterior, val, collator.labels, train_idx,
-                                                   val_idx, batch_size_diffusion, seed)
+                data_b = self._latent_data(collator, posterior, train_idx, val_idx,
+                                           batch_size_diffusion, seed, bar)
                 self._fit(plan_b, data_b, n_b, resume if resume_stage == "B" else None, **fit)
         self._finish(collator, train_idx, val_idx, posterior)
 
@@ -233,6 +230,28 @@ class TrainingMixin:
             "p_uncond": 0.1 if self.is_conditional else 0.0, **(diffusion_plan_kwargs or {}),
             "seed": seed})
         return plan_a, plan_b
+
+    def _latent_data(self, collator, posterior: tuple[torch.Tensor, torch.Tensor],
+                     train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, seed: int,
+                     progress_bar: bool) -> LatentDataModule:
+        """Stage B's data: the training cells' posteriors (whose statistics standardise the
+        latents) and those of the validation cells."""
+        self.module.set_latent_statistics(*posterior)
+        val = self._posterior(collator, val_idx, progress_bar=progress_bar) \
+            if len(val_idx) else None
+        return LatentDataModule.of_cells(posterior, val, collator.labels, train_idx, val_idx,
+                                         batch_size, seed)
+
+    def _run_start(self, trainer_kwargs: dict) -> tuple[str | None, int, str | None,
+                                                        dict | None]:
+        """The checkpoint to resume from (popped from ``trainer_kwargs``) and
+        :func:`_run_seed`'s seed, stage and weights; refused, before any draw, for a model
+        without data."""
+        if self.adata is None:
+            raise ValueError("This model was loaded without an AnnData; pass adata to "
+                             "LapDDPM.load(dir_path, adata) to train it.")
+        resume = trainer_kwargs.pop("ckpt_path", None)
+        return (resume, *_run_seed(resume))  # resumed: the same seed, so the same split
 
     def _load_checkpoint_weights(self, path: str, module_state: dict) -> None:
         missing = set(self.module.state_dict()) - set(module_state)

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 from anndata import AnnData
 
 from ..graph._matrix import row_blocks
@@ -212,3 +213,32 @@ def check_genes(adata: AnnData, var_names: np.ndarray) -> None:
         f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} extra (e.g. {extra[:5]})"
         + ("" if missing or extra else ", same genes in another order")
         + ". Subset and order them as in training: adata[:, model_var_names].")
+
+
+def check_positive(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(
+            value, (int, np.integer)) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed``, or for ``None`` one draw from torch's global generator, which
+    ``scvi.settings.seed`` sets: a run is reproducible from the global seed, as training is,
+    and records the seed it used."""
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}.")
+    return int(seed)
+
+
+def gene_columns(var_names: np.ndarray, gene_list) -> np.ndarray:
+    """Positions of ``gene_list``'s genes among the model's ``var_names``, in the model's
+    order as scvi-tools returns them (all genes for ``None``)."""
+    if gene_list is None:
+        return np.arange(len(var_names))
+    columns = np.flatnonzero(np.isin(np.asarray(var_names), np.asarray(gene_list)))
+    if not columns.size:
+        raise ValueError("None of the genes in gene_list are the model's genes; pass names "
+                         "from model.adata.var_names.")
+    return columns

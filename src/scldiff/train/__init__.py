@@ -5,7 +5,7 @@ from ._plan_base import LapDDPMTrainingPlan, NonFiniteLossError, step_seed
 from ._plan_diffusion import DiffusionTrainingPlan, ExponentialMovingAverage
 from ._plan_vae import PERTURBATIONS, GraphVAETrainingPlan, keep_mask
 from ._progress import StageProgressBar
-from ._runner import LapDDPMTrainer, LapDDPMTrainRunner
+from ._runner import LapDDPMTrainer, LapDDPMTrainRunner, quiet_lightning
 
 __all__ = [
     "PERTURBATIONS",
@@ -22,5 +22,6 @@ __all__ = [
     "SubgraphCollator",
     "SubgraphDataModule",
     "keep_mask",
+    "quiet_lightning",
     "step_seed",
 ]
