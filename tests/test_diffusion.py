@@ -11,6 +11,7 @@ from scldiff.diffusion import (
     ClassifierFreeGuidance,
     VPSchedule,
     check_guidance_interval,
+    compositional_epsilon,
     guided_epsilon,
 )
 
@@ -145,43 +146,77 @@ def test_guidance_formula():
     assert torch.allclose(guided_epsilon(eps_c, eps_u, w), w * eps_c - (w - 1) * eps_u)
 
 
+def _label_network(calls, with_time=False):
+    """eps = the row's one attribute (10 where null), plus t with ``with_time``."""
+
+    def network(z, t, attributes):
+        calls.append(attributes.clone())
+        eps = z * 0 + torch.nan_to_num(attributes[:, :1], nan=10.0)
+        return eps + t.reshape(-1, 1) if with_time else eps
+
+    return network
+
+
 def test_guidance_wrapper_evaluates_both_branches():
     calls = []
-
-    def network(z, t, labels):
-        calls.append(labels.clone())
-        return z * 0 + labels.unsqueeze(1).float()  # eps = the label value
-
-    labels = torch.tensor([2, 3])
+    labels = torch.tensor([[2.0], [3.0]])
     z, t = torch.zeros(2, 4), torch.full((2,), 0.5)
-    out = ClassifierFreeGuidance(network, labels, null_label=10, scale=2.0)(z, t)
-    assert torch.allclose(out[:, 0], 2 * labels.float() - 10)
-    assert torch.equal(calls[-1], torch.tensor([2, 3, 10, 10]))
-    assert torch.allclose(ClassifierFreeGuidance(network, labels, 10, 0.0)(z, t)[:, 0],
+    out = ClassifierFreeGuidance(_label_network(calls), labels, scale=2.0)(z, t)
+    assert torch.allclose(out[:, 0], 2 * labels[:, 0] - 10)
+    # one batch: the unconditional (null) rows, then the conditional ones
+    assert torch.equal(torch.nan_to_num(calls[-1][:, 0], nan=-1.0),
+                       torch.tensor([-1.0, -1.0, 2.0, 3.0]))
+    assert torch.allclose(ClassifierFreeGuidance(_label_network(calls), labels, 0.0)(z, t)[:, 0],
                           torch.full((2,), 10.0))
+
+
+def test_compositional_guidance_against_hand_computed_values():
+    eps_u = torch.tensor([[1.0, 2.0]])
+    eps_a, eps_b = torch.tensor([[3.0, 2.0]]), torch.tensor([[1.0, 6.0]])
+    # eps_u + 2 (eps_a - eps_u) + 0.5 (eps_b - eps_u) = [1 + 4 + 0, 2 + 0 + 2]
+    assert torch.equal(compositional_epsilon([eps_a, eps_b], eps_u, [2.0, 0.5]),
+                       torch.tensor([[5.0, 4.0]]))
+    # an additive network: eps(c) = 100 + 1 * c_0 + 2 * c_1 (a null term adds 0), so that
+    # eps_a - eps_null = (a + 1) c_a and the guided noise is 100 + sum_a w_a (a + 1) c_a
+    calls = []
+
+    def network(z, t, attributes):
+        calls.append(attributes.shape[0])
+        terms = torch.nan_to_num(attributes, nan=0.0) * torch.tensor([1.0, 2.0])
+        return z * 0 + 100 + terms.sum(1, keepdim=True)
+
+    rows = torch.tensor([[3.0, 4.0], [5.0, float("nan")]])
+    z, t = torch.zeros(2, 3), torch.tensor(0.4)
+    out = ClassifierFreeGuidance(network, rows, scale=[2.0, 0.5])(z, t)
+    assert torch.allclose(out[:, 0], torch.tensor([100 + 2 * 3 + 0.5 * 2 * 4, 100 + 2 * 5]))
+    assert calls[-1] == 6  # null, attribute 0 alone, attribute 1 alone: one batch
+    # a scale of 0 costs no evaluation; the joint scale composes nothing
+    out = ClassifierFreeGuidance(network, rows, scale=[1.5, 0.0])(z, t)
+    assert torch.allclose(out[:, 0], torch.tensor([100 + 1.5 * 3, 100 + 1.5 * 5]))
+    assert calls[-1] == 4
+    joint = ClassifierFreeGuidance(network, rows, scale=2.0)(z, t)
+    assert torch.allclose(joint[:, 0], torch.tensor([100.0 + 2 * (3 + 8), 100.0 + 2 * 5]))
+    with pytest.raises(ValueError, match="2 attributes"):
+        ClassifierFreeGuidance(network, rows, scale=[1.0])
 
 
 def test_guidance_interval_guides_inside_and_evaluates_once_outside():
     calls = []
-
-    def network(z, t, labels):
-        calls.append(labels.numel())
-        return z * 0 + labels.unsqueeze(1).float() + t.reshape(-1, 1)  # eps = label + t
-
-    labels = torch.tensor([2, 3])
-    guide = ClassifierFreeGuidance(network, labels, null_label=10, scale=2.0,
-                                   interval=(0.2, 0.5))
+    network = _label_network(calls, with_time=True)
+    labels = torch.tensor([[2.0], [3.0]])
+    c = labels[:, 0]
+    guide = ClassifierFreeGuidance(network, labels, scale=2.0, interval=(0.2, 0.5))
     z = torch.zeros(2, 4)
     # inside (the ends included): 2 (c + t) - (10 + t) = 2c + t - 10, from one batch of 4
     for time in (0.2, 0.3, 0.5):
         out = guide(z, torch.full((2,), time))
-        assert torch.allclose(out[:, 0], 2 * labels.float() + time - 10)
-        assert calls[-1] == 4
+        assert torch.allclose(out[:, 0], 2 * c + time - 10)
+        assert calls[-1].shape[0] == 4
     # outside: the conditional prediction, from one evaluation of the 2 rows only
     for time in (0.1, 0.9, 1.0):
         out = guide(z, torch.full((2,), time))
-        assert torch.allclose(out[:, 0], labels.float() + time)
-        assert calls[-1] == 2
+        assert torch.allclose(out[:, 0], c + time)
+        assert calls[-1].shape[0] == 2
     # rows at different times: each row by its own time
     out = guide(z, torch.tensor([0.3, 0.9]))
     assert torch.allclose(out[:, 0], torch.tensor([2 * 2 + 0.3 - 10, 3 + 0.9]))
@@ -189,10 +224,11 @@ def test_guidance_interval_guides_inside_and_evaluates_once_outside():
     for time, guided in ((0.3, True), (0.9, False)):
         calls.clear()
         out = guide(z, torch.tensor(time))
-        expected = 2 * labels.float() + time - 10 if guided else labels.float() + time
-        assert torch.allclose(out[:, 0], expected) and calls == [4 if guided else 2]
+        expected = 2 * c + time - 10 if guided else c + time
+        assert torch.allclose(out[:, 0], expected)
+        assert [x.shape[0] for x in calls] == [4 if guided else 2]
     # scale 0 inside the interval is the unconditional prediction
-    guide0 = ClassifierFreeGuidance(network, labels, 10, 0.0, interval=(0.2, 0.5))
+    guide0 = ClassifierFreeGuidance(network, labels, 0.0, interval=(0.2, 0.5))
     assert torch.allclose(guide0(z, torch.tensor([0.3, 0.9]))[:, 0],
                           torch.tensor([10.3, 3.9]))
 
@@ -210,20 +246,22 @@ def test_guided_sampling_of_two_gaussians_moves_towards_the_condition():
     # w > 1 overshoots away from the unconditional mixture mean.
     s2, mus = 0.09, torch.tensor([-1.0, 1.0], dtype=torch.float64)
 
-    def network(z, t, labels):
+    def network(z, t, attributes):
+        null = torch.isnan(attributes[:, 0])
+        labels = torch.nan_to_num(attributes[:, 0], nan=1.0).long()
         a, s = SCHEDULE.alpha(t).reshape(-1, 1), SCHEDULE.sigma(t).reshape(-1, 1)
         var = a**2 * s2 + s**2
-        cond = s * (z - a * mus[labels.clamp(max=1)][:, None]) / var
+        cond = s * (z - a * mus[labels][:, None]) / var
         logits = -((z - a * mus[None, :]) ** 2) / (2 * var)
         post = torch.softmax(logits, dim=1)
         uncond = s * (z - a * (post * mus[None, :]).sum(1, keepdim=True)) / var
-        return torch.where((labels == 2)[:, None], uncond, cond)
+        return torch.where(null[:, None], uncond, cond)
 
     g = torch.Generator().manual_seed(4)
     z = torch.randn(50_000, 1, generator=g, dtype=torch.float64)
-    labels = torch.ones(50_000, dtype=torch.long)
-    out1 = SAMPLERS["ode"](ClassifierFreeGuidance(network, labels, 2, 1.0), z, SCHEDULE, 100)
-    out3 = SAMPLERS["ode"](ClassifierFreeGuidance(network, labels, 2, 3.0), z, SCHEDULE, 100)
+    rows = torch.ones(50_000, 1, dtype=torch.float64)
+    out1 = SAMPLERS["ode"](ClassifierFreeGuidance(network, rows, 1.0), z, SCHEDULE, 100)
+    out3 = SAMPLERS["ode"](ClassifierFreeGuidance(network, rows, 3.0), z, SCHEDULE, 100)
     assert out1.mean().item() == pytest.approx(1.0, abs=0.01)
     assert out1.var().item() == pytest.approx(s2, rel=0.05)
     assert out3.mean().item() > 1.0
@@ -231,15 +269,20 @@ def test_guided_sampling_of_two_gaussians_moves_towards_the_condition():
 
 def test_scorenet_with_one_time_computes_each_labels_condition_once():
     """A sampler's step shares t across the rows: the conditions are a table with one row
-    per label (the null one too), which each row gathers; the same outputs as per row."""
+    per distinct attribute row (null entries too), which each row gathers; the same outputs
+    as per row."""
     from scldiff.module import ScoreNet
 
     torch.manual_seed(0)
-    net = ScoreNet(n_latent=5, n_labels=4, n_hidden=32, n_blocks=2).eval()
+    net = ScoreNet(n_latent=5, n_categories=[4, 2], n_continuous=1, n_hidden=32,
+                   n_blocks=2).eval()
     with torch.no_grad():
         for p in net.parameters():  # FiLM starts at zero: randomise it so labels matter
             p.normal_(0, 0.3)
-    z, labels = torch.randn(50, 5), torch.randint(0, 5, (50,))
+    z = torch.randn(50, 5)
+    labels = torch.stack([torch.randint(0, 4, (50,)).float(), torch.randint(0, 2, (50,)).float(),
+                          torch.randint(0, 3, (50,)).float() - 1.0], 1)
+    labels[torch.rand(50, 3) < 0.2] = float("nan")  # null entries
     t = torch.tensor(0.37)
 
     def per_cell(z, t, labels):  # the plain per-cell computation
@@ -253,16 +296,32 @@ def test_scorenet_with_one_time_computes_each_labels_condition_once():
         torch.testing.assert_close(shared, reference, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(net(z, t.expand(50), labels), reference,
                                    rtol=1e-5, atol=1e-5)
-        # each cell's output depends on its own label
-        assert not torch.allclose(shared, net(z, t, torch.zeros_like(labels)), atol=1e-3)
+        # each cell's output depends on its own attributes, each of them
+        for a in range(3):
+            other = labels.clone()
+            other[:, a] = torch.where(torch.isnan(other[:, a]), 0.0, float("nan"))
+            assert not torch.allclose(shared, net(z, t, other), atol=1e-3)
         t_varied = torch.rand(50)
         torch.testing.assert_close(net(z, t_varied, labels), per_cell(z, t_varied, labels))
     # gradients flow through the table too
-    grad = torch.autograd.grad(net(z, t, labels).sum(), net.label_embedding.weight)[0]
-    assert grad[labels.unique()].abs().sum(1).gt(0).all()
+    grad = torch.autograd.grad(net(z, t, labels).sum(), net.category_embeddings[0].weight)[0]
+    present = torch.nan_to_num(labels[:, 0], nan=4).long().unique()
+    assert grad[present].abs().sum(1).gt(0).all()
     # under bf16 autocast: as close to float32 as the per-cell computation under autocast
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         mixed, plain = net(z, t, labels), per_cell(z, t, labels)
     error = (mixed.float() - shared).norm() / shared.norm()
     assert torch.isfinite(mixed).all() and error < 0.03
     assert error < 2 * (plain.float() - shared).norm() / shared.norm()
+
+
+def test_fourier_features_against_hand_computed_values():
+    from scldiff.module import fourier_features
+
+    x = torch.tensor([0.0, 1.0, -2.0])
+    out = fourier_features(x, frequencies=(math.pi / 2, math.pi))
+    expected = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0],  # x, sin, sin, cos, cos
+                             [1.0, 1.0, 0.0, 0.0, -1.0],
+                             [-2.0, 0.0, 0.0, -1.0, 1.0]])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert fourier_features(x).shape == (3, 13)  # x and 6 frequencies' sines and cosines

@@ -199,17 +199,20 @@ def test_sparse_log_likelihood_under_bf16_autocast_computes_in_float32(likelihoo
                                rtol=1e-6, atol=1e-4)
 
 
-def test_decoder_labels_are_a_one_hot_input_of_the_hidden_layer():
-    # the decoder reading labels is the same network on [z, one-hot(label)]
+def test_decoder_covariates_are_one_hot_inputs_of_the_hidden_layer():
+    # the decoder reading two categorical attributes is the same network on
+    # [z, one-hot(first), one-hot(second)]
     torch.manual_seed(0)
-    decoder = CountDecoder(4, 30, n_hidden=8, likelihood="zinb", n_labels=3).eval()
-    plain = CountDecoder(7, 30, n_hidden=8, likelihood="zinb").eval()
+    decoder = CountDecoder(4, 30, n_hidden=8, likelihood="zinb", n_categories=[3, 2]).eval()
+    plain = CountDecoder(9, 30, n_hidden=8, likelihood="zinb").eval()
     plain.load_state_dict(decoder.state_dict())
-    z, labels = torch.randn(5, 4), torch.tensor([0, 2, 1, 2, 0])
-    ours, theirs = decoder(z, labels), plain(torch.cat([z, torch.eye(3)[labels]], dim=1))
+    z = torch.randn(5, 4)
+    codes = torch.tensor([[0, 1], [2, 0], [1, 1], [2, 1], [0, 0]])
+    ours = decoder(z, codes)
+    theirs = plain(torch.cat([z, torch.eye(3)[codes[:, 0]], torch.eye(2)[codes[:, 1]]], dim=1))
     torch.testing.assert_close(ours.logits, theirs.logits)
     torch.testing.assert_close(ours.zi_logits, theirs.zi_logits)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="categorical attributes"):
         decoder(z)
 
 

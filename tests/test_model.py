@@ -243,13 +243,16 @@ def test_generate_label_arguments(trained_model):
     seq = gen(labels=["NK cells", "B cells", "NK cells"])
     assert seq.obs["cell_type"].tolist() == ["NK cells", "B cells", "NK cells"]
     default = gen(n_samples=100)
-    props = np.asarray(trained_model.label_proportions_)
+    table = trained_model.combinations_  # one categorical attribute: its codes and counts
+    props = np.zeros(len(trained_model.label_categories))
+    props[np.asarray(table["codes"])[:, 0]] = table["counts"]
+    props /= props.sum()
     counts = default.obs["cell_type"].value_counts().reindex(trained_model.label_categories)
     assert counts.sum() == 100 and (np.abs(counts.to_numpy() - 100 * props) < 1).all()
     assert gen().n_obs == len(trained_model.train_indices_)
-    with pytest.raises(ValueError, match="Unknown label 'T cells'"):
+    with pytest.raises(ValueError, match=r"Unknown 'cell_type' value\(s\) \['T cells'\]"):
         gen(labels={"T cells": 3})
-    with pytest.raises(ValueError, match="Unknown label"):
+    with pytest.raises(ValueError, match="Unknown 'cell_type'"):
         gen(labels=["B cells", "nope"])
     with pytest.raises(ValueError, match="must be positive"):
         gen(labels={"B cells": 0})
@@ -503,7 +506,7 @@ def test_unconditional_model_with_validation_split():
     assert "validation_loss" in model.history and "diffusion_loss_validation" in model.history
     synth = model.generate(n_samples=50, seed=0, progress_bar=False)
     assert synth.n_obs == 50 and list(synth.obs.columns) == ["synthetic"]
-    with pytest.raises(ValueError, match="unconditional"):
+    with pytest.raises(ValueError, match="has no labels"):
         model.generate(labels={"B cells": 3}, progress_bar=False)
 
 
@@ -578,7 +581,7 @@ def _generates_and_round_trips(model, adata, tmp_path):
     return again
 
 
-def test_decoder_labels_train_generate_and_round_trip(tmp_path):
+def test_decoder_covariates_train_generate_and_round_trip(tmp_path):
     """A decoder that reads the label: the label's one-hot changes what a latent decodes
     to, it is the label each cell is generated for, and it is saved with the model."""
     scvi.settings.seed = 0
@@ -603,25 +606,25 @@ def test_decoder_labels_train_generate_and_round_trip(tmp_path):
         synth = model.generate(labels=["B cells", "CD4 T cells", "CD4 T cells"], seed=0,
                                progress_bar=False)
         codes = pd.Categorical(synth.obs["cell_type"], categories=model.label_categories).codes
-        np.testing.assert_array_equal(torch.cat(seen).numpy(), codes)
+        np.testing.assert_array_equal(torch.cat(seen).numpy()[:, 0], codes)
         seen.clear()
         own = pd.Categorical(adata.obs["cell_type"], categories=model.label_categories).codes
         cells = [int(np.flatnonzero(own == code)[0]) for code in np.unique(own)[:3]]
         model.posterior_predictive_cells(indices=cells, seed=0)
-        np.testing.assert_array_equal(torch.cat(seen).numpy(), own[cells])
+        np.testing.assert_array_equal(torch.cat(seen).numpy()[:, 0], own[cells])
     finally:
         handle.remove()
-    plain = LapDDPM(adata, n_latent=4, n_hidden=16, decoder_labels=False)
+    plain = LapDDPM(adata, n_latent=4, n_hidden=16, decoder_covariates=False)
     assert plain.module.decoder.hidden[0].in_features == 4
     again = _generates_and_round_trips(model, adata, tmp_path)
-    assert again.module.decoder.n_labels == n_labels
+    assert again.module.decoder.n_categories == [n_labels]
 
 
 def test_bad_model_and_training_arguments():
     adata = small_pbmc(n_cells=100, n_genes=100)
     LapDDPM.setup_anndata(adata, n_neighbors=5, n_lpe=2)
-    with pytest.raises(ValueError, match="needs labels"):
-        LapDDPM(adata, decoder_labels=True)
+    with pytest.raises(ValueError, match="needs categorical attributes"):
+        LapDDPM(adata, decoder_covariates=True)
     LapDDPM.setup_anndata(adata, labels_key="cell_type", n_neighbors=5, n_lpe=2)
     for name, value in (("likelihood", "hurdle"), ("library_size", "diffusion"),
                         ("prediction", "x0")):
@@ -715,7 +718,7 @@ def test_the_scorenets_prediction_round_trips(trained_model, tmp_path, predictio
         model = LapDDPM(registry=trained_model.registry_, n_latent=8, n_hidden=64,
                         score_hidden=64, score_blocks=2, prediction="epsilon")
         model.module.load_state_dict(trained_model.module.state_dict())
-        for name in ("is_trained_", "train_indices_", "label_proportions_", "library_model_"):
+        for name in ("is_trained_", "train_indices_", "combinations_", "library_model_"):
             setattr(model, name, getattr(trained_model, name))
     kw = dict(labels={"B cells": 40}, seed=3, progress_bar=False)
     model.save(str(tmp_path / "m"))
@@ -828,7 +831,7 @@ def test_get_normalized_expression_is_the_decoders_mean_per_library(trained_mode
     import torch
 
     z = torch.from_numpy(model.get_latent_representation(indices=cells))
-    codes = torch.from_numpy(model._collator().labels[cells])
+    codes = model.module.categories(torch.from_numpy(model._collator().attributes[cells]))
     with torch.no_grad():
         params = model.module.decoder(z, codes).with_biases()
     rho = torch.softmax(params.logits.double(), -1)

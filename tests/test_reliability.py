@@ -296,7 +296,9 @@ BAD_SETUPS = {
     "a single cell per label": (lambda a: _relabel(a, [f"c{i}" for i in range(a.n_obs)]), {},
                                 ValueError, "have a single cell"),
     "a label with one cell": (lambda a: _relabel(a, ["rare"] + ["common"] * (a.n_obs - 1)),
-                              {}, ValueError, r"1 label .* has a single cell \(\['rare'\]\)"),
+                              {}, ValueError,
+                              r"1 category of adata.obs\['cell_type'\] has a single cell "
+                              r"\(\['rare'\]\)"),
     "fewer cells than n_neighbors": (lambda a: None, {"n_neighbors": 400}, ValueError,
                                      "too few for a 400-nearest-neighbour graph"),
     "n_lpe >= cells": (lambda a: None, {"n_lpe": 60}, ValueError, "smaller n_lpe"),
@@ -422,9 +424,10 @@ def test_a_label_category_without_training_cells_cannot_be_generated():
     adata = _small_counts(120, 60)
     adata.obs["cell_type"] = adata.obs["cell_type"].cat.add_categories(["Unseen"])
     model, _ = _fit_generate(adata)
-    with pytest.raises(ValueError, match="'Unseen' is a category .* had no training cells"):
+    with pytest.raises(ValueError,
+                       match=r"'cell_type' value\(s\) \['Unseen'\] had no training cells"):
         model.generate(labels={"Unseen": 3}, seed=0, progress_bar=False)
-    with pytest.raises(ValueError, match="Unknown label 'Nope'"):
+    with pytest.raises(ValueError, match=r"Unknown 'cell_type' value\(s\) \['Nope'\]"):
         model.generate(labels=["Nope"], seed=0, progress_bar=False)
 
 

@@ -362,8 +362,8 @@ def test_csr_from_tensors_matches_csr():
 
 def _module(n_genes=40, likelihood="nb"):
     torch.manual_seed(0)
-    return LapDDPMModule(n_input=n_genes, n_labels=1, n_lpe=0, n_latent=3, n_hidden=8,
-                         score_hidden=8, score_blocks=1, likelihood=likelihood).eval()
+    return LapDDPMModule(n_input=n_genes, n_categories=[], n_continuous=0, n_lpe=0, n_latent=3,
+                         n_hidden=8, score_hidden=8, score_blocks=1, likelihood=likelihood).eval()
 
 
 def test_decode_counts_in_chunks_keeps_each_cell_with_its_latent_and_library(monkeypatch):

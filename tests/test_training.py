@@ -109,7 +109,7 @@ def test_input_masking_zeroes_the_requested_fraction_of_encoder_inputs(model_and
     # the likelihood still sees every count: the target is the unmasked counts
     inf, gen, out = module(batch, inference_kwargs={"input_mask": mask, "use_mean": True},
                            loss_kwargs={"kl_weight": 1.0})
-    n_seed = batch[BATCH_KEYS.LABELS].shape[0]
+    n_seed = batch[BATCH_KEYS.ATTRIBUTES].shape[0]
     crow = batch[BATCH_KEYS.NODE_CROW][: n_seed + 1]
     dense = torch.zeros(n_seed, 400)
     rows = torch.repeat_interleave(torch.arange(n_seed), crow.diff())
@@ -128,12 +128,12 @@ def test_label_dropout_is_per_cell_and_diffusion_uses_posterior_samples(model_an
         n = 20_000
         module.latent_mean.zero_()
         module.latent_std.fill_(1.0)
-        labels = torch.zeros(n, dtype=torch.long)
+        labels = torch.zeros(n, 1)
         mean, logvar = torch.zeros(n, 8), torch.zeros(n, 8)
         torch.manual_seed(0)
         module.diffusion_loss(mean, logvar, labels, p_uncond=0.3)
         used = seen[-1][2]
-        null = (used == module.score_net.null_label).float().mean().item()
+        null = torch.isnan(used).float().mean().item()
         assert null == pytest.approx(0.3, abs=0.03)  # one coin per cell, not per batch
         # z_0 ~ q(z|x) = N(0, 1), so z_t ~ N(0, 1) at every t; with z_0 = mu (the public
         # code's defect) z_t would be N(0, sigma_t^2), sigma_t^2 < 0.11 for t < 0.1.
@@ -208,8 +208,6 @@ class _Oracle(torch.nn.Module):
     """A ScoreNet stand-in that outputs the exact noise or velocity of ``z_t`` for latents
     ``z0`` known in advance (one row each)."""
 
-    null_label = 2
-
     def __init__(self, schedule, z0, output):
         super().__init__()
         self.schedule, self.z0, self.output = schedule, z0, output
@@ -225,11 +223,12 @@ class _Oracle(torch.nn.Module):
 def test_diffusion_loss_is_zero_exactly_at_its_prediction_target(prediction):
     from scldiff.module import LapDDPMModule
 
-    module = LapDDPMModule(n_input=10, n_labels=2, n_lpe=0, n_latent=4, prediction=prediction)
+    module = LapDDPMModule(n_input=10, n_categories=[2], n_continuous=0, n_lpe=0, n_latent=4,
+                           prediction=prediction)
     g = torch.Generator().manual_seed(0)
     z0 = 2.0 + 3.0 * torch.randn(4000, 4, generator=g)  # far from N(0, 1): v != eps
     logvar = torch.full_like(z0, -80.0)  # q(z|x) is a point mass, so z_0 is known
-    labels = torch.zeros(4000, dtype=torch.long)
+    labels = torch.zeros(4000, 1)
     losses = {}
     for output in ("v", "epsilon"):
         module.score_net = _Oracle(module.schedule, z0, output)
@@ -242,7 +241,8 @@ def test_diffusion_loss_is_zero_exactly_at_its_prediction_target(prediction):
 def test_velocity_prediction_gives_samplers_the_exact_noise():
     from scldiff.module import LapDDPMModule
 
-    module = LapDDPMModule(n_input=10, n_labels=2, n_lpe=0, n_latent=4, prediction="v")
+    module = LapDDPMModule(n_input=10, n_categories=[2], n_continuous=0, n_lpe=0, n_latent=4,
+                           prediction="v")
     g = torch.Generator().manual_seed(1)
     z0 = 2.0 + 3.0 * torch.randn(500, 4, generator=g)
     eps = torch.randn(500, 4, generator=g)
@@ -253,7 +253,7 @@ def test_velocity_prediction_gives_samplers_the_exact_noise():
         torch.testing.assert_close(module.predict_noise(zt, times, None), eps,
                                    atol=2e-4, rtol=0)
     with pytest.raises(ValueError, match="prediction must be one of"):
-        LapDDPMModule(n_input=10, n_labels=2, n_lpe=0, prediction="x0")
+        LapDDPMModule(n_input=10, n_categories=[2], n_continuous=0, n_lpe=0, prediction="x0")
 
 
 def test_trained_velocity_scorenet_samples_a_gaussian_with_its_variance():
@@ -265,11 +265,11 @@ def test_trained_velocity_scorenet_samples_a_gaussian_with_its_variance():
     from scldiff.module import LapDDPMModule
 
     torch.manual_seed(0)
-    module = LapDDPMModule(n_input=10, n_labels=1, n_lpe=0, n_latent=2, prediction="v",
-                           score_hidden=64, score_blocks=2)
+    module = LapDDPMModule(n_input=10, n_categories=[], n_continuous=0, n_lpe=0, n_latent=2,
+                           prediction="v", score_hidden=64, score_blocks=2)
     scale = torch.tensor([0.5, 1.5])  # the standardised data: variances 0.25 and 2.25
     optimizer = torch.optim.Adam(module.score_net.parameters(), lr=2e-3)
-    labels = torch.zeros(1024, dtype=torch.long)
+    labels = torch.zeros(1024, 0)
     for _ in range(1500):
         z0 = scale * torch.randn(1024, 2)
         loss = module.diffusion_loss(z0, torch.full_like(z0, -80.0), labels, p_uncond=0.0)
@@ -277,7 +277,7 @@ def test_trained_velocity_scorenet_samples_a_gaussian_with_its_variance():
         loss.backward()
         optimizer.step()
     module.eval()
-    labels = torch.zeros(4000, dtype=torch.long)
+    labels = torch.zeros(4000, 0)
     for sampler, steps in ((sample_ode, 30), (sample_sde, 300)):
         z = sampler(lambda z, t: module.predict_noise(z, t, labels),
                     torch.randn(4000, 2, generator=torch.Generator().manual_seed(2)),
@@ -394,3 +394,15 @@ def test_a_default_train_prints_its_progress_bar_and_nothing_else(capfd):
     assert lines and not [line for line in lines if not line.startswith(ours)]
     assert not [w for w in caught if "lightning" in w.filename], caught
     assert logging.getLogger("lightning.pytorch").level == logging.INFO  # restored
+
+
+def test_attribute_dropout_is_independent_per_cell_and_per_attribute():
+    from scldiff.module import drop_attributes
+
+    rows = torch.zeros(200_000, 3)
+    null = torch.isnan(drop_attributes(rows, 0.2, torch.Generator().manual_seed(0)))
+    assert ((null.float().mean(0) - 0.2).abs() < 0.005).all()  # each attribute at its rate
+    # independent coins: P(two null) = 0.2^2, P(all three) = 0.2^3
+    assert null[:, :2].all(1).float().mean().item() == pytest.approx(0.04, abs=0.002)
+    assert null.all(1).float().mean().item() == pytest.approx(0.008, abs=0.001)
+    assert drop_attributes(rows, 0.0) is rows

@@ -104,7 +104,8 @@ def _parts(module, n_cells: int, repeats: int, guidance: float) -> dict:
     of the decoder's products alone (a floor of its cost), for ``n_cells`` cells of random
     labels in one batch."""
     rng = np.random.default_rng(0)
-    codes = torch.from_numpy(rng.integers(0, module.score_net.n_labels, n_cells))
+    codes = torch.from_numpy(
+        rng.integers(0, module.score_net.n_categories[0], (n_cells, 1)).astype(np.float32))
     generator = np.random.default_rng(0) if device() == "cpu" else \
         torch.Generator(device=device()).manual_seed(0)
     chunk = 256 if device() == "cpu" else n_cells  # as decode_counts works
@@ -117,9 +118,9 @@ def _parts(module, n_cells: int, repeats: int, guidance: float) -> dict:
             "decoder and counts": _best(
                 lambda r: module.decode_counts(z, library, generator, codes), repeats),
             "decoder products": _best(lambda r: [
-                module.decoder(z[start : start + chunk], codes[start : start + chunk],
-                               bias_apart=True) for start in range(0, n_cells, chunk)],
-                repeats)}
+                module.decoder(z[start : start + chunk],
+                               module.categories(codes[start : start + chunk]), bias_apart=True)
+                for start in range(0, n_cells, chunk)], repeats)}
 
 
 def _draw_profile(module, n_cells: int, repeats: int, guidance: float) -> dict:
@@ -131,7 +132,7 @@ def _draw_profile(module, n_cells: int, repeats: int, guidance: float) -> dict:
     from scldiff.sampling import _torch
 
     codes = torch.from_numpy(np.random.default_rng(0).integers(
-        0, module.score_net.n_labels, n_cells)).to(device())
+        0, module.score_net.n_categories[0], (n_cells, 1)).astype(np.float32)).to(device())
     library = torch.full((n_cells, 1), 2000.0, device=device())
     generator = torch.Generator(device=device()).manual_seed(0)
     inside = {"positive draws": 0.0, "CSR to host": 0.0}

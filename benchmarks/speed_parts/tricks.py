@@ -43,13 +43,13 @@ def bench_tricks(repeats: int = 7) -> dict:
     collator = model._collator()
     batch = collator(list(np.random.default_rng(0).choice(model.adata.n_obs, 128,
                                                           replace=False)))
-    n_seed = batch[BATCH_KEYS.LABELS].shape[0]
+    n_seed = batch[BATCH_KEYS.ATTRIBUTES].shape[0]
     counts = batch[BATCH_KEYS.SEED_COUNTS]
     crow = batch[BATCH_KEYS.NODE_CROW][: n_seed + 1]
     col = batch[BATCH_KEYS.NODE_COL][: counts.shape[0]]
     library = batch[BATCH_KEYS.SEED_LIBRARY][:, None]
     z = torch.randn(n_seed, module.n_latent)
-    labels = batch[BATCH_KEYS.LABELS]
+    labels = module.categories(batch[BATCH_KEYS.ATTRIBUTES])
     dense = torch.zeros(n_seed, module.decoder.scale.out_features)
     dense[torch.repeat_interleave(torch.arange(n_seed), crow.diff()), col] = counts
     results = {}
@@ -111,7 +111,9 @@ def bench_tricks(repeats: int = 7) -> dict:
 
     net = module.score_net.eval()
     zs = torch.randn(8192, module.n_latent)
-    codes = torch.from_numpy(np.random.default_rng(2).integers(0, net.n_labels + 1, 8192))
+    codes = torch.from_numpy(np.random.default_rng(2).integers(
+        0, net.n_categories[0] + 1, (8192, 1)).astype(np.float32))
+    codes[codes == net.n_categories[0]] = float("nan")  # the null label
     t = torch.tensor(0.5)
     with torch.no_grad():
         results["ScoreNet conditions once per label (8,192 rows, one time)"] = _pair(
@@ -119,7 +121,8 @@ def bench_tricks(repeats: int = 7) -> dict:
 
     lib = torch.full((4096,), 2000.0)
     zz = torch.randn(4096, module.n_latent)
-    codes = torch.from_numpy(np.random.default_rng(3).integers(0, net.n_labels, 4096))
+    codes = torch.from_numpy(np.random.default_rng(3).integers(
+        0, net.n_categories[0], (4096, 1)).astype(np.float32))
 
     def serial():
         threads = torch.get_num_threads()

@@ -1,6 +1,11 @@
 """Latent diffusion: VP-SDE schedule, samplers as pure functions, classifier-free guidance."""
 
-from ._guidance import ClassifierFreeGuidance, check_guidance_interval, guided_epsilon
+from ._guidance import (
+    ClassifierFreeGuidance,
+    check_guidance_interval,
+    compositional_epsilon,
+    guided_epsilon,
+)
 from ._samplers import DEFAULT_STEPS, SAMPLERS, sample_ddim, sample_ode, sample_sde
 from ._schedule import VPSchedule
 
@@ -10,6 +15,7 @@ __all__ = [
     "SAMPLERS",
     "VPSchedule",
     "check_guidance_interval",
+    "compositional_epsilon",
     "guided_epsilon",
     "sample_ddim",
     "sample_ode",

@@ -10,17 +10,27 @@ class _REGISTRY_KEYS_NT(NamedTuple):
 
     X_KEY: str = "X"
     LABELS_KEY: str = "labels"
+    CAT_COVS_KEY: str = "extra_categorical_covs"  # as scvi-tools' REGISTRY_KEYS
+    CONT_COVS_KEY: str = "extra_continuous_covs"
     LPE_KEY: str = "lpe"
     GRAPH_KEY: str = "graph"
 
 
 class _ADATA_KEYS_NT(NamedTuple):
-    """Where ``setup_anndata`` stores the cell graph in the user's AnnData."""
+    """Where ``setup_anndata`` stores the cell graph (and clusters) in the user's AnnData."""
 
     GRAPH: str = "scldiff_connectivities"  # adata.obsp
     LPE: str = "X_scldiff_lpe"  # adata.obsm
     GRAPH_PARAMS: str = "scldiff_graph"  # adata.uns
+    CLUSTERS: str = "scldiff_cluster"  # adata.obs: clusters of cluster_labels=True
+    CLUSTER_PARAMS: str = "scldiff_clusters"  # adata.uns
 
 
 REGISTRY_KEYS = _REGISTRY_KEYS_NT()
 ADATA_KEYS = _ADATA_KEYS_NT()
+
+# generate()'s default joint guidance scale (docs "Benchmarks"), also the scale of the
+# generated latents the post-guidance scorer is trained against
+DEFAULT_GUIDANCE_SCALE = 1.5
+# at most this many training cells (and as many generated ones) train the scorer
+SCORER_MAX_CELLS = 5_000

@@ -98,14 +98,15 @@ class ExpressionMixin:
         check_positive("n_samples", n_samples)
         collator = self._collator(adata)
         mean, logvar = self._posterior(collator, indices, batch_size or 512)
-        labels = torch.from_numpy(collator.labels[indices]).to(self.device)
+        codes = self.module.categories(
+            torch.from_numpy(collator.attributes[indices]).to(self.device))
         generator = torch.Generator().manual_seed(resolve_seed(seed))
         self.module.eval()
         draws = []
         for _ in range(n_samples):
             z = mean if n_samples == 1 else \
                 mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
-            draws.append(self._expected_fractions(z, labels, columns) * library_size)
+            draws.append(self._expected_fractions(z, codes, columns) * library_size)
         result = np.stack(draws) if n_samples > 1 else draws[0]
         if n_samples > 1 and return_mean:
             result = result.mean(0)
@@ -113,14 +114,15 @@ class ExpressionMixin:
             return result
         return pd.DataFrame(result, index=adata.obs_names[indices], columns=genes[columns])
 
-    def _expected_fractions(self, z: torch.Tensor, labels: torch.Tensor,
+    def _expected_fractions(self, z: torch.Tensor, codes: torch.Tensor,
                             columns: np.ndarray, chunk: int = 1024) -> np.ndarray:
-        """:math:`E[x \\mid z] / \\ell` for latents ``z``, the genes ``columns``, ``chunk``
+        """:math:`E[x \\mid z] / \\ell` for latents ``z`` and categorical codes ``codes``
+        (``(n, n_categorical)``), the genes ``columns``, ``chunk``
         cells at a time (the decoder's dense output is ``(cells, all genes)``)."""
         out = []
         for start in range(0, z.shape[0], chunk):
             params = self.module.decoder(z[start:start + chunk].to(self.device),
-                                         labels[start:start + chunk])
+                                         codes[start:start + chunk])
             scale, kept = params.scale_and_kept()
             fractions = scale if kept is None else scale * kept
             out.append(fractions[:, torch.from_numpy(columns).to(fractions.device)].cpu())

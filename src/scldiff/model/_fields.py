@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from anndata import AnnData
-from scvi.data.fields import BaseAnnDataField, ObsmField
+from scvi.data.fields import BaseAnnDataField, NumericalJointObsField, ObsmField
 
 
 class ObspField(BaseAnnDataField):
@@ -72,3 +72,24 @@ class PositionalEncodingField(ObsmField):
 
     def _setup_column_names(self, adata: AnnData) -> np.ndarray:
         return np.arange(self.get_field_data(adata).shape[1])
+
+
+class ContinuousCovariatesField(NumericalJointObsField):
+    """scvi-tools' field of continuous ``adata.obs`` covariates, which also records each
+    one's training mean, standard deviation, minimum and maximum (the networks read
+    standardised values; generation warns outside the range). A transfer keeps the
+    source's statistics."""
+
+    STATS = ("mean", "std", "min", "max")
+
+    def register_field(self, adata: AnnData) -> dict:
+        state = super().register_field(adata)
+        if self.is_empty:
+            return {**state, **{name: [] for name in self.STATS}}
+        values = adata.obs[self.attr_keys].to_numpy(dtype=np.float64)
+        return {**state, "mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
+                "min": values.min(0).tolist(), "max": values.max(0).tolist()}
+
+    def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs) -> dict:
+        state = super().transfer_field(state_registry, adata_target, **kwargs)
+        return {**state, **{name: list(state_registry[name]) for name in self.STATS}}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -17,13 +19,10 @@ from scvi.utils import track
 from .._version import __version__
 from ..diffusion import DEFAULT_STEPS, SAMPLERS, check_guidance_interval
 from ..module._module import autocast_dtype
+from ._attributes import Request, combination_index, guidance_scales, request_rows
+from ._constants import DEFAULT_GUIDANCE_SCALE
 from ._library import LIBRARY_SIZES
-from ._validation import (
-    check_positive,
-    gene_columns,
-    resolve_generation_labels,
-    resolve_seed,
-)
+from ._validation import check_positive, gene_columns, resolve_seed
 
 # generate()'s precisions: the dtype of the networks' matrix products under autocast
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -31,6 +30,14 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # decoder's outputs, the sampler's bound and uniforms, masks (an estimate with room to
 # spare; the measured peak is in docs "Performance")
 _GENERATION_BYTES_PER_ENTRY = 48
+
+
+def check_keep_fraction(value) -> float:
+    """``generate``'s ``keep_fraction`` as a float in (0, 1]; ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"keep_fraction must be a number in (0, 1], got {value!r}.")
+    return float(value)
 
 
 def default_generation_batch(device: torch.device, n_genes: int) -> int:
@@ -65,7 +72,7 @@ class GenerationMixin:
         self,
         labels=None,
         n_samples: int | None = None,
-        guidance_scale: float = 1.5,
+        guidance_scale: float | dict[str, float] = DEFAULT_GUIDANCE_SCALE,
         sampler: Literal["ode", "ddim", "sde"] = "ode",
         n_steps: int | None = None,
         batch_size: int | None = None,
@@ -74,20 +81,30 @@ class GenerationMixin:
         library_size: Literal["latent", "label"] | None = None,
         guidance_interval: tuple[float, float] | None = None,
         precision: Literal["float32", "bfloat16"] = "float32",
+        conditions: pd.DataFrame | dict | None = None,
+        keep_fraction: float = 1.0,
     ) -> AnnData:
         r"""Generate cells: guided latent diffusion, decoder, library size, count draws.
 
         Parameters
         ----------
         labels
-            A mapping ``{label: count}``, or a sequence with one label per cell. ``None``
-            gives ``n_samples`` cells in the training label proportions.
+            A mapping ``{label: count}``, or a sequence with one label per cell; a shorthand
+            for ``conditions`` with the labels alone. ``labels``, ``n_samples`` and
+            ``conditions`` all ``None``: as many cells as trained on.
         n_samples
-            Number of cells when ``labels`` is ``None`` (default: as many as trained on).
+            Number of cells without ``labels`` or ``conditions``: in the training
+            proportions of the combinations of categorical attributes, conditioned on them.
         guidance_scale
-            Classifier-free guidance :math:`w` in :math:`\epsilon_u + w(\epsilon_c -
-            \epsilon_u)`: 0 ignores the labels in the latents, 1 samples the conditional
-            model, larger values sharpen the labels (unconditional models: ignored).
+            One number, the joint classifier-free guidance :math:`w` in :math:`v_\varnothing
+            + w(v_c - v_\varnothing)`, :math:`v_c` conditioned on all of a cell's given
+            attributes: 0 ignores them in the latents, 1 samples the conditional model,
+            larger values sharpen them. Or a mapping ``{attribute: w_a}``, compositional
+            guidance :math:`v_\varnothing + \sum_a w_a(v_a - v_\varnothing)`, each
+            :math:`v_a` conditioned on attribute :math:`a` alone (attributes left out of the
+            mapping get 1), which composes combinations never seen in training from the
+            attributes seen apart (:func:`~scldiff.diffusion.compositional_epsilon`).
+            Models without attributes ignore it.
         sampler, n_steps
             ``"ode"`` (probability-flow ODE, DPM-Solver++(2M), 10 steps by default),
             ``"ddim"`` (200) or ``"sde"`` (reverse SDE, Euler–Maruyama, 500), and its steps.
@@ -115,11 +132,30 @@ class GenerationMixin:
             under ``torch.autocast``, which pays only where the hardware computes bf16
             natively (docs "Performance"); the ODE's state, the softmax and the draws stay
             in float32 and float64.
+        conditions
+            The cells to generate: a :class:`pandas.DataFrame` with one row per cell and a
+            column per attribute to condition on (:attr:`attribute_keys`; a column left
+            out, or NaN in it, leaves that attribute unconditioned), or a mapping from
+            tuples of attribute values, in the order of :attr:`attribute_keys` (``None``
+            for an unconditioned one), to numbers of cells. Categorical attributes left
+            unconditioned are drawn, for the decoder, the library size and ``obs``, from
+            the training cells that share the given ones. A combination of categorical
+            values no training cell has is generated (compose it with a mapping
+            ``guidance_scale``), with a warning, and listed in
+            ``uns["scldiff"]["unseen_combinations"]``.
+        keep_fraction
+            Post-guidance filter :math:`q \in (0, 1]` (SCLD, Wang et al., 2023): draw
+            :math:`\lceil 1/q \rceil` latents per requested cell, score them with the
+            real-vs-generated classifier trained after stage B
+            (:class:`~scldiff.module.RealnessScorer`), and keep the best-scored ones of
+            each requested condition, so that the requested numbers come out. 1 (default):
+            no filter. Its measured effect is in docs "Benchmarks".
 
         Returns
         -------
         AnnData of integer counts in ``X`` (CSR) and ``layers["counts"]``, the training
-        genes, ``obs[labels_key]`` (the requested labels, in training order),
+        genes, a column of ``obs`` per attribute (categorical in the training categories'
+        order, those no cell has dropped; continuous values, NaN where unconditioned),
         ``obs["synthetic"] = True``, every choice in ``uns["scldiff"]``, and obs names
         ``synthetic-{token}-{i}`` that differ between calls drawing different cells.
         """
@@ -127,20 +163,31 @@ class GenerationMixin:
         sampling, library_size, batch_size = self._generation_settings(
             guidance_scale, sampler, n_steps, batch_size, precision, library_size,
             guidance_interval)
-        if labels is None and n_samples is None:
+        keep_fraction = check_keep_fraction(keep_fraction)
+        if labels is None and n_samples is None and conditions is None:
             n_samples = len(self.train_indices_)
-        codes = resolve_generation_labels(labels, n_samples, self.label_categories,
-                                          np.asarray(self.label_proportions_),
-                                          self.is_conditional)
         seed = resolve_seed(seed)
+        draw_seed, fill_seed = np.random.SeedSequence(seed).spawn(2)
+        request = request_rows(conditions, labels, n_samples, self.attributes,
+                               self.combinations_, np.random.default_rng(fill_seed))
+        if request.unseen:
+            warnings.warn(f"Combinations no training cell has: {request.unseen}; the model "
+                          "composes them from the attributes seen apart, a prediction "
+                          "rather than a fit to data.", UserWarning, stacklevel=2)
         blocks, computed_in = self._draw_in_precision(
-            precision, codes, batch_size, np.random.SeedSequence(seed), progress_bar,
-            library_size, sampling)
-        return self._counts_anndata(blocks, codes, "synthetic", {
+            precision, request, batch_size, draw_seed, progress_bar, library_size, sampling,
+            keep_fraction)
+        scale = sampling["guidance_scale"]
+        return self._counts_anndata(blocks, request.filled, "synthetic", {
             "seed": seed, **sampling,
+            "guidance_scale": scale if not isinstance(scale, list) else dict(
+                zip(self.attribute_keys, scale, strict=True)),
+            "guidance": "joint" if not isinstance(scale, list) else "compositional",
             "guidance_interval": list(sampling["guidance_interval"] or (0.0, 1.0)),
             "batch_size": int(batch_size), "library_size": library_size,
-            "precision": computed_in})
+            "precision": computed_in, "keep_fraction": keep_fraction,
+            "conditioned_on": request.given, "unseen_combinations": request.unseen},
+            guide=request.guide)
 
     def _draw_in_precision(self, precision: str, *args) -> tuple[list[sp.csr_matrix], str]:
         """:meth:`_draw_batches` (``args``) with the networks' products in ``precision``,
@@ -160,11 +207,7 @@ class GenerationMixin:
         size."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
-        if isinstance(guidance_scale, bool) or not isinstance(
-                guidance_scale, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got "
-                             f"{guidance_scale!r}.")
+        guidance_scale = guidance_scales(guidance_scale, self.attributes)
         check_positive("n_steps", n_steps)
         check_positive("batch_size", batch_size)
         if not isinstance(precision, str) or precision not in PRECISIONS:
@@ -176,33 +219,69 @@ class GenerationMixin:
                              f"{library_size!r}.")
         if batch_size is None:
             batch_size = default_generation_batch(self.device, self.summary_stats["n_vars"])
-        sampling = {"guidance_scale": float(guidance_scale) if self.is_conditional else 1.0,
+        sampling = {"guidance_scale": guidance_scale if self.is_conditional else 1.0,
                     "sampler": sampler, "n_steps": int(n_steps or DEFAULT_STEPS[sampler]),
                     "guidance_interval": check_guidance_interval(guidance_interval)}
         return sampling, library_size, batch_size
 
-    def _draw_batches(self, codes: np.ndarray, batch_size: int,
+    def _draw_batches(self, request: Request, batch_size: int,
                       seed_sequence: np.random.SeedSequence, progress_bar: bool,
-                      library_size: str, sampling: dict) -> list[sp.csr_matrix]:
-        """The counts of cells of label codes ``codes``, ``batch_size`` at a time: latents
-        (``sampling``: :meth:`~scldiff.module.LapDDPMModule.sample_latents`' arguments),
-        library sizes and counts. The latents and library sizes, and a GPU's counts, come
-        from a torch generator, a CPU's counts from numpy, both seeded from
-        ``seed_sequence``."""
+                      library_size: str, sampling: dict, keep_fraction: float = 1.0
+                      ) -> list[sp.csr_matrix]:
+        """The counts of the requested cells, ``batch_size`` at a time: latents guided on
+        ``request.guide`` (``sampling``: :meth:`~scldiff.module.LapDDPMModule.
+        sample_latents`' arguments; filtered by :meth:`_keep_best` when ``keep_fraction <
+        1``), library sizes and counts given ``request.filled``. The latents and library
+        sizes, and a GPU's counts, come from a torch generator, a CPU's counts from numpy,
+        both seeded from ``seed_sequence``."""
         device = self.device
         torch_seed, numpy_seed = seed_sequence.spawn(2)
         generator = torch.Generator(device=device)
         generator.manual_seed(int(torch_seed.generate_state(1, np.uint64)[0] >> np.uint64(1)))
         counts_generator = generator if device.type != "cpu" else \
             np.random.default_rng(numpy_seed)
+        n_cat = self.module.n_categorical
+        groups = combination_index(request.filled[:, :n_cat], self.combinations_)
         blocks = []
-        for start in track(range(0, codes.size, batch_size), description="Generating cells",
+        for start in track(range(0, len(groups), batch_size), description="Generating cells",
                            disable=not progress_bar, style="tqdm"):
-            batch = torch.from_numpy(codes[start : start + batch_size]).to(device)
-            z = self.module.sample_latents(batch, generator=generator, **sampling)
-            library = self.library_model_.draw(library_size, z, batch, generator)
-            blocks.append(self.module.decode_counts(z, library, counts_generator, batch))
+            window = slice(start, start + batch_size)
+            guide = torch.from_numpy(request.guide[window]).to(device)
+            filled = torch.from_numpy(request.filled[window]).to(device)
+            if keep_fraction < 1.0:
+                z = self._keep_best(guide, filled, keep_fraction, generator, sampling)
+            else:
+                z = self.module.sample_latents(guide, generator=generator, **sampling)
+            library = self.library_model_.draw(
+                library_size, z, torch.from_numpy(groups[window]).to(device), generator)
+            blocks.append(self.module.decode_counts(z, library, counts_generator, filled))
         return blocks
+
+    def _keep_best(self, guide: torch.Tensor, filled: torch.Tensor, keep_fraction: float,
+                   generator: torch.Generator, sampling: dict) -> torch.Tensor:
+        """Latents of the rows of ``guide``: :math:`m = \\lceil 1/q \rceil` candidates per
+        row, scored by the post-guidance scorer on the row's attributes (categorical ones
+        filled), and for each distinct requested row the best-scored as many as it was
+        requested, in the order of the requests."""
+        m = math.ceil(1.0 / keep_fraction - 1e-9)
+        candidates = self.module.sample_latents(guide.repeat_interleave(m, 0),
+                                                generator=generator, **sampling)
+        with torch.no_grad():
+            score = self.module.scorer(self.module.standardize(candidates),
+                                       filled.repeat_interleave(m, 0))
+        if guide.shape[1]:  # requests alike in what is given and what was drawn
+            key = torch.nan_to_num(torch.cat([guide, filled], 1), nan=math.inf)
+            _, request_group = torch.unique(key, dim=0, return_inverse=True)
+        else:
+            request_group = torch.zeros(guide.shape[0], dtype=torch.long, device=guide.device)
+        candidate_group = request_group.repeat_interleave(m)
+        z = torch.empty_like(candidates[: guide.shape[0]])
+        for g in torch.unique(request_group):
+            rows = torch.nonzero(request_group == g).ravel()
+            pool = torch.nonzero(candidate_group == g).ravel()
+            best = pool[torch.argsort(score[pool], descending=True, stable=True)[: rows.numel()]]
+            z[rows] = candidates[best]
+        return z
 
     def posterior_predictive_sample(
         self,
@@ -292,8 +371,8 @@ class GenerationMixin:
         adata = self._validate_anndata(adata)
         indices = self._check_indices(adata, indices)
         seed = resolve_seed(seed)
-        counts, codes = self._posterior_draws(adata, indices, batch_size, seed, progress_bar)
-        synth = self._counts_anndata([counts], codes, "posterior",
+        counts, rows = self._posterior_draws(adata, indices, batch_size, seed, progress_bar)
+        synth = self._counts_anndata([counts], rows, "posterior",
                                      {"seed": seed, "draw": "posterior predictive"},
                                      name_parts=(indices,))
         synth.obs["source_cell"] = np.asarray(adata.obs_names[indices], dtype=str)
@@ -312,7 +391,7 @@ class GenerationMixin:
     def _posterior_draws(self, adata: AnnData, indices: np.ndarray, batch_size: int | None,
                          seed: int, progress_bar: bool) -> tuple[sp.csr_matrix, np.ndarray]:
         """Counts (CSR, one row per entry of ``indices``) decoded from one draw of each
-        entry's posterior, with its own library size; and the entries' label codes."""
+        entry's posterior, with its own library size; and the entries' attribute rows."""
         self._check_if_trained(warn=True)
         check_positive("batch_size", batch_size)
         collator = self._collator(adata)
@@ -323,32 +402,40 @@ class GenerationMixin:
         mean, logvar = mean[inverse], logvar[inverse]
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
         library = torch.from_numpy(collator.library[indices].astype(np.float32))
-        codes = collator.labels[indices]
+        rows = collator.attributes[indices]
         self.module.eval()
         counts = self.module.decode_counts(z.to(self.device), library.to(self.device), rng,
-                                           torch.from_numpy(codes).to(self.device))
-        return counts, codes
+                                           torch.from_numpy(rows).to(self.device))
+        return counts, rows
 
-    def _counts_anndata(self, blocks: list[sp.csr_matrix], codes: np.ndarray, prefix: str,
-                        provenance: dict, name_parts: tuple = ()) -> AnnData:
+    def _counts_anndata(self, blocks: list[sp.csr_matrix], rows: np.ndarray, prefix: str,
+                        provenance: dict, name_parts: tuple = (),
+                        guide: np.ndarray | None = None) -> AnnData:
         """The AnnData of drawn counts: ``X`` and ``layers["counts"]`` (CSR, sharing no
-        memory, so that normalising ``X`` in place leaves the counts), the training genes,
-        ``obs[labels_key]`` from the label codes (categories that no cell has dropped, so
-        that ``sc.tl.rank_genes_groups`` takes it), ``obs["synthetic"]`` and
-        ``uns["scldiff"]``."""
+        memory, so that normalising ``X`` in place leaves the counts), the training genes, a
+        column of ``obs`` per attribute from the attribute rows ``rows`` (categorical in the
+        training order, categories that no cell has dropped so that
+        ``sc.tl.rank_genes_groups`` takes it; continuous values, NaN where ``guide`` left
+        them out), ``obs["synthetic"]`` and ``uns["scldiff"]``."""
         n_genes = self.summary_stats["n_vars"]
         x = sp.vstack(blocks, format="csr") if len(blocks) > 1 else \
             blocks[0] if blocks else sp.csr_matrix((0, n_genes), dtype=np.float32)
-        obs = pd.DataFrame(index=_obs_names(prefix, codes.size, codes, provenance,
+        obs = pd.DataFrame(index=_obs_names(prefix, rows.shape[0], rows, provenance,
                                             *name_parts))
-        if self.is_conditional:
-            obs[self.labels_key] = pd.Categorical.from_codes(
-                codes, categories=self.label_categories).remove_unused_categories()
+        for a, attribute in enumerate(self.attributes):
+            if attribute.kind == "categorical":
+                obs[attribute.key] = pd.Categorical.from_codes(
+                    rows[:, a].astype(np.int64), categories=list(attribute.categories)
+                ).remove_unused_categories()
+            else:
+                values = rows[:, a] if guide is None else guide[:, a]
+                obs[attribute.key] = values.astype(np.float64) * attribute.std + attribute.mean
         obs["synthetic"] = True
         var = pd.DataFrame(index=pd.Index(np.asarray(self.get_var_names(), dtype=str)))
         uns = {"scldiff": {"model": type(self).__name__, "scldiff_version": __version__,
                            "scvi_tools_version": self.registry_.get("scvi_version", ""),
                            "torch_version": str(torch.__version__),
                            "likelihood": self.module.likelihood,
-                           "labels_key": self.labels_key or "", **provenance}}
+                           "labels_key": self.labels_key or "",
+                           "attributes": self.attribute_keys, **provenance}}
         return AnnData(X=x, obs=obs, var=var, layers={"counts": x.copy()}, uns=uns)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.data.fields import CategoricalJointObsField, CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 from scvi.utils import track
 
@@ -19,9 +19,10 @@ from ..distributions import LIKELIHOODS, Likelihood
 from ..graph import SubgraphSampler
 from ..module import BATCH_KEYS, PREDICTIONS, LapDDPMModule
 from ..train import SubgraphCollator, SubgraphDataModule
+from ._attributes import Attribute, attribute_rows, label_column, registered_attributes
 from ._constants import ADATA_KEYS, REGISTRY_KEYS
 from ._expression import ExpressionMixin
-from ._fields import ObspField, PositionalEncodingField
+from ._fields import ContinuousCovariatesField, ObspField, PositionalEncodingField
 from ._generation import GenerationMixin
 from ._library import LIBRARY_SIZES, LibrarySizeModel
 from ._serialization import (
@@ -31,13 +32,13 @@ from ._serialization import (
     resolve_model_dir,
     write_model_dir,
 )
-from ._setup import ensure_graph, warn_backed_csc
+from ._setup import ensure_clusters, ensure_graph, warn_backed_csc
 from ._training import TrainingMixin
-from ._validation import check_counts, check_genes, check_graph_parameters, check_labels
+from ._validation import check_attributes, check_counts, check_genes, check_graph_parameters
 
 # attributes saved with the model besides its init parameters and registry (JSON)
 _SAVED_ATTRIBUTES = ("is_trained_", "history_", "train_indices_", "validation_indices_",
-                     "test_indices_", "label_proportions_")
+                     "test_indices_", "combinations_")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -54,6 +55,10 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
     distribution of the latents. Training perturbs the graph's edge weights adversarially
     along its principal spectral mode. Each option's reason and measurements: docs "The
     model" and "Benchmarks".
+
+    The diffusion is conditioned on every attribute registered by :meth:`setup_anndata`
+    (labels, categorical and continuous covariates), each with its own null token, so that
+    :meth:`generate` takes any subset of them and composes their guidance.
 
     Parameters
     ----------
@@ -82,12 +87,14 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
     library_size
         How generated cells get their library sizes (:class:`LibrarySizeModel`):
         ``"latent"`` (default), given the generated latent, so that the depth follows the
-        cell state within a label as in real cells, or ``"label"``, from the label's
-        training cells alone.
-    decoder_labels
-        Give the decoder each cell's label (one-hot) beside its latent, as scVI's decoder
-        takes its covariates; generated cells are decoded with the label they are drawn
-        for. ``None`` (default): whenever the model has labels.
+        cell state within a group as in real cells, or ``"label"``, from the group's
+        training cells alone; a group is a combination of categorical attributes.
+    decoder_covariates
+        Give the decoder each cell's categorical attributes (labels and categorical
+        covariates, one-hot) beside its latent, as scVI's decoder takes its covariates, so
+        that batch-like effects live in the decoder and the latent carries biology;
+        generated cells are decoded with the attributes they are drawn for. ``None``
+        (default): whenever the model has categorical attributes.
     prediction
         What the ScoreNet learns to predict: ``"v"`` (default), the velocity
         :math:`\alpha_t\epsilon - \sigma_t z_0`, or ``"epsilon"``, the noise, as in the
@@ -121,7 +128,7 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
         beta_max: float = 20.0,
         t_min: float = 1e-3,
         library_size: Literal["latent", "label"] = "latent",
-        decoder_labels: bool | None = None,
+        decoder_covariates: bool | None = None,
         prediction: Literal["v", "epsilon"] = "v",
     ):
         for name, value, allowed in (("likelihood", likelihood, LIKELIHOODS),
@@ -130,26 +137,30 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
         super().__init__(adata, registry)
-        if decoder_labels and not self.is_conditional:
-            raise ValueError("decoder_labels=True needs labels: set up the AnnData with "
-                             "setup_anndata(adata, labels_key=...), or leave it unset.")
-        if decoder_labels is None:
-            decoder_labels = self.is_conditional
+        n_categories = [len(a.categories) for a in self.attributes if a.kind == "categorical"]
+        n_continuous = len(self.attributes) - len(n_categories)
+        if decoder_covariates and not n_categories:
+            raise ValueError("decoder_covariates=True needs categorical attributes: set up "
+                             "the AnnData with labels_key or categorical_covariate_keys, or "
+                             "leave it unset.")
+        if decoder_covariates is None:
+            decoder_covariates = bool(n_categories)
         stats = self.summary_stats
         self.module = self._module_cls(
-            n_input=stats["n_vars"], n_labels=stats["n_labels"], n_lpe=stats.get("n_lpe", 0),
+            n_input=stats["n_vars"], n_categories=n_categories, n_continuous=n_continuous,
+            n_lpe=stats.get("n_lpe", 0),
             lpe_scale=math.sqrt(stats["n_cells"]), n_latent=n_latent, n_hidden=n_hidden,
             cheb_k=cheb_k, n_cheb_layers=n_cheb_layers, likelihood=likelihood,
             dropout_rate=dropout_rate, score_hidden=score_hidden, score_blocks=score_blocks,
-            beta_min=beta_min, beta_max=beta_max, t_min=t_min, decoder_labels=decoder_labels,
-            prediction=prediction,
+            beta_min=beta_min, beta_max=beta_max, t_min=t_min,
+            decoder_covariates=decoder_covariates, prediction=prediction,
         )
         self.library_size = library_size
         self.library_model_: LibrarySizeModel | None = None
-        self.label_proportions_: list[float] | None = None
+        self.combinations_: dict | None = None
         self._model_summary_string = (
             f"LapDDPM with n_latent={n_latent}, likelihood={likelihood!r}, "
-            f"{stats['n_labels'] if self.is_conditional else 0} labels, "
+            f"{len(self.attributes)} attribute(s) {[a.key for a in self.attributes]}, "
             f"Chebyshev K={cheb_k} x {n_cheb_layers} layer(s), {stats.get('n_lpe', 0)} LPE."
         )
         self.init_params_ = self._get_init_params(locals())
@@ -160,12 +171,16 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
         adata: AnnData,
         layer: str | None = None,
         labels_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        cluster_labels: bool = False,
+        cluster_resolution: float = 1.0,
         n_neighbors: int = 15,
         n_pcs: int = 50,
         n_lpe: int = 16,
         **kwargs,
     ) -> None:
-        """Register counts, labels and the cell graph of an AnnData.
+        """Register counts, the cells' attributes and the cell graph of an AnnData.
 
         The graph is built once and stored in the AnnData (so it is saved with it):
         log-normalised counts, PCA, a symmetric k-NN graph with Gaussian weights in
@@ -175,6 +190,11 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
         anything is written; bad input raises :class:`ValueError` and leaves the AnnData
         unchanged.
 
+        Every attribute (the labels, each categorical and each continuous covariate) is
+        registered with its categories or its training mean, spread and range; the
+        diffusion is conditioned on all of them, the decoder reads the categorical ones
+        (``decoder_covariates``).
+
         Parameters
         ----------
         adata
@@ -182,8 +202,19 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
         layer
             Layer with the raw counts; ``None`` uses ``adata.X``.
         labels_key
-            Column of ``adata.obs`` with the labels to condition on (e.g. cell types);
-            ``None`` for an unconditional model.
+            Column of ``adata.obs`` with the labels to condition on (e.g. cell types).
+        categorical_covariate_keys
+            Further categorical ``adata.obs`` columns to condition on (condition, donor,
+            batch, ...).
+        continuous_covariate_keys
+            Numeric ``adata.obs`` columns to condition on (dose, time, ...).
+        cluster_labels
+            Without labels: cluster the cell graph (Leiden, :func:`scanpy.tl.leiden` with
+            igraph) into ``adata.obs["scldiff_cluster"]`` and use the clusters as labels
+            (SCLD, Wang et al., 2023), so that an unlabelled dataset gets guidance too.
+            Needs ``labels_key=None``.
+        cluster_resolution
+            Leiden resolution of ``cluster_labels`` (higher: more clusters).
         n_neighbors
             Neighbours per cell in the k-NN graph.
         n_pcs
@@ -198,13 +229,27 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
         check_graph_parameters(adata.n_obs, n_neighbors, n_pcs, n_lpe)
-        check_labels(adata, labels_key)
+        if cluster_labels and labels_key is not None:
+            raise ValueError("cluster_labels=True makes labels from clusters of the cell "
+                             f"graph; with labels_key={labels_key!r} pass cluster_labels=False.")
+        if isinstance(cluster_resolution, bool) or not isinstance(
+                cluster_resolution, (int, float)) or not cluster_resolution > 0:
+            raise ValueError(f"cluster_resolution must be a number > 0, got "
+                             f"{cluster_resolution!r}.")
+        check_attributes(adata, labels_key, categorical_covariate_keys,
+                         continuous_covariate_keys)
         check_counts(adata, layer)
         warn_backed_csc(adata, layer)
         ensure_graph(adata, layer, n_neighbors, n_pcs, n_lpe)
+        if cluster_labels:
+            ensure_clusters(adata, cluster_resolution)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY,
+                                label_column({"labels_key": labels_key,
+                                              "cluster_labels": cluster_labels})),
+            CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
+            ContinuousCovariatesField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
             PositionalEncodingField(REGISTRY_KEYS.LPE_KEY, ADATA_KEYS.LPE),
             ObspField(REGISTRY_KEYS.GRAPH_KEY, ADATA_KEYS.GRAPH),
         ]
@@ -214,29 +259,44 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
         cls.register_manager(adata_manager)
 
     @property
+    def attributes(self) -> list[Attribute]:
+        """The cells' attributes the model is conditioned on, in the networks' order: the
+        labels, the categorical covariates, the continuous covariates."""
+        return registered_attributes(self.registry_)
+
+    @property
+    def attribute_keys(self) -> list[str]:
+        """The ``adata.obs`` columns of :attr:`attributes`: the order of the values in the
+        tuple keys of ``generate(conditions={...})``."""
+        return [a.key for a in self.attributes]
+
+    @property
     def labels_key(self) -> str | None:
-        """The ``adata.obs`` column the model is conditioned on (``None``: unconditional)."""
-        return self.registry_["setup_args"].get("labels_key")
+        """The ``adata.obs`` column of the labels (``"scldiff_cluster"`` with
+        ``cluster_labels=True``; ``None``: no labels)."""
+        return label_column(self.registry_["setup_args"])
 
     @property
     def is_conditional(self) -> bool:
-        return self.labels_key is not None
+        """Whether the model has any attribute to condition on."""
+        return bool(self.attributes)
 
     @property
     def label_categories(self) -> list[str]:
-        """The training labels, in the order of their codes."""
-        state = self.registry_["field_registries"][REGISTRY_KEYS.LABELS_KEY]["state_registry"]
-        return [str(c) for c in state["categorical_mapping"]]
+        """The training labels, in the order of their codes (empty without labels)."""
+        if self.labels_key is None:
+            return []
+        return list(self.attributes[0].categories)
 
     def _collator(self, adata: AnnData | None = None) -> SubgraphCollator:
         manager = self.get_anndata_manager(self.adata if adata is None else adata,
                                            required=True)
         counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)  # backed: read per minibatch
-        labels = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+        rows = attribute_rows(manager, self.attributes)
         lpe = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LPE_KEY), dtype=np.float32)
         sampler = SubgraphSampler(manager.get_from_registry(REGISTRY_KEYS.GRAPH_KEY),
                                   n_hops=self.module.encoder.n_hops)
-        return SubgraphCollator(counts, labels, lpe, sampler)
+        return SubgraphCollator(counts, rows, lpe, sampler)
 
     @torch.inference_mode()
     def _posterior(self, collator: SubgraphCollator, indices: np.ndarray,
@@ -253,7 +313,7 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
         device = self.device
         indices = np.asarray(indices, dtype=np.int64)
         data = SubgraphDataModule(collator, indices, [], batch_size)
-        if indices.size * 20 < collator.labels.size:
+        if indices.size * 20 < collator.library.size:
             out = [self.module.inference(**self.module._get_inference_input(
                 _to_device(batch, device)), use_mean=True)
                 for batch in data._loader(indices, shuffle=False)]
@@ -265,14 +325,14 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
                     torch.from_numpy(block.indices.astype(np.int64)).to(device),
                     torch.from_numpy(block.data).to(device)).cpu()
                 if projection is None:  # (n_cells, n_hidden), filled block by block
-                    projection = h.new_empty((collator.labels.size, h.shape[1]))
+                    projection = h.new_empty((collator.library.size, h.shape[1]))
                 projection[start : start + h.shape[0]] = h
                 start += h.shape[0]
             out = []
             for batch in track(data.inference_loader(), description="Encoding cells",
                                disable=not progress_bar, style="tqdm"):
                 nodes = batch.pop(BATCH_KEYS.NODES)
-                n_seed = batch.pop(BATCH_KEYS.LABELS).shape[0]
+                n_seed = batch.pop(BATCH_KEYS.ATTRIBUTES).shape[0]
                 out.append(self.module.inference(
                     None, None, None, **_to_device(batch, device), n_seed=n_seed,
                     use_mean=True, node_projection=projection[nodes].to(device)))
@@ -389,9 +449,13 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
                 setattr(model, name, attributes[name])
         if attributes["library_model_"] is not None:
             try:
+                combinations = model.combinations_
+                if not isinstance(combinations, dict) or not isinstance(
+                        combinations.get("codes"), list):
+                    raise ValueError("the training combinations of attributes are missing")
                 model.library_model_ = LibrarySizeModel.from_dict(
                     attributes["library_model_"], model.module.n_latent,
-                    len(model.label_categories))
+                    len(combinations["codes"]) + 1)
             except ValueError as err:
                 raise ModelFileError(f"{dir_path}: the library-size model in its model.json "
                                      f"is damaged ({err}); save the model again from the "

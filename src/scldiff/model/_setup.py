@@ -1,5 +1,6 @@
-"""What :meth:`~scldiff.LapDDPM.setup_anndata` writes into the AnnData: the cell graph and its
-Laplacian positional encodings, built once and reused while their parameters match."""
+"""What :meth:`~scldiff.LapDDPM.setup_anndata` writes into the AnnData: the cell graph, its
+Laplacian positional encodings and (``cluster_labels=True``) its clusters, built once and
+reused while their parameters match."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import warnings
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 from scvi import settings
 
@@ -35,8 +37,7 @@ def ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: int
     stored = adata.uns.get(ADATA_KEYS.GRAPH_PARAMS)
     if (
         isinstance(stored, dict)
-        and {k: (v.item() if isinstance(v, np.generic) else v) for k, v in stored.items()}
-        == params
+        and _plain(stored) == params
         and ADATA_KEYS.GRAPH in adata.obsp
         and ADATA_KEYS.LPE in adata.obsm
         and adata.obsm[ADATA_KEYS.LPE].shape == (adata.n_obs, n_lpe)
@@ -65,3 +66,50 @@ def warn_backed_csc(adata: AnnData, layer: str | None) -> None:
             "read touches all of its columns, which is slow on a large file. Store them as "
             "CSR (adata.X = adata.X.tocsr() before write_h5ad) to read rows directly.",
             UserWarning, stacklevel=3)
+
+
+CLUSTER_KEY = ADATA_KEYS.CLUSTERS
+
+
+def ensure_clusters(adata: AnnData, resolution: float) -> None:
+    """Leiden clusters of the cell graph (``obsp["scldiff_connectivities"]``), the labels of
+    ``cluster_labels=True``, in ``obs["scldiff_cluster"]`` (categories ``"0"``, ``"1"``,
+    ... by decreasing size) with their parameters in ``uns["scldiff_clusters"]``; reused
+    when already there with the same graph and resolution.
+
+    Scanpy's Leiden (igraph's implementation, modularity with the edge weights, seeded
+    from ``scvi.settings.seed``) on a stand-in AnnData, so that nothing else is written into
+    the user's. A cluster of one cell joins the cluster it has the most edge weight to: a
+    label needs two cells."""
+    import scanpy as sc
+
+    params = {"resolution": float(resolution), "graph": dict(adata.uns[ADATA_KEYS.GRAPH_PARAMS])}
+    stored = adata.uns.get(ADATA_KEYS.CLUSTER_PARAMS)
+    if CLUSTER_KEY in adata.obs and isinstance(stored, dict) and _plain(stored) == _plain(params):
+        logger.info("Reusing the clusters stored in the AnnData.")
+        return
+    graph = adata.obsp[ADATA_KEYS.GRAPH].tocsr()
+    stand_in = AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()))
+    seed = settings.seed if settings.seed is not None else 0
+    sc.tl.leiden(stand_in, adjacency=graph, resolution=resolution, flavor="igraph",
+                 n_iterations=2, directed=False, random_state=seed, key_added="clusters")
+    codes = stand_in.obs["clusters"].cat.codes.to_numpy().astype(np.int64)
+    for _ in range(2):  # singletons join their strongest neighbour's cluster
+        sizes = np.bincount(codes)
+        for cell in np.flatnonzero(sizes[codes] == 1):
+            row = graph[cell]
+            weight = np.bincount(codes[row.indices], weights=row.data, minlength=sizes.size)
+            weight[codes[cell]] = -1.0
+            codes[cell] = int(np.argmax(weight))
+    _, codes, sizes = np.unique(codes, return_inverse=True, return_counts=True)
+    rank = np.empty_like(sizes)
+    rank[np.argsort(-sizes, kind="stable")] = np.arange(sizes.size)
+    adata.obs[CLUSTER_KEY] = pd.Categorical.from_codes(
+        rank[codes], categories=[str(i) for i in range(sizes.size)])
+    adata.uns[ADATA_KEYS.CLUSTER_PARAMS] = params
+
+
+def _plain(values: dict) -> dict:
+    """A dict read back from h5ad with numpy scalars as Python ones, for comparison."""
+    return {k: _plain(v) if isinstance(v, dict) else v.item() if isinstance(v, np.generic)
+            else v for k, v in values.items()}

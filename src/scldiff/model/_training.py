@@ -20,8 +20,11 @@ from ..train import (
     LatentDataModule,
     StageProgressBar,
     SubgraphDataModule,
+    fit_scorer,
     quiet_lightning,
 )
+from ._attributes import combination_index, combination_table
+from ._constants import DEFAULT_GUIDANCE_SCALE, SCORER_MAX_CELLS
 from ._library import LibrarySizeModel
 from ._serialization import ModelFileError
 from ._validation import resolve_seed
@@ -218,7 +221,36 @@ class TrainingMixin:
                 data_b = self._latent_data(collator, posterior, train_idx, val_idx,
                                            batch_size_diffusion, seed, bar)
                 self._fit(plan_b, data_b, n_b, resume if resume_stage == "B" else None, **fit)
+                self._fit_scorer(posterior, collator.attributes[train_idx], seed)
         self._finish(collator, train_idx, val_idx, posterior)
+
+    def _fit_scorer(self, posterior: tuple[torch.Tensor, torch.Tensor], rows: np.ndarray,
+                    seed: int) -> None:
+        """The post-guidance scorer (:func:`~scldiff.train.fit_scorer`) on at most
+        ``SCORER_MAX_CELLS`` training cells: each cell's posterior draw against a latent
+        generated for its attributes with the default guidance; its held-out accuracy goes
+        to :attr:`history` as ``scorer_accuracy_validation``."""
+        generator = torch.Generator().manual_seed(seed)
+        n = rows.shape[0]
+        pick = torch.randperm(n, generator=generator)[:SCORER_MAX_CELLS]
+        mean, logvar = posterior[0][pick], posterior[1][pick]
+        real = mean + torch.randn(mean.shape, generator=generator) * (0.5 * logvar).exp()
+        attributes = torch.from_numpy(np.asarray(rows))[pick]
+        self.module.eval()
+        sampling = torch.Generator(device=self.device).manual_seed(seed)
+        fake = self.module.sample_latents(attributes, guidance_scale=DEFAULT_GUIDANCE_SCALE,
+                                          generator=sampling).cpu()
+        scorer = self.module.scorer.cpu()
+        standardize = lambda z: (z - self.module.latent_mean.cpu()) / \
+            self.module.latent_std.cpu()
+        accuracy = fit_scorer(scorer, standardize(real), standardize(fake), attributes,
+                              generator=generator)
+        self.module.scorer.to(self.device)
+        history = dict(self.history_ or {})
+        history["scorer_accuracy_validation"] = pd.DataFrame(
+            {"scorer_accuracy_validation": [accuracy]})
+        self.history_ = history
+        logger.info("Post-guidance scorer: held-out accuracy %.3f.", accuracy)
 
     def _plans(self, n_a: int, seed: int, plan_kwargs: dict | None,
                diffusion_plan_kwargs: dict | None
@@ -239,7 +271,7 @@ class TrainingMixin:
         self.module.set_latent_statistics(*posterior)
         val = self._posterior(collator, val_idx, progress_bar=progress_bar) \
             if len(val_idx) else None
-        return LatentDataModule.of_cells(posterior, val, collator.labels, train_idx, val_idx,
+        return LatentDataModule.of_cells(posterior, val, collator.attributes, train_idx, val_idx,
                                          batch_size, seed)
 
     def _run_start(self, trainer_kwargs: dict) -> tuple[str | None, int, str | None,
@@ -262,15 +294,16 @@ class TrainingMixin:
 
     def _finish(self, collator, train_idx: np.ndarray, val_idx: np.ndarray,
                 posterior: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """The library-size model and the label proportions of the training cells, and the
-        split, of a finished run."""
-        codes = collator.labels[train_idx]
-        n_labels = len(self.label_categories)
+        """The training cells' combinations of categorical attributes, the library-size model
+        (one group per combination and one, without cells, for combinations unseen in
+        training), and the split, of a finished run."""
+        rows = collator.attributes[train_idx]
+        n_cat = self.module.n_categorical
+        self.combinations_ = combination_table(rows, n_cat)
+        groups = combination_index(rows[:, :n_cat], self.combinations_)
         self.library_model_ = LibrarySizeModel.fit(
-            collator.library[train_idx], codes, n_labels, posterior[0].numpy(),
-            posterior[1].exp().numpy())
-        counts = np.bincount(codes, minlength=n_labels)
-        self.label_proportions_ = (counts / counts.sum()).tolist()
+            collator.library[train_idx], groups, len(self.combinations_["codes"]) + 1,
+            posterior[0].numpy(), posterior[1].exp().numpy())
         self.train_indices_, self.validation_indices_ = train_idx, val_idx
         self.test_indices_ = np.zeros(0, dtype=np.int64)
         self.is_trained_ = True

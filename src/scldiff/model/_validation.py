@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -87,32 +87,69 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
         )
 
 
-def check_labels(adata: AnnData, labels_key: str | None) -> None:
-    """Raise ``ValueError`` if the labels column is missing or has missing values."""
-    if labels_key is None:
-        return
-    if labels_key not in adata.obs:
-        raise ValueError(
-            f"labels_key {labels_key!r} is not a column of adata.obs (columns: "
-            f"{list(adata.obs.columns)}); pass an existing column or labels_key=None for an "
-            "unconditional model."
-        )
-    missing = int(pd.isna(adata.obs[labels_key]).sum())
+def check_attributes(adata: AnnData, labels_key: str | None,
+                     categorical_keys: Sequence[str] | None,
+                     continuous_keys: Sequence[str] | None) -> None:
+    """Raise ``ValueError`` naming the problem unless every attribute column exists once,
+    a categorical one has no missing values and at least 2 cells per category, and a
+    continuous one holds finite numbers that are not all equal."""
+    lists = {}
+    for name, keys in (("categorical_covariate_keys", categorical_keys),
+                       ("continuous_covariate_keys", continuous_keys)):
+        if keys is not None and (isinstance(keys, str) or not isinstance(keys, Sequence)
+                                 or not all(isinstance(k, str) for k in keys)):
+            raise TypeError(f"{name} must be a list of adata.obs column names, got "
+                            f"{keys!r}.")
+        lists[name] = list(keys or [])
+    every = ([labels_key] if labels_key is not None else []) + \
+        lists["categorical_covariate_keys"] + lists["continuous_covariate_keys"]
+    repeated = sorted({k for k in every if every.count(k) > 1})
+    if repeated:
+        raise ValueError(f"The columns {repeated} are given more than once among labels_key "
+                         "and the covariate keys; give each column once.")
+    for key in every:
+        if key not in adata.obs:
+            raise ValueError(
+                f"{key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}); "
+                "pass existing columns, or None.")
+    for key in ([labels_key] if labels_key is not None else []) + \
+            lists["categorical_covariate_keys"]:
+        _check_categorical(adata, key)
+    for key in lists["continuous_covariate_keys"]:
+        _check_continuous(adata, key)
+
+
+def _check_categorical(adata: AnnData, key: str) -> None:
+    missing = int(pd.isna(adata.obs[key]).sum())
     if missing:
         raise ValueError(
-            f"adata.obs[{labels_key!r}] has {missing} missing values; drop those cells or "
-            "fill in their labels."
-        )
-    counts = adata.obs[labels_key].value_counts()
+            f"adata.obs[{key!r}] has {missing} missing values; drop those cells or fill in "
+            "their values.")
+    counts = adata.obs[key].value_counts()
     single = [str(label) for label in counts.index[counts == 1]]
     if single:
         raise ValueError(
-            f"{len(single)} label{'s' if len(single) > 1 else ''} of adata.obs[{labels_key!r}] "
-            f"{'have' if len(single) > 1 else 'has'} a single cell ({single[:5]}); a label "
+            f"{len(single)} categor{'ies' if len(single) > 1 else 'y'} of adata.obs[{key!r}] "
+            f"{'have' if len(single) > 1 else 'has'} a single cell ({single[:5]}); a category "
             "needs at least 2 cells to learn its cells and library sizes from. Merge those "
-            "labels into others or drop their cells, e.g. adata = adata[adata.obs"
-            f"[{labels_key!r}].map(adata.obs[{labels_key!r}].value_counts()) > 1].copy()."
-        )
+            "categories into others or drop their cells, e.g. adata = adata[adata.obs"
+            f"[{key!r}].map(adata.obs[{key!r}].value_counts()) > 1].copy().")
+
+
+def _check_continuous(adata: AnnData, key: str) -> None:
+    column = adata.obs[key]
+    if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        raise ValueError(f"adata.obs[{key!r}] has dtype {column.dtype}; a continuous "
+                         "covariate must be numeric (a categorical one goes in "
+                         "categorical_covariate_keys).")
+    values = column.to_numpy(dtype=np.float64)
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        raise ValueError(f"adata.obs[{key!r}] has {bad} missing or infinite values; drop "
+                         "those cells or fill in their values.")
+    if values.size and values.min() == values.max():
+        raise ValueError(f"adata.obs[{key!r}] has the same value in every cell; it carries "
+                         "nothing to condition on. Leave it out.")
 
 
 def check_graph_parameters(n_obs: int, n_neighbors: int, n_pcs: int, n_lpe: int) -> None:
@@ -131,74 +168,6 @@ def check_graph_parameters(n_obs: int, n_neighbors: int, n_pcs: int, n_lpe: int)
             f"n_lpe={n_lpe} positional encodings need more than {n_lpe + 1} cells (have "
             f"{n_obs}); pass a smaller n_lpe."
         )
-
-
-def resolve_generation_labels(
-    labels, n_samples: int | None, categories: Sequence[str], proportions: np.ndarray,
-    conditional: bool,
-) -> np.ndarray:
-    """Label codes of the cells to generate, from ``generate``'s ``labels``/``n_samples``.
-
-    ``labels`` may be ``None`` (``n_samples`` cells in the training proportions, by largest
-    remainder so the counts are exact and deterministic), a mapping ``{label: count}`` or a
-    sequence with one label per cell.
-    """
-    index = {str(c): i for i, c in enumerate(categories)}
-
-    def code(label) -> int:
-        key = str(label)
-        if key not in index:
-            raise ValueError(
-                f"Unknown label {label!r}; the model was trained on: {list(categories)}."
-            )
-        if conditional and proportions[index[key]] == 0:
-            trained = [str(c) for c, p in zip(categories, proportions, strict=True) if p > 0]
-            raise ValueError(
-                f"Label {label!r} is a category of the labels column but had no training "
-                f"cells, so the model knows nothing about it; generate one of {trained}."
-            )
-        return index[key]
-
-    if labels is None:
-        if n_samples is None:
-            raise ValueError("Pass labels (a mapping {label: count} or one label per cell) or "
-                             "n_samples.")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)):
-            raise TypeError(f"n_samples must be a positive integer, got {n_samples!r}.")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples}.")
-        quota = proportions * n_samples
-        counts = np.floor(quota).astype(np.int64)
-        remainder = n_samples - counts.sum()
-        counts[np.argsort(-(quota - counts), kind="stable")[:remainder]] += 1
-        return np.repeat(np.arange(len(categories)), counts)
-    if n_samples is not None:
-        raise ValueError("Pass either labels or n_samples, not both: with labels the number "
-                         "of cells is given by the labels.")
-    if not conditional:
-        raise ValueError("This model is unconditional (set up with labels_key=None); pass "
-                         "n_samples instead of labels.")
-    if isinstance(labels, Mapping):
-        codes = []
-        for label, count in labels.items():
-            if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
-                raise TypeError(f"The count for label {label!r} must be an integer, got "
-                                f"{count!r}.")
-            if count < 1:
-                raise ValueError(f"The count for label {label!r} must be positive, got {count}.")
-            codes.append(np.full(int(count), code(label), dtype=np.int64))
-        if not codes:
-            raise ValueError("labels is an empty mapping; give at least one {label: count}.")
-        return np.concatenate(codes)
-    if isinstance(labels, (str, bytes)) or not isinstance(labels, (Sequence, np.ndarray,
-                                                                   pd.Series, pd.Index)):
-        raise TypeError(
-            "labels must be a mapping {label: count} or a sequence with one label per cell, "
-            f"got {type(labels).__name__}."
-        )
-    if len(labels) == 0:
-        raise ValueError("labels is empty; give at least one label.")
-    return np.array([code(label) for label in labels], dtype=np.int64)
 
 
 def check_genes(adata: AnnData, var_names: np.ndarray) -> None:

@@ -3,8 +3,9 @@
 from ._constants import BATCH_KEYS, LATENT_KEYS
 from ._decoder import CountDecoder
 from ._encoder import FullGraphChebConv, GraphEncoder
-from ._module import PREDICTIONS, LapDDPMModule, gaussian_kl
-from ._scorenet import ScoreNet, sinusoidal_embedding
+from ._module import PREDICTIONS, LapDDPMModule, drop_attributes, gaussian_kl
+from ._scorenet import ScoreNet, fourier_features, sinusoidal_embedding
+from ._scorer import RealnessScorer
 
 __all__ = [
     "BATCH_KEYS",
@@ -14,7 +15,10 @@ __all__ = [
     "FullGraphChebConv",
     "GraphEncoder",
     "LapDDPMModule",
+    "RealnessScorer",
     "ScoreNet",
+    "drop_attributes",
+    "fourier_features",
     "gaussian_kl",
     "sinusoidal_embedding",
 ]

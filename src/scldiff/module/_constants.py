@@ -12,7 +12,9 @@ class _BATCH_KEYS_NT(NamedTuple):
     CSR structure ``NODE_CROW``/``NODE_COL`` (log-normalisation keeps the zeros).
     """
 
-    LABELS: str = "labels"  # (n_seed, 1) label codes of the seed cells
+    # (n_seed, n_attributes) float: the seed cells' categorical codes, then their
+    # standardised continuous covariates
+    ATTRIBUTES: str = "attributes"
     NODE_CROW: str = "node_crow"  # (n_node + 1,) CSR row pointer of the nodes' expression
     NODE_COL: str = "node_col"  # (nnz,) gene index of each stored value
     NODE_INPUT: str = "node_input"  # (nnz,) log1p(1e4 * count / library): the encoder input
@@ -30,7 +32,7 @@ class _LATENT_KEYS_NT(NamedTuple):
 
     QZ_MEAN: str = "qz_mean"
     QZ_LOGVAR: str = "qz_logvar"
-    LABELS: str = "labels"
+    ATTRIBUTES: str = "attributes"  # (n, n_attributes) float, as BATCH_KEYS.ATTRIBUTES
 
 
 BATCH_KEYS = _BATCH_KEYS_NT()

@@ -1,7 +1,9 @@
-"""The count decoder: an MLP from the latent (and the label) to the parameters of the count
-likelihood, :class:`~scldiff.distributions.CountParams`."""
+"""The count decoder: an MLP from the latent (and the categorical attributes) to the parameters
+of the count likelihood, :class:`~scldiff.distributions.CountParams`."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +34,15 @@ class CountDecoder(nn.Module):
         ``"nb"``, ``"zinb"`` or ``"poisson"``.
     dropout_rate
         Dropout after each hidden layer.
-    n_labels
-        With ``n_labels > 0`` the hidden layers also read the cell's label (one-hot) beside
-        ``z``, as scVI's decoder takes its categorical covariates, so the latent need not
-        separate the labels for the decoder to tell them apart; :meth:`forward` then needs
-        the label codes.
+    n_categories
+        Number of categories of each categorical attribute the hidden layers read (one-hot)
+        beside ``z``, as scVI's decoder reads its categorical covariates, so that effects
+        such as a batch's live in the decoder and the latent need not carry them;
+        :meth:`forward` then needs their codes. Empty: the decoder reads ``z`` alone.
 
     Shapes:
-        - **input:** ``z`` :math:`(n, \text{n_latent})`, ``labels`` :math:`(n,)`
+        - **input:** ``z`` :math:`(n, \text{n_latent})`, ``categories`` :math:`(n,
+          \text{len(n_categories)})` integer codes
         - **output:** :class:`~scldiff.distributions.CountParams` with logits :math:`(n,
           \text{n_output})`
     """
@@ -52,15 +55,15 @@ class CountDecoder(nn.Module):
         n_layers: int = 1,
         likelihood: Likelihood = "zinb",
         dropout_rate: float = 0.0,
-        n_labels: int = 0,
+        n_categories: Sequence[int] = (),
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
         self.likelihood = likelihood
-        self.n_labels = n_labels
+        self.n_categories = [int(n) for n in n_categories]
         layers: list[nn.Module] = []
-        width = n_latent + n_labels
+        width = n_latent + sum(self.n_categories)
         for _ in range(n_layers):
             layers += [nn.Linear(width, n_hidden), nn.LayerNorm(n_hidden), nn.GELU(),
                        nn.Dropout(dropout_rate)]
@@ -71,19 +74,22 @@ class CountDecoder(nn.Module):
         self.log_theta = nn.Parameter(torch.zeros(n_output)) if likelihood != "poisson" \
             else None
 
-    def forward(self, z: Tensor, labels: Tensor | None = None, bias_apart: bool = False
+    def forward(self, z: Tensor, categories: Tensor | None = None, bias_apart: bool = False
                 ) -> CountParams:
-        """The likelihood's parameters of cells with latents ``z`` and label codes
-        ``labels`` (needed with ``n_labels > 0``).
+        """The likelihood's parameters of cells with latents ``z`` and the codes
+        ``categories`` of their categorical attributes (needed with ``n_categories``).
 
         ``bias_apart=True`` leaves the output layers' biases out of the logits, in
         ``logits_bias`` and ``zi_bias``, and keeps the products in bf16 under bf16
         autocast: the CPU sampler adds the biases and widens the products in its own pass
         over each row, without a dense copy of either."""
-        if self.n_labels:
-            if labels is None:
-                raise ValueError("This decoder reads the cells' labels: pass their codes.")
-            z = torch.cat([z, F.one_hot(labels.reshape(-1).long(), self.n_labels).to(z)], -1)
+        if self.n_categories:
+            if categories is None:
+                raise ValueError("This decoder reads the cells' categorical attributes: pass "
+                                 "their codes.")
+            categories = categories.reshape(z.shape[0], -1).long()
+            z = torch.cat([z, *(F.one_hot(categories[:, a], n).to(z)
+                                for a, n in enumerate(self.n_categories))], -1)
         h = self.hidden(z)
         if not bias_apart:
             return CountParams(

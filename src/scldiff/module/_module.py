@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -18,6 +19,7 @@ from ._constants import BATCH_KEYS
 from ._decoder import CountDecoder
 from ._encoder import GraphEncoder
 from ._scorenet import ScoreNet
+from ._scorer import RealnessScorer
 
 _ENCODER_INPUTS = (
     BATCH_KEYS.NODE_CROW, BATCH_KEYS.NODE_COL, BATCH_KEYS.NODE_INPUT, BATCH_KEYS.LPE,
@@ -37,6 +39,16 @@ def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
+def drop_attributes(attributes: Tensor, p: float, generator: torch.Generator | None = None
+                    ) -> Tensor:
+    """``attributes`` (``(n, A)``) with each entry set to NaN (null) independently with
+    probability ``p``: the per-cell, per-attribute dropout of classifier-free guidance."""
+    if p <= 0.0 or attributes.numel() == 0:
+        return attributes
+    drop = torch.rand(attributes.shape, generator=generator, device=attributes.device) < p
+    return attributes.masked_fill(drop, float("nan"))
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype of ``torch.autocast`` on this device type in this thread, ``None`` when it
     is off."""
@@ -52,8 +64,11 @@ class LapDDPMModule(BaseModuleClass):
     ----------
     n_input
         Number of genes.
-    n_labels
-        Number of labels (1 for an unconditional model).
+    n_categories
+        Number of categories of each categorical attribute (labels first, then categorical
+        covariates); empty for a model without them.
+    n_continuous
+        Number of continuous covariates.
     n_lpe
         Number of Laplacian positional encodings given to the encoder.
     lpe_scale
@@ -74,8 +89,9 @@ class LapDDPMModule(BaseModuleClass):
         ScoreNet width and depth.
     beta_min, beta_max, t_min
         VP-SDE schedule (:class:`~scldiff.diffusion.VPSchedule`).
-    decoder_labels
-        Give the decoder the cell's label beside its latent (:class:`CountDecoder`).
+    decoder_covariates
+        Give the decoder the cell's categorical attributes beside its latent
+        (:class:`CountDecoder`).
     prediction
         What the ScoreNet is trained to output (:meth:`diffusion_loss`): ``"v"``, the
         velocity :math:`v = \alpha_t \epsilon - \sigma_t z_0` (Salimans & Ho, 2022), or
@@ -89,7 +105,8 @@ class LapDDPMModule(BaseModuleClass):
     def __init__(
         self,
         n_input: int,
-        n_labels: int,
+        n_categories: Sequence[int],
+        n_continuous: int,
         n_lpe: int,
         lpe_scale: float = 1.0,
         n_latent: int = 16,
@@ -103,7 +120,7 @@ class LapDDPMModule(BaseModuleClass):
         beta_min: float = 0.1,
         beta_max: float = 20.0,
         t_min: float = 1e-3,
-        decoder_labels: bool = False,
+        decoder_covariates: bool = False,
         prediction: Literal["v", "epsilon"] = "v",
     ):
         super().__init__()
@@ -114,9 +131,13 @@ class LapDDPMModule(BaseModuleClass):
         self.likelihood = likelihood
         self.encoder = GraphEncoder(n_input, n_lpe, n_latent, n_hidden, cheb_k, n_cheb_layers,
                                     dropout_rate)
+        self.n_categorical = len(n_categories)
         self.decoder = CountDecoder(n_latent, n_input, n_hidden, likelihood=likelihood,
-                                    n_labels=n_labels if decoder_labels else 0)
-        self.score_net = ScoreNet(n_latent, n_labels, score_hidden, score_blocks)
+                                    n_categories=n_categories if decoder_covariates else ())
+        self.score_net = ScoreNet(n_latent, n_categories, n_continuous, score_hidden,
+                                  score_blocks)
+        # trained after stage B (:func:`~scldiff.train.fit_scorer`)
+        self.scorer = RealnessScorer(n_latent, n_categories, n_continuous)
         self.schedule = VPSchedule(beta_min, beta_max, t_min)
         self.register_buffer("lpe_scale", torch.tensor(float(lpe_scale)))
         # standardisation of the aggregate posterior, set between the two training stages
@@ -126,7 +147,7 @@ class LapDDPMModule(BaseModuleClass):
     # ------------------------------------------------------------------ VAE (stage A)
     def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict:
         inputs = {key: tensors[key] for key in _ENCODER_INPUTS}
-        inputs["n_seed"] = tensors[BATCH_KEYS.LABELS].shape[0]
+        inputs["n_seed"] = tensors[BATCH_KEYS.ATTRIBUTES].shape[0]
         return inputs
 
     def project_nodes(self, node_crow: Tensor, node_col: Tensor, node_input: Tensor,
@@ -172,13 +193,22 @@ class LapDDPMModule(BaseModuleClass):
 
     def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:
         return {"z": inference_outputs["z"], "library": tensors[BATCH_KEYS.SEED_LIBRARY][:, None],
-                "labels": tensors[BATCH_KEYS.LABELS]}
+                "attributes": tensors[BATCH_KEYS.ATTRIBUTES]}
 
-    def generative(self, z: Tensor, library: Tensor, labels: Tensor | None = None) -> dict:
+    def categories(self, attributes: Tensor | None) -> Tensor | None:
+        """The categorical codes, ``(n, n_categorical)`` long, of attribute rows (the
+        decoder's input); ``None`` for ``None``."""
+        if attributes is None:
+            return None
+        return attributes.reshape(attributes.shape[0], -1)[:, : self.n_categorical].long()
+
+    def generative(self, z: Tensor, library: Tensor, attributes: Tensor | None = None
+                   ) -> dict:
         """The likelihood's parameters (``params``, a
         :class:`~scldiff.distributions.CountParams`) and the library sizes; the count
-        distribution is ``params.distribution(library)``."""
-        return {"params": self.decoder(z, labels), "library": library}
+        distribution is ``params.distribution(library)``. ``attributes``: the cells'
+        attribute rows, whose categorical codes a decoder with covariates reads."""
+        return {"params": self.decoder(z, self.categories(attributes)), "library": library}
 
     def loss(
         self,
@@ -194,7 +224,7 @@ class LapDDPMModule(BaseModuleClass):
         likelihood is evaluated sparsely (:func:`~scldiff.distributions.
         sparse_log_likelihood`).
         """
-        n_seed = tensors[BATCH_KEYS.LABELS].shape[0]
+        n_seed = tensors[BATCH_KEYS.ATTRIBUTES].shape[0]
         counts = tensors[BATCH_KEYS.SEED_COUNTS]
         reconstruction = -sparse_log_likelihood(
             generative_outputs["params"], generative_outputs["library"],
@@ -218,31 +248,31 @@ class LapDDPMModule(BaseModuleClass):
         var = qz_logvar.exp().mean(0) + qz_mean.var(0, unbiased=False)
         self.latent_std.copy_(var.sqrt().clamp_min(1e-6))
 
-    def diffusion_loss(self, qz_mean: Tensor, qz_logvar: Tensor, labels: Tensor,
-                       p_uncond: float = 0.1) -> Tensor:
+    def diffusion_loss(self, qz_mean: Tensor, qz_logvar: Tensor, attributes: Tensor,
+                       p_uncond: float = 0.1, generator: torch.Generator | None = None
+                       ) -> Tensor:
         r"""Denoising MSE on standardised :math:`z_0 \sim q(z \mid x)`, :math:`L_{diff}`:
         of the noise, or with ``prediction="v"`` of :math:`v = \alpha_t\epsilon - \sigma_t
         z_0`, whose loss is the noise's weighted by :math:`1/\alpha_t^2` (Salimans & Ho,
         2022).
 
-        Each cell's label is replaced by the null label with probability ``p_uncond``,
-        independently per cell, so one network learns conditional and unconditional scores.
+        Each of a cell's attributes is dropped to null with probability ``p_uncond``,
+        independently per cell and per attribute (:func:`drop_attributes`), so that one
+        network learns the score given any subset of them.
         """
         z0 = self.standardize(qz_mean + torch.randn_like(qz_mean) * (0.5 * qz_logvar).exp())
         t = self.schedule.sample_time(z0.shape[0], device=z0.device)
         noise = torch.randn_like(z0)
         zt = self.schedule.add_noise(z0, noise, t)
-        labels = labels.view(-1).long()
-        drop = torch.rand(labels.shape, device=labels.device) < p_uncond
-        labels = torch.where(drop, torch.full_like(labels, self.score_net.null_label), labels)
+        attributes = drop_attributes(attributes.reshape(z0.shape[0], -1), p_uncond, generator)
         target = self.schedule.velocity(z0, noise, t) if self.prediction == "v" else noise
-        return torch.nn.functional.mse_loss(self.score_net(zt, t, labels), target)
+        return torch.nn.functional.mse_loss(self.score_net(zt, t, attributes), target)
 
-    def predict_noise(self, z: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    def predict_noise(self, z: Tensor, t: Tensor, attributes: Tensor) -> Tensor:
         r"""The ScoreNet's noise prediction :math:`\hat\epsilon(z_t, t, c)`, whatever it
         was trained to output: with ``prediction="v"``, :math:`\hat\epsilon = \sigma_t z_t
         + \alpha_t \hat v` (:meth:`~scldiff.diffusion.VPSchedule.noise_from_velocity`)."""
-        out = self.score_net(z, t, labels)
+        out = self.score_net(z, t, attributes)
         if self.prediction == "epsilon":
             return out
         return self.schedule.noise_from_velocity(z, out, t)
@@ -251,21 +281,23 @@ class LapDDPMModule(BaseModuleClass):
     @torch.no_grad()
     def sample_latents(
         self,
-        labels: Tensor,
-        guidance_scale: float = 1.0,
+        attributes: Tensor,
+        guidance_scale: float | Sequence[float] = 1.0,
         sampler: str = "ode",
         n_steps: int | None = None,
         generator: torch.Generator | None = None,
         guidance_interval: tuple[float, float] | None = None,
     ) -> Tensor:
-        """``(n, n_latent)`` latents of the given labels: guided reverse diffusion from
-        N(0, I) (``guidance_interval``: see :class:`~scldiff.diffusion.
-        ClassifierFreeGuidance`). Non-finite latents raise ``FloatingPointError``."""
+        """``(n, n_latent)`` latents of the given attribute rows (``(n, A)``, NaN where
+        unconditioned): guided reverse diffusion from N(0, I) (``guidance_scale``: one
+        joint scale or one per attribute; ``guidance_interval``: see
+        :class:`~scldiff.diffusion.ClassifierFreeGuidance`). Non-finite latents raise
+        ``FloatingPointError``."""
         device = self.latent_mean.device
-        labels = labels.to(device).long()
-        z = torch.randn(labels.shape[0], self.n_latent, generator=generator, device=device)
-        eps_fn = ClassifierFreeGuidance(self.predict_noise, labels,
-                                        self.score_net.null_label, guidance_scale,
+        attributes = attributes.to(device).float().reshape(attributes.shape[0], -1)
+        z = torch.randn(attributes.shape[0], self.n_latent, generator=generator,
+                        device=device)
+        eps_fn = ClassifierFreeGuidance(self.predict_noise, attributes, guidance_scale,
                                         interval=guidance_interval)
         steps = n_steps or DEFAULT_STEPS[sampler]
         z = self.unstandardize(SAMPLERS[sampler](eps_fn, z, self.schedule, steps,
@@ -279,9 +311,10 @@ class LapDDPMModule(BaseModuleClass):
     @torch.no_grad()
     def decode_counts(self, z: Tensor, library: Tensor,
                       generator: np.random.Generator | torch.Generator,
-                      labels: Tensor | None = None) -> sp.csr_matrix:
-        """Counts (CSR) of cells with latents ``z``, library sizes ``library`` and label
-        codes ``labels`` (read by a decoder with ``decoder_labels``), drawn with
+                      attributes: Tensor | None = None) -> sp.csr_matrix:
+        """Counts (CSR) of cells with latents ``z``, library sizes ``library`` and attribute
+        rows ``attributes`` (whose categorical codes a decoder with covariates reads), drawn
+        with
         :func:`~scldiff.sampling.draw_counts`.
 
         With a numpy ``generator``, on a CPU: the decoder and the draws run on chunks of 256
@@ -292,16 +325,17 @@ class LapDDPMModule(BaseModuleClass):
         ``z``'s device (a GPU's), all cells at once, drawn there.
         """
         library = library.reshape(-1, 1)
-        if labels is not None:
-            labels = labels.reshape(-1).to(z.device)
+        codes = self.categories(attributes)
+        if codes is not None:
+            codes = codes.to(z.device)
         if isinstance(generator, torch.Generator):
             if generator.device.type != z.device.type:
                 raise ValueError(f"generator is on {generator.device}, the latents on "
                                  f"{z.device}.")
-            return draw_counts(self.decoder(z, labels), library, generator)
+            return draw_counts(self.decoder(z, codes), library, generator)
         z = z.cpu()
         library = library.cpu()
-        labels = None if labels is None else labels.cpu()
+        codes = None if codes is None else codes.cpu()
         starts = range(0, z.shape[0], _COUNT_CHUNK)
         seeds = generator.integers(0, 2**63, size=len(starts))
         dtype = autocast_dtype("cpu")
@@ -309,8 +343,8 @@ class LapDDPMModule(BaseModuleClass):
         def chunk(start: int, seed: int) -> sp.csr_matrix:
             end = start + _COUNT_CHUNK
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                params = self.decoder(z[start:end], None if labels is None
-                                      else labels[start:end], bias_apart=True)
+                params = self.decoder(z[start:end], None if codes is None
+                                      else codes[start:end], bias_apart=True)
             return draw_counts(params, library[start:end], np.random.default_rng(seed))
 
         workers = min(torch.get_num_threads(), _MAX_DECODE_WORKERS, len(starts))

@@ -1,13 +1,18 @@
 """ScoreNet: the conditional network of the latent diffusion (Bini & Marchand-Maillet, 2025,
-Sec. 3.2.2)."""
+Sec. 3.2.2), conditioned on any subset of a cell's attributes."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# angular frequencies of the Fourier features of a standardised continuous covariate:
+# periods from 8 standard deviations down to a quarter of one
+FOURIER_FREQUENCIES = tuple(math.pi / 4 * 2.0**k for k in range(6))
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -16,6 +21,15 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> T
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     angles = 1000.0 * t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def fourier_features(x: Tensor, frequencies: Sequence[float] = FOURIER_FREQUENCIES) -> Tensor:
+    r"""``(n,) -> (n, 1 + 2K)``: :math:`[x, \sin(\omega_1 x), \ldots, \sin(\omega_K x),
+    \cos(\omega_1 x), \ldots, \cos(\omega_K x)]` of standardised values ``x``, so that a
+    small network represents both smooth trends and sharper changes of a covariate."""
+    omega = torch.tensor(frequencies, dtype=torch.float32, device=x.device)
+    angles = x.float()[:, None] * omega[None, :]
+    return torch.cat([x.float()[:, None], torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
 class _ResidualBlock(nn.Module):
@@ -47,16 +61,24 @@ class ScoreNet(nn.Module):
     r"""MLP :math:`(z_t, t, c) \mapsto` the noise :math:`\epsilon` or the velocity
     :math:`v`, whichever the module trains it on.
 
-    The condition of each row is :math:`\mathrm{GELU}(\mathrm{MLP}(\mathrm{emb}(t)) +
-    E_c)`, with :math:`E` one embedding per label and one extra row, index ``n_labels``,
-    the *null* label of unconditional predictions (classifier-free guidance).
+    A cell's attributes :math:`c = (c_1, \ldots, c_A)` are its categorical attributes'
+    codes followed by its standardised continuous covariates, NaN where an attribute is
+    *null* (not conditioned on). The condition of a row is :math:`\mathrm{GELU}(
+    \mathrm{MLP}(\mathrm{emb}(t)) + \sum_a e_a(c_a))`: for a categorical attribute
+    :math:`e_a` is an embedding with one row per category and one more, index
+    ``n_categories[a]``, its null token; for a continuous one an MLP of
+    :func:`fourier_features`, or a learned null vector. Trained with each attribute
+    dropped to null independently (classifier-free guidance), one network gives the score
+    of any subset of attributes.
 
     Parameters
     ----------
     n_latent
         Dimension of the latents.
-    n_labels
-        Number of labels (the null label is added).
+    n_categories
+        Number of categories of each categorical attribute.
+    n_continuous
+        Number of continuous covariates.
     n_hidden
         Hidden width.
     n_blocks
@@ -69,26 +91,38 @@ class ScoreNet(nn.Module):
     Shapes:
         - **input:** ``z`` :math:`(n, \text{n_latent})`; ``t`` :math:`(n,)`, or :math:`()`
           for one time shared by all rows (a sampler's step: the conditions are then
-          computed once per label, not per row); ``labels`` :math:`(n,)`
+          computed once per distinct row of ``attributes``); ``attributes`` :math:`(n,
+          A)` float, NaN for null
         - **output:** :math:`(n, \text{n_latent})`
     """
 
     def __init__(
         self,
         n_latent: int,
-        n_labels: int,
+        n_categories: Sequence[int] = (),
+        n_continuous: int = 0,
         n_hidden: int = 128,
         n_blocks: int = 3,
         time_embedding_dim: int = 64,
         dropout_rate: float = 0.0,
     ):
         super().__init__()
-        self.n_labels = n_labels
+        self.n_categories = [int(n) for n in n_categories]
+        self.n_continuous = int(n_continuous)
         self.time_embedding_dim = time_embedding_dim
         self.time_mlp = nn.Sequential(
             nn.Linear(time_embedding_dim, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_hidden)
         )
-        self.label_embedding = nn.Embedding(n_labels + 1, n_hidden)
+        self.category_embeddings = nn.ModuleList(
+            [nn.Embedding(n + 1, n_hidden) for n in self.n_categories])
+        n_fourier = 1 + 2 * len(FOURIER_FREQUENCIES)
+        self.continuous_mlps = nn.ModuleList([
+            nn.Sequential(nn.Linear(n_fourier, n_hidden), nn.GELU(),
+                          nn.Linear(n_hidden, n_hidden)) for _ in range(self.n_continuous)])
+        # learned null vectors (registered only with continuous covariates: a parameter no
+        # loss uses would stop a distributed run)
+        self.continuous_null = nn.Parameter(torch.zeros(self.n_continuous, n_hidden)) \
+            if self.n_continuous else None
         self.inp = nn.Linear(n_latent, n_hidden)
         self.blocks = nn.ModuleList([_ResidualBlock(n_hidden, dropout_rate)
                                      for _ in range(n_blocks)])
@@ -96,22 +130,43 @@ class ScoreNet(nn.Module):
         self.out = nn.Linear(n_hidden, n_latent)
 
     @property
-    def null_label(self) -> int:
-        return self.n_labels
+    def n_attributes(self) -> int:
+        return len(self.n_categories) + self.n_continuous
 
-    def condition(self, t: Tensor, labels: Tensor) -> Tensor:
-        """The condition vector of each (time, label) pair."""
+    def attribute_embedding(self, attributes: Tensor) -> Tensor:
+        r""":math:`\sum_a e_a(c_a)`, ``(n, n_hidden)`` (zeros without attributes)."""
+        out = attributes.new_zeros(attributes.shape[0], self.time_mlp[-1].out_features)
+        for a, (n, embedding) in enumerate(zip(self.n_categories, self.category_embeddings,
+                                               strict=True)):
+            value = attributes[:, a]
+            codes = torch.where(torch.isnan(value), torch.full_like(value, n), value)
+            out = out + embedding(codes.long())
+        n_cat = len(self.n_categories)
+        for j, mlp in enumerate(self.continuous_mlps):
+            value = attributes[:, n_cat + j]
+            null = torch.isnan(value)
+            embedded = mlp(fourier_features(torch.where(null, torch.zeros_like(value), value)))
+            out = out + torch.where(null[:, None], self.continuous_null[j], embedded)
+        return out
+
+    def condition(self, t: Tensor, attributes: Tensor) -> Tensor:
+        """The condition vector of each (time, attributes) row."""
         cond = self.time_mlp(sinusoidal_embedding(t, self.time_embedding_dim))
-        return F.gelu(cond + self.label_embedding(labels))
+        return F.gelu(cond + self.attribute_embedding(attributes))
 
-    def forward(self, z: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-        labels = labels.reshape(-1).long()
+    def forward(self, z: Tensor, t: Tensor, attributes: Tensor) -> Tensor:
+        attributes = attributes.reshape(z.shape[0], self.n_attributes).float()
         index = None
-        if t.dim() == 0:  # one time: a table of every label's condition, rows gather theirs
-            every = torch.arange(self.n_labels + 1, device=z.device)
-            cond, index = self.condition(t.expand(every.shape[0]), every), labels
+        if t.dim() == 0 and not self.n_attributes:  # one condition for all rows
+            cond = self.condition(t.reshape(1), attributes[:1].new_zeros(1, 0))
+            index = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        elif t.dim() == 0:  # one time: a table of the distinct rows' conditions
+            key = torch.nan_to_num(attributes, nan=math.inf)  # NaN rows compare equal
+            distinct, index = torch.unique(key, dim=0, return_inverse=True)
+            distinct = distinct.masked_fill(torch.isinf(distinct), math.nan)
+            cond = self.condition(t.expand(distinct.shape[0]), distinct)
         else:
-            cond = self.condition(t, labels)
+            cond = self.condition(t, attributes)
         h = self.inp(z)
         for block in self.blocks:
             h = block(h, cond, index)

@@ -1,4 +1,5 @@
-"""Training: the two stages' plans on a shared base, their data modules and the runner."""
+"""Training: the two stages' plans on a shared base, their data modules, the runner, and the
+post-guidance scorer's fit."""
 
 from ._data import EpochBatchSampler, LatentDataModule, SubgraphCollator, SubgraphDataModule
 from ._plan_base import LapDDPMTrainingPlan, NonFiniteLossError, step_seed
@@ -6,6 +7,7 @@ from ._plan_diffusion import DiffusionTrainingPlan, ExponentialMovingAverage
 from ._plan_vae import PERTURBATIONS, GraphVAETrainingPlan, keep_mask
 from ._progress import StageProgressBar
 from ._runner import LapDDPMTrainer, LapDDPMTrainRunner, quiet_lightning
+from ._scorer import fit_scorer
 
 __all__ = [
     "PERTURBATIONS",
@@ -21,6 +23,7 @@ __all__ = [
     "StageProgressBar",
     "SubgraphCollator",
     "SubgraphDataModule",
+    "fit_scorer",
     "keep_mask",
     "quiet_lightning",
     "step_seed",

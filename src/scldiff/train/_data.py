@@ -110,15 +110,17 @@ class SubgraphCollator:
         ``(n_cells, n_genes)`` raw counts: a CSR matrix, or a backed matrix
         (``read_h5ad(..., backed="r")``), whose rows are then read for each minibatch so
         that the whole matrix is never in memory.
-    labels
-        ``(n_cells,)`` integer label codes.
+    attributes
+        ``(n_cells, n_attributes)`` float32 attribute rows: categorical codes, then
+        standardised continuous covariates.
     lpe
         ``(n_cells, n_lpe)`` Laplacian positional encodings.
     sampler
         Builds the seed cells' neighbourhood subgraph.
     """
 
-    def __init__(self, counts, labels: np.ndarray, lpe: np.ndarray, sampler: SubgraphSampler):
+    def __init__(self, counts, attributes: np.ndarray, lpe: np.ndarray,
+                 sampler: SubgraphSampler):
         if is_in_memory(counts):
             counts = as_csr(counts)
             # int64 indices once, so that slicing rows needs no conversion per batch
@@ -129,7 +131,8 @@ class SubgraphCollator:
         else:
             self.counts, self.inputs = counts, None
         self._read_rows = row_reader(self.counts)
-        self.labels = np.asarray(labels, dtype=np.int64).ravel()
+        self.attributes = np.asarray(attributes, dtype=np.float32).reshape(
+            counts.shape[0], -1)
         self.lpe = np.asarray(lpe, dtype=np.float32)
         self.library = row_sums(self.counts).astype(np.float32)
         self.sampler = sampler
@@ -152,7 +155,7 @@ class SubgraphCollator:
         seeds = np.asarray(seeds, dtype=np.int64)
         sub = self.sampler(seeds)
         return {
-            BATCH_KEYS.LABELS: torch.from_numpy(self.labels[seeds][:, None]),
+            BATCH_KEYS.ATTRIBUTES: torch.from_numpy(self.attributes[seeds]),
             BATCH_KEYS.NODES: torch.from_numpy(np.asarray(sub.nodes, dtype=np.int64)),
             **self._graph_tensors(sub),
         }
@@ -176,7 +179,7 @@ class SubgraphCollator:
             seed_counts = counts[: seeds.size].data.copy()
             x = log_normalize(counts)
         return {
-            BATCH_KEYS.LABELS: torch.from_numpy(self.labels[seeds][:, None]),
+            BATCH_KEYS.ATTRIBUTES: torch.from_numpy(self.attributes[seeds]),
             BATCH_KEYS.NODE_CROW: torch.from_numpy(x.indptr.astype(np.int64, copy=False)),
             BATCH_KEYS.NODE_COL: torch.from_numpy(x.indices.astype(np.int64, copy=False)),
             BATCH_KEYS.NODE_INPUT: torch.from_numpy(x.data),
@@ -230,17 +233,18 @@ class SubgraphDataModule(LightningDataModule):
 class _Latents(Dataset):
     """Posterior parameters, indexed a whole minibatch at a time (no per-cell collation)."""
 
-    def __init__(self, qz_mean: torch.Tensor, qz_logvar: torch.Tensor, labels: torch.Tensor):
-        self.qz_mean, self.qz_logvar, self.labels = qz_mean, qz_logvar, labels
+    def __init__(self, qz_mean: torch.Tensor, qz_logvar: torch.Tensor,
+                 attributes: torch.Tensor):
+        self.qz_mean, self.qz_logvar, self.attributes = qz_mean, qz_logvar, attributes
 
     def __len__(self) -> int:
-        return self.labels.shape[0]
+        return self.attributes.shape[0]
 
     def __getitem__(self, index: list[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(index)
         return {LATENT_KEYS.QZ_MEAN: self.qz_mean[index],
                 LATENT_KEYS.QZ_LOGVAR: self.qz_logvar[index],
-                LATENT_KEYS.LABELS: self.labels[index]}
+                LATENT_KEYS.ATTRIBUTES: self.attributes[index]}
 
     def loader(self, batch_size: int, shuffle: bool, seed: int = 0,
                replicas: tuple[int, int] = (1, 0)) -> DataLoader:
@@ -255,14 +259,15 @@ class LatentDataModule(LightningDataModule):
 
     @classmethod
     def of_cells(cls, train_posterior: tuple[torch.Tensor, torch.Tensor],
-                 val_posterior: tuple[torch.Tensor, torch.Tensor] | None, labels: np.ndarray,
+                 val_posterior: tuple[torch.Tensor, torch.Tensor] | None,
+                 attributes: np.ndarray,
                  train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, seed: int
                  ) -> LatentDataModule:
         """The data module of the training (and validation) cells' posteriors, with the
-        label codes ``labels`` of all cells."""
-        labels = torch.from_numpy(np.asarray(labels))
-        val = None if val_posterior is None else (*val_posterior, labels[val_idx])
-        return cls((*train_posterior, labels[train_idx]), val, batch_size, seed=seed)
+        attribute rows ``attributes`` of all cells."""
+        attributes = torch.from_numpy(np.asarray(attributes, dtype=np.float32))
+        val = None if val_posterior is None else (*val_posterior, attributes[val_idx])
+        return cls((*train_posterior, attributes[train_idx]), val, batch_size, seed=seed)
 
     def __init__(self, train: tuple[torch.Tensor, ...], val: tuple[torch.Tensor, ...] | None,
                  batch_size: int = 256, seed: int = 0):

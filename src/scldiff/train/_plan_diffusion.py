@@ -93,11 +93,11 @@ class DiffusionTrainingPlan(LapDDPMTrainingPlan):
     def _step(self, batch, mode: str) -> torch.Tensor:
         loss = self.module.diffusion_loss(batch[LATENT_KEYS.QZ_MEAN],
                                           batch[LATENT_KEYS.QZ_LOGVAR],
-                                          batch[LATENT_KEYS.LABELS], self.p_uncond)
+                                          batch[LATENT_KEYS.ATTRIBUTES], self.p_uncond)
         if mode == "train":  # checked with the gradients (on_before_optimizer_step)
             self._unchecked_loss = (loss, {"diffusion loss": loss})
         self.log(f"diffusion_loss_{mode}", loss, on_step=False, on_epoch=True,
-                 prog_bar=mode == "train", batch_size=batch[LATENT_KEYS.LABELS].shape[0],
+                 prog_bar=mode == "train", batch_size=batch[LATENT_KEYS.ATTRIBUTES].shape[0],
                  sync_dist=self.use_sync_dist)
         return loss
 

@@ -148,7 +148,7 @@ class GraphVAETrainingPlan(LapDDPMTrainingPlan):
         (:meth:`~scldiff.module.LapDDPMModule.project_nodes`)."""
         return self.module.project_nodes(
             batch[BATCH_KEYS.NODE_CROW], batch[BATCH_KEYS.NODE_COL],
-            batch[BATCH_KEYS.NODE_INPUT], batch[BATCH_KEYS.LABELS].shape[0], input_mask)
+            batch[BATCH_KEYS.NODE_INPUT], batch[BATCH_KEYS.ATTRIBUTES].shape[0], input_mask)
 
     def _loss_increasing_sign(self, batch, direction, projection) -> torch.Tensor:
         """Sign of the directional derivative of the loss along ``direction`` (FGSM), +1
@@ -195,7 +195,7 @@ class GraphVAETrainingPlan(LapDDPMTrainingPlan):
             weight, applied = self.adversarial_edge_weight(batch, projection)
             batch = {**batch, BATCH_KEYS.EDGE_WEIGHT: weight}
             self.log("perturbation_relative_change_train", applied, on_step=False,
-                     on_epoch=True, batch_size=batch[BATCH_KEYS.LABELS].shape[0],
+                     on_epoch=True, batch_size=batch[BATCH_KEYS.ATTRIBUTES].shape[0],
                      sync_dist=self.use_sync_dist)
         _, _, out = self.forward(batch, inference_kwargs={"node_projection": projection},
                                  loss_kwargs=self.loss_kwargs)
