@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # angular frequencies of the Fourier features of a standardised continuous covariate:
-# periods from 8 standard deviations down to a quarter of one
-FOURIER_FREQUENCIES = tuple(math.pi / 4 * 2.0**k for k in range(6))
+# periods from 16 standard deviations down to 2, so that the embedding is smooth between
+# training values (finer periods let it take arbitrary values at a dose between two doses)
+FOURIER_FREQUENCIES = tuple(math.pi / 8 * 2.0**k for k in range(4))
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
