@@ -89,105 +89,89 @@ class GenerationMixin:
         Parameters
         ----------
         labels
-            A mapping ``{label: count}``, or a sequence with one label per cell; a shorthand
-            for ``conditions`` with the labels alone. ``labels``, ``n_samples`` and
-            ``conditions`` all ``None``: as many cells as trained on.
+            ``{label: count}`` or one label per cell: ``conditions`` with the labels alone.
         n_samples
-            Number of cells without ``labels`` or ``conditions``: in the training
-            proportions of the combinations of categorical attributes, conditioned on them.
+            Number of cells, in the training proportions of the combinations of categorical
+            attributes. Without it, ``labels`` or ``conditions``: as many as trained on.
         guidance_scale
-            One number, the joint classifier-free guidance :math:`w` in :math:`v_\varnothing
-            + w(v_c - v_\varnothing)`, :math:`v_c` conditioned on all of a cell's given
-            attributes: 0 ignores them in the latents, 1 samples the conditional model,
-            larger values sharpen them. Or a mapping ``{attribute: w_a}``, compositional
-            guidance :math:`v_\varnothing + \sum_a w_a(v_a - v_\varnothing)`, each
-            :math:`v_a` conditioned on attribute :math:`a` alone (attributes left out of the
-            mapping get 1), which composes combinations never seen in training from the
-            attributes seen apart (:func:`~scldiff.diffusion.compositional_epsilon`).
-            Models without attributes ignore it.
+            :math:`w` of the joint guidance :math:`v_\varnothing + w(v_c - v_\varnothing)`
+            on all given attributes (0 ignores them, 1 samples the conditional model), or
+            ``{attribute: w_a}``: compositional guidance :math:`v_\varnothing + \sum_a
+            w_a(v_a - v_\varnothing)` (left out: 1), for combinations never seen together.
         sampler, n_steps
             ``"ode"`` (probability-flow ODE, DPM-Solver++(2M), 10 steps by default),
             ``"ddim"`` (200) or ``"sde"`` (reverse SDE, Euler–Maruyama, 500), and its steps.
         batch_size
-            Cells generated at a time: by default 4096 on a CPU, and on a GPU as many as
-            keep a batch's dense ``(cells, genes)`` arrays within an eighth of its memory.
+            Cells at a time: 4096 on a CPU; on a GPU as many as keep a batch's dense
+            ``(cells, genes)`` arrays within an eighth of its memory.
         seed
-            Seed of the random numbers: the same seed and ``batch_size`` give the same
-            counts on the same kind of device, also after save and load (a GPU draws the
-            counts from a torch generator, a CPU from numpy: other counts, same law).
-            ``None``: one draw from torch's global generator, so that
-            ``scvi.settings.seed`` makes the call reproducible; ``uns["scldiff"]["seed"]``
-            records the seed used.
-        progress_bar
-            Show a progress bar.
-        library_size
-            ``"latent"`` or ``"label"`` (:class:`~scldiff.model.LibrarySizeModel`);
-            ``None``: the model's.
+            The same seed and ``batch_size`` give the same counts on the same kind of
+            device, also after save and load. ``None``: a draw from torch's global generator
+            (``scvi.settings.seed``); ``uns["scldiff"]["seed"]`` records it.
+        progress_bar, library_size
+            Show a progress bar; ``"latent"`` or ``"label"``
+            (:class:`~scldiff.model.LibrarySizeModel`, ``None``: the model's).
         guidance_interval
-            ``(t_low, t_high)`` in :math:`[0, 1]`: guide only at diffusion times in that
-            interval and sample the conditional model elsewhere (Kynkäänniemi et al.,
-            2024). ``None``: guide at every step.
+            ``(t_low, t_high)``: guide only at those times (Kynkäänniemi et al., 2024).
         precision
-            ``"float32"``, or ``"bfloat16"``: the networks' matrix products in bf16, as
-            under ``torch.autocast``, which pays only where the hardware computes bf16
-            natively (docs "Performance"); the ODE's state, the softmax and the draws stay
-            in float32 and float64.
+            ``"float32"``, or ``"bfloat16"`` for the networks' products where the hardware
+            computes bf16 natively (docs "Performance").
         conditions
-            The cells to generate: a :class:`pandas.DataFrame` with one row per cell and a
-            column per attribute to condition on (:attr:`attribute_keys`; a column left
-            out, or NaN in it, leaves that attribute unconditioned), or a mapping from
-            tuples of attribute values, in the order of :attr:`attribute_keys` (``None``
-            for an unconditioned one), to numbers of cells. Categorical attributes left
-            unconditioned are drawn, for the decoder, the library size and ``obs``, from
-            the training cells that share the given ones. A combination of categorical
-            values no training cell has is generated (compose it with a mapping
-            ``guidance_scale``), with a warning, and listed in
-            ``uns["scldiff"]["unseen_combinations"]``.
+            A :class:`pandas.DataFrame`, a row per cell, a column per attribute
+            (:attr:`attribute_keys`; left out or NaN: unconditioned), or ``{(value, ...):
+            count}`` in that order. Categorical values not given are drawn from the training
+            cells sharing the given ones (docs "The model"). Unseen combinations warn.
         keep_fraction
-            Post-guidance filter :math:`q \in (0, 1]` (SCLD, Wang et al., 2023): draw
-            :math:`\lceil 1/q \rceil` latents per requested cell, score them with the
-            real-vs-generated classifier trained after stage B
-            (:class:`~scldiff.module.RealnessScorer`), and keep the best-scored ones of
-            each requested condition, so that the requested numbers come out. 1 (default):
-            no filter. Its measured effect is in docs "Benchmarks".
+            Post-guidance filter :math:`q \in (0, 1]` (SCLD): keep the best-scored
+            :math:`1/q`-th of each request's candidates. 1 (default): off.
 
         Returns
         -------
-        AnnData of integer counts in ``X`` (CSR) and ``layers["counts"]``, the training
-        genes, a column of ``obs`` per attribute (categorical in the training categories'
-        order, those no cell has dropped; continuous values, NaN where unconditioned),
-        ``obs["synthetic"] = True``, every choice in ``uns["scldiff"]``, and obs names
-        ``synthetic-{token}-{i}`` that differ between calls drawing different cells.
+        AnnData of integer counts in ``X`` (CSR) and ``layers["counts"]``, a column of
+        ``obs`` per attribute (categorical in training order, unused categories dropped;
+        continuous, NaN where unconditioned), ``obs["synthetic"] = True``, every choice in
+        ``uns["scldiff"]``, obs names ``synthetic-{token}-{i}`` unique to the draw.
         """
         self._check_if_trained(warn=False)
         sampling, library_size, batch_size = self._generation_settings(
             guidance_scale, sampler, n_steps, batch_size, precision, library_size,
             guidance_interval)
         keep_fraction = check_keep_fraction(keep_fraction)
-        if labels is None and n_samples is None and conditions is None:
-            n_samples = len(self.train_indices_)
         seed = resolve_seed(seed)
         draw_seed, fill_seed = np.random.SeedSequence(seed).spawn(2)
-        request = request_rows(conditions, labels, n_samples, self.attributes,
-                               self.combinations_, np.random.default_rng(fill_seed))
-        if request.unseen:
-            warnings.warn(f"Combinations no training cell has: {request.unseen}; the model "
-                          "composes them from the attributes seen apart, a prediction "
-                          "rather than a fit to data.", UserWarning, stacklevel=2)
+        request = self._request(conditions, labels, n_samples, fill_seed)
         blocks, computed_in = self._draw_in_precision(
             precision, request, batch_size, draw_seed, progress_bar, library_size, sampling,
             keep_fraction)
+        return self._counts_anndata(blocks, request.filled, "synthetic", self._provenance(
+            sampling, seed=seed, batch_size=int(batch_size), library_size=library_size,
+            precision=computed_in, keep_fraction=keep_fraction, conditioned_on=request.given,
+            unseen_combinations=request.unseen), guide=request.guide)
+
+    def _request(self, conditions, labels, n_samples, seed: np.random.SeedSequence
+                 ) -> Request:
+        """The attribute rows of the requested cells (:func:`request_rows`), warning of
+        combinations that no training cell has."""
+        if labels is None and n_samples is None and conditions is None:
+            n_samples = len(self.train_indices_)
+        request = request_rows(conditions, labels, n_samples, self.attributes,
+                               self.combinations_, np.random.default_rng(seed))
+        if request.unseen:
+            warnings.warn(f"Combinations no training cell has: {request.unseen}; the model "
+                          "composes them from the attributes seen apart, a prediction "
+                          "rather than a fit to data.", UserWarning, stacklevel=3)
+        return request
+
+    def _provenance(self, sampling: dict, **choices) -> dict:
+        """The sampler's settings and the other ``choices`` as ``uns["scldiff"]`` records
+        them."""
         scale = sampling["guidance_scale"]
-        return self._counts_anndata(blocks, request.filled, "synthetic", {
-            "seed": seed, **sampling,
-            "guidance_scale": scale if not isinstance(scale, list) else dict(
-                zip(self.attribute_keys, scale, strict=True)),
-            "guidance": "joint" if not isinstance(scale, list) else "compositional",
-            "guidance_interval": list(sampling["guidance_interval"] or (0.0, 1.0)),
-            "batch_size": int(batch_size), "library_size": library_size,
-            "precision": computed_in, "keep_fraction": keep_fraction,
-            "conditioned_on": request.given, "unseen_combinations": request.unseen},
-            guide=request.guide)
+        compositional = isinstance(scale, list)
+        return {**choices, **sampling,
+                "guidance_scale": dict(zip(self.attribute_keys, scale, strict=True))
+                if compositional else scale,
+                "guidance": "compositional" if compositional else "joint",
+                "guidance_interval": list(sampling["guidance_interval"] or (0.0, 1.0))}
 
     def _draw_in_precision(self, precision: str, *args) -> tuple[list[sp.csr_matrix], str]:
         """:meth:`_draw_batches` (``args``) with the networks' products in ``precision``,

@@ -34,7 +34,13 @@ from ._serialization import (
 )
 from ._setup import ensure_clusters, ensure_graph, warn_backed_csc
 from ._training import TrainingMixin
-from ._validation import check_attributes, check_counts, check_genes, check_graph_parameters
+from ._validation import (
+    check_attributes,
+    check_clustering,
+    check_counts,
+    check_genes,
+    check_graph_parameters,
+)
 
 # attributes saved with the model besides its init parameters and registry (JSON)
 _SAVED_ATTRIBUTES = ("is_trained_", "history_", "train_indices_", "validation_indices_",
@@ -190,10 +196,8 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
         anything is written; bad input raises :class:`ValueError` and leaves the AnnData
         unchanged.
 
-        Every attribute (the labels, each categorical and each continuous covariate) is
-        registered with its categories or its training mean, spread and range; the
-        diffusion is conditioned on all of them, the decoder reads the categorical ones
-        (``decoder_covariates``).
+        Every attribute (labels, categorical and continuous covariates) is registered with
+        its categories or its training mean, spread and range (docs "The model").
 
         Parameters
         ----------
@@ -209,10 +213,9 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
         continuous_covariate_keys
             Numeric ``adata.obs`` columns to condition on (dose, time, ...).
         cluster_labels
-            Without labels: cluster the cell graph (Leiden, :func:`scanpy.tl.leiden` with
-            igraph) into ``adata.obs["scldiff_cluster"]`` and use the clusters as labels
-            (SCLD, Wang et al., 2023), so that an unlabelled dataset gets guidance too.
-            Needs ``labels_key=None``.
+            Without labels: Leiden clusters of the cell graph (:func:`scanpy.tl.leiden`) in
+            ``adata.obs["scldiff_cluster"]`` are the labels (SCLD, Wang et al., 2023), so
+            that unlabelled data get guidance too.
         cluster_resolution
             Leiden resolution of ``cluster_labels`` (higher: more clusters).
         n_neighbors
@@ -229,13 +232,7 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
         check_graph_parameters(adata.n_obs, n_neighbors, n_pcs, n_lpe)
-        if cluster_labels and labels_key is not None:
-            raise ValueError("cluster_labels=True makes labels from clusters of the cell "
-                             f"graph; with labels_key={labels_key!r} pass cluster_labels=False.")
-        if isinstance(cluster_resolution, bool) or not isinstance(
-                cluster_resolution, (int, float)) or not cluster_resolution > 0:
-            raise ValueError(f"cluster_resolution must be a number > 0, got "
-                             f"{cluster_resolution!r}.")
+        check_clustering(labels_key, cluster_labels, cluster_resolution)
         check_attributes(adata, labels_key, categorical_covariate_keys,
                          continuous_covariate_keys)
         check_counts(adata, layer)
@@ -243,18 +240,15 @@ class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
         ensure_graph(adata, layer, n_neighbors, n_pcs, n_lpe)
         if cluster_labels:
             ensure_clusters(adata, cluster_resolution)
-        anndata_fields = [
+        labels = label_column({"labels_key": labels_key, "cluster_labels": cluster_labels})
+        adata_manager = AnnDataManager(fields=[
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY,
-                                label_column({"labels_key": labels_key,
-                                              "cluster_labels": cluster_labels})),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels),
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
             ContinuousCovariatesField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
             PositionalEncodingField(REGISTRY_KEYS.LPE_KEY, ADATA_KEYS.LPE),
             ObspField(REGISTRY_KEYS.GRAPH_KEY, ADATA_KEYS.GRAPH),
-        ]
-        adata_manager = AnnDataManager(fields=anndata_fields,
-                                       setup_method_args=setup_method_args)
+        ], setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
 

@@ -159,8 +159,8 @@ class TrainingMixin:
         **trainer_kwargs,
     ) -> None:
         """Train the graph VAE (stage A; subgraph minibatches, a step costs O(batch_size *
-        n_neighbors) on any atlas), then the latent diffusion on its posteriors (stage B),
-        then fit the library-size model. Both stages' losses go to :attr:`history`.
+        n_neighbors) on any atlas), the latent diffusion on its posteriors (stage B), the
+        post-guidance scorer and the library-size model; the losses go to :attr:`history`.
 
         Parameters
         ----------
@@ -204,8 +204,7 @@ class TrainingMixin:
         n_a, n_b = stage_epochs(max_epochs, max_epochs_vae, max_epochs_diffusion,
                                 train_idx.size, batch_size, batch_size_diffusion)
         trainer_kwargs = _validation_kwargs(trainer_kwargs, early_stopping, len(val_idx))
-        # both plans first, so that bad arguments are refused before anything changes
-        plan_a, plan_b = self._plans(n_a, seed, plan_kwargs, diffusion_plan_kwargs)
+        plan_a, plan_b = self._plans(n_a, seed, plan_kwargs, diffusion_plan_kwargs)  # refuse early
         collator = self._collator()
         if resume_stage == "B":  # stage A had finished: its weights are in the checkpoint
             self._load_checkpoint_weights(resume, module_state)

@@ -119,6 +119,17 @@ def check_attributes(adata: AnnData, labels_key: str | None,
         _check_continuous(adata, key)
 
 
+def check_clustering(labels_key: str | None, cluster_labels: bool, resolution) -> None:
+    """Raise ``ValueError`` for ``cluster_labels`` with labels, or a resolution that is not
+    a positive number."""
+    if cluster_labels and labels_key is not None:
+        raise ValueError("cluster_labels=True makes labels from clusters of the cell graph; "
+                         f"with labels_key={labels_key!r} pass cluster_labels=False.")
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) \
+            or not resolution > 0:
+        raise ValueError(f"cluster_resolution must be a number > 0, got {resolution!r}.")
+
+
 def _check_categorical(adata: AnnData, key: str) -> None:
     missing = int(pd.isna(adata.obs[key]).sum())
     if missing:
