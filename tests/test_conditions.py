@@ -381,3 +381,16 @@ def test_a_continuous_covariate_with_a_known_smooth_effect_is_followed_between_v
     between = (got[2.0] - got[1.0]) / (got[3.0] - got[1.0])
     assert 0.25 < between < 0.75, got
     assert abs(got[2.0] - log_ratio(cells(np.full(4000, 2.0)))) < 0.6, got
+
+
+def test_combination_index_finds_each_rows_combination_or_the_fallback():
+    from scldiff.model._attributes import combination_index, combination_table
+
+    rows = np.array([[2, 0], [0, 1], [2, 0], [1, 1]], dtype=np.float32)
+    table = combination_table(rows, 2)
+    assert table == {"codes": [[0, 1], [1, 1], [2, 0]], "counts": [1, 1, 2]}
+    wanted = np.array([[2, 0], [0, 1], [3, 3], [1, 1], [0, 0]])
+    np.testing.assert_array_equal(combination_index(wanted, table), [2, 0, 3, 1, 3])
+    empty = combination_table(np.zeros((5, 0), np.float32), 0)
+    assert empty == {"codes": [[]], "counts": [5]}
+    np.testing.assert_array_equal(combination_index(np.zeros((3, 0)), empty), [0, 0, 0])

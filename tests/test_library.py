@@ -109,7 +109,8 @@ def test_draws_follow_the_regression_and_skewed_residuals_clipped_to_the_range()
     fit = LibrarySizeModel(log_quantiles=np.stack([np.full(101, 5.0), grid + 6.0]),
                            coef=np.array([0.5, -1.0]), intercept=np.array([7.0, 5.0]),
                            residual_quantiles=np.stack([normal, skewed]),
-                           log_range=np.array([4.0, 9.0]))
+                           log_range=np.array([4.0, 9.0]), effects=np.array([6.0]),
+                           effect_sizes=np.zeros(0), centred_quantiles=normal)
     z = torch.tensor([[1.0, 0.5], [0.0, -1.0]]).repeat(100_000, 1)
     labels = torch.tensor([0, 1]).repeat(100_000)
     log_library = fit.draw("latent", z, labels, torch.Generator().manual_seed(0)).log()
@@ -150,3 +151,31 @@ def test_the_model_round_trips_through_plain_lists_and_refuses_damage():
                              ({"coef": values["coef"]}, "fields")):
         with pytest.raises(ValueError, match=message):
             LibrarySizeModel.from_dict(damaged, n_latent=4, n_labels=4)
+
+
+def test_an_unseen_combination_gets_the_additive_effects_of_its_attributes():
+    """log library = 6 + type effect + condition effect + noise; the combination (type 1,
+    condition 1) is never seen. Drawn for it (the last group), the median is the sum of the
+    effects learned from the other combinations; a seen one keeps its own group."""
+    rng = np.random.default_rng(0)
+    type_effect, condition_effect = np.array([0.0, -0.8, 0.5]), np.array([0.0, 0.6])
+    codes = np.stack([rng.integers(0, 3, 20_000), rng.integers(0, 2, 20_000)], 1)
+    codes = codes[~((codes[:, 0] == 1) & (codes[:, 1] == 1))]
+    y = 6.0 + type_effect[codes[:, 0]] + condition_effect[codes[:, 1]] + \
+        0.2 * rng.standard_normal(len(codes))
+    groups = codes[:, 0] * 2 + codes[:, 1]  # 0..5; group 3 = (1, 1) has no cells
+    groups = np.where(groups > 3, groups - 1, groups)  # seen combinations 0..4, unseen 5
+    z = np.zeros((len(codes), 2))
+    fit = LibrarySizeModel.fit(np.exp(y), groups, 6, z, np.zeros_like(z), codes=codes,
+                               n_categories=[3, 2])
+    np.testing.assert_allclose(fit.effects[0] + fit.effects[2] + fit.effects[5], 6.0 - 0.8 + 0.6,
+                               atol=0.01)
+    n = 50_000
+    draw = lambda group, code: fit.draw(
+        "latent", torch.zeros(n, 2), torch.full((n,), group),
+        torch.Generator().manual_seed(1), torch.tensor([code]).repeat(n, 1)).log().numpy()
+    assert np.median(draw(5, [1, 1])) == pytest.approx(5.8, abs=0.01)
+    assert np.std(draw(5, [1, 1])) == pytest.approx(0.2, abs=0.01)
+    assert np.median(draw(0, [0, 0])) == pytest.approx(6.0, abs=0.01)  # a seen group: its own
+    back = LibrarySizeModel.from_dict(fit.to_dict(), n_latent=2, n_labels=6)
+    np.testing.assert_array_equal(back.effects, fit.effects)

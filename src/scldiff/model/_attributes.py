@@ -107,10 +107,16 @@ def combination_index(codes: np.ndarray, table: dict) -> np.ndarray:
     """The row of each combination of ``codes`` (``(n, n_categorical)``) in ``table``;
     ``len(table["codes"])`` for combinations it lacks (the library-size model's group of
     all cells)."""
-    known = {tuple(c): i for i, c in enumerate(table["codes"])}
-    fallback = len(table["codes"])
-    return np.array([known.get(tuple(int(v) for v in row), fallback) for row in codes],
-                    dtype=np.int64)
+    trained = np.asarray(table["codes"], dtype=np.int64).reshape(len(table["counts"]), -1)
+    codes = np.asarray(codes, dtype=np.int64)
+    if trained.shape[1] == 0:
+        return np.zeros(codes.shape[0], dtype=np.int64)
+    dims = np.maximum(trained.max(0), codes.max(0, initial=0)) + 1
+    keys = np.ravel_multi_index(trained.T, dims)  # one integer per combination
+    order = np.argsort(keys)
+    wanted = np.ravel_multi_index(codes.T, dims)
+    at = np.minimum(np.searchsorted(keys[order], wanted), len(keys) - 1)
+    return np.where(keys[order][at] == wanted, order[at], len(keys)).astype(np.int64)
 
 
 @dataclass

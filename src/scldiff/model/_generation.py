@@ -237,7 +237,8 @@ class GenerationMixin:
             else:
                 z = self.module.sample_latents(guide, generator=generator, **sampling)
             library = self.library_model_.draw(
-                library_size, z, torch.from_numpy(groups[window]).to(device), generator)
+                library_size, z, torch.from_numpy(groups[window]).to(device), generator,
+                self.module.categories(filled))
             blocks.append(self.module.decode_counts(z, library, counts_generator, filled))
         return blocks
 

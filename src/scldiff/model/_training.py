@@ -302,7 +302,8 @@ class TrainingMixin:
         groups = combination_index(rows[:, :n_cat], self.combinations_)
         self.library_model_ = LibrarySizeModel.fit(
             collator.library[train_idx], groups, len(self.combinations_["codes"]) + 1,
-            posterior[0].numpy(), posterior[1].exp().numpy())
+            posterior[0].numpy(), posterior[1].exp().numpy(), codes=rows[:, :n_cat],
+            n_categories=self.module.score_net.n_categories)
         self.train_indices_, self.validation_indices_ = train_idx, val_idx
         self.test_indices_ = np.zeros(0, dtype=np.int64)
         self.is_trained_ = True
