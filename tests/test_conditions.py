@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -331,6 +332,10 @@ def test_every_attribute_survives_save_and_load(attribute_model, tmp_path):
         again = loaded.generate(**kw)
         assert (again.X != first.X).nnz == 0
         pd.testing.assert_frame_equal(again.obs, first.obs)
+    first.write_h5ad(tmp_path / "generated.h5ad")  # provenance and columns write as they are
+    back = anndata.read_h5ad(tmp_path / "generated.h5ad")
+    assert back.uns["scldiff"]["guidance_scale"]["dose"] == 1.5
+    pd.testing.assert_frame_equal(back.obs, first.obs)
     registry = LapDDPM.load_registry(str(tmp_path / "m"))
     assert registry["setup_args"]["continuous_covariate_keys"] == ["dose"]
 
@@ -341,8 +346,6 @@ def test_a_continuous_covariate_with_a_known_smooth_effect_is_followed_between_v
     the halves' totals is about x. Trained on x in {0, 1, 3, 4} (no cell at 2), the generated
     cells follow it: at the training values as the model's own reconstructions of the cells
     do (the diffusion's target), and at 2 between its neighbours, near the truth."""
-    import anndata
-
     scvi.settings.seed = 0
     rng = np.random.default_rng(0)
     n_genes, xs = 30, np.repeat([0.0, 1.0, 3.0, 4.0], 150)
