@@ -55,7 +55,14 @@ import torch
 import scldiff
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import RESULTS, load_dataset, mean_sd, meta, with_all_genes  # noqa: E402
+from quality import (  # noqa: E402
+    RESULTS,
+    load_dataset,
+    mean_sd,
+    meta,
+    read_shared,
+    with_all_genes,
+)
 
 RUNS = os.path.join(RESULTS, "conditions")
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
@@ -76,16 +83,10 @@ METRICS = {"cond. MMD": "MMD | conditional", "cond. W2": "W2 | conditional",
 
 
 def load_kang(data_dir: str) -> ad.AnnData:
-    path = os.path.join(data_dir, "kang_ifnb_pbmc_seurat.h5ad")
-    if not os.path.exists(path):
-        sys.exit(f"benchmarks/conditions.py: {os.path.abspath(path)} not found. The Kang 2018 "
-                 "IFN-beta set is read from ../shared/data beside the repository (it may not be "
-                 "bundled); put it there or pass --data-dir DIR.")
-    adata = ad.read_h5ad(path)
-    adata = ad.AnnData(sp.csr_matrix(adata.X, dtype=np.float32),
-                       obs=adata.obs[[TYPE, CONDITION]].copy(),
-                       var=pd.DataFrame(index=adata.var_names))
-    adata = top_genes(adata)
+    adata = top_genes(read_shared(
+        "kang_ifnb_pbmc_seurat.h5ad", data_dir, [TYPE, CONDITION],
+        "The Kang 2018 IFN-beta set is read from ../shared/data beside the repository (it may "
+        "not be bundled); put it there or pass --data-dir DIR."))
     adata.obs[COMBINATION] = (adata.obs[TYPE].astype(str) + " | "
                               + adata.obs[CONDITION].astype(str)).astype("category")
     return adata

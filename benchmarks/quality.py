@@ -98,15 +98,23 @@ def load_dataset(name: str, data_dir: str) -> ad.AnnData:
                                                      seed=12_345)
         return sample
     if name == "zheng17":
-        path = os.path.join(data_dir, "zheng17_pbmc_facs.h5ad")
-        if not os.path.exists(path):
-            sys.exit(f"benchmarks/quality.py: {os.path.abspath(path)} not found. The Zheng 2017 "
-                     "FACS PBMC set is read from ../shared/data beside the repository; put it "
-                     "there, pass --data-dir DIR, or run with --datasets pbmc3k.")
-        adata = ad.read_h5ad(path)
-        return ad.AnnData(sp.csr_matrix(adata.X, dtype=np.float32),
-                          obs=adata.obs[[LABELS]].copy(), var=pd.DataFrame(index=adata.var_names))
+        return read_shared("zheng17_pbmc_facs.h5ad", data_dir, [LABELS],
+                           "The Zheng 2017 FACS PBMC set is read from ../shared/data beside the "
+                           "repository; put it there, pass --data-dir DIR, or run with "
+                           "--datasets pbmc3k.")
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}.")
+
+
+def read_shared(filename: str, data_dir: str, obs_keys: list[str], hint: str) -> ad.AnnData:
+    """Raw counts (CSR, float32) and the ``obs_keys`` columns of ``data_dir/filename``; the
+    script stops with ``hint`` when the file is absent."""
+    path = os.path.join(data_dir, filename)
+    if not os.path.exists(path):
+        sys.exit(f"benchmarks/{os.path.basename(sys.argv[0])}: {os.path.abspath(path)} not "
+                 f"found. {hint}")
+    adata = ad.read_h5ad(path)
+    return ad.AnnData(sp.csr_matrix(adata.X, dtype=np.float32), obs=adata.obs[obs_keys].copy(),
+                      var=pd.DataFrame(index=adata.var_names))
 
 
 def cache_path(dataset: str, seed: int, method: str) -> str:
