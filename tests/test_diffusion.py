@@ -267,22 +267,23 @@ def test_guided_sampling_of_two_gaussians_moves_towards_the_condition():
     assert out3.mean().item() > 1.0
 
 
-def test_scorenet_with_one_time_computes_each_labels_condition_once():
+@pytest.mark.parametrize("categories, n_continuous", [([4], 0), ([4, 2], 1)])
+def test_scorenet_with_one_time_computes_each_labels_condition_once(categories, n_continuous):
     """A sampler's step shares t across the rows: the conditions are a table with one row
-    per distinct attribute row (null entries too), which each row gathers; the same outputs
-    as per row."""
+    per label (one label: every category and the null token) or per distinct attribute row
+    (several), which each row gathers; the same outputs as per row."""
     from scldiff.module import ScoreNet
 
     torch.manual_seed(0)
-    net = ScoreNet(n_latent=5, n_categories=[4, 2], n_continuous=1, n_hidden=32,
-                   n_blocks=2).eval()
+    net = ScoreNet(n_latent=5, n_categories=categories, n_continuous=n_continuous,
+                   n_hidden=32, n_blocks=2).eval()
     with torch.no_grad():
         for p in net.parameters():  # FiLM starts at zero: randomise it so labels matter
             p.normal_(0, 0.3)
     z = torch.randn(50, 5)
-    labels = torch.stack([torch.randint(0, 4, (50,)).float(), torch.randint(0, 2, (50,)).float(),
-                          torch.randint(0, 3, (50,)).float() - 1.0], 1)
-    labels[torch.rand(50, 3) < 0.2] = float("nan")  # null entries
+    labels = torch.stack([torch.randint(0, n, (50,)).float() for n in categories]
+                         + [torch.randint(0, 3, (50,)).float() - 1.0] * n_continuous, 1)
+    labels[torch.rand(labels.shape) < 0.2] = float("nan")  # null entries
     t = torch.tensor(0.37)
 
     def per_cell(z, t, labels):  # the plain per-cell computation
@@ -297,7 +298,7 @@ def test_scorenet_with_one_time_computes_each_labels_condition_once():
         torch.testing.assert_close(net(z, t.expand(50), labels), reference,
                                    rtol=1e-5, atol=1e-5)
         # each cell's output depends on its own attributes, each of them
-        for a in range(3):
+        for a in range(labels.shape[1]):
             other = labels.clone()
             other[:, a] = torch.where(torch.isnan(other[:, a]), 0.0, float("nan"))
             assert not torch.allclose(shared, net(z, t, other), atol=1e-3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import scanpy as sc
@@ -13,8 +15,10 @@ def top_markers(lognorm, labels, gene_names, groups, n_markers: int = 100) -> di
     adata = AnnData(lognorm, obs=pd.DataFrame({"group": pd.Categorical(np.asarray(labels))},
                                               index=[str(i) for i in range(len(labels))]),
                     var=pd.DataFrame(index=list(gene_names)))
-    sc.tl.rank_genes_groups(adata, "group", groups=list(groups), reference="rest",
-                            method="wilcoxon", n_genes=n_markers, use_raw=False)
+    with warnings.catch_warnings():  # scanpy's own, about its frame of many groups
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        sc.tl.rank_genes_groups(adata, "group", groups=list(groups), reference="rest",
+                                method="wilcoxon", n_genes=n_markers, use_raw=False)
     names = adata.uns["rank_genes_groups"]["names"]
     return {group: list(names[group]) for group in groups}
 

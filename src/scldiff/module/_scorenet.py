@@ -161,6 +161,11 @@ class ScoreNet(nn.Module):
         if t.dim() == 0 and not self.n_attributes:  # one condition for all rows
             cond = self.condition(t.reshape(1), attributes[:1].new_zeros(1, 0))
             index = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        elif t.dim() == 0 and self.n_attributes == 1 and self.n_categories:  # one label
+            n = self.n_categories[0]  # the table: every category and the null token
+            every = torch.arange(n + 1, device=z.device, dtype=attributes.dtype)[:, None]
+            cond = self.condition(t.expand(n + 1), every.masked_fill(every == n, math.nan))
+            index = torch.nan_to_num(attributes[:, 0], nan=float(n)).long()
         elif t.dim() == 0:  # one time: a table of the distinct rows' conditions
             key = torch.nan_to_num(attributes, nan=math.inf)  # NaN rows compare equal
             distinct, index = torch.unique(key, dim=0, return_inverse=True)
