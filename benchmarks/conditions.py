@@ -332,7 +332,7 @@ def report() -> None:
                     stats[name] = values.dropna().tolist()
                 for k in extra:
                     values = pd.Series([r.get(k) for r in rows], dtype=float)
-                    cells.append(mean_sd(values, 1))
+                    cells.append(mean_sd(values))
                     stats[k] = values.dropna().tolist()
                 lines.append("| " + " | ".join(cells) + " |")
                 summary.setdefault(experiment, {}).setdefault(dataset, {})[method] = stats
