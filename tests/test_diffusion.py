@@ -325,4 +325,4 @@ def test_fourier_features_against_hand_computed_values():
                              [1.0, 1.0, 0.0, 0.0, -1.0],
                              [-2.0, 0.0, 0.0, -1.0, 1.0]])
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
-    assert fourier_features(x).shape == (3, 13)  # x and 6 frequencies' sines and cosines
+    assert fourier_features(x).shape == (3, 9)  # x and 4 frequencies' sines and cosines
