@@ -6,6 +6,7 @@ Usage (from the repository root, after ``make install``)::
     python benchmarks/conditions.py                       # every experiment, seeds 0-2
     python benchmarks/conditions.py --experiments unseen --seeds 0
     python benchmarks/conditions.py --report              # tables from finished runs only
+    python benchmarks/conditions.py --filter-cost         # the post-guidance filter's time
 
 Experiments:
 
@@ -344,6 +345,28 @@ def report() -> None:
     print(text)
 
 
+def filter_cost(adata: ad.AnnData, n_cells: int = 10_000) -> None:
+    """Seconds of ``generate()`` for ``n_cells`` Kang combinations with the post-guidance
+    filter at q = 1, 0.5 and 0.25 (best of two), on a briefly trained model: the time does
+    not depend on how well it is trained."""
+    import scvi
+
+    scvi.settings.seed = 0
+    data = expressed(adata)
+    scldiff.LapDDPM.setup_anndata(data, labels_key=TYPE, categorical_covariate_keys=[CONDITION])
+    model = scldiff.LapDDPM(data)
+    model.train(max_epochs_vae=2, max_epochs_diffusion=2, enable_progress_bar=False)
+    rows = data.obs[[TYPE, CONDITION]].astype(str).sample(
+        n_cells, replace=True, random_state=0).reset_index(drop=True)
+    for q in (1.0, 0.5, 0.25):
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            model.generate(conditions=rows, seed=0, progress_bar=False, keep_fraction=q)
+            times.append(time.perf_counter() - start)
+        print(f"keep_fraction={q}: {min(times):.2f} s for {n_cells:,} cells", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),
@@ -353,6 +376,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--filter-cost", action="store_true",
+                        help="time generate() with the post-guidance filter, then stop")
     args = parser.parse_args()
     if args.report:
         report()
@@ -360,6 +385,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     kang = load_kang(args.data_dir)
+    if args.filter_cost:
+        filter_cost(kang)
+        return
     for seed in args.seeds:
         if "attributes" in args.experiments:
             attributes(kang, seed, args.force)
