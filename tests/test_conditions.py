@@ -160,17 +160,17 @@ def test_filled_categories_follow_the_training_cells_that_share_the_given_ones()
     # training: type a with x 3 times as often as y; type b only with y
     table = {"codes": [[0, 0], [0, 1], [1, 1]], "counts": [300, 100, 50]}
     rows = pd.DataFrame({"type": ["a"] * 4000 + ["b"] * 100})
-    request = request_rows(rows, None, None, attributes, table, np.random.default_rng(0))
+    request = request_rows(rows, None, None, attributes, table, np.random.default_rng(0), "type")
     filled = request.filled[:, 1]
     assert np.mean(filled[:4000] == 0) == pytest.approx(0.75, abs=0.02)
     assert (filled[4000:] == 1).all()
     assert np.isnan(request.guide[:, 1]).all() and request.unseen == []
     # a combination no training cell has is generated and reported
     rows = pd.DataFrame({"type": ["b"], "condition": ["x"]})
-    request = request_rows(rows, None, None, attributes, table, np.random.default_rng(0))
+    request = request_rows(rows, None, None, attributes, table, np.random.default_rng(0), "type")
     assert request.unseen == ["type=b, condition=x"]
     # n_samples: the combinations' training proportions, exactly
-    request = request_rows(None, None, 9, attributes, table, np.random.default_rng(0))
+    request = request_rows(None, None, 9, attributes, table, np.random.default_rng(0), "type")
     combos, counts = np.unique(request.guide, axis=0, return_counts=True)
     assert combos.tolist() == [[0, 0], [0, 1], [1, 1]] and counts.tolist() == [6, 2, 1]
 
@@ -306,9 +306,11 @@ def test_cluster_labels_are_leiden_clusters_of_the_graph_reused_and_trained_on()
     expected = clusters[model.train_indices_].value_counts(normalize=True) * 100
     got = out.obs["scldiff_cluster"].value_counts().reindex(expected.index, fill_value=0)
     assert (np.abs(got.to_numpy() - expected.to_numpy()) < 1).all()
-    # a second setup reuses the stored clusters; another resolution recomputes them
-    adata.obs["scldiff_cluster"] = adata.obs["scldiff_cluster"].cat.rename_categories(
-        lambda c: c)  # same values
+    # a second setup reuses the stored clusters (here edited: kept as edited); another
+    # resolution recomputes them
+    edited = adata.obs["scldiff_cluster"].copy()
+    edited.iloc[0] = "1" if edited.iloc[0] == "0" else "0"
+    adata.obs["scldiff_cluster"] = edited
     before = adata.obs["scldiff_cluster"].copy()
     LapDDPM.setup_anndata(adata, cluster_labels=True, cluster_resolution=0.5, n_neighbors=8,
                           n_lpe=0)
@@ -397,3 +399,27 @@ def test_combination_index_finds_each_rows_combination_or_the_fallback():
     empty = combination_table(np.zeros((5, 0), np.float32), 0)
     assert empty == {"codes": [[]], "counts": [5]}
     np.testing.assert_array_equal(combination_index(np.zeros((3, 0)), empty), [0, 0, 0])
+
+
+def test_singleton_clusters_join_their_strongest_neighbours_cluster():
+    from scldiff.model._setup import merge_singletons
+
+    # cells 0-2 form cluster 0, 3-5 cluster 1; cells 6 and 7 are singletons tied to each
+    # other, 6 more weakly to cluster 0, 7 to nothing else; cell 8 is tied to cluster 1
+    edges = {(0, 1): 1, (1, 2): 1, (3, 4): 1, (4, 5): 1, (6, 7): 2.0, (6, 0): 0.5,
+             (8, 5): 1.0}
+    rows, cols, weights = zip(*[(i, j, w) for (i, j), w in edges.items()], strict=True)
+    graph = sp.coo_matrix((weights, (rows, cols)), shape=(9, 9))
+    graph = (graph + graph.T).tocsr()
+    codes = merge_singletons(np.array([0, 0, 0, 1, 1, 1, 2, 3, 4]), graph)
+    np.testing.assert_array_equal(codes, [0, 0, 0, 1, 1, 1, 3, 3, 1])  # 6 and 7 together
+    assert np.bincount(codes)[np.unique(codes)].min() >= 2
+
+
+def test_labels_need_a_model_with_labels():
+    from scldiff.model._attributes import Attribute, request_rows
+
+    attributes = [Attribute("condition", "categorical", ("x", "y"))]
+    table = {"codes": [[0], [1]], "counts": [5, 5]}
+    with pytest.raises(ValueError, match="has no labels"):
+        request_rows(None, {"x": 2}, None, attributes, table, np.random.default_rng(0), None)

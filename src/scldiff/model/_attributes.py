@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ._constants import REGISTRY_KEYS
+from ._constants import ADATA_KEYS, REGISTRY_KEYS
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,8 @@ def registered_attributes(registry: dict) -> list[Attribute]:
 def label_column(setup_args: dict) -> str | None:
     """The labels' ``adata.obs`` column: ``labels_key``, or the clusters' column when set up
     with ``cluster_labels=True``."""
-    from ._setup import CLUSTER_KEY
-
     if setup_args.get("cluster_labels"):
-        return CLUSTER_KEY
+        return ADATA_KEYS.CLUSTERS
     return setup_args.get("labels_key")
 
 
@@ -75,11 +73,11 @@ def attribute_rows(manager, attributes: Sequence[Attribute]) -> np.ndarray:
     standardised continuous values."""
     n_obs = manager.adata.n_obs
     columns = []
-    if attributes and label_column(manager.registry["setup_args"]) is not None:
+    has_labels = label_column(manager.registry["setup_args"]) is not None
+    if has_labels:
         labels = manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)
         columns.append(np.asarray(labels, dtype=np.float32).reshape(n_obs, 1))
-    n_cat = sum(a.kind == "categorical" for a in attributes)
-    if n_cat > len(columns):
+    if sum(a.kind == "categorical" for a in attributes) > has_labels:  # covariates too
         codes = manager.get_from_registry(REGISTRY_KEYS.CAT_COVS_KEY)
         columns.append(np.asarray(codes, dtype=np.float32).reshape(n_obs, -1))
     continuous = [a for a in attributes if a.kind == "continuous"]
@@ -145,8 +143,9 @@ class Request:
 
 
 def request_rows(conditions, labels, n_samples: int | None, attributes: list[Attribute],
-                 table: dict, rng: np.random.Generator) -> Request:
-    """:class:`Request` of ``generate``'s ``conditions``/``labels``/``n_samples``."""
+                 table: dict, rng: np.random.Generator, labels_key: str | None) -> Request:
+    """:class:`Request` of ``generate``'s ``conditions``/``labels``/``n_samples``;
+    ``labels`` are values of ``labels_key``, the first attribute."""
     n_cat = sum(a.kind == "categorical" for a in attributes)
     if conditions is not None and (labels is not None or n_samples is not None):
         raise ValueError("Pass conditions alone: with conditions the cells are given by its "
@@ -159,10 +158,10 @@ def request_rows(conditions, labels, n_samples: int | None, attributes: list[Att
         given = [a.key for a in attributes if a.kind == "categorical"]
         return Request(guide, guide.copy(), given, [])
     if labels is not None:
-        if n_cat == 0 or not attributes or attributes[0].kind != "categorical":
+        if labels_key is None:
             raise ValueError("This model has no labels (set up with labels_key=None); pass "
                              "conditions or n_samples instead of labels.")
-        conditions = pd.DataFrame({attributes[0].key: _label_list(labels)})
+        conditions = pd.DataFrame({labels_key: _label_list(labels)})
     frame = _conditions_frame(conditions, attributes)
     guide = _encode(frame, attributes, table)
     filled, unseen = _fill(guide, attributes, table, n_cat, rng)
@@ -263,14 +262,13 @@ def _encode(frame: pd.DataFrame, attributes: list[Attribute], table: dict) -> np
         if attribute.kind == "continuous":
             rows[:, a] = _continuous(column, given, attribute)
             continue
-        index = {c: i for i, c in enumerate(attribute.categories)}
         values = column[given].astype(str).to_numpy()
-        unknown = sorted(set(values) - set(index))
-        if unknown:
+        codes = pd.Categorical(values, categories=list(attribute.categories)).codes
+        if (codes < 0).any():
+            unknown = sorted(set(values[codes < 0]))
             raise ValueError(f"Unknown {attribute.key!r} value(s) {unknown[:5]}; the model was "
                              f"trained on: {list(attribute.categories)}.")
-        codes = np.array([index[v] for v in values], dtype=np.int64)
-        empty = sorted({attribute.categories[c] for c in codes if not (trained[:, a] == c).any()})
+        empty = sorted(attribute.categories[c] for c in np.setdiff1d(codes, trained[:, a]))
         if empty:
             raise ValueError(f"{attribute.key!r} value(s) {empty} had no training cells, so "
                              "the model knows nothing about them; generate one of "

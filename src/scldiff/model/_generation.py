@@ -146,7 +146,7 @@ class GenerationMixin:
         return self._counts_anndata(blocks, request.filled, "synthetic", self._provenance(
             sampling, seed=seed, batch_size=int(batch_size), library_size=library_size,
             precision=computed_in, keep_fraction=keep_fraction, conditioned_on=request.given,
-            unseen_combinations=request.unseen), guide=request.guide)
+            unseen_combinations=request.unseen))
 
     def _request(self, conditions, labels, n_samples, seed: np.random.SeedSequence
                  ) -> Request:
@@ -155,7 +155,7 @@ class GenerationMixin:
         if labels is None and n_samples is None and conditions is None:
             n_samples = len(self.train_indices_)
         request = request_rows(conditions, labels, n_samples, self.attributes,
-                               self.combinations_, np.random.default_rng(seed))
+                               self.combinations_, np.random.default_rng(seed), self.labels_key)
         if request.unseen:
             warnings.warn(f"Combinations no training cell has: {request.unseen}; the model "
                           "composes them from the attributes seen apart, a prediction "
@@ -244,7 +244,7 @@ class GenerationMixin:
 
     def _keep_best(self, guide: torch.Tensor, filled: torch.Tensor, keep_fraction: float,
                    generator: torch.Generator, sampling: dict) -> torch.Tensor:
-        """Latents of the rows of ``guide``: :math:`m = \\lceil 1/q \rceil` candidates per
+        """Latents of the rows of ``guide``: :math:`m = \\lceil 1/q \\rceil` candidates per
         row, scored by the post-guidance scorer on the row's attributes (categorical ones
         filled), and for each distinct requested row the best-scored as many as it was
         requested, in the order of the requests."""
@@ -394,14 +394,13 @@ class GenerationMixin:
         return counts, rows
 
     def _counts_anndata(self, blocks: list[sp.csr_matrix], rows: np.ndarray, prefix: str,
-                        provenance: dict, name_parts: tuple = (),
-                        guide: np.ndarray | None = None) -> AnnData:
+                        provenance: dict, name_parts: tuple = ()) -> AnnData:
         """The AnnData of drawn counts: ``X`` and ``layers["counts"]`` (CSR, sharing no
         memory, so that normalising ``X`` in place leaves the counts), the training genes, a
         column of ``obs`` per attribute from the attribute rows ``rows`` (categorical in the
         training order, categories that no cell has dropped so that
-        ``sc.tl.rank_genes_groups`` takes it; continuous values, NaN where ``guide`` left
-        them out), ``obs["synthetic"]`` and ``uns["scldiff"]``."""
+        ``sc.tl.rank_genes_groups`` takes it; continuous values, NaN where not given),
+        ``obs["synthetic"]`` and ``uns["scldiff"]``."""
         n_genes = self.summary_stats["n_vars"]
         x = sp.vstack(blocks, format="csr") if len(blocks) > 1 else \
             blocks[0] if blocks else sp.csr_matrix((0, n_genes), dtype=np.float32)
@@ -413,8 +412,7 @@ class GenerationMixin:
                     rows[:, a].astype(np.int64), categories=list(attribute.categories)
                 ).remove_unused_categories()
             else:
-                values = rows[:, a] if guide is None else guide[:, a]
-                obs[attribute.key] = values.astype(np.float64) * attribute.std + attribute.mean
+                obs[attribute.key] = rows[:, a].astype(np.float64) * attribute.std + attribute.mean
         obs["synthetic"] = True
         var = pd.DataFrame(index=pd.Index(np.asarray(self.get_var_names(), dtype=str)))
         uns = {"scldiff": {"model": type(self).__name__, "scldiff_version": __version__,

@@ -68,9 +68,6 @@ def warn_backed_csc(adata: AnnData, layer: str | None) -> None:
             UserWarning, stacklevel=3)
 
 
-CLUSTER_KEY = ADATA_KEYS.CLUSTERS
-
-
 def ensure_clusters(adata: AnnData, resolution: float) -> None:
     """Leiden clusters of the cell graph (``obsp["scldiff_connectivities"]``), the labels of
     ``cluster_labels=True``, in ``obs["scldiff_cluster"]`` (categories ``"0"``, ``"1"``,
@@ -85,7 +82,8 @@ def ensure_clusters(adata: AnnData, resolution: float) -> None:
 
     params = {"resolution": float(resolution), "graph": dict(adata.uns[ADATA_KEYS.GRAPH_PARAMS])}
     stored = adata.uns.get(ADATA_KEYS.CLUSTER_PARAMS)
-    if CLUSTER_KEY in adata.obs and isinstance(stored, dict) and _plain(stored) == _plain(params):
+    if ADATA_KEYS.CLUSTERS in adata.obs and isinstance(stored, dict) \
+            and _plain(stored) == _plain(params):
         logger.info("Reusing the clusters stored in the AnnData.")
         return
     graph = adata.obsp[ADATA_KEYS.GRAPH].tocsr()
@@ -93,20 +91,31 @@ def ensure_clusters(adata: AnnData, resolution: float) -> None:
     seed = settings.seed if settings.seed is not None else 0
     sc.tl.leiden(stand_in, adjacency=graph, resolution=resolution, flavor="igraph",
                  n_iterations=2, directed=False, random_state=seed, key_added="clusters")
-    codes = stand_in.obs["clusters"].cat.codes.to_numpy().astype(np.int64)
-    for _ in range(2):  # singletons join their strongest neighbour's cluster
-        sizes = np.bincount(codes)
-        for cell in np.flatnonzero(sizes[codes] == 1):
-            row = graph[cell]
-            weight = np.bincount(codes[row.indices], weights=row.data, minlength=sizes.size)
-            weight[codes[cell]] = -1.0
-            codes[cell] = int(np.argmax(weight))
+    codes = merge_singletons(stand_in.obs["clusters"].cat.codes.to_numpy(), graph)
     _, codes, sizes = np.unique(codes, return_inverse=True, return_counts=True)
     rank = np.empty_like(sizes)
     rank[np.argsort(-sizes, kind="stable")] = np.arange(sizes.size)
-    adata.obs[CLUSTER_KEY] = pd.Categorical.from_codes(
+    adata.obs[ADATA_KEYS.CLUSTERS] = pd.Categorical.from_codes(
         rank[codes], categories=[str(i) for i in range(sizes.size)])
     adata.uns[ADATA_KEYS.CLUSTER_PARAMS] = params
+
+
+def merge_singletons(codes: np.ndarray, graph) -> np.ndarray:
+    """Cluster codes with each cluster of one cell merged into the cluster it has the most
+    edge weight to in ``graph`` (CSR), sizes kept current so that two neighbouring
+    singletons end up together."""
+    codes = np.asarray(codes, dtype=np.int64).copy()
+    sizes = np.bincount(codes)
+    for cell in np.flatnonzero(sizes[codes] == 1):
+        if sizes[codes[cell]] != 1:  # another singleton joined it meanwhile
+            continue
+        row = graph[cell]
+        weight = np.bincount(codes[row.indices], weights=row.data, minlength=sizes.size)
+        weight[codes[cell]] = -1.0
+        sizes[codes[cell]] -= 1
+        codes[cell] = int(np.argmax(weight))
+        sizes[codes[cell]] += 1
+    return codes
 
 
 def _plain(values: dict) -> dict:
