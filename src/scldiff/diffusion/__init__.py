@@ -6,7 +6,14 @@ from ._guidance import (
     compositional_epsilon,
     guided_epsilon,
 )
-from ._samplers import DEFAULT_STEPS, SAMPLERS, sample_ddim, sample_ode, sample_sde
+from ._samplers import (
+    DEFAULT_STEPS,
+    SAMPLERS,
+    invert_ddim,
+    sample_ddim,
+    sample_ode,
+    sample_sde,
+)
 from ._schedule import VPSchedule
 
 __all__ = [
@@ -17,6 +24,7 @@ __all__ = [
     "check_guidance_interval",
     "compositional_epsilon",
     "guided_epsilon",
+    "invert_ddim",
     "sample_ddim",
     "sample_ode",
     "sample_sde",

@@ -5,11 +5,24 @@ from ._counts import count_diagnostics, library_coupling
 from ._distances import MMD_SIGMAS, mmd_rbf, wasserstein
 from ._evaluate import evaluate, shared_pca
 from ._markers import marker_overlap, top_markers
+from ._perturbation import (
+    de_overlap,
+    direction_agreement,
+    e_distance,
+    interval_coverage,
+    mean_r2,
+    pearson_delta,
+    perturbation_scores,
+    response_intervals,
+    top_de_genes,
+)
 from ._report import to_markdown
 from ._split import label_matched_sample, stratified_split
 
 __all__ = [
-    "MMD_SIGMAS", "classifier_auc", "count_diagnostics", "evaluate", "label_matched_sample",
-    "library_coupling", "marker_overlap", "mmd_rbf", "shared_pca", "stratified_split",
-    "to_markdown", "top_markers", "tstr_f1", "wasserstein",
+    "MMD_SIGMAS", "classifier_auc", "count_diagnostics", "de_overlap", "direction_agreement",
+    "e_distance", "evaluate", "interval_coverage", "label_matched_sample", "library_coupling",
+    "marker_overlap", "mean_r2", "mmd_rbf", "pearson_delta", "perturbation_scores",
+    "response_intervals", "shared_pca", "stratified_split", "to_markdown", "top_de_genes",
+    "top_markers", "tstr_f1", "wasserstein",
 ]

@@ -25,6 +25,7 @@ from ._expression import ExpressionMixin
 from ._fields import ContinuousCovariatesField, ObspField, PositionalEncodingField
 from ._generation import GenerationMixin
 from ._library import LIBRARY_SIZES, LibrarySizeModel
+from ._perturbation import PerturbationMixin
 from ._serialization import (
     ADATA_FILE,
     ModelFileError,
@@ -51,7 +52,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class LapDDPM(TrainingMixin, GenerationMixin, ExpressionMixin, BaseModelClass):
+class LapDDPM(TrainingMixin, GenerationMixin, PerturbationMixin, ExpressionMixin,
+              BaseModelClass):
     r"""Conditional graph latent diffusion model for scRNA-seq counts (LapDDPM, Bini &
     Marchand-Maillet, 2025).
 

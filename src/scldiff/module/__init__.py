@@ -3,13 +3,20 @@
 from ._constants import BATCH_KEYS, LATENT_KEYS
 from ._decoder import CountDecoder
 from ._encoder import FullGraphChebConv, GraphEncoder
-from ._module import PREDICTIONS, LapDDPMModule, drop_attributes, gaussian_kl
+from ._module import (
+    COUNTERFACTUAL_METHODS,
+    PREDICTIONS,
+    LapDDPMModule,
+    drop_attributes,
+    gaussian_kl,
+)
 from ._scorenet import ScoreNet, fourier_features, sinusoidal_embedding
 from ._scorer import RealnessScorer
 
 __all__ = [
     "BATCH_KEYS",
     "LATENT_KEYS",
+    "COUNTERFACTUAL_METHODS",
     "PREDICTIONS",
     "CountDecoder",
     "FullGraphChebConv",

@@ -12,7 +12,13 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput
 from torch import Tensor
 
-from ..diffusion import DEFAULT_STEPS, SAMPLERS, ClassifierFreeGuidance, VPSchedule
+from ..diffusion import (
+    DEFAULT_STEPS,
+    SAMPLERS,
+    ClassifierFreeGuidance,
+    VPSchedule,
+    invert_ddim,
+)
 from ..distributions import Likelihood, sparse_log_likelihood
 from ..sampling import draw_counts
 from ._constants import BATCH_KEYS
@@ -25,6 +31,9 @@ _ENCODER_INPUTS = (
     BATCH_KEYS.NODE_CROW, BATCH_KEYS.NODE_COL, BATCH_KEYS.NODE_INPUT, BATCH_KEYS.LPE,
     BATCH_KEYS.EDGE_INDEX, BATCH_KEYS.EDGE_WEIGHT, BATCH_KEYS.DEGREE_OUTSIDE,
 )
+# how a counterfactual reaches the noise level of its strength: fresh noise (SDEdit) or the
+# inverted deterministic sampler (dual diffusion implicit bridges)
+COUNTERFACTUAL_METHODS = ("noise", "inversion")
 # what the ScoreNet's output is: the noise, or the velocity v = alpha * noise - sigma * z_0
 PREDICTIONS = ("v", "epsilon")
 # cells per decoder-and-sampling chunk on a CPU (decode_counts)
@@ -307,6 +316,59 @@ class LapDDPMModule(BaseModuleClass):
                 "The sampled latents are not finite (NaN or infinite): lower "
                 f"guidance_scale (now {guidance_scale}), or check the model's weights.")
         return z
+
+    @torch.no_grad()
+    def counterfactual_latents(
+        self,
+        z: Tensor,
+        source: Tensor,
+        target: Tensor,
+        strength: float,
+        method: str = "noise",
+        guidance_scale: float | Sequence[float] = 1.0,
+        sampler: str = "ode",
+        n_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+    ) -> Tensor:
+        r"""Latents ``z`` (``(n, n_latent)``) of cells with attribute rows ``source``
+        carried to the rows ``target``: taken to the noise level :math:`t = ` ``strength``
+        and denoised under ``target`` with guidance from there.
+
+        ``method="noise"`` (SDEdit, Meng et al., 2022): :math:`z_t = \alpha_t z_0 +
+        \sigma_t\epsilon` with fresh noise, then ``sampler``. ``"inversion"`` (dual diffusion
+        implicit bridges, Su et al., 2023): :func:`~scldiff.diffusion.invert_ddim` under
+        ``source``, then DDIM under ``target``, deterministic. Strength 0 (or below
+        ``t_min``) returns ``z``; 1 keeps of the cell only what the inversion keeps (nothing,
+        with fresh noise). Non-finite latents raise ``FloatingPointError``.
+        """
+        if method not in COUNTERFACTUAL_METHODS:
+            raise ValueError(f"method must be one of {COUNTERFACTUAL_METHODS}, got "
+                             f"{method!r}.")
+        if strength <= self.schedule.t_min:
+            return z
+        device = self.latent_mean.device
+        z0 = self.standardize(z.to(device))
+        t = torch.tensor(float(strength), device=device)
+        guided = {a: ClassifierFreeGuidance(
+            self.predict_noise, rows.to(device).float().reshape(z0.shape[0], -1),
+            guidance_scale, interval=guidance_interval) for a, rows in
+            (("source", source), ("target", target))}
+        if method == "inversion":
+            sampler = "ddim"
+            steps = n_steps or DEFAULT_STEPS[sampler]
+            zt = invert_ddim(guided["source"], z0, self.schedule, steps, t_end=float(strength))
+        else:
+            steps = n_steps or DEFAULT_STEPS[sampler]
+            noise = torch.randn(z0.shape, generator=generator, device=device)
+            zt = self.schedule.add_noise(z0, noise, t)
+        out = self.unstandardize(SAMPLERS[sampler](guided["target"], zt, self.schedule, steps,
+                                                   generator=generator,
+                                                   t_start=float(strength)))
+        if not bool(torch.isfinite(out).all()):
+            raise FloatingPointError("The counterfactual latents are not finite: lower "
+                                     f"guidance_scale (now {guidance_scale}).")
+        return out
 
     @torch.no_grad()
     def decode_counts(self, z: Tensor, library: Tensor,
