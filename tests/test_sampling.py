@@ -10,7 +10,7 @@ from scipy import stats
 import scldiff.module._module as module_file
 from scldiff.distributions import CountParams
 from scldiff.module import CountDecoder, LapDDPMModule
-from scldiff.sampling import draw_counts
+from scldiff.sampling import draw_counts, transport_counts
 from scldiff.sampling._kernels import (
     TICKS,
     entry_uniforms,
@@ -432,3 +432,53 @@ def test_compile_kernels_draws_every_likelihood_in_both_precisions():
             ("array(uint16, 2d, C)", "array(float32, 1d, C)", "array(uint16, 2d, C)"),
             ("array(uint16, 2d, C)", "array(float32, 1d, C)", "array(float32, 2d, C)"),
             } <= signatures
+
+
+def _one_distribution(likelihood: str, n: int, mu: float, theta: float = 2.0,
+                      pi: float = 0.2) -> tuple[CountParams, torch.Tensor]:
+    """``n`` cells of one distribution of two genes, library 1000; gene 0's mean about
+    ``mu`` (its exact mean: ``log_scale``)."""
+    library = torch.full((n,), 1000.0, dtype=torch.float64)
+    rho = torch.tensor([mu / 1000.0, 1.0 - mu / 1000.0], dtype=torch.float64)
+    logits = torch.log(rho).expand(n, 2).clone()
+    zi = None
+    if likelihood == "zinb":
+        zi = torch.full((n, 2), float(np.log(pi / (1 - pi))), dtype=torch.float64)
+    log_theta = None if likelihood == "poisson" else torch.full((2,), np.log(theta),
+                                                                dtype=torch.float64)
+    return CountParams(likelihood, logits, log_theta, zi), library
+
+
+@pytest.mark.parametrize("likelihood", ["poisson", "nb", "zinb"])
+def test_transported_counts_follow_the_target_distribution(likelihood):
+    # x ~ F_s carried by its quantile is distributed as F_t exactly; compare the pmf
+    n = 40_000
+    source, library = _one_distribution(likelihood, n, mu=3.0)
+    target, _ = _one_distribution(likelihood, n, mu=8.0)
+    mu_s = library[0].item() * source.log_scale()[0, 0].exp().item()
+    mu_t = library[0].item() * target.log_scale()[0, 0].exp().item()
+    rng = np.random.default_rng(0)
+    base = {"poisson": lambda m: stats.poisson(m),
+            "nb": lambda m: stats.nbinom(2.0, 2.0 / (2.0 + m)),
+            "zinb": lambda m: stats.nbinom(2.0, 2.0 / (2.0 + m))}[likelihood]
+    x = base(mu_s).rvs(size=n, random_state=rng)
+    if likelihood == "zinb":
+        x = np.where(rng.random(n) < 0.2, 0, x)
+    counts = np.stack([x, np.zeros(n)], 1)
+    out = transport_counts(counts, source, target, library, rng).toarray()[:, 0]
+    k = np.arange(15)
+    pmf = base(mu_t).pmf(k)
+    if likelihood == "zinb":
+        pmf = 0.8 * pmf + 0.2 * (k == 0)
+    observed = np.bincount(out.astype(int), minlength=40)[:15] / n
+    assert np.all(np.abs(observed - pmf) <= 4 * np.sqrt(pmf * (1 - pmf) / n) + 1e-3)
+    # a count high for its distribution stays high: the order of the cells is kept
+    assert stats.spearmanr(x, out)[0] > 0.95
+
+
+def test_transport_to_the_same_distribution_returns_the_counts():
+    source, library = _one_distribution("zinb", 500, mu=5.0)
+    x = np.random.default_rng(1).poisson(5.0, (500, 2)).astype(float)
+    out = transport_counts(sp.csr_matrix(x), source, source, library,
+                           np.random.default_rng(2))
+    np.testing.assert_array_equal(out.toarray(), x)

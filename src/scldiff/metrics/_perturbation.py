@@ -99,8 +99,8 @@ def direction_agreement(predicted, real, control, genes=None) -> float:
     """Fraction of ``genes`` whose predicted change from control has the sign of the real
     change (a gene predicted unchanged counts as wrong)."""
     base = _mean(control, genes)
-    return float(np.mean(np.sign(_mean(predicted, genes) - base)
-                         == np.sign(_mean(real, genes) - base)))
+    predicted = np.sign(_mean(predicted, genes) - base)
+    return float(np.mean((predicted == np.sign(_mean(real, genes) - base)) & (predicted != 0)))
 
 
 def response_intervals(lognorm, draws, source=None, level: float = 0.95,

@@ -34,6 +34,7 @@ ADATA_KEYS = _ADATA_KEYS_NT()
 DEFAULT_GUIDANCE_SCALE = 1.5
 # at most this many training cells (and as many generated ones) train the scorer
 SCORER_MAX_CELLS = 5_000
-# predict_perturbation()'s default noise level (docs "Benchmarks": the leave-one-cell-type-
-# out benchmark on Kang 2018)
+# predict_perturbation()'s default noise level and compositional guidance scale of the
+# changed covariate (docs "Benchmarks": the leave-one-cell-type-out benchmark on Kang 2018)
 DEFAULT_PERTURBATION_STRENGTH = 0.5
+DEFAULT_PERTURBATION_GUIDANCE = 3.0

@@ -17,7 +17,11 @@ from ..metrics._evaluate import _log_normalize
 from ..metrics._perturbation import response_intervals
 from ..module import COUNTERFACTUAL_METHODS
 from ._attributes import Attribute, combination_index
-from ._constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_PERTURBATION_STRENGTH, REGISTRY_KEYS
+from ._constants import (
+    DEFAULT_PERTURBATION_GUIDANCE,
+    DEFAULT_PERTURBATION_STRENGTH,
+    REGISTRY_KEYS,
+)
 from ._validation import check_positive, resolve_seed
 
 
@@ -61,7 +65,8 @@ class PerturbationMixin:
         seed: int | None = None,
         indices: np.ndarray | None = None,
         method: Literal["noise", "inversion"] = "noise",
-        guidance_scale: float | dict[str, float] = DEFAULT_GUIDANCE_SCALE,
+        guidance_scale: float | dict[str, float] | None = None,
+        keep_noise: bool = True,
         level: float = 0.95,
         batch_size: int = 4096,
         progress_bar: bool = False,
@@ -102,7 +107,15 @@ class PerturbationMixin:
             DDIM path inverted under the cell's own attributes, deterministic given the
             latent).
         guidance_scale
-            As :meth:`generate`'s: one joint scale or ``{attribute: w}``.
+            As :meth:`generate`'s: one joint scale or ``{attribute: w}``. ``None``:
+            compositional guidance with ``covariate`` at 3 and every other attribute at 1,
+            which carries the response to combinations never seen in training best (docs
+            "Benchmarks"; joint guidance at 1.5 under-predicts it).
+        keep_noise
+            Carry each observed count to the counterfactual's count distribution by its
+            quantile (:func:`~scldiff.sampling.transport_counts`), so that the cell keeps
+            its own count noise and, where the distribution does not change, its counts
+            exactly; ``False``: draw fresh counts from the counterfactual's distribution.
         level
             Coverage of the intervals in ``var``.
         batch_size, progress_bar
@@ -128,6 +141,9 @@ class PerturbationMixin:
         if method not in COUNTERFACTUAL_METHODS:
             raise ValueError(f"method must be one of {COUNTERFACTUAL_METHODS}, got "
                              f"{method!r}.")
+        if guidance_scale is None:
+            guidance_scale = {key: DEFAULT_PERTURBATION_GUIDANCE if key == covariate else 1.0
+                              for key in self.attribute_keys}
         sampler = "ddim" if method == "inversion" else "ode"
         sampling, _, _ = self._generation_settings(guidance_scale, sampler, None, batch_size,
                                                    "float32", None, None)
@@ -140,10 +156,11 @@ class PerturbationMixin:
         source = collator.attributes[cells]
         target = source.copy()
         target[:, a] = value
+        observed = self._observed(adata, cells) if keep_noise else None
         counts, latents = self._counterfactual_draws(
             mean, logvar, source, target, collator.library[cells], n_draws, seed,
             dict(strength=strength, method=method, guidance_scale=sampling["guidance_scale"],
-                 sampler=sampler, n_steps=sampling["n_steps"]), batch_size)
+                 sampler=sampler, n_steps=sampling["n_steps"]), batch_size, observed)
         out = self._counterfactual_anndata(adata, cells, counts, latents,
                                            np.tile(target, (n_draws, 1)), covariate, to,
                                            n_draws)
@@ -151,6 +168,7 @@ class PerturbationMixin:
             sampling, seed=seed, covariate=covariate,
             to=float(to) if self.attributes[a].kind == "continuous" else str(to),
             strength=strength, method=method, n_draws=int(n_draws),
+            keep_noise=bool(keep_noise),
             unseen_combinations=self._unseen(target)))
         if n_draws > 1:
             self._add_intervals(out, adata, cells, level, seed)
@@ -174,11 +192,19 @@ class PerturbationMixin:
         return [[self.attributes[i].categories[c] for i, c in enumerate(row)]
                 for row in missing.tolist()]
 
+    def _observed(self, adata: AnnData, cells: np.ndarray) -> sp.csr_matrix:
+        """The registered counts of ``cells`` (CSR, float32)."""
+        manager = self.get_anndata_manager(adata, required=True)
+        return sp.csr_matrix(manager.get_from_registry(REGISTRY_KEYS.X_KEY)[cells],
+                             dtype=np.float32)
+
     def _counterfactual_draws(self, mean, logvar, source, target, library, n_draws: int,
-                              seed: int, carry: dict, batch_size: int
+                              seed: int, carry: dict, batch_size: int,
+                              observed: sp.csr_matrix | None
                               ) -> tuple[sp.csr_matrix, np.ndarray]:
         """Counts (draw by draw, cells in order) and latents of ``n_draws`` counterfactuals
-        of each cell; draw ``d`` from the ``d``-th child of ``SeedSequence(seed)``."""
+        of each cell, the ``observed`` counts transported or (``None``) fresh ones drawn;
+        draw ``d`` from the ``d``-th child of ``SeedSequence(seed)``."""
         device = self.device
         self.module.eval()
         blocks, latents = [], []
@@ -190,11 +216,17 @@ class PerturbationMixin:
                 noise = torch.randn(mean[window].shape, generator=generator, device=device)
                 z = mean[window].to(device) + torch.exp(0.5 * logvar[window]).to(device) * noise
                 rows = [torch.from_numpy(r[window]).to(device) for r in (source, target)]
-                z = self.module.counterfactual_latents(z, *rows, generator=generator, **carry)
+                carried = self.module.counterfactual_latents(z, *rows, generator=generator,
+                                                             **carry)
                 lib = torch.from_numpy(library[window].astype(np.float32)).to(device)
-                counts_generator = rng if device.type == "cpu" else generator
-                blocks.append(self.module.decode_counts(z, lib, counts_generator, rows[1]))
-                latents.append(z.cpu().numpy())
+                if observed is not None:
+                    blocks.append(self.module.transport_counts(
+                        observed[window], z, carried, lib, *rows, rng))
+                else:
+                    counts_generator = rng if device.type == "cpu" else generator
+                    blocks.append(self.module.decode_counts(carried, lib, counts_generator,
+                                                            rows[1]))
+                latents.append(carried.cpu().numpy())
         return sp.vstack(blocks, format="csr"), np.concatenate(latents)
 
     def _counterfactual_anndata(self, adata: AnnData, cells: np.ndarray, counts, latents,
@@ -202,7 +234,8 @@ class PerturbationMixin:
                                 ) -> AnnData:
         """The counterfactuals' AnnData; ``uns["scldiff"]`` as :meth:`generate`'s."""
         template = self._counts_anndata([counts], rows, "counterfactual", {})
-        obs = adata.obs.iloc[np.tile(cells, n_draws)].copy()
+        obs = adata.obs.iloc[np.tile(cells, n_draws)]
+        obs = obs[[c for c in obs.columns if not str(c).startswith("_scvi")]].copy()
         column = obs[covariate]
         if isinstance(column.dtype, pd.CategoricalDtype) or column.dtype == object:
             categories = list(self.attributes[self.attribute_keys.index(covariate)].categories)
@@ -223,9 +256,7 @@ class PerturbationMixin:
                        seed: int) -> None:
         """``var`` columns of :func:`~scldiff.metrics.response_intervals` over the draws,
         against the source cells' own expression."""
-        manager = self.get_anndata_manager(adata, required=True)
-        source = sp.csr_matrix(manager.get_from_registry(REGISTRY_KEYS.X_KEY)[cells],
-                               dtype=np.float32)
+        source = self._observed(adata, cells)
         summary = response_intervals(_log_normalize(out.X), out.obs["draw"].to_numpy(),
                                      _log_normalize(source), level=level, seed=seed)
         for column in summary:

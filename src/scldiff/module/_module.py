@@ -20,7 +20,7 @@ from ..diffusion import (
     invert_ddim,
 )
 from ..distributions import Likelihood, sparse_log_likelihood
-from ..sampling import draw_counts
+from ..sampling import draw_counts, transport_counts
 from ._constants import BATCH_KEYS
 from ._decoder import CountDecoder
 from ._encoder import GraphEncoder
@@ -369,6 +369,26 @@ class LapDDPMModule(BaseModuleClass):
             raise FloatingPointError("The counterfactual latents are not finite: lower "
                                      f"guidance_scale (now {guidance_scale}).")
         return out
+
+    @torch.no_grad()
+    def transport_counts(self, counts, z_source: Tensor, z_target: Tensor, library: Tensor,
+                         source: Tensor | None, target: Tensor | None,
+                         generator: np.random.Generator) -> sp.csr_matrix:
+        """Observed ``counts`` of cells with latents ``z_source`` and attribute rows
+        ``source`` carried to the latents ``z_target`` and rows ``target`` by
+        :func:`~scldiff.sampling.transport_counts` (each count at its quantile), in chunks
+        of 2,048 cells on the CPU."""
+        blocks = []
+        for start in range(0, z_source.shape[0], 2048):
+            window = slice(start, start + 2048)
+            params = [self.decoder(z[window], None if rows is None
+                                   else self.categories(rows[window]))
+                      for z, rows in ((z_source, source), (z_target, target))]
+            blocks.append(transport_counts(counts[window], *params, library[window].cpu(),
+                                           generator))
+        if not blocks:
+            return sp.csr_matrix((0, self.decoder.scale.out_features), dtype=np.float32)
+        return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
 
     @torch.no_grad()
     def decode_counts(self, z: Tensor, library: Tensor,
