@@ -3,8 +3,6 @@ output, identity at strength 0, reproducibility, the draws' intervals, and bad i
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -191,6 +189,12 @@ def test_identity_at_strength_zero(perturbation_model):
     mean, logvar = model._posterior(model._collator(), cells)
     residual = (out.obsm["X_scldiff"] - mean.numpy()) / np.exp(0.5 * logvar.numpy())
     assert abs(residual.mean()) < 0.2 and 0.8 < residual.std() < 1.2
+    # the decoder does not read the condition: the cells keep their own counts, exactly
+    observed = model.adata.X[cells]
+    assert (out.X != observed).nnz == 0
+    fresh = model.predict_perturbation(model.adata, "condition", "stim", strength=0,
+                                       indices=cells, seed=2, keep_noise=False)
+    assert (fresh.X != observed).nnz > 0 and fresh.uns["scldiff"]["keep_noise"] is False
     far = model.predict_perturbation(model.adata, "condition", "stim", strength=1.0,
                                      indices=cells, seed=2)
     moved = lambda o: np.linalg.norm(o.obsm["X_scldiff"] - mean.numpy(), axis=1).mean()
@@ -237,15 +241,16 @@ def test_bad_arguments_are_refused_and_leave_the_input(perturbation_model, case)
 def test_cells_without_counts_and_unseen_input_categories_are_refused(perturbation_model):
     model = perturbation_model
     empty = model.adata.copy()
-    empty.X = empty.X.tolil()
-    empty.X[3] = 0
-    empty.X = sp.csr_matrix(empty.X)
+    x = empty.X.tolil()
+    x[3] = 0
+    empty.X = sp.csr_matrix(x)
     before = fingerprint(empty)
     with pytest.raises(ValueError, match="have no counts"):
         model.predict_perturbation(empty, "condition", "stim", indices=[1, 3])
     assert fingerprint(empty) == before
     other = model.adata.copy()
     other.obs["condition"] = pd.Categorical(["other"] * other.n_obs)
-    with warnings.catch_warnings(), pytest.raises(ValueError):
-        warnings.simplefilter("ignore")
+    before = fingerprint(other)
+    with pytest.raises(ValueError, match=r"values the model was not trained on: \['other'\]"):
         model.predict_perturbation(other, "condition", "stim", indices=[0])
+    assert fingerprint(other) == before

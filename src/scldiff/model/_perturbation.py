@@ -148,6 +148,8 @@ class PerturbationMixin:
         sampling, _, _ = self._generation_settings(guidance_scale, sampler, None, batch_size,
                                                    "float32", None, None)
         seed = resolve_seed(seed)
+        if adata is not None:
+            self._check_attribute_columns(adata)
         adata = self._validate_anndata(adata)
         cells = self._check_indices(adata, indices)
         collator = self._collator(adata)
@@ -173,6 +175,22 @@ class PerturbationMixin:
         if n_draws > 1:
             self._add_intervals(out, adata, cells, level, seed)
         return out
+
+    def _check_attribute_columns(self, adata: AnnData) -> None:
+        """A ``ValueError`` naming the column and values where ``adata`` lacks an attribute's
+        column or holds categories the model was not trained on (before scvi-tools'
+        transfer of the set-up, which marks the AnnData)."""
+        for attribute in self.attributes:
+            if attribute.key not in adata.obs:
+                raise ValueError(f"adata.obs has no column {attribute.key!r}, an attribute of "
+                                 "this model; add it (the cells' own values).")
+            if attribute.kind == "categorical":
+                values = pd.unique(adata.obs[attribute.key].astype(str))
+                unknown = sorted(set(values) - set(attribute.categories))
+                if unknown:
+                    raise ValueError(
+                        f"adata.obs[{attribute.key!r}] has values the model was not trained "
+                        f"on: {unknown[:5]}; it knows {list(attribute.categories)}.")
 
     @staticmethod
     def _check_library(adata: AnnData, library: np.ndarray, cells: np.ndarray) -> None:
