@@ -7,6 +7,7 @@ Usage (from the repository root, after ``make install``)::
     python benchmarks/perturbation.py                 # every held-out type, seeds 0-2
     python benchmarks/perturbation.py --seeds 0 --types "CD14 Mono"
     python benchmarks/perturbation.py --report        # tables from finished runs only
+    python benchmarks/perturbation.py --cost          # predict_perturbation's time
 
 Kang et al. 2018 (``../shared/data/kang_ifnb_pbmc_seurat.h5ad``), the 2,000 most variable
 genes (Seurat v3). For each cell type with at least 30 stimulated cells: every model is
@@ -217,6 +218,34 @@ def fold(adata: ad.AnnData, cell_type: str, seed: int, force: bool) -> None:
           f"{scvi_seconds:.0f} s", flush=True)
 
 
+def cost(adata: ad.AnnData, cell_type: str = "CD14 Mono") -> None:
+    """Seconds of ``predict_perturbation`` for the control cells of ``cell_type`` (one fit
+    without its stimulated cells), per variant; written to ``perturbation_cost.json``."""
+    train = adata[~mask(adata, cell_type, STIMULATED)].copy()
+    source = np.flatnonzero(mask(train, cell_type, CONTROL))
+    data = expressed(train)
+    scldiff.LapDDPM.setup_anndata(data, labels_key=TYPE, categorical_covariate_keys=[CONDITION])
+    model = scldiff.LapDDPM(data, decoder_covariates=False)
+    model.train(enable_progress_bar=False)
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for name, options in VARIANTS.items():
+            for n_draws in (1, N_DRAWS):
+                model.predict_perturbation(data, CONDITION, STIMULATED, indices=source[:10],
+                                           seed=0, **options)  # warm-up
+                start = time.perf_counter()
+                model.predict_perturbation(data, CONDITION, STIMULATED, indices=source,
+                                           n_draws=n_draws, seed=0, **options)
+                rows.append({"variant": name, "cells": int(source.size), "draws": n_draws,
+                             "seconds": time.perf_counter() - start})
+    frame = pd.DataFrame(rows)
+    print(frame.round(2).to_string(index=False))
+    with open(os.path.join(RESULTS, "perturbation_cost.json"), "w") as handle:
+        json.dump({"rows": rows, "threads": torch.get_num_threads(), "meta": meta()}, handle,
+                  indent=2)
+
+
 def held_out_types(adata: ad.AnnData) -> list[str]:
     counts = adata.obs.loc[adata.obs[CONDITION] == STIMULATED, TYPE].value_counts()
     return sorted(str(t) for t in counts.index[counts >= MIN_STIMULATED])
@@ -230,7 +259,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--cost", action="store_true",
+                        help="time predict_perturbation's variants, then stop")
     args = parser.parse_args()
+    if args.cost:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        cost(load_kang(args.data_dir))
+        return
     if not args.report:
         if args.threads:
             torch.set_num_threads(args.threads)

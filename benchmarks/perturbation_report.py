@@ -8,21 +8,13 @@ import os
 
 import numpy as np
 import pandas as pd
+from quality import mean_sd
 
 SCORES = ("R2 top DE", "R2 all genes", "Pearson delta", "E-distance", "DE overlap",
           "direction agreement")
 BASELINES = ("control", "mean shift", "scVI latent arithmetic", "LapDDPM generated")
 # lower is better for these scores
 LOWER = ("E-distance",)
-
-
-def _fmt(values: pd.Series) -> str:
-    values = values.dropna().astype(float)
-    if values.empty:
-        return ""
-    if len(values) == 1:
-        return f"{values.iloc[0]:.3f}"
-    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
 
 
 def load(runs: str) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
@@ -45,7 +37,7 @@ def _table(frame: pd.DataFrame, methods: list[str], score: str) -> pd.DataFrame:
     rows = {}
     for method in methods:
         part = frame[frame["method"] == method]
-        rows[method] = {t: _fmt(g[score]) for t, g in part.groupby("cell type")}
+        rows[method] = {t: mean_sd(g[score]) for t, g in part.groupby("cell type")}
         rows[method]["mean over types"] = f"{part.groupby('cell type')[score].mean().mean():.3f}"
     return pd.DataFrame(rows).T
 

@@ -162,7 +162,8 @@ class PerturbationMixin:
         counts, latents = self._counterfactual_draws(
             mean, logvar, source, target, collator.library[cells], n_draws, seed,
             dict(strength=strength, method=method, guidance_scale=sampling["guidance_scale"],
-                 sampler=sampler, n_steps=sampling["n_steps"]), batch_size, observed)
+                 sampler=sampler, n_steps=sampling["n_steps"]),
+            batch_size, observed)
         out = self._counterfactual_anndata(adata, cells, counts, latents,
                                            np.tile(target, (n_draws, 1)), covariate, to,
                                            n_draws)
@@ -236,14 +237,10 @@ class PerturbationMixin:
                 rows = [torch.from_numpy(r[window]).to(device) for r in (source, target)]
                 carried = self.module.counterfactual_latents(z, *rows, generator=generator,
                                                              **carry)
-                lib = torch.from_numpy(library[window].astype(np.float32)).to(device)
-                if observed is not None:
-                    blocks.append(self.module.transport_counts(
-                        observed[window], z, carried, lib, *rows, rng))
-                else:
-                    counts_generator = rng if device.type == "cpu" else generator
-                    blocks.append(self.module.decode_counts(carried, lib, counts_generator,
-                                                            rows[1]))
+                lib = torch.from_numpy(library[window].astype(np.float32))
+                blocks.append(self.module.counterfactual_counts(
+                    None if observed is None else observed[window], z, carried, lib, *rows,
+                    rng))
                 latents.append(carried.cpu().numpy())
         return sp.vstack(blocks, format="csr"), np.concatenate(latents)
 

@@ -19,7 +19,7 @@ from ..diffusion import (
     VPSchedule,
     invert_ddim,
 )
-from ..distributions import Likelihood, sparse_log_likelihood
+from ..distributions import CountParams, Likelihood, sparse_log_likelihood
 from ..sampling import draw_counts, transport_counts
 from ._constants import BATCH_KEYS
 from ._decoder import CountDecoder
@@ -56,6 +56,14 @@ def drop_attributes(attributes: Tensor, p: float, generator: torch.Generator | N
         return attributes
     drop = torch.rand(attributes.shape, generator=generator, device=attributes.device) < p
     return attributes.masked_fill(drop, float("nan"))
+
+
+def _on_cpu(params: CountParams) -> CountParams:
+    """``params`` with its tensors on the CPU (float32 at least)."""
+    move = lambda t: None if t is None else t.detach().float().cpu()  # noqa: E731
+    return CountParams(params.likelihood, move(params.logits), move(params.log_theta),
+                       move(params.zi_logits), move(params.logits_bias),
+                       move(params.zi_bias))
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -371,21 +379,24 @@ class LapDDPMModule(BaseModuleClass):
         return out
 
     @torch.no_grad()
-    def transport_counts(self, counts, z_source: Tensor, z_target: Tensor, library: Tensor,
-                         source: Tensor | None, target: Tensor | None,
-                         generator: np.random.Generator) -> sp.csr_matrix:
-        """Observed ``counts`` of cells with latents ``z_source`` and attribute rows
-        ``source`` carried to the latents ``z_target`` and rows ``target`` by
-        :func:`~scldiff.sampling.transport_counts` (each count at its quantile), in chunks
-        of 2,048 cells on the CPU."""
+    def counterfactual_counts(self, counts, z: Tensor, z_target: Tensor, library: Tensor,
+                              source: Tensor | None, target: Tensor | None,
+                              generator: np.random.Generator) -> sp.csr_matrix:
+        """Counts of cells at latents ``z`` with attribute rows ``source`` carried to
+        ``z_target`` and ``target``, 2,048 cells at a time on the CPU: their observed
+        ``counts`` transported from the decoder's distribution at ``z`` to the one at
+        ``z_target`` (:func:`~scldiff.sampling.transport_counts`, each count at its
+        quantile), or with ``counts=None`` fresh draws from the latter
+        (:func:`~scldiff.sampling.draw_counts`)."""
         blocks = []
-        for start in range(0, z_source.shape[0], 2048):
-            window = slice(start, start + 2048)
-            params = [self.decoder(z[window], None if rows is None
-                                   else self.categories(rows[window]))
-                      for z, rows in ((z_source, source), (z_target, target))]
-            blocks.append(transport_counts(counts[window], *params, library[window].cpu(),
-                                           generator))
+        for start in range(0, z.shape[0], 2048):
+            w = slice(start, start + 2048)
+            own, moved = (_on_cpu(self.decoder(latent[w], None if rows is None
+                                               else self.categories(rows[w])).with_biases())
+                          for latent, rows in ((z, source), (z_target, target)))
+            lib = library[w].cpu()
+            blocks.append(draw_counts(moved, lib, generator) if counts is None else
+                          transport_counts(counts[w], own, moved, lib, generator))
         if not blocks:
             return sp.csr_matrix((0, self.decoder.scale.out_features), dtype=np.float32)
         return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
