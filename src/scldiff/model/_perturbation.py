@@ -76,12 +76,13 @@ class PerturbationMixin:
 
         Each cell's latent, drawn from its posterior, is taken to the noise level
         :math:`t =` ``strength`` and denoised under the cell's attributes with ``covariate``
-        changed (:meth:`~scldiff.module.LapDDPMModule.counterfactual_latents`), decoded
-        with the new attributes and drawn with the cell's own library size. ``strength``
-        trades the cell's identity (0: the latent unchanged, only the decoder's covariate
-        changes) against the response (1: a new cell of the requested attributes). Draws
-        are independent predictions of the whole population: new posterior draws, noise
-        and counts.
+        changed (:meth:`~scldiff.module.LapDDPMModule.counterfactual_latents`); the cell's
+        counts are carried from the decoder's distribution at its latent to the one at the
+        new latent, with its own library size. ``strength`` trades the cell's identity (0:
+        the latent unchanged) against the response (1: a new cell of the requested
+        attributes). Draws are independent predictions of the whole population: new
+        posterior draws, noise and counts. Train the model with ``decoder_covariates=False``:
+        the response must live in the latent (docs "The model").
 
         Parameters
         ----------
@@ -129,6 +130,40 @@ class PerturbationMixin:
         the carried latents; every choice in ``uns["scldiff"]``. The input is not changed.
         """
         self._check_if_trained(warn=False)
+        a, value, carry = self._perturbation_settings(covariate, to, strength, n_draws,
+                                                      batch_size, method, guidance_scale)
+        seed = resolve_seed(seed)
+        if adata is not None:
+            self._check_attribute_columns(adata)
+        adata = self._validate_anndata(adata)
+        cells = self._check_indices(adata, indices)
+        collator = self._collator(adata)
+        self._check_library(adata, collator.library[cells], cells)
+        mean, logvar = self._posterior(collator, cells, 512, progress_bar)
+        source = collator.attributes[cells]
+        target = source.copy()
+        target[:, a] = value
+        counts, latents = self._counterfactual_draws(
+            mean, logvar, source, target, collator.library[cells], n_draws, seed, carry,
+            batch_size, self._observed(adata, cells) if keep_noise else None)
+        out = self._counterfactual_anndata(adata, cells, counts, latents,
+                                           np.tile(target, (n_draws, 1)), covariate, to,
+                                           n_draws)
+        out.uns["scldiff"].update(self._provenance(
+            {k: carry[k] for k in ("guidance_scale", "sampler", "n_steps")}
+            | {"guidance_interval": None}, seed=seed, covariate=covariate,
+            to=float(to) if self.attributes[a].kind == "continuous" else str(to),
+            strength=carry["strength"], method=method, n_draws=int(n_draws),
+            keep_noise=bool(keep_noise), unseen_combinations=self._unseen(target)))
+        if n_draws > 1:
+            self._add_intervals(out, adata, cells, level, seed)
+        return out
+
+    def _perturbation_settings(self, covariate, to, strength, n_draws, batch_size, method,
+                               guidance_scale) -> tuple[int, float, dict]:
+        """:meth:`predict_perturbation`'s arguments checked (``ValueError`` naming a bad
+        one): the covariate's column, the value the networks read for ``to``, and the
+        arguments of :meth:`~scldiff.module.LapDDPMModule.counterfactual_latents`."""
         if covariate not in self.attribute_keys:
             raise ValueError(f"{covariate!r} is not an attribute of this model; choose one of "
                              f"{self.attribute_keys} (set up with labels_key or "
@@ -147,35 +182,9 @@ class PerturbationMixin:
         sampler = "ddim" if method == "inversion" else "ode"
         sampling, _, _ = self._generation_settings(guidance_scale, sampler, None, batch_size,
                                                    "float32", None, None)
-        seed = resolve_seed(seed)
-        if adata is not None:
-            self._check_attribute_columns(adata)
-        adata = self._validate_anndata(adata)
-        cells = self._check_indices(adata, indices)
-        collator = self._collator(adata)
-        self._check_library(adata, collator.library[cells], cells)
-        mean, logvar = self._posterior(collator, cells, 512, progress_bar)
-        source = collator.attributes[cells]
-        target = source.copy()
-        target[:, a] = value
-        observed = self._observed(adata, cells) if keep_noise else None
-        counts, latents = self._counterfactual_draws(
-            mean, logvar, source, target, collator.library[cells], n_draws, seed,
-            dict(strength=strength, method=method, guidance_scale=sampling["guidance_scale"],
-                 sampler=sampler, n_steps=sampling["n_steps"]),
-            batch_size, observed)
-        out = self._counterfactual_anndata(adata, cells, counts, latents,
-                                           np.tile(target, (n_draws, 1)), covariate, to,
-                                           n_draws)
-        out.uns["scldiff"].update(self._provenance(
-            sampling, seed=seed, covariate=covariate,
-            to=float(to) if self.attributes[a].kind == "continuous" else str(to),
-            strength=strength, method=method, n_draws=int(n_draws),
-            keep_noise=bool(keep_noise),
-            unseen_combinations=self._unseen(target)))
-        if n_draws > 1:
-            self._add_intervals(out, adata, cells, level, seed)
-        return out
+        return a, value, {"strength": strength, "method": method, "sampler": sampler,
+                          "guidance_scale": sampling["guidance_scale"],
+                          "n_steps": sampling["n_steps"]}
 
     def _check_attribute_columns(self, adata: AnnData) -> None:
         """A ``ValueError`` naming the column and values where ``adata`` lacks an attribute's
