@@ -254,3 +254,17 @@ def test_cells_without_counts_and_unseen_input_categories_are_refused(perturbati
     with pytest.raises(ValueError, match=r"values the model was not trained on: \['other'\]"):
         model.predict_perturbation(other, "condition", "stim", indices=[0])
     assert fingerprint(other) == before
+
+
+def test_a_decoder_that_reads_the_covariate_is_warned_of():
+    scvi.settings.seed = 0
+    adata = small_pbmc(n_cells=120, n_genes=80)
+    adata.obs["condition"] = pd.Categorical(
+        np.random.default_rng(0).choice(["ctrl", "stim"], adata.n_obs))
+    LapDDPM.setup_anndata(adata, labels_key="cell_type", categorical_covariate_keys=[
+        "condition"], n_neighbors=5, n_lpe=2)
+    model = LapDDPM(adata, n_latent=4, n_hidden=16, score_hidden=16, score_blocks=1)
+    model.train(max_epochs_vae=1, max_epochs_diffusion=1, **QUIET)
+    with pytest.warns(UserWarning, match="decoder reads 'condition'"):
+        out = model.predict_perturbation(adata, "condition", "stim", indices=[0, 1], seed=0)
+    assert out.n_obs == 2

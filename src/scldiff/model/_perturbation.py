@@ -170,6 +170,11 @@ class PerturbationMixin:
                              "categorical_covariate_keys).")
         a = self.attribute_keys.index(covariate)
         value = _target_value(self.attributes[a], to)
+        if self.module.decoder.n_categories and self.attributes[a].kind == "categorical":
+            warnings.warn(f"The decoder reads {covariate!r}: the predicted response is mostly "
+                          "the decoder's shift, the same for every cell type. Train with "
+                          "decoder_covariates=False for responses that differ between cell "
+                          "types (docs 'The model').", UserWarning, stacklevel=3)
         strength = _check_strength(strength)
         check_positive("n_draws", n_draws)
         check_positive("batch_size", batch_size)
