@@ -78,7 +78,8 @@ def figure(folds: list[dict], path: str, method: str, cell_type: str = "CD14 Mon
         low, high = min(real.min(), pred.min()), max(real.max(), pred.max())
         ax.plot([low, high], [low, high], color="grey", lw=1)
         r2 = np.corrcoef(real, pred)[0, 1] ** 2
-        ax.set_title(f"{name}\nR² {r2:.2f}", fontsize=10)
+        slope = np.polyfit(real, pred, 1)[0]
+        ax.set_title(f"{name}\nr² of the changes {r2:.2f}, slope {slope:.2f}", fontsize=10)
         ax.set_xlabel("real log fold change")
     np.atleast_1d(axes)[0].set_ylabel("predicted log fold change")
     fig.suptitle(f"{fold['cell_type']} held out, top 100 DE genes (seed {fold['seed']})")
