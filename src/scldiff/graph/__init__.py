@@ -1,7 +1,9 @@
-"""Cell graph, Laplacian positional encodings, spectral perturbation, subgraph batching."""
+"""Cell graph (from expression, or from a tissue's coordinates), Laplacian positional
+encodings, spectral perturbation, subgraph batching."""
 
 from ._knn import knn_graph, log_normalize, nearest_neighbors, pca_embedding
 from ._laplacian import laplacian_positional_encoding, normalized_adjacency, normalized_laplacian
+from ._spatial import SPATIAL_GRAPHS, spatial_graph
 from ._spectral import (
     perturb_edge_weights,
     principal_eigenvector,
@@ -11,6 +13,7 @@ from ._spectral import (
 from ._subgraph import Subgraph, SubgraphSampler
 
 __all__ = [
+    "SPATIAL_GRAPHS",
     "Subgraph",
     "SubgraphSampler",
     "knn_graph",
@@ -23,5 +26,6 @@ __all__ = [
     "perturb_edge_weights",
     "principal_eigenvector",
     "random_direction",
+    "spatial_graph",
     "spectral_direction",
 ]
