@@ -159,13 +159,14 @@ def lapddpm_predictions(train: ad.AnnData, source: np.ndarray, cell_type: str, n
         for name, options in VARIANTS.items():
             for strength in STRENGTHS:
                 out = model.predict_perturbation(data, CONDITION, STIMULATED, strength,
-                                                 seed=seed, indices=source, **options)
+                                                 seed=seed, indices=source, progress_bar=False,
+                                                 **options)
                 predictions[f"LapDDPM {name} s={strength}"] = full(out)
         for name in CALIBRATED:
             for strength in STRENGTHS:
                 out = model.predict_perturbation(data, CONDITION, STIMULATED, strength,
                                                  n_draws=N_DRAWS, seed=seed, indices=source,
-                                                 **VARIANTS[name])
+                                                 progress_bar=False, **VARIANTS[name])
                 draws[f"LapDDPM {name} s={strength}"] = (full(out),
                                                          out.obs["draw"].to_numpy())
     return predictions, draws, seconds
@@ -258,10 +259,11 @@ def cost(adata: ad.AnnData, cell_type: str = "CD14 Mono") -> None:
         for name, options in VARIANTS.items():
             for n_draws in (1, N_DRAWS):
                 model.predict_perturbation(data, CONDITION, STIMULATED, indices=source[:10],
-                                           seed=0, **options)  # warm-up
+                                           seed=0, progress_bar=False, **options)  # warm-up
                 start = time.perf_counter()
                 model.predict_perturbation(data, CONDITION, STIMULATED, indices=source,
-                                           n_draws=n_draws, seed=0, **options)
+                                           n_draws=n_draws, seed=0, progress_bar=False,
+                                           **options)
                 rows.append({"variant": name, "cells": int(source.size), "draws": n_draws,
                              "seconds": time.perf_counter() - start})
     frame = pd.DataFrame(rows)

@@ -11,6 +11,7 @@ import scvi
 from scipy.stats import energy_distance
 
 from scldiff import LapDDPM
+from scldiff.graph import log_normalize
 from scldiff.metrics import (
     de_overlap,
     direction_agreement,
@@ -177,6 +178,12 @@ def test_counterfactual_output(perturbation_model, method):
     assert info["guidance"] == "compositional"
     assert info["guidance_scale"] == {"cell_type": 1.0, "condition": 3.0, "dose": 1.0}
     assert (out.var["mean_low"] <= out.var["mean_high"]).all()
+    lognorm = log_normalize(out.X)
+    np.testing.assert_allclose(out.var["mean"], np.asarray(lognorm.mean(0)).ravel(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(
+        out.var["log_fold_change"], out.var["mean"]
+        - np.asarray(log_normalize(model.adata.X[cells]).mean(0)).ravel(), atol=1e-5)
     np.testing.assert_allclose(out.var["log_fold_change_high"] - out.var["log_fold_change_low"],
                                out.var["mean_high"] - out.var["mean_low"], atol=1e-9)
 
@@ -225,6 +232,10 @@ BAD = {
     "bad method": ({"covariate": "condition", "to": "stim", "method": "bridge"}, "method"),
     "no draws": ({"covariate": "condition", "to": "stim", "n_draws": 0}, "n_draws"),
     "text for a dose": ({"covariate": "dose", "to": "high"}, "finite number"),
+    "level of 1": ({"covariate": "condition", "to": "stim", "n_draws": 2, "level": 1.0},
+                   "level"),
+    "no cells": ({"covariate": "condition", "to": "stim", "indices": np.array([], int)},
+                 "No cells"),
 }
 
 
@@ -234,7 +245,7 @@ def test_bad_arguments_are_refused_and_leave_the_input(perturbation_model, case)
     before = fingerprint(model.adata)
     kwargs, message = BAD[case]
     with pytest.raises(ValueError, match=message):
-        model.predict_perturbation(model.adata, indices=_controls(model), **kwargs)
+        model.predict_perturbation(model.adata, **{"indices": _controls(model), **kwargs})
     assert fingerprint(model.adata) == before
 
 

@@ -62,8 +62,8 @@ def invert_ddim(
     DDIM path, run backwards on :meth:`~VPSchedule.timesteps`' grid, so that
     ``sample_ddim(eps_fn, invert_ddim(eps_fn, z, ...), ..., t_start=t_end)`` returns about
     ``z`` (exactly as the steps grow). From :math:`t` up to :math:`s`:
-    :math:`\hat z_0 = (z_t - \sigma_t\hat\epsilon)/lpha_t`,
-    :math:`z_s = lpha_s \hat z_0 + \sigma_s \hat\epsilon` (Song, Meng & Ermon, 2021, Eq. 13;
+    :math:`\hat z_0 = (z_t - \sigma_t\hat\epsilon)/\alpha_t`,
+    :math:`z_s = \alpha_s \hat z_0 + \sigma_s \hat\epsilon` (Song, Meng & Ermon, 2021, Eq. 13;
     dual diffusion implicit bridges, Su et al., 2023, invert under one condition and sample
     under another).
     """

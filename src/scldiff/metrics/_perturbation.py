@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import scanpy as sc
+import scipy.sparse as sp
 from anndata import AnnData
 from scipy.spatial.distance import cdist
 from scipy.stats import pearsonr
@@ -27,7 +28,9 @@ def _dense(x) -> np.ndarray:
 
 
 def _mean(x, genes=None) -> np.ndarray:
-    mean = _dense(x).mean(0)
+    """Column means in float64, of a sparse matrix without densifying it."""
+    mean = np.asarray(sp.csr_matrix(x, dtype=np.float64).mean(0)).ravel() if sp.issparse(x) \
+        else _dense(x).mean(0)
     return mean if genes is None else mean[np.asarray(genes)]
 
 
@@ -90,8 +93,11 @@ def de_overlap(predicted, real, control, n_genes: int = 100) -> float:
     """Fraction of the real response's top ``n_genes`` differentially expressed genes
     (:func:`top_de_genes` of ``real`` against ``control``) that are also among the
     prediction's (``predicted`` against ``control``)."""
-    truth = top_de_genes(real, control, n_genes)
-    guess = top_de_genes(predicted, control, n_genes)
+    return _overlap(top_de_genes(real, control, n_genes),
+                    top_de_genes(predicted, control, n_genes))
+
+
+def _overlap(truth: np.ndarray, guess: np.ndarray) -> float:
     return len(set(truth.tolist()) & set(guess.tolist())) / len(truth)
 
 
@@ -111,7 +117,8 @@ def response_intervals(lognorm, draws, source=None, level: float = 0.95,
     Parameters
     ----------
     lognorm
-        ``(n_cells, n_genes)`` log-normalised expression of all draws stacked.
+        ``(n_cells, n_genes)`` log-normalised expression of all draws stacked (dense, or
+        sparse, which stays sparse).
     draws
         ``(n_cells,)`` the draw each row belongs to (at least two draws).
     source
@@ -130,7 +137,7 @@ def response_intervals(lognorm, draws, source=None, level: float = 0.95,
     DataFrame with a row per gene: ``mean``, ``mean_low``, ``mean_high`` and with ``source``
     ``log_fold_change``, ``log_fold_change_low``, ``log_fold_change_high``.
     """
-    x = _dense(lognorm)
+    x = sp.csr_matrix(lognorm) if sp.issparse(lognorm) else _dense(lognorm)
     draws = np.asarray(draws)
     if draws.shape != (x.shape[0],):
         raise ValueError(f"draws must hold one entry per cell ({x.shape[0]}), got shape "
@@ -143,14 +150,14 @@ def response_intervals(lognorm, draws, source=None, level: float = 0.95,
     rng = np.random.default_rng(seed)
     means = []
     for name in names:
-        rows = x[draws == name]
+        rows = x[np.flatnonzero(draws == name)]
         if resample_cells:
-            rows = rows[rng.integers(0, len(rows), len(rows))]
-        means.append(rows.mean(0))
+            rows = rows[rng.integers(0, rows.shape[0], rows.shape[0])]
+        means.append(_mean(rows))
     means = np.stack(means)
     tails = [(1.0 - level) / 2.0, (1.0 + level) / 2.0]
     low, high = np.quantile(means, tails, axis=0)
-    out = pd.DataFrame({"mean": x.mean(0), "mean_low": low, "mean_high": high})
+    out = pd.DataFrame({"mean": _mean(x), "mean_low": low, "mean_high": high})
     if source is not None:
         base = _mean(source)
         out["log_fold_change"] = out["mean"] - base
@@ -183,6 +190,6 @@ def perturbation_scores(predicted, real, control, n_genes: int = 100, n_pcs: int
         "Pearson delta": pearson_delta(predicted, real, control),
         "Pearson delta top DE": pearson_delta(predicted, real, control, top),
         "E-distance": e_distance(pca.transform(predicted), pca.transform(real)),
-        "DE overlap": de_overlap(predicted, real, control, n_genes),
+        "DE overlap": _overlap(top, top_de_genes(predicted, control, n_genes)),
         "direction agreement": direction_agreement(predicted, real, control, top),
     }

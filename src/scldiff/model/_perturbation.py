@@ -12,8 +12,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
+from scvi.utils import track
 
-from ..metrics._evaluate import _log_normalize
+from ..graph import log_normalize
 from ..metrics._perturbation import response_intervals
 from ..module import COUNTERFACTUAL_METHODS
 from ._attributes import Attribute, combination_index
@@ -69,7 +70,7 @@ class PerturbationMixin:
         keep_noise: bool = True,
         level: float = 0.95,
         batch_size: int = 4096,
-        progress_bar: bool = False,
+        progress_bar: bool = True,
     ) -> AnnData:
         r"""Counterfactual cells: the given real cells as they would be with ``covariate``
         set to ``to`` (PerturbDiff; compare scVI's ``transform_batch``).
@@ -120,7 +121,7 @@ class PerturbationMixin:
         level
             Coverage of the intervals in ``var``.
         batch_size, progress_bar
-            Cells per diffusion batch; show progress while encoding.
+            Cells per diffusion batch; show progress (encoding, then the draws' batches).
 
         Returns
         -------
@@ -131,7 +132,8 @@ class PerturbationMixin:
         """
         self._check_if_trained(warn=False)
         a, value, carry = self._perturbation_settings(covariate, to, strength, n_draws,
-                                                      batch_size, method, guidance_scale)
+                                                      batch_size, method, guidance_scale,
+                                                      level)
         seed = resolve_seed(seed)
         if adata is not None:
             self._check_attribute_columns(adata)
@@ -140,15 +142,14 @@ class PerturbationMixin:
         collator = self._collator(adata)
         self._check_library(adata, collator.library[cells], cells)
         mean, logvar = self._posterior(collator, cells, 512, progress_bar)
-        source = collator.attributes[cells]
-        target = source.copy()
+        target = collator.attributes[cells].copy()
         target[:, a] = value
+        observed = self._observed(adata, cells) if keep_noise or n_draws > 1 else None
         counts, latents = self._counterfactual_draws(
-            mean, logvar, source, target, collator.library[cells], n_draws, seed, carry,
-            batch_size, self._observed(adata, cells) if keep_noise else None)
-        out = self._counterfactual_anndata(adata, cells, counts, latents,
-                                           np.tile(target, (n_draws, 1)), covariate, to,
-                                           n_draws)
+            mean, logvar, collator.attributes[cells], target, collator.library[cells],
+            n_draws, seed, carry, batch_size, observed if keep_noise else None, progress_bar)
+        out = self._counterfactual_anndata(adata, cells, counts, latents, target, covariate,
+                                           to, n_draws)
         out.uns["scldiff"].update(self._provenance(
             {k: carry[k] for k in ("guidance_scale", "sampler", "n_steps")}
             | {"guidance_interval": None}, seed=seed, covariate=covariate,
@@ -156,11 +157,11 @@ class PerturbationMixin:
             strength=carry["strength"], method=method, n_draws=int(n_draws),
             keep_noise=bool(keep_noise), unseen_combinations=self._unseen(target)))
         if n_draws > 1:
-            self._add_intervals(out, adata, cells, level, seed)
+            self._add_intervals(out, observed, level, seed)
         return out
 
     def _perturbation_settings(self, covariate, to, strength, n_draws, batch_size, method,
-                               guidance_scale) -> tuple[int, float, dict]:
+                               guidance_scale, level) -> tuple[int, float, dict]:
         """:meth:`predict_perturbation`'s arguments checked (``ValueError`` naming a bad
         one): the covariate's column, the value the networks read for ``to``, and the
         arguments of :meth:`~scldiff.module.LapDDPMModule.counterfactual_latents`."""
@@ -176,6 +177,9 @@ class PerturbationMixin:
                           "decoder_covariates=False for responses that differ between cell "
                           "types (docs 'The model').", UserWarning, stacklevel=3)
         strength = _check_strength(strength)
+        if isinstance(level, bool) or not isinstance(
+                level, (int, float, np.integer, np.floating)) or not 0.0 < level < 1.0:
+            raise ValueError(f"level must be a number in (0, 1), got {level!r}.")
         check_positive("n_draws", n_draws)
         check_positive("batch_size", batch_size)
         if method not in COUNTERFACTUAL_METHODS:
@@ -209,6 +213,10 @@ class PerturbationMixin:
 
     @staticmethod
     def _check_library(adata: AnnData, library: np.ndarray, cells: np.ndarray) -> None:
+        """A ``ValueError`` for no cells, or cells without counts."""
+        if cells.size == 0:
+            raise ValueError("No cells to carry: indices selects none; pass the positions of "
+                             "the cells to predict.")
         empty = np.flatnonzero(library <= 0)
         if empty.size:
             names = list(adata.obs_names[cells[empty[:5]]])
@@ -233,7 +241,7 @@ class PerturbationMixin:
 
     def _counterfactual_draws(self, mean, logvar, source, target, library, n_draws: int,
                               seed: int, carry: dict, batch_size: int,
-                              observed: sp.csr_matrix | None
+                              observed: sp.csr_matrix | None, progress_bar: bool
                               ) -> tuple[sp.csr_matrix, np.ndarray]:
         """Counts (draw by draw, cells in order) and latents of ``n_draws`` counterfactuals
         of each cell, the ``observed`` counts transported or (``None``) fresh ones drawn;
@@ -241,28 +249,34 @@ class PerturbationMixin:
         device = self.device
         self.module.eval()
         blocks, latents = [], []
-        for child in np.random.SeedSequence(seed).spawn(n_draws):
-            rng = np.random.default_rng(child)
-            generator = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
-            for start in range(0, len(mean), batch_size):
-                window = slice(start, start + batch_size)
-                noise = torch.randn(mean[window].shape, generator=generator, device=device)
-                z = mean[window].to(device) + torch.exp(0.5 * logvar[window]).to(device) * noise
-                rows = [torch.from_numpy(r[window]).to(device) for r in (source, target)]
-                carried = self.module.counterfactual_latents(z, *rows, generator=generator,
-                                                             **carry)
-                lib = torch.from_numpy(library[window].astype(np.float32))
-                blocks.append(self.module.counterfactual_counts(
-                    None if observed is None else observed[window], z, carried, lib, *rows,
-                    rng))
-                latents.append(carried.cpu().numpy())
+        children = np.random.SeedSequence(seed).spawn(n_draws)
+        steps = [(d, start) for d in range(n_draws) for start in range(0, len(mean), batch_size)]
+        for d, start in track(steps, description="Counterfactual draws",
+                              disable=not progress_bar, style="tqdm"):
+            if start == 0:  # a new draw
+                rng = np.random.default_rng(children[d])
+                generator = torch.Generator(device=device).manual_seed(
+                    int(rng.integers(2**62)))
+            window = slice(start, start + batch_size)
+            noise = torch.randn(mean[window].shape, generator=generator, device=device)
+            z = mean[window].to(device) + torch.exp(0.5 * logvar[window]).to(device) * noise
+            rows = [torch.from_numpy(r[window]).to(device) for r in (source, target)]
+            carried = self.module.counterfactual_latents(z, *rows, generator=generator,
+                                                         **carry)
+            lib = torch.from_numpy(library[window].astype(np.float32))
+            blocks.append(self.module.counterfactual_counts(
+                None if observed is None else observed[window], z, carried, lib, *rows,
+                rng))
+            latents.append(carried.cpu().numpy())
         return sp.vstack(blocks, format="csr"), np.concatenate(latents)
 
     def _counterfactual_anndata(self, adata: AnnData, cells: np.ndarray, counts, latents,
-                                rows: np.ndarray, covariate: str, to, n_draws: int
+                                target: np.ndarray, covariate: str, to, n_draws: int
                                 ) -> AnnData:
-        """The counterfactuals' AnnData; ``uns["scldiff"]`` as :meth:`generate`'s."""
-        template = self._counts_anndata([counts], rows, "counterfactual", {})
+        """The counterfactuals' AnnData (``target``: the cells' new attribute rows);
+        ``uns["scldiff"]`` as :meth:`generate`'s."""
+        template = self._counts_anndata([counts], np.tile(target, (n_draws, 1)),
+                                        "counterfactual", {})
         obs = adata.obs.iloc[np.tile(cells, n_draws)]
         obs = obs[[c for c in obs.columns if not str(c).startswith("_scvi")]].copy()
         column = obs[covariate]
@@ -281,13 +295,12 @@ class PerturbationMixin:
         out.obs_names_make_unique()
         return out
 
-    def _add_intervals(self, out: AnnData, adata: AnnData, cells: np.ndarray, level: float,
-                       seed: int) -> None:
+    @staticmethod
+    def _add_intervals(out: AnnData, source: sp.csr_matrix, level: float, seed: int) -> None:
         """``var`` columns of :func:`~scldiff.metrics.response_intervals` over the draws,
-        against the source cells' own expression."""
-        source = self._observed(adata, cells)
-        summary = response_intervals(_log_normalize(out.X), out.obs["draw"].to_numpy(),
-                                     _log_normalize(source), level=level, seed=seed)
+        against the ``source`` cells' own counts, all log-normalised and kept sparse."""
+        summary = response_intervals(log_normalize(out.X), out.obs["draw"].to_numpy(),
+                                     log_normalize(source), level=level, seed=seed)
         for column in summary:
             out.var[column] = summary[column].to_numpy()
         out.uns["scldiff"]["level"] = float(level)

@@ -36,7 +36,7 @@ _ENCODER_INPUTS = (
 COUNTERFACTUAL_METHODS = ("noise", "inversion")
 # what the ScoreNet's output is: the noise, or the velocity v = alpha * noise - sigma * z_0
 PREDICTIONS = ("v", "epsilon")
-# cells per decoder-and-sampling chunk on a CPU (decode_counts)
+# cells per decoder-and-sampling chunk on a CPU (decode_counts, counterfactual_counts)
 _COUNT_CHUNK = 256
 # at most this many threads decode and draw chunks at once on a CPU
 _MAX_DECODE_WORKERS = 8
@@ -383,14 +383,15 @@ class LapDDPMModule(BaseModuleClass):
                               source: Tensor | None, target: Tensor | None,
                               generator: np.random.Generator) -> sp.csr_matrix:
         """Counts of cells at latents ``z`` with attribute rows ``source`` carried to
-        ``z_target`` and ``target``, 2,048 cells at a time on the CPU: their observed
+        ``z_target`` and ``target``, 256 cells at a time on the CPU (the transport's dense
+        float64 arrays stay small on a whole transcriptome): their observed
         ``counts`` transported from the decoder's distribution at ``z`` to the one at
         ``z_target`` (:func:`~scldiff.sampling.transport_counts`, each count at its
         quantile), or with ``counts=None`` fresh draws from the latter
         (:func:`~scldiff.sampling.draw_counts`)."""
         blocks = []
-        for start in range(0, z.shape[0], 2048):
-            w = slice(start, start + 2048)
+        for start in range(0, z.shape[0], _COUNT_CHUNK):
+            w = slice(start, start + _COUNT_CHUNK)
             own, moved = (_on_cpu(self.decoder(latent[w], None if rows is None
                                                else self.categories(rows[w])).with_biases())
                           for latent, rows in ((z, source), (z_target, target)))
