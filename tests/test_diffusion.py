@@ -371,3 +371,47 @@ def test_ddim_inversion_reaches_the_noise_and_comes_back():
     half = invert_ddim(eps, z0, SCHEDULE, 1600, t_end=0.5)
     assert torch.allclose(SAMPLERS["ddim"](eps, half, SCHEDULE, 1600, t_start=0.5), z0,
                           atol=0.006)
+
+
+# ------------------------------------------------------- a spot's position as condition
+def test_the_position_block_is_dropped_as_a_whole():
+    from scldiff.module._module import drop_attributes
+
+    rows = torch.ones(20_000, 2 + 3)
+    dropped = drop_attributes(rows, 0.3, torch.Generator().manual_seed(0), n_position=3)
+    position = torch.isnan(dropped[:, 2:])
+    assert bool((position.all(1) | ~position.any(1)).all())  # all three or none
+    assert abs(position[:, 0].float().mean().item() - 0.3) < 0.02
+    assert abs(torch.isnan(dropped[:, 0]).float().mean().item() - 0.3) < 0.02
+    # the single attributes and the block are dropped independently
+    both = (torch.isnan(dropped[:, 0]) & position[:, 0]).float().mean().item()
+    assert abs(both - 0.09) < 0.01
+
+
+def test_compositional_guidance_over_a_group_of_columns():
+    def network(z, t, attributes):  # a function of which columns are given
+        given = (~torch.isnan(attributes)).float()
+        return z + given @ torch.tensor([[1.0], [10.0], [100.0]])
+
+    rows = torch.tensor([[0.0, 0.5, 0.5]])
+    z = torch.zeros(1, 1)
+    guided = ClassifierFreeGuidance(network, rows, [2.0, 3.0], groups=[[0], [1, 2]])
+    # eps_null = 0, eps_attribute = 1, eps_position = 110: 0 + 2 * 1 + 3 * 110
+    assert guided(z, torch.tensor(0.5)).item() == pytest.approx(332.0)
+    with pytest.raises(ValueError, match="2 guidance scales for 3"):
+        ClassifierFreeGuidance(network, rows, [2.0, 3.0])
+
+
+def test_scorenet_reads_the_position_and_its_null():
+    from scldiff.module import ScoreNet
+
+    torch.manual_seed(0)
+    net = ScoreNet(4, n_categories=[3], n_position=2, n_hidden=16, n_blocks=1)
+    for p in net.parameters():  # FiLM starts at zero: give every weight a value
+        torch.nn.init.normal_(p, std=0.3)
+    z, t = torch.randn(3, 4), torch.tensor(0.5)
+    rows = torch.tensor([[1.0, 0.2, -0.3], [1.0, 0.9, 0.4], [1.0, math.nan, math.nan]])
+    out = net(z.repeat(1, 1), t, rows)
+    assert not torch.allclose(out[0], net(z[:1], t, rows[1:2])[0])  # position matters
+    null = net.attribute_embedding(rows[2:3]) - net.category_embeddings[0](torch.tensor([1]))
+    torch.testing.assert_close(null[0], net.position_null)

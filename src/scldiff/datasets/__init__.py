@@ -1,5 +1,6 @@
 """Real datasets bundled with scldiff (no network access)."""
 
+from ._dlpfc import dlpfc_151673
 from ._pbmc3k import pbmc3k
 
-__all__ = ["pbmc3k"]
+__all__ = ["dlpfc_151673", "pbmc3k"]

@@ -6,6 +6,7 @@ from ._guidance import (
     compositional_epsilon,
     guided_epsilon,
 )
+from ._noise import coupled_noise, smoothing_operator
 from ._samplers import (
     DEFAULT_STEPS,
     SAMPLERS,
@@ -23,9 +24,11 @@ __all__ = [
     "VPSchedule",
     "check_guidance_interval",
     "compositional_epsilon",
+    "coupled_noise",
     "guided_epsilon",
     "invert_ddim",
     "sample_ddim",
     "sample_ode",
     "sample_sde",
+    "smoothing_operator",
 ]

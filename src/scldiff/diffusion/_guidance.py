@@ -32,8 +32,9 @@ def compositional_epsilon(eps_each: Sequence[Tensor], eps_uncond: Tensor,
     return out
 
 
-def only_attribute(attributes: Tensor, a: int) -> Tensor:
-    """``attributes`` with every column but ``a`` set to NaN (null)."""
+def only_attribute(attributes: Tensor, a: int | Sequence[int]) -> Tensor:
+    """``attributes`` with every column but ``a`` (one column or several) set to NaN
+    (null)."""
     out = torch.full_like(attributes, float("nan"))
     out[:, a] = attributes[:, a]
     return out
@@ -55,6 +56,9 @@ class ClassifierFreeGuidance:
         network evaluation is made), or one scale per attribute, the compositional guidance
         of :func:`compositional_epsilon` (one evaluation per attribute with a non-zero
         scale, and the unconditional).
+    groups
+        The columns of each attribute of the compositional guidance (an attribute may span
+        several, as a spot's position does); ``None``: one column each.
     interval
         ``(t_low, t_high)``: guide only at times :math:`t_{low} \le t \le t_{high}`, and
         use the joint conditional prediction (:math:`w = 1`) elsewhere, with one network
@@ -69,6 +73,7 @@ class ClassifierFreeGuidance:
         attributes: Tensor,
         scale: float | Sequence[float] = 1.0,
         interval: tuple[float, float] | None = None,
+        groups: Sequence[Sequence[int]] | None = None,
     ):
         self.network = network
         self.attributes = attributes
@@ -77,9 +82,11 @@ class ClassifierFreeGuidance:
             self.scale, self.scales = float(scale), None
         else:
             self.scales = [float(s) for s in scale]
-            if len(self.scales) != attributes.shape[1]:
+            self.groups = [[a] for a in range(attributes.shape[1])] if groups is None \
+                else [list(g) for g in groups]
+            if len(self.scales) != len(self.groups):
                 raise ValueError(f"{len(self.scales)} guidance scales for "
-                                 f"{attributes.shape[1]} attributes.")
+                                 f"{len(self.groups)} attributes.")
             self.scale = None
         self.interval = check_guidance_interval(interval)
 
@@ -89,7 +96,7 @@ class ClassifierFreeGuidance:
         if self.scales is None:
             return [self.attributes], [self.scale]
         used = [a for a, s in enumerate(self.scales) if s != 0.0]
-        return [only_attribute(self.attributes, a) for a in used], \
+        return [only_attribute(self.attributes, self.groups[a]) for a in used], \
             [self.scales[a] for a in used]
 
     def _guided(self, z: Tensor, t: Tensor) -> Tensor:

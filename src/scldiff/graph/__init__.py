@@ -3,7 +3,13 @@ encodings, spectral perturbation, subgraph batching."""
 
 from ._knn import knn_graph, log_normalize, nearest_neighbors, pca_embedding
 from ._laplacian import laplacian_positional_encoding, normalized_adjacency, normalized_laplacian
-from ._spatial import SPATIAL_GRAPHS, spatial_graph
+from ._spatial import (
+    SPATIAL_GRAPHS,
+    extend_encoding,
+    join_isolated,
+    lattice_spacing,
+    spatial_graph,
+)
 from ._spectral import (
     perturb_edge_weights,
     principal_eigenvector,
@@ -16,7 +22,10 @@ __all__ = [
     "SPATIAL_GRAPHS",
     "Subgraph",
     "SubgraphSampler",
+    "extend_encoding",
+    "join_isolated",
     "knn_graph",
+    "lattice_spacing",
     "laplacian_positional_encoding",
     "log_normalize",
     "nearest_neighbors",

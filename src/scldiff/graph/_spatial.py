@@ -85,7 +85,7 @@ def spatial_graph(
         if not 0.0 <= tolerance < 0.5:
             raise ValueError(f"tolerance must be in [0, 0.5) (beyond, the next ring of the "
                              f"lattice joins), got {tolerance!r}.")
-        spacing = float(np.median(tree.query(xy, k=2)[0][:, 1]))
+        spacing = lattice_spacing(xy)
         pairs = tree.query_pairs((1.0 + tolerance) * spacing, output_type="ndarray")
         return _symmetric(pairs[:, 0], pairs[:, 1], xy)
     if kind == "knn":
@@ -104,3 +104,62 @@ def spatial_graph(
     edges = np.concatenate([triangles[:, [a, b]] for a in range(triangles.shape[1])
                             for b in range(a + 1, triangles.shape[1])])
     return _symmetric(edges[:, 0], edges[:, 1], xy)
+
+
+def join_isolated(connectivities: sp.spmatrix, coordinates) -> tuple[sp.csr_matrix, int]:
+    """``connectivities`` with each spot that has no neighbour joined (weight 1, both ways)
+    to its nearest spot, and how many spots were joined.
+
+    A spot alone in the graph has no neighbourhood for the encoder to read and is a
+    component of its own in the Laplacian; its nearest spot is the tissue it most likely
+    belongs to."""
+    graph = sp.csr_matrix(connectivities, dtype=np.float64)
+    xy = np.asarray(coordinates, dtype=np.float64)
+    alone = np.flatnonzero(np.diff(graph.indptr) == 0)
+    if alone.size == 0:
+        return graph, 0
+    _, nearest = cKDTree(xy).query(xy[alone], k=2)
+    edges = sp.csr_matrix((np.ones(alone.size), (alone, nearest[:, 1])), shape=graph.shape)
+    joined = graph.maximum(edges).maximum(edges.T).tocsr()
+    joined.sort_indices()
+    return joined, int(alone.size)
+
+
+def extend_encoding(coordinates, encoding: np.ndarray, new_coordinates,
+                    n_neighbors: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    r"""A per-spot encoding (e.g. Laplacian positional encodings) at new positions of the
+    same tissue: :math:`\hat e(p) = \sum_j w_j e_j / \sum_j w_j` over the ``n_neighbors``
+    spots nearest to :math:`p`, :math:`w_j = 1 / d(p, p_j)`; a position held by a spot
+    gets that spot's encoding exactly.
+
+    The low eigenvectors of a graph Laplacian vary slowly between neighbours (each is close
+    to the mean of its neighbours' values), so that averaging the nearest spots is the
+    harmonic extension of the encoding to a spot that was not in the graph.
+
+    Returns
+    -------
+    ``(new_encoding, distance, nearest)``: ``(n_new, d)`` float32 encodings, each new
+    position's distance to its nearest spot (``0`` where it holds one) and that spot's
+    index.
+    """
+    xy = np.asarray(coordinates, dtype=np.float64)
+    new = np.asarray(new_coordinates, dtype=np.float64)
+    if new.ndim != 2 or new.shape[1] != xy.shape[1] or not np.isfinite(new).all():
+        raise ValueError(f"The new positions must be a finite (n_spots, {xy.shape[1]}) array "
+                         f"in the training coordinates' frame, got shape {new.shape}.")
+    k = int(min(n_neighbors, xy.shape[0]))
+    distance, index = cKDTree(xy).query(new, k=k)
+    distance, index = distance.reshape(new.shape[0], k), index.reshape(new.shape[0], k)
+    exact = distance[:, 0] <= 1e-9 * max(1.0, float(np.abs(xy).max()))
+    weight = 1.0 / np.maximum(distance, 1e-12)
+    weight[exact] = 0.0
+    weight[exact, 0] = 1.0
+    values = np.asarray(encoding, dtype=np.float64)[index]  # (n_new, k, d)
+    out = (weight[:, :, None] * values).sum(1) / weight.sum(1, keepdims=True)
+    return out.astype(np.float32), np.where(exact, 0.0, distance[:, 0]), index[:, 0]
+
+
+def lattice_spacing(coordinates) -> float:
+    """The median distance of a spot to its nearest one: a grid's spacing."""
+    xy = np.asarray(coordinates, dtype=np.float64)
+    return float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))

@@ -17,12 +17,20 @@ from ._perturbation import (
     top_de_genes,
 )
 from ._report import to_markdown
+from ._spatial import (
+    domain_ari,
+    graph_fourier_spectrum,
+    moran_agreement,
+    morans_i,
+    spectral_mismatch,
+)
 from ._split import label_matched_sample, stratified_split
 
 __all__ = [
     "MMD_SIGMAS", "classifier_auc", "count_diagnostics", "de_overlap", "direction_agreement",
-    "e_distance", "evaluate", "interval_coverage", "label_matched_sample", "library_coupling",
-    "marker_overlap", "mean_r2", "mmd_rbf", "pearson_delta", "perturbation_scores",
-    "response_intervals", "shared_pca", "stratified_split", "to_markdown", "top_de_genes",
-    "top_markers", "tstr_f1", "wasserstein",
+    "domain_ari", "e_distance", "evaluate", "graph_fourier_spectrum", "interval_coverage",
+    "label_matched_sample", "library_coupling", "marker_overlap", "mean_r2", "mmd_rbf",
+    "moran_agreement", "morans_i", "pearson_delta", "perturbation_scores",
+    "response_intervals", "shared_pca", "spectral_mismatch", "stratified_split",
+    "to_markdown", "top_de_genes", "top_markers", "tstr_f1", "wasserstein",
 ]

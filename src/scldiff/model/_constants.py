@@ -38,3 +38,6 @@ SCORER_MAX_CELLS = 5_000
 # changed covariate (docs "Benchmarks": the leave-one-cell-type-out benchmark on Kang 2018)
 DEFAULT_PERTURBATION_STRENGTH = 0.5
 DEFAULT_PERTURBATION_GUIDANCE = 3.0
+# generate(spots=...)'s default share of a spot's starting noise shared with its neighbours
+# (docs "Benchmarks": the spatial benchmark on DLPFC 151673)
+DEFAULT_NOISE_COUPLING = 0.5

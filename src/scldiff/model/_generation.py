@@ -17,11 +17,12 @@ from anndata import AnnData
 from scvi.utils import track
 
 from .._version import __version__
-from ..diffusion import DEFAULT_STEPS, SAMPLERS, check_guidance_interval
+from ..diffusion import DEFAULT_STEPS, SAMPLERS, check_guidance_interval, coupled_noise
 from ..module._module import autocast_dtype
 from ._attributes import Request, combination_index, guidance_scales, request_rows
-from ._constants import DEFAULT_GUIDANCE_SCALE
+from ._constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NOISE_COUPLING
 from ._library import LIBRARY_SIZES
+from ._spatial import check_noise_coupling
 from ._validation import check_positive, gene_columns, resolve_seed
 
 # generate()'s precisions: the dtype of the networks' matrix products under autocast
@@ -83,6 +84,8 @@ class GenerationMixin:
         precision: Literal["float32", "bfloat16"] = "float32",
         conditions: pd.DataFrame | dict | None = None,
         keep_fraction: float = 1.0,
+        spots: AnnData | None = None,
+        noise_coupling: float = DEFAULT_NOISE_COUPLING,
     ) -> AnnData:
         r"""Generate cells: guided latent diffusion, decoder, library size, count draws.
 
@@ -124,13 +127,28 @@ class GenerationMixin:
         keep_fraction
             Post-guidance filter :math:`q \in (0, 1]` (SCLD): keep the best-scored
             :math:`1/q`-th of each request's candidates. 1 (default): off.
+        spots
+            A spatial model (set up with ``spatial_key``): an AnnData whose
+            ``obsm[spatial_key]`` holds the positions of the spots to generate, in the
+            training section's frame; the attributes in its ``obs`` (e.g. domain labels)
+            guide them, categorical ones it lacks are its nearest training spot's. Each spot
+            is guided on its position too (its spatial LPE, extended to new positions from
+            the nearest training spots). ``None`` with no ``labels``, ``n_samples`` or
+            ``conditions``: every spot of the training section.
+        noise_coupling
+            For ``spots``: the share :math:`\rho \in [0, 1]` of each spot's starting noise
+            that it shares with its neighbourhood (:func:`~scldiff.diffusion.coupled_noise`;
+            every spot's own noise stays :math:`\mathcal N(0, I)`), so that neighbouring
+            spots are drawn alike as in a tissue (docs "Benchmarks").
 
         Returns
         -------
         AnnData of integer counts in ``X`` (CSR) and ``layers["counts"]``, a column of
         ``obs`` per attribute (categorical in training order, unused categories dropped;
         continuous, NaN where unconditioned), ``obs["synthetic"] = True``, every choice in
-        ``uns["scldiff"]``, obs names ``synthetic-{token}-{i}`` unique to the draw.
+        ``uns["scldiff"]``, obs names ``synthetic-{token}-{i}`` unique to the draw. A
+        section keeps the spots' obs names, coordinates (``obsm[spatial_key]``) and
+        neighbourhood graph (``obsp["spatial_connectivities"]``, squidpy's layout).
         """
         self._check_if_trained(warn=False)
         sampling, library_size, batch_size = self._generation_settings(
@@ -139,6 +157,21 @@ class GenerationMixin:
         keep_fraction = check_keep_fraction(keep_fraction)
         seed = resolve_seed(seed)
         draw_seed, fill_seed = np.random.SeedSequence(seed).spawn(2)
+        if self._wants_section(spots, labels, n_samples, conditions):
+            if keep_fraction < 1.0:
+                raise ValueError("keep_fraction < 1 is not available for spots: the "
+                                 "post-guidance scorer knows no positions.")
+            coupling = check_noise_coupling(noise_coupling)
+            section = self._section(spots)
+            request = self._section_request(spots, section, fill_seed)
+            blocks, computed_in = self._draw_in_precision(
+                precision, request, batch_size, draw_seed, progress_bar, library_size,
+                sampling, 1.0, (section.positions, coupling, section.graph))
+            return self._section_anndata(self._counts_anndata(
+                blocks, request.filled, "synthetic", self._provenance(
+                    sampling, seed=seed, batch_size=int(batch_size), library_size=library_size,
+                    precision=computed_in, conditioned_on=[*request.given, self.spatial_key],
+                    noise_coupling=coupling, unseen_combinations=request.unseen)), section)
         request = self._request(conditions, labels, n_samples, fill_seed)
         blocks, computed_in = self._draw_in_precision(
             precision, request, batch_size, draw_seed, progress_bar, library_size, sampling,
@@ -203,21 +236,25 @@ class GenerationMixin:
                              f"{library_size!r}.")
         if batch_size is None:
             batch_size = default_generation_batch(self.device, self.summary_stats["n_vars"])
-        sampling = {"guidance_scale": guidance_scale if self.is_conditional else 1.0,
+        guided = self.is_conditional or self.module.n_position
+        sampling = {"guidance_scale": guidance_scale if guided else 1.0,
                     "sampler": sampler, "n_steps": int(n_steps or DEFAULT_STEPS[sampler]),
                     "guidance_interval": check_guidance_interval(guidance_interval)}
         return sampling, library_size, batch_size
 
     def _draw_batches(self, request: Request, batch_size: int,
                       seed_sequence: np.random.SeedSequence, progress_bar: bool,
-                      library_size: str, sampling: dict, keep_fraction: float = 1.0
+                      library_size: str, sampling: dict, keep_fraction: float = 1.0,
+                      section: tuple[np.ndarray, float, object] | None = None
                       ) -> list[sp.csr_matrix]:
         """The counts of the requested cells, ``batch_size`` at a time: latents guided on
         ``request.guide`` (``sampling``: :meth:`~scldiff.module.LapDDPMModule.
         sample_latents`' arguments; filtered by :meth:`_keep_best` when ``keep_fraction <
         1``), library sizes and counts given ``request.filled``. The latents and library
         sizes, and a GPU's counts, come from a torch generator, a CPU's counts from numpy,
-        both seeded from ``seed_sequence``."""
+        both seeded from ``seed_sequence``. ``section``: ``(positions, coupling, graph)`` of
+        the requested spots, whose latents are guided on their positions too and start from
+        noise coupled along ``graph`` (:func:`~scldiff.diffusion.coupled_noise`)."""
         device = self.device
         torch_seed, numpy_seed = seed_sequence.spawn(2)
         generator = torch.Generator(device=device)
@@ -226,16 +263,24 @@ class GenerationMixin:
             np.random.default_rng(numpy_seed)
         n_cat = self.module.n_categorical
         groups = combination_index(request.filled[:, :n_cat], self.combinations_)
+        guide_rows, noise = request.guide, None
+        if section is not None:
+            positions, coupling, graph = section
+            guide_rows = np.concatenate([request.guide, positions], axis=1)
+            noise = coupled_noise(graph, self.module.n_latent, coupling,
+                                  generator=generator, device=device)
         blocks = []
         for start in track(range(0, len(groups), batch_size), description="Generating cells",
                            disable=not progress_bar, style="tqdm"):
             window = slice(start, start + batch_size)
-            guide = torch.from_numpy(request.guide[window]).to(device)
+            guide = torch.from_numpy(guide_rows[window]).to(device)
             filled = torch.from_numpy(request.filled[window]).to(device)
             if keep_fraction < 1.0:
                 z = self._keep_best(guide, filled, keep_fraction, generator, sampling)
             else:
-                z = self.module.sample_latents(guide, generator=generator, **sampling)
+                z = self.module.sample_latents(
+                    guide, generator=generator, **sampling,
+                    noise=None if noise is None else noise[window])
             library = self.library_model_.draw(
                 library_size, z, torch.from_numpy(groups[window]).to(device), generator,
                 self.module.categories(filled))

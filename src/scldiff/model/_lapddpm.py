@@ -33,7 +33,8 @@ from ._serialization import (
     resolve_model_dir,
     write_model_dir,
 )
-from ._setup import ensure_clusters, ensure_graph, warn_backed_csc
+from ._setup import ensure_clusters, ensure_graph, spatial_settings, warn_backed_csc
+from ._spatial import SpatialMixin
 from ._training import TrainingMixin
 from ._validation import (
     check_attributes,
@@ -41,6 +42,7 @@ from ._validation import (
     check_counts,
     check_genes,
     check_graph_parameters,
+    check_spatial,
 )
 
 # attributes saved with the model besides its init parameters and registry (JSON)
@@ -52,8 +54,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class LapDDPM(TrainingMixin, GenerationMixin, PerturbationMixin, ExpressionMixin,
-              BaseModelClass):
+class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, PerturbationMixin,
+              ExpressionMixin, BaseModelClass):
     r"""Conditional graph latent diffusion model for scRNA-seq counts (LapDDPM, Bini &
     Marchand-Maillet, 2025).
 
@@ -162,6 +164,7 @@ class LapDDPM(TrainingMixin, GenerationMixin, PerturbationMixin, ExpressionMixin
             dropout_rate=dropout_rate, score_hidden=score_hidden, score_blocks=score_blocks,
             beta_min=beta_min, beta_max=beta_max, t_min=t_min,
             decoder_covariates=decoder_covariates, prediction=prediction,
+            n_position=stats.get("n_lpe", 0) if self.spatial_key else 0,
         )
         self.library_size = library_size
         self.library_model_: LibrarySizeModel | None = None
@@ -186,6 +189,10 @@ class LapDDPM(TrainingMixin, GenerationMixin, PerturbationMixin, ExpressionMixin
         n_neighbors: int = 15,
         n_pcs: int = 50,
         n_lpe: int = 16,
+        spatial_key: str | None = None,
+        spatial_graph: Literal["grid", "knn", "delaunay"] = "grid",
+        spatial_neighbors: int = 6,
+        expression_edges: bool = False,
         **kwargs,
     ) -> None:
         """Register counts, the cells' attributes and the cell graph of an AnnData.
@@ -226,6 +233,22 @@ class LapDDPM(TrainingMixin, GenerationMixin, PerturbationMixin, ExpressionMixin
             Principal components used to find neighbours.
         n_lpe
             Number of Laplacian positional encodings.
+        spatial_key
+            ``adata.obsm`` key of the spots' (or cells') coordinates in a tissue: the graph is
+            then the tissue's neighbourhood graph (:func:`~scldiff.graph.spatial_graph`,
+            also written as ``obsp["spatial_connectivities"]`` and
+            ``obsp["spatial_distances"]`` for squidpy and scanpy), its LPE are the tissue's
+            smooth coordinates, and the diffusion is conditioned on each spot's LPE, so that
+            :meth:`generate` ``(spots=...)`` draws sections with the tissue's spatial
+            structure. A spot without a neighbour is joined to its nearest spot (warned).
+        spatial_graph
+            ``"grid"`` (Visium's hexagonal array, or any regular lattice), ``"knn"`` or
+            ``"delaunay"`` (irregular positions, e.g. cell-resolved data).
+        spatial_neighbors
+            Neighbours per spot of ``spatial_graph="knn"``.
+        expression_edges
+            With ``spatial_key``: add the expression k-NN graph's edges to the encoder's
+            graph (the LPE stay the tissue's).
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields` (``source_registry``
             when a saved model is loaded).
@@ -234,12 +257,14 @@ class LapDDPM(TrainingMixin, GenerationMixin, PerturbationMixin, ExpressionMixin
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
         check_graph_parameters(adata.n_obs, n_neighbors, n_pcs, n_lpe)
+        check_spatial(adata, spatial_key, spatial_graph, spatial_neighbors, expression_edges)
         check_clustering(labels_key, cluster_labels, cluster_resolution)
         check_attributes(adata, labels_key, categorical_covariate_keys,
                          continuous_covariate_keys)
         check_counts(adata, layer)
         warn_backed_csc(adata, layer)
-        ensure_graph(adata, layer, n_neighbors, n_pcs, n_lpe)
+        ensure_graph(adata, layer, n_neighbors, n_pcs, n_lpe, spatial_settings(
+            spatial_key, spatial_graph, spatial_neighbors, expression_edges))
         if cluster_labels:
             ensure_clusters(adata, cluster_resolution)
         labels = label_column({"labels_key": labels_key, "cluster_labels": cluster_labels})
@@ -271,6 +296,11 @@ class LapDDPM(TrainingMixin, GenerationMixin, PerturbationMixin, ExpressionMixin
         """The ``adata.obs`` column of the labels (``"scldiff_cluster"`` with
         ``cluster_labels=True``; ``None``: no labels)."""
         return label_column(self.registry_["setup_args"])
+
+    @property
+    def spatial_key(self) -> str | None:
+        """The ``adata.obsm`` key of the spots' coordinates (``None``: not spatial)."""
+        return self.registry_["setup_args"].get("spatial_key")
 
     @property
     def is_conditional(self) -> bool:

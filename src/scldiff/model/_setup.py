@@ -9,31 +9,56 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 from scvi import settings
 
-from ..graph import knn_graph, laplacian_positional_encoding, pca_embedding
+from ..graph import (
+    join_isolated,
+    knn_graph,
+    laplacian_positional_encoding,
+    pca_embedding,
+    spatial_graph,
+)
 from ..graph._matrix import is_in_memory
 from ._constants import ADATA_KEYS
 
 logger = logging.getLogger(__name__)
 
-_GRAPH_VERSION = 1
+_GRAPH_VERSION = 2
 
 
-def graph_params(layer: str | None, n_obs: int, n_neighbors: int, n_pcs: int, n_lpe: int
-                 ) -> dict:
-    """What the stored graph was built from, recorded in ``adata.uns``."""
+def graph_params(layer: str | None, n_obs: int, n_neighbors: int, n_pcs: int, n_lpe: int,
+                 spatial: dict | None = None) -> dict:
+    """What the stored graph was built from, recorded in ``adata.uns``; ``spatial``: the
+    spatial graph's settings (:func:`spatial_settings`), ``{}`` without one."""
     return {"version": _GRAPH_VERSION, "source": "X" if layer is None else f"layers/{layer}",
-            "n_obs": n_obs, "n_neighbors": n_neighbors, "n_pcs": n_pcs, "n_lpe": n_lpe}
+            "n_obs": n_obs, "n_neighbors": n_neighbors, "n_pcs": n_pcs, "n_lpe": n_lpe,
+            "spatial": dict(spatial or {})}
+
+
+def spatial_settings(spatial_key: str | None, kind: str, n_neighbors: int,
+                     expression_edges: bool) -> dict:
+    """The spatial graph's settings as ``uns["scldiff_graph"]["spatial"]`` records them."""
+    if spatial_key is None:
+        return {}
+    return {"key": spatial_key, "graph": kind, "n_neighbors": int(n_neighbors),
+            "expression_edges": bool(expression_edges)}
 
 
 def ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: int,
-                 n_lpe: int) -> None:
-    """Build the k-NN graph and LPE in ``adata`` unless a matching one is already there:
+                 n_lpe: int, spatial: dict | None = None) -> None:
+    """Build the cell graph and LPE in ``adata`` unless a matching one is already there:
     ``obsp["scldiff_connectivities"]``, ``obsm["X_scldiff_lpe"]`` and their parameters in
-    ``uns["scldiff_graph"]``."""
-    params = graph_params(layer, adata.n_obs, n_neighbors, n_pcs, n_lpe)
+    ``uns["scldiff_graph"]``.
+
+    Without ``spatial``, the graph is the expression k-NN graph. With it
+    (:func:`spatial_settings`), the tissue's neighbourhood graph of the coordinates in
+    ``obsm[spatial["key"]]`` (:func:`~scldiff.graph.spatial_graph`, written in squidpy's
+    layout too), spots without a neighbour joined to their nearest spot (warned), and the
+    LPE are its eigenvectors, the tissue's smooth coordinates; ``expression_edges`` adds
+    the expression graph's edges to the encoder's graph."""
+    params = graph_params(layer, adata.n_obs, n_neighbors, n_pcs, n_lpe, spatial)
     stored = adata.uns.get(ADATA_KEYS.GRAPH_PARAMS)
     if (
         isinstance(stored, dict)
@@ -44,17 +69,48 @@ def ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: int
     ):
         logger.info("Reusing the cell graph stored in the AnnData.")
         return
-    counts = adata.X if layer is None else adata.layers[layer]  # may be backed: read in blocks
     seed = settings.seed if settings.seed is not None else 0
-    embedding = pca_embedding(counts, n_pcs=n_pcs, random_state=seed)
-    graph = knn_graph(embedding, n_neighbors=n_neighbors, random_state=seed)
+    tissue = None
+    if spatial:
+        tissue, graph = _tissue_graph(adata, spatial)
+    if not spatial or spatial["expression_edges"]:
+        counts = adata.X if layer is None else adata.layers[layer]  # backed: read in blocks
+        embedding = pca_embedding(counts, n_pcs=n_pcs, random_state=seed)
+        expression = knn_graph(embedding, n_neighbors=n_neighbors, random_state=seed)
+        graph = expression if not spatial else \
+            sp.csr_matrix(graph.maximum(expression), dtype=np.float32)
     if n_lpe > 0:
-        lpe, _ = laplacian_positional_encoding(graph, n_lpe=n_lpe, random_state=seed)
+        lpe, _ = laplacian_positional_encoding(graph if tissue is None else tissue,
+                                               n_lpe=n_lpe, random_state=seed)
     else:
         lpe = np.zeros((adata.n_obs, 0), dtype=np.float32)
     adata.obsp[ADATA_KEYS.GRAPH] = graph
     adata.obsm[ADATA_KEYS.LPE] = lpe
     adata.uns[ADATA_KEYS.GRAPH_PARAMS] = params
+
+
+def _tissue_graph(adata: AnnData, spatial: dict) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """The spatial graph written in squidpy's layout (``obsp["spatial_connectivities"]``,
+    ``obsp["spatial_distances"]``, ``uns["spatial_neighbors"]``) and, twice, the tissue
+    graph the model uses: those connectivities with isolated spots joined to their nearest
+    spot, float32."""
+    coordinates = np.asarray(adata.obsm[spatial["key"]], dtype=np.float64)
+    connectivities, distances = spatial_graph(coordinates, kind=spatial["graph"],
+                                              n_neighbors=spatial["n_neighbors"])
+    adata.obsp["spatial_connectivities"] = connectivities
+    adata.obsp["spatial_distances"] = distances
+    adata.uns["spatial_neighbors"] = {
+        "connectivities_key": "spatial_connectivities", "distances_key": "spatial_distances",
+        "params": {"method": spatial["graph"], "n_neighbors": spatial["n_neighbors"],
+                   "library": "scldiff"}}
+    joined, n_joined = join_isolated(connectivities, coordinates)
+    if n_joined:
+        warnings.warn(f"{n_joined} spot(s) have no neighbour in the {spatial['graph']!r} "
+                      "spatial graph (islands of one spot); each was joined to its nearest "
+                      "spot in the model's graph (obsp['scldiff_connectivities']). Drop them "
+                      "first to leave them out.", UserWarning, stacklevel=4)
+    tissue = sp.csr_matrix(joined, dtype=np.float32)
+    return tissue, tissue
 
 
 def warn_backed_csc(adata: AnnData, layer: str | None) -> None:

@@ -258,7 +258,8 @@ class TrainingMixin:
         plan_a = GraphVAETrainingPlan(self.module, **{
             "n_epochs_kl_warmup": max(n_a // 4, 1), **(plan_kwargs or {}), "seed": seed})
         plan_b = DiffusionTrainingPlan(self.module, **{
-            "p_uncond": 0.1 if self.is_conditional else 0.0, **(diffusion_plan_kwargs or {}),
+            "p_uncond": 0.1 if self.is_conditional or self.module.n_position else 0.0,
+            **(diffusion_plan_kwargs or {}),
             "seed": seed})
         return plan_a, plan_b
 
@@ -266,12 +267,22 @@ class TrainingMixin:
                      train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, seed: int,
                      progress_bar: bool) -> LatentDataModule:
         """Stage B's data: the training cells' posteriors (whose statistics standardise the
-        latents) and those of the validation cells."""
+        latents) and those of the validation cells, with their attribute rows (and, on a
+        spatial graph, their positions: the LPE times ``lpe_scale``)."""
         self.module.set_latent_statistics(*posterior)
         val = self._posterior(collator, val_idx, progress_bar=progress_bar) \
             if len(val_idx) else None
-        return LatentDataModule.of_cells(posterior, val, collator.attributes, train_idx, val_idx,
+        rows = collator.attributes
+        if self.module.n_position:
+            rows = np.concatenate([rows, self._positions(collator.lpe)], axis=1)
+        return LatentDataModule.of_cells(posterior, val, rows, train_idx, val_idx,
                                          batch_size, seed)
+
+    def _positions(self, lpe: np.ndarray) -> np.ndarray:
+        """Spots' positions as the diffusion reads them: their LPE times ``lpe_scale``
+        (entries of order 1)."""
+        return (np.asarray(lpe, dtype=np.float32)
+                * float(self.module.lpe_scale)).astype(np.float32)
 
     def _run_start(self, trainer_kwargs: dict) -> tuple[str | None, int, str | None,
                                                         dict | None]:

@@ -222,3 +222,33 @@ def gene_columns(var_names: np.ndarray, gene_list) -> np.ndarray:
         raise ValueError("None of the genes in gene_list are the model's genes; pass names "
                          "from model.adata.var_names.")
     return columns
+
+
+def check_spatial(adata: AnnData, spatial_key: str | None, kind: str, n_neighbors: int,
+                  expression_edges: bool) -> None:
+    """Raise ``ValueError`` for spatial settings the AnnData cannot support: a missing
+    ``obsm`` key, coordinates that are not a finite ``(n_spots, 2 or 3)`` array or repeat a
+    position, an unknown graph kind."""
+    from ..graph._spatial import SPATIAL_GRAPHS, _check_coordinates
+
+    if spatial_key is None:
+        if expression_edges:
+            raise ValueError("expression_edges=True adds expression edges to a spatial graph; "
+                             "pass spatial_key too.")
+        return
+    if not isinstance(spatial_key, str) or spatial_key not in adata.obsm:
+        raise ValueError(f"spatial_key={spatial_key!r} is not in adata.obsm (keys: "
+                         f"{list(adata.obsm.keys())}); store the spots' coordinates there, "
+                         "as scanpy and squidpy read them (adata.obsm['spatial']).")
+    if kind not in SPATIAL_GRAPHS:
+        raise ValueError(f"spatial_graph must be one of {SPATIAL_GRAPHS}, got {kind!r}.")
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)) \
+            or not 1 <= n_neighbors < adata.n_obs:
+        raise ValueError(f"spatial_neighbors must be an integer in [1, {adata.n_obs - 1}], "
+                         f"got {n_neighbors!r}.")
+    if not isinstance(expression_edges, bool):
+        raise ValueError(f"expression_edges must be True or False, got {expression_edges!r}.")
+    try:
+        _check_coordinates(np.asarray(adata.obsm[spatial_key]))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"adata.obsm[{spatial_key!r}]: {err}") from err

@@ -48,13 +48,19 @@ def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
-def drop_attributes(attributes: Tensor, p: float, generator: torch.Generator | None = None
-                    ) -> Tensor:
-    """``attributes`` (``(n, A)``) with each entry set to NaN (null) independently with
-    probability ``p``: the per-cell, per-attribute dropout of classifier-free guidance."""
+def drop_attributes(attributes: Tensor, p: float, generator: torch.Generator | None = None,
+                    n_position: int = 0) -> Tensor:
+    """``attributes`` (``(n, A + P)``) with each entry set to NaN (null) independently with
+    probability ``p``: the per-cell, per-attribute dropout of classifier-free guidance; the
+    last ``n_position`` columns (a spot's position) are one attribute, dropped together."""
     if p <= 0.0 or attributes.numel() == 0:
         return attributes
-    drop = torch.rand(attributes.shape, generator=generator, device=attributes.device) < p
+    n, width = attributes.shape
+    n_single = width - n_position
+    draws = torch.rand((n, n_single + (1 if n_position else 0)), generator=generator,
+                       device=attributes.device) < p
+    drop = torch.cat([draws[:, :n_single], draws[:, n_single:].expand(n, n_position)], 1) \
+        if n_position else draws
     return attributes.masked_fill(drop, float("nan"))
 
 
@@ -88,6 +94,10 @@ class LapDDPMModule(BaseModuleClass):
         Number of continuous covariates.
     n_lpe
         Number of Laplacian positional encodings given to the encoder.
+    n_position
+        Width of a spot's position the diffusion is conditioned on (its spatial Laplacian
+        positional encoding, scaled by ``lpe_scale``; 0: not spatial), the last columns of
+        the attribute rows (:class:`ScoreNet`).
     lpe_scale
         Factor applied to the (unit-norm) encodings, ``sqrt(n_cells)``, so entries are O(1).
     n_latent
@@ -139,6 +149,7 @@ class LapDDPMModule(BaseModuleClass):
         t_min: float = 1e-3,
         decoder_covariates: bool = False,
         prediction: Literal["v", "epsilon"] = "v",
+        n_position: int = 0,
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -151,8 +162,9 @@ class LapDDPMModule(BaseModuleClass):
         self.n_categorical = len(n_categories)
         self.decoder = CountDecoder(n_latent, n_input, n_hidden, likelihood=likelihood,
                                     n_categories=n_categories if decoder_covariates else ())
-        self.score_net = ScoreNet(n_latent, n_categories, n_continuous, score_hidden,
-                                  score_blocks)
+        self.score_net = ScoreNet(n_latent, n_categories, n_continuous, n_position=n_position,
+                                  n_hidden=score_hidden, n_blocks=score_blocks)
+        self.n_position = int(n_position)
         # trained after stage B (:func:`~scldiff.train.fit_scorer`)
         self.scorer = RealnessScorer(n_latent, n_categories, n_continuous)
         self.schedule = VPSchedule(beta_min, beta_max, t_min)
@@ -281,7 +293,8 @@ class LapDDPMModule(BaseModuleClass):
         t = self.schedule.sample_time(z0.shape[0], device=z0.device)
         noise = torch.randn_like(z0)
         zt = self.schedule.add_noise(z0, noise, t)
-        attributes = drop_attributes(attributes.reshape(z0.shape[0], -1), p_uncond, generator)
+        attributes = drop_attributes(attributes.reshape(z0.shape[0], -1), p_uncond, generator,
+                                     self.n_position)
         target = self.schedule.velocity(z0, noise, t) if self.prediction == "v" else noise
         return torch.nn.functional.mse_loss(self.score_net(zt, t, attributes), target)
 
@@ -295,6 +308,27 @@ class LapDDPMModule(BaseModuleClass):
         return self.schedule.noise_from_velocity(z, out, t)
 
     # --------------------------------------------------------------------- generation
+    def _guided(self, attributes: Tensor, guidance_scale: float | Sequence[float],
+                guidance_interval: tuple[float, float] | None) -> ClassifierFreeGuidance:
+        """The guided noise predictor of attribute rows ``(n, A)`` or ``(n, A + P)``: rows
+        without the position get a null one; a compositional ``guidance_scale`` of ``A``
+        scales gives the position (one attribute of ``P`` columns) scale 1."""
+        device = self.latent_mean.device
+        rows = attributes.to(device).float().reshape(attributes.shape[0], -1)
+        n_attributes = self.score_net.n_attributes
+        if rows.shape[1] == n_attributes and self.n_position:
+            rows = torch.cat([rows, rows.new_full((rows.shape[0], self.n_position),
+                                                  float("nan"))], 1)
+        groups = None
+        if self.n_position and not isinstance(guidance_scale, (int, float)):
+            guidance_scale = list(guidance_scale)
+            if len(guidance_scale) == n_attributes:
+                guidance_scale.append(1.0)
+            groups = [[a] for a in range(n_attributes)] + \
+                [list(range(n_attributes, n_attributes + self.n_position))]
+        return ClassifierFreeGuidance(self.predict_noise, rows, guidance_scale,
+                                      interval=guidance_interval, groups=groups)
+
     @torch.no_grad()
     def sample_latents(
         self,
@@ -304,18 +338,21 @@ class LapDDPMModule(BaseModuleClass):
         n_steps: int | None = None,
         generator: torch.Generator | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
-        """``(n, n_latent)`` latents of the given attribute rows (``(n, A)``, NaN where
-        unconditioned): guided reverse diffusion from N(0, I) (``guidance_scale``: one
-        joint scale or one per attribute; ``guidance_interval``: see
+        """``(n, n_latent)`` latents of the given attribute rows (``(n, A)``, or ``(n, A +
+        P)`` with a spot's position, NaN where unconditioned): guided reverse diffusion from
+        ``noise`` (default: drawn from N(0, I); ``guidance_scale``: one joint scale or one
+        per attribute; ``guidance_interval``: see
         :class:`~scldiff.diffusion.ClassifierFreeGuidance`). Non-finite latents raise
         ``FloatingPointError``."""
         device = self.latent_mean.device
-        attributes = attributes.to(device).float().reshape(attributes.shape[0], -1)
-        z = torch.randn(attributes.shape[0], self.n_latent, generator=generator,
-                        device=device)
-        eps_fn = ClassifierFreeGuidance(self.predict_noise, attributes, guidance_scale,
-                                        interval=guidance_interval)
+        eps_fn = self._guided(attributes, guidance_scale, guidance_interval)
+        if noise is None:
+            z = torch.randn(attributes.shape[0], self.n_latent, generator=generator,
+                            device=device)
+        else:
+            z = noise.to(device).float().reshape(attributes.shape[0], self.n_latent)
         steps = n_steps or DEFAULT_STEPS[sampler]
         z = self.unstandardize(SAMPLERS[sampler](eps_fn, z, self.schedule, steps,
                                                  generator=generator))
@@ -358,10 +395,9 @@ class LapDDPMModule(BaseModuleClass):
         device = self.latent_mean.device
         z0 = self.standardize(z.to(device))
         t = torch.tensor(float(strength), device=device)
-        guided = {a: ClassifierFreeGuidance(
-            self.predict_noise, rows.to(device).float().reshape(z0.shape[0], -1),
-            guidance_scale, interval=guidance_interval) for a, rows in
-            (("source", source), ("target", target))}
+        guided = {a: self._guided(rows.reshape(z0.shape[0], -1), guidance_scale,
+                                  guidance_interval)
+                  for a, rows in (("source", source), ("target", target))}
         if method == "inversion":
             sampler = "ddim"
             steps = n_steps or DEFAULT_STEPS[sampler]

@@ -70,7 +70,9 @@ class ScoreNet(nn.Module):
     ``n_categories[a]``, its null token; for a continuous one an MLP of
     :func:`fourier_features`, or a learned null vector. Trained with each attribute
     dropped to null independently (classifier-free guidance), one network gives the score
-    of any subset of attributes.
+    of any subset of attributes. With ``n_position > 0`` the rows end with a spot's
+    position in its tissue (its spatial Laplacian positional encoding, :math:`P` columns),
+    embedded by an MLP and null as a whole (a learned vector) when its first column is NaN.
 
     Parameters
     ----------
@@ -80,6 +82,8 @@ class ScoreNet(nn.Module):
         Number of categories of each categorical attribute.
     n_continuous
         Number of continuous covariates.
+    n_position
+        Width :math:`P` of the position at the end of each row (0: none).
     n_hidden
         Hidden width.
     n_blocks
@@ -93,7 +97,7 @@ class ScoreNet(nn.Module):
         - **input:** ``z`` :math:`(n, \text{n_latent})`; ``t`` :math:`(n,)`, or :math:`()`
           for one time shared by all rows (a sampler's step: the conditions are then
           computed once per distinct row of ``attributes``); ``attributes`` :math:`(n,
-          A)` float, NaN for null
+          A + P)` float, NaN for null
         - **output:** :math:`(n, \text{n_latent})`
     """
 
@@ -102,6 +106,7 @@ class ScoreNet(nn.Module):
         n_latent: int,
         n_categories: Sequence[int] = (),
         n_continuous: int = 0,
+        n_position: int = 0,
         n_hidden: int = 128,
         n_blocks: int = 3,
         time_embedding_dim: int = 64,
@@ -110,6 +115,7 @@ class ScoreNet(nn.Module):
         super().__init__()
         self.n_categories = [int(n) for n in n_categories]
         self.n_continuous = int(n_continuous)
+        self.n_position = int(n_position)
         self.time_embedding_dim = time_embedding_dim
         self.time_mlp = nn.Sequential(
             nn.Linear(time_embedding_dim, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_hidden)
@@ -124,6 +130,10 @@ class ScoreNet(nn.Module):
         # loss uses would stop a distributed run)
         self.continuous_null = nn.Parameter(torch.zeros(self.n_continuous, n_hidden)) \
             if self.n_continuous else None
+        if self.n_position:
+            self.position_mlp = nn.Sequential(
+                nn.Linear(self.n_position, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_hidden))
+            self.position_null = nn.Parameter(torch.zeros(n_hidden))
         self.inp = nn.Linear(n_latent, n_hidden)
         self.blocks = nn.ModuleList([_ResidualBlock(n_hidden, dropout_rate)
                                      for _ in range(n_blocks)])
@@ -133,6 +143,11 @@ class ScoreNet(nn.Module):
     @property
     def n_attributes(self) -> int:
         return len(self.n_categories) + self.n_continuous
+
+    @property
+    def n_columns(self) -> int:
+        """Columns of an attribute row: the attributes, then the position."""
+        return self.n_attributes + self.n_position
 
     def attribute_embedding(self, attributes: Tensor) -> Tensor:
         r""":math:`\sum_a e_a(c_a)`, ``(n, n_hidden)`` (zeros without attributes)."""
@@ -148,6 +163,11 @@ class ScoreNet(nn.Module):
             null = torch.isnan(value)
             embedded = mlp(fourier_features(torch.where(null, torch.zeros_like(value), value)))
             out = out + torch.where(null[:, None], self.continuous_null[j], embedded)
+        if self.n_position:
+            position = attributes[:, self.n_attributes:]
+            null = torch.isnan(position[:, :1])
+            embedded = self.position_mlp(torch.where(null, torch.zeros_like(position), position))
+            out = out + torch.where(null, self.position_null, embedded)
         return out
 
     def condition(self, t: Tensor, attributes: Tensor) -> Tensor:
@@ -156,12 +176,12 @@ class ScoreNet(nn.Module):
         return F.gelu(cond + self.attribute_embedding(attributes))
 
     def forward(self, z: Tensor, t: Tensor, attributes: Tensor) -> Tensor:
-        attributes = attributes.reshape(z.shape[0], self.n_attributes).float()
+        attributes = attributes.reshape(z.shape[0], self.n_columns).float()
         index = None
-        if t.dim() == 0 and not self.n_attributes:  # one condition for all rows
+        if t.dim() == 0 and not self.n_columns:  # one condition for all rows
             cond = self.condition(t.reshape(1), attributes[:1].new_zeros(1, 0))
             index = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-        elif t.dim() == 0 and self.n_attributes == 1 and self.n_categories:  # one label
+        elif t.dim() == 0 and self.n_columns == 1 and self.n_categories:  # one label
             n = self.n_categories[0]  # the table: every category and the null token
             every = torch.arange(n + 1, device=z.device, dtype=attributes.dtype)[:, None]
             cond = self.condition(t.expand(n + 1), every.masked_fill(every == n, math.nan))

@@ -1,0 +1,136 @@
+"""``generate(spots=...)``: expression for the spots of a tissue section, each guided on its
+position in the tissue, their starting noise coupled along the section's graph."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from ..graph import extend_encoding, join_isolated, lattice_spacing, spatial_graph
+from ..graph._spatial import _check_coordinates
+from ._attributes import Request, attribute_rows, request_rows
+from ._constants import ADATA_KEYS
+
+# spots farther than this many lattice spacings from every training spot are extrapolated
+_FAR_SPACINGS = 2.0
+
+
+def check_noise_coupling(value) -> float:
+    """``generate``'s ``noise_coupling`` as a float in [0, 1]; ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"noise_coupling must be a number in [0, 1], got {value!r}.")
+    return float(value)
+
+
+@dataclass
+class Section:
+    """The spots :meth:`generate` is asked for: their names, coordinates, positions as the
+    diffusion reads them (``(n, P)``), neighbourhood graph (squidpy's connectivities and
+    distances, and the model's with isolated spots joined) and the index of each one's
+    nearest training spot."""
+
+    names: pd.Index
+    coordinates: np.ndarray
+    positions: np.ndarray
+    connectivities: sp.csr_matrix
+    distances: sp.csr_matrix
+    graph: sp.csr_matrix
+    nearest: np.ndarray
+
+
+class SpatialMixin:
+    """The section generation of :class:`~scldiff.LapDDPM` (``generate(spots=...)``)."""
+
+    def _wants_section(self, spots, labels, n_samples, conditions) -> bool:
+        """Whether ``generate``'s arguments ask for a section: ``spots`` given, or a spatial
+        model asked for nothing else (its training section's spots)."""
+        if spots is None:
+            return bool(self.spatial_key) and labels is None and n_samples is None \
+                and conditions is None
+        if not self.spatial_key:
+            raise ValueError("spots needs a spatial model: set up the training AnnData with "
+                             "spatial_key (the obsm key of the spots' coordinates).")
+        if labels is not None or n_samples is not None or conditions is not None:
+            raise ValueError("Pass spots alone: the spots' obs columns give their attributes, "
+                             "so labels, n_samples and conditions must be None.")
+        if not isinstance(spots, AnnData):
+            raise TypeError(f"spots must be an AnnData, got {type(spots).__name__}.")
+        return True
+
+    def _section(self, spots: AnnData | None) -> Section:
+        """:class:`Section` of ``spots`` (``None``: the training AnnData's), positions
+        extended from the training spots' (:func:`~scldiff.graph.extend_encoding`)."""
+        if self.adata is None:
+            raise ValueError("Generating a section needs the training spots' positions: load "
+                             "the model with its AnnData (LapDDPM.load(dir_path, adata)).")
+        key = self.spatial_key
+        spots = self.adata if spots is None else spots
+        if key not in spots.obsm:
+            raise ValueError(f"spots.obsm has no {key!r}: store the spots' coordinates there, "
+                             "in the training section's frame.")
+        try:
+            xy = _check_coordinates(np.asarray(spots.obsm[key])) if spots.n_obs > 1 else \
+                np.asarray(spots.obsm[key], dtype=np.float64).reshape(spots.n_obs, -1)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"spots.obsm[{key!r}]: {err}") from err
+        train_xy = np.asarray(self.adata.obsm[key], dtype=np.float64)
+        lpe = np.asarray(self.adata.obsm[ADATA_KEYS.LPE], dtype=np.float32)
+        encoding, distance, nearest = extend_encoding(train_xy, lpe, xy)
+        far = distance > _FAR_SPACINGS * lattice_spacing(train_xy)
+        if far.any():
+            warnings.warn(f"{int(far.sum())} spot(s) lie more than {_FAR_SPACINGS:g} spot "
+                          "spacings from every training spot: their positions are "
+                          "extrapolated from the nearest training spots.", UserWarning,
+                          stacklevel=4)
+        settings = self.registry_["setup_args"]
+        if spots.n_obs > 1:
+            connectivities, distances = spatial_graph(
+                xy, kind=settings.get("spatial_graph", "grid"),
+                n_neighbors=min(settings.get("spatial_neighbors", 6), spots.n_obs - 1))
+            graph = join_isolated(connectivities, xy)[0]
+        else:
+            connectivities = distances = graph = sp.csr_matrix((1, 1))
+        return Section(spots.obs_names.copy(), xy, self._positions(encoding), connectivities,
+                       distances, graph, nearest)
+
+    def _section_request(self, spots: AnnData | None, section: Section,
+                         seed: np.random.SeedSequence) -> Request:
+        """The attribute rows of a section's spots: the attributes in ``spots.obs`` guide
+        them; categorical ones not given are its nearest training spot's (for the decoder
+        and the library sizes, not guided on)."""
+        spots = self.adata if spots is None else spots
+        keys = [a.key for a in self.attributes if a.key in spots.obs.columns]
+        frame = spots.obs[keys].reset_index(drop=True) if keys else \
+            pd.DataFrame(index=pd.RangeIndex(spots.n_obs))
+        request = request_rows(frame, None, None, self.attributes, self.combinations_,
+                               np.random.default_rng(seed), self.labels_key)
+        n_cat = self.module.n_categorical
+        if n_cat:
+            manager = self.get_anndata_manager(self.adata, required=True)
+            training = attribute_rows(manager, self.attributes)[section.nearest, :n_cat]
+            missing = np.isnan(request.guide[:, :n_cat])
+            request.filled[:, :n_cat] = np.where(missing, training, request.guide[:, :n_cat])
+        return request
+
+    def _section_anndata(self, synth: AnnData, section: Section) -> AnnData:
+        """``synth`` named and placed as the section's spots: their ``obs_names``,
+        coordinates in ``obsm`` and neighbourhood graph in ``obsp`` (squidpy's layout)."""
+        synth.obs_names = section.names
+        synth.obsm[self.spatial_key] = section.coordinates
+        synth.obsp["spatial_connectivities"] = section.connectivities
+        synth.obsp["spatial_distances"] = section.distances
+        settings = self.registry_["setup_args"]
+        synth.uns["spatial_neighbors"] = {
+            "connectivities_key": "spatial_connectivities",
+            "distances_key": "spatial_distances",
+            "params": {"method": settings.get("spatial_graph", "grid"),
+                       "n_neighbors": int(settings.get("spatial_neighbors", 6)),
+                       "library": "scldiff"}}
+        return synth
+
