@@ -18,7 +18,9 @@ whole section, every spot given its layer (the held-out ones at their positions)
   decoded with the spot's layer, library sizes drawn from the training spots of its layer.
 * **LapDDPM, expression graph**: ``labels_key="layer"``, ``generate(conditions=layers)``.
 * **LapDDPM, spatial graph**: ``labels_key="layer", spatial_key="spatial"``,
-  ``generate(spots=section)`` at several ``noise_coupling`` values.
+  ``generate(spots=section)`` at several ``noise_coupling`` values; and the same model
+  guided on the layer alone (``guidance_scale={"layer": 1.5, "spatial": 0}``: the position
+  left out), without and with coupled noise, to tell the two parts apart.
 
 Scored on the real section's graph (:mod:`scldiff.metrics`): Moran's I of the 200 genes of
 highest real Moran's I (correlation across genes, mean absolute difference), domain ARI of
@@ -56,6 +58,7 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", 
 FILES = {"dlpfc": "visium_dlpfc_151673.h5ad", "olfactory_bulb": "st_mouse_olfactory_bulb.h5ad"}
 LAYER, SPATIAL = "layer", "spatial"
 COUPLINGS = (0.0, 0.5, 0.9)
+GUIDANCE = 1.5  # generate()'s default joint scale, here on the layer alone
 N_SVG = 200
 N_MAPS = 4
 MORAN_R = "Moran's I correlation"
@@ -148,6 +151,11 @@ def lapddpm_sections(train: ad.AnnData, adata: ad.AnnData, seed: int, spatial: b
     for rho in COUPLINGS:
         out = model.generate(spots=spots, noise_coupling=rho, seed=seed, progress_bar=False)
         sections[f"LapDDPM, spatial graph, coupling {rho:g}"] = sp.csr_matrix(out.X)
+    for rho in (0.0, 0.5):  # the position left out of the guidance: the layers alone
+        out = model.generate(spots=spots, noise_coupling=rho, seed=seed, progress_bar=False,
+                             guidance_scale={LAYER: GUIDANCE, SPATIAL: 0.0})
+        sections[f"LapDDPM, spatial graph, no position, coupling {rho:g}"] = \
+            sp.csr_matrix(out.X)
     return sections, seconds
 
 

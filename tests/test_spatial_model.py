@@ -166,3 +166,14 @@ def test_posterior_predictive_on_the_section(spatial_model):
     draws = spatial_model.posterior_predictive_cells(indices=np.arange(10), seed=0)
     assert draws.n_obs == 10
     assert draws.obs["source_cell"].tolist() == list(spatial_model.adata.obs_names[:10])
+
+
+def test_the_position_has_its_own_compositional_scale(spatial_model):
+    both = spatial_model.generate(seed=0, guidance_scale={"layer": 1.0}, progress_bar=False)
+    assert both.uns["scldiff"]["guidance_scale"] == {"layer": 1.0, "spatial": 1.0}
+    alone = spatial_model.generate(seed=0, guidance_scale={"layer": 1.0, "spatial": 0.0},
+                                   progress_bar=False)
+    assert alone.uns["scldiff"]["guidance_scale"] == {"layer": 1.0, "spatial": 0.0}
+    assert (alone.X != both.X).nnz > 0
+    with pytest.raises(ValueError, match="not attributes"):
+        spatial_model.generate(seed=0, guidance_scale={"place": 1.0})

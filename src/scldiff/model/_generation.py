@@ -100,7 +100,8 @@ class GenerationMixin:
             :math:`w` of the joint guidance :math:`v_\varnothing + w(v_c - v_\varnothing)`
             on all given attributes (0 ignores them, 1 samples the conditional model), or
             ``{attribute: w_a}``: compositional guidance :math:`v_\varnothing + \sum_a
-            w_a(v_a - v_\varnothing)` (left out: 1), for combinations never seen together.
+            w_a(v_a - v_\varnothing)` (left out: 1), for combinations never seen together;
+            a spatial model's position is the attribute named by its ``spatial_key``.
         sampler, n_steps
             ``"ode"`` (probability-flow ODE, DPM-Solver++(2M), 10 steps by default),
             ``"ddim"`` (200) or ``"sde"`` (reverse SDE, Euler–Maruyama, 500), and its steps.
@@ -200,8 +201,11 @@ class GenerationMixin:
         them."""
         scale = sampling["guidance_scale"]
         compositional = isinstance(scale, list)
+        keys = self.attribute_keys
+        if compositional and len(scale) > len(keys):  # and the position's
+            keys = [*keys, self.spatial_key]
         return {**choices, **sampling,
-                "guidance_scale": dict(zip(self.attribute_keys, scale, strict=True))
+                "guidance_scale": dict(zip(keys, scale, strict=True))
                 if compositional else scale,
                 "guidance": "compositional" if compositional else "joint",
                 "guidance_interval": list(sampling["guidance_interval"] or (0.0, 1.0))}
@@ -224,7 +228,8 @@ class GenerationMixin:
         size."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
-        guidance_scale = guidance_scales(guidance_scale, self.attributes)
+        guidance_scale = guidance_scales(guidance_scale, self.attributes,
+                                         self.spatial_key if self.module.n_position else None)
         check_positive("n_steps", n_steps)
         check_positive("batch_size", batch_size)
         if not isinstance(precision, str) or precision not in PRECISIONS:
