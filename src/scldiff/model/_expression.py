@@ -1,4 +1,5 @@
-"""``get_latent_representation()`` and ``get_normalized_expression()``: what the trained
+"""Encoding cells on the graph (the posteriors every method starts from),
+``get_latent_representation()`` and ``get_normalized_expression()``: what the trained
 encoder and decoder say about given cells."""
 
 from __future__ import annotations
@@ -7,13 +8,76 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from scvi.utils import track
 
+from ..graph import SubgraphSampler
+from ..module import BATCH_KEYS
+from ..train import SubgraphCollator, SubgraphDataModule
+from ._attributes import attribute_rows
+from ._constants import REGISTRY_KEYS
 from ._validation import check_positive, gene_columns, resolve_seed
 
 
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 class ExpressionMixin:
-    """:meth:`get_latent_representation` and :meth:`get_normalized_expression` of
-    :class:`~scldiff.LapDDPM`."""
+    """The posteriors of given cells, :meth:`get_latent_representation` and
+    :meth:`get_normalized_expression` of :class:`~scldiff.LapDDPM`."""
+
+    def _collator(self, adata: AnnData | None = None) -> SubgraphCollator:
+        """The subgraph collator of an AnnData's registered counts, attribute rows, LPE and
+        graph (default: the model's)."""
+        manager = self.get_anndata_manager(self.adata if adata is None else adata,
+                                           required=True)
+        counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)  # backed: read per minibatch
+        rows = attribute_rows(manager, self.attributes)
+        lpe = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LPE_KEY), dtype=np.float32)
+        sampler = SubgraphSampler(manager.get_from_registry(REGISTRY_KEYS.GRAPH_KEY),
+                                  n_hops=self.module.encoder.n_hops)
+        return SubgraphCollator(counts, rows, lpe, sampler)
+
+    @torch.inference_mode()
+    def _posterior(self, collator: SubgraphCollator, indices: np.ndarray,
+                   batch_size: int = 512, progress_bar: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior means and log-variances of the given cells on the full graph.
+
+        Each cell's expression is read and projected once, in a sequential pass over the
+        rows (a backed matrix is read in order, block by block); the subgraph batches then
+        gather the projections of their nodes. For a few cells (under 1/20 of all), each
+        batch reads its subgraph's rows instead of the whole matrix.
+        """
+        self.module.eval()
+        device = self.device
+        indices = np.asarray(indices, dtype=np.int64)
+        data = SubgraphDataModule(collator, indices, [], batch_size)
+        if indices.size * 20 < collator.library.size:
+            out = [self.module.inference(**self.module._get_inference_input(
+                _to_device(batch, device)), use_mean=True)
+                for batch in data._loader(indices, shuffle=False)]
+        else:
+            projection, start = None, 0
+            for block in collator.input_blocks():
+                h = self.module.project_nodes(
+                    torch.from_numpy(block.indptr.astype(np.int64)).to(device),
+                    torch.from_numpy(block.indices.astype(np.int64)).to(device),
+                    torch.from_numpy(block.data).to(device)).cpu()
+                if projection is None:  # (n_cells, n_hidden), filled block by block
+                    projection = h.new_empty((collator.library.size, h.shape[1]))
+                projection[start : start + h.shape[0]] = h
+                start += h.shape[0]
+            out = []
+            for batch in track(data.inference_loader(), description="Encoding cells",
+                               disable=not progress_bar, style="tqdm"):
+                nodes = batch.pop(BATCH_KEYS.NODES)
+                n_seed = batch.pop(BATCH_KEYS.ATTRIBUTES).shape[0]
+                out.append(self.module.inference(
+                    None, None, None, **_to_device(batch, device), n_seed=n_seed,
+                    use_mean=True, node_projection=projection[nodes].to(device)))
+        return (torch.cat([o["qz_mean"].cpu() for o in out]),
+                torch.cat([o["qz_logvar"].cpu() for o in out]))
 
     def get_latent_representation(
         self,
