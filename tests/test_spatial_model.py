@@ -126,11 +126,13 @@ def test_generate_new_spots_and_missing_layers(spatial_model):
     assert section.uns["scldiff"]["conditioned_on"] == ["spatial"]
     far = spots.copy()
     far.obsm["spatial"] = far.obsm["spatial"] + 1e5
-    with pytest.warns(UserWarning, match="extrapolated"):
+    with pytest.warns(UserWarning, match="a guess that coarsens"):
         spatial_model.generate(spots=far, seed=1, progress_bar=False)
 
 
 def test_section_requests_are_checked(spatial_model, trained_model):
+    with pytest.raises(ValueError, match="no spots"):
+        spatial_model.generate(spots=AnnData(obs=pd.DataFrame(index=[])))
     spots = AnnData(obs=pd.DataFrame(index=["a", "b"]))
     with pytest.raises(ValueError, match="no 'spatial'"):
         spatial_model.generate(spots=spots)

@@ -71,6 +71,8 @@ class SpatialMixin:
                              "the model with its AnnData (LapDDPM.load(dir_path, adata)).")
         key = self.spatial_key
         spots = self.adata if spots is None else spots
+        if spots.n_obs == 0:
+            raise ValueError("spots has no spots (0 rows); give at least one position.")
         if key not in spots.obsm:
             raise ValueError(f"spots.obsm has no {key!r}: store the spots' coordinates there, "
                              "in the training section's frame.")
@@ -85,9 +87,10 @@ class SpatialMixin:
         far = distance > _FAR_SPACINGS * lattice_spacing(train_xy)
         if far.any():
             warnings.warn(f"{int(far.sum())} spot(s) lie more than {_FAR_SPACINGS:g} spot "
-                          "spacings from every training spot: their positions are "
-                          "extrapolated from the nearest training spots.", UserWarning,
-                          stacklevel=4)
+                          "spacings from every training spot: their positions are taken "
+                          "from the nearest training spots, a guess that coarsens with the "
+                          "distance.", UserWarning,
+                          stacklevel=3)
         settings = self.registry_["setup_args"]
         if spots.n_obs > 1:
             connectivities, distances = spatial_graph(
