@@ -22,7 +22,6 @@ from ..module._module import autocast_dtype
 from ._attributes import Request, combination_index, guidance_scales, request_rows
 from ._constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NOISE_COUPLING
 from ._library import LIBRARY_SIZES
-from ._spatial import check_noise_coupling
 from ._validation import check_positive, gene_columns, resolve_seed
 
 # generate()'s precisions: the dtype of the networks' matrix products under autocast
@@ -159,20 +158,9 @@ class GenerationMixin:
         seed = resolve_seed(seed)
         draw_seed, fill_seed = np.random.SeedSequence(seed).spawn(2)
         if self._wants_section(spots, labels, n_samples, conditions):
-            if keep_fraction < 1.0:
-                raise ValueError("keep_fraction < 1 is not available for spots: the "
-                                 "post-guidance scorer knows no positions.")
-            coupling = check_noise_coupling(noise_coupling)
-            section = self._section(spots)
-            request = self._section_request(spots, section, fill_seed)
-            blocks, computed_in = self._draw_in_precision(
-                precision, request, batch_size, draw_seed, progress_bar, library_size,
-                sampling, 1.0, (section.positions, coupling, section.graph))
-            return self._section_anndata(self._counts_anndata(
-                blocks, request.filled, "synthetic", self._provenance(
-                    sampling, seed=seed, batch_size=int(batch_size), library_size=library_size,
-                    precision=computed_in, conditioned_on=[*request.given, self.spatial_key],
-                    noise_coupling=coupling, unseen_combinations=request.unseen)), section)
+            return self._generate_section(spots, noise_coupling, keep_fraction, sampling,
+                                          library_size, batch_size, seed, precision,
+                                          progress_bar)
         request = self._request(conditions, labels, n_samples, fill_seed)
         blocks, computed_in = self._draw_in_precision(
             precision, request, batch_size, draw_seed, progress_bar, library_size, sampling,

@@ -63,6 +63,29 @@ class SpatialMixin:
             raise TypeError(f"spots must be an AnnData, got {type(spots).__name__}.")
         return True
 
+    def _generate_section(self, spots: AnnData | None, noise_coupling, keep_fraction: float,
+                          sampling: dict, library_size: str, batch_size: int, seed: int,
+                          precision: str, progress_bar: bool) -> AnnData:
+        """``generate(spots=...)`` once its common arguments are checked: the section's
+        positions and attribute rows, latents from coupled noise, the AnnData placed as the
+        spots."""
+        if keep_fraction < 1.0:
+            raise ValueError("keep_fraction < 1 is not available for spots: the post-guidance "
+                             "scorer knows no positions.")
+        coupling = check_noise_coupling(noise_coupling)
+        draw_seed, fill_seed = np.random.SeedSequence(seed).spawn(2)
+        section = self._section(spots)
+        request = self._section_request(spots, section, fill_seed)
+        blocks, computed_in = self._draw_in_precision(
+            precision, request, batch_size, draw_seed, progress_bar, library_size, sampling,
+            1.0, (section.positions, coupling, section.graph))
+        provenance = self._provenance(
+            sampling, seed=seed, batch_size=int(batch_size), library_size=library_size,
+            precision=computed_in, conditioned_on=[*request.given, self.spatial_key],
+            noise_coupling=coupling, unseen_combinations=request.unseen)
+        return self._section_anndata(
+            self._counts_anndata(blocks, request.filled, "synthetic", provenance), section)
+
     def _section(self, spots: AnnData | None) -> Section:
         """:class:`Section` of ``spots`` (``None``: the training AnnData's), positions
         extended from the training spots' (:func:`~scldiff.graph.extend_encoding`)."""
