@@ -26,8 +26,9 @@ Scored on the real section's graph (:mod:`scldiff.metrics`): Moran's I of the 20
 highest real Moran's I (correlation across genes, mean absolute difference), domain ARI of
 k-means on the expression (the real section's alongside), spectral mismatch (energy on the
 graph's 50 lowest modes, same genes); and on the held-out spots only, the distribution
-metrics of :func:`scldiff.metrics.evaluate` per layer (conditional MMD, RF AUC, gene-gene
-correlation error), next to the real-vs-real floor (as many training spots of the same
+metrics of :func:`scldiff.metrics.evaluate` (MMD per layer, RF AUC pooled over layers,
+gene-gene correlation error) and a random forest's AUC within each layer of at least 20
+held-out spots, averaged, next to the real-vs-real floor (as many training spots of the same
 layers). Each run goes to ``benchmarks/results/spatial/<dataset>/<holdout>/seed<k>.json``;
 ``--report`` writes ``spatial.md``/``spatial.json`` and the figures in ``docs/_static``.
 """
@@ -48,7 +49,14 @@ import torch
 
 import scldiff
 from scldiff.graph import join_isolated, spatial_graph
-from scldiff.metrics import domain_ari, evaluate, moran_agreement, morans_i, spectral_mismatch
+from scldiff.metrics import (
+    classifier_auc,
+    domain_ari,
+    evaluate,
+    moran_agreement,
+    morans_i,
+    spectral_mismatch,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality import DEFAULT_DATA_DIR, RESULTS, meta  # noqa: E402
@@ -61,6 +69,7 @@ COUPLINGS = (0.0, 0.5, 0.9)
 GUIDANCE = 1.5  # generate()'s default joint scale, here on the layer alone
 N_SVG = 200
 N_MAPS = 4
+MIN_AUC_SPOTS = 20  # held-out spots a layer needs for its own classifier
 MORAN_R = "Moran's I correlation"
 METRICS = ("Moran's I correlation", "Moran's I MAD", "Moran's I (generated)", "domain ARI",
            "spectral mismatch", "MMD (per layer)", "RF AUC", "gene-gene correlation error")
@@ -159,6 +168,25 @@ def lapddpm_sections(train: ad.AnnData, adata: ad.AnnData, seed: int, spatial: b
     return sections, seconds
 
 
+def per_layer_auc(real: ad.AnnData, other: ad.AnnData, seed: int) -> float:
+    """Mean over the layers with at least ``MIN_AUC_SPOTS`` held-out spots of a random
+    forest's AUC at telling ``other``'s spots of the layer from the real ones
+    (:func:`scldiff.metrics.classifier_auc`, log-normalised, 30 PCs); NaN where no layer
+    has enough spots."""
+    from scldiff.graph import log_normalize
+
+    real_log, other_log = log_normalize(real.X), log_normalize(other.X)
+    real_layers = real.obs[LAYER].astype(str).to_numpy()
+    other_layers = other.obs[LAYER].astype(str).to_numpy()
+    values = [classifier_auc(real_log[real_layers == layer].toarray(),
+                             other_log[other_layers == layer].toarray(), n_pcs=30,
+                             random_state=seed)
+              for layer in np.unique(real_layers)
+              if min((real_layers == layer).sum(), (other_layers == layer).sum())
+              >= MIN_AUC_SPOTS]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def scores(adata: ad.AnnData, counts: sp.csr_matrix, graph, mask: np.ndarray,
            svg: np.ndarray) -> dict:
     """Section scores of generated ``counts`` (one row per spot of ``adata``), with the
@@ -173,6 +201,7 @@ def scores(adata: ad.AnnData, counts: sp.csr_matrix, graph, mask: np.ndarray,
     table = evaluate(real, fake, labels_key=LAYER, markers=False, min_cells=5)
     out["MMD (per layer)"] = float(table.loc["MMD", "conditional"])
     out["RF AUC"] = float(table.loc["RF AUC", "unconditional"])
+    out["RF AUC (per layer)"] = per_layer_auc(real, fake, 0)
     out["gene-gene correlation error"] = float(
         table.loc["gene-gene correlation error", "unconditional"])
     return out
@@ -195,6 +224,7 @@ def floor(adata: ad.AnnData, mask: np.ndarray, graph, svg: np.ndarray, seed: int
     table = evaluate(real, other, labels_key=LAYER, markers=False, min_cells=5)
     out["MMD (per layer)"] = float(table.loc["MMD", "conditional"])
     out["RF AUC"] = float(table.loc["RF AUC", "unconditional"])
+    out["RF AUC (per layer)"] = per_layer_auc(real, other, 0)
     out["gene-gene correlation error"] = float(
         table.loc["gene-gene correlation error", "unconditional"])
     return out

@@ -12,7 +12,8 @@ import pandas as pd
 from scldiff.metrics import to_markdown
 
 SHOWN = ("Moran's I correlation", "Moran's I MAD", "Moran's I (generated)", "domain ARI",
-         "spectral mismatch", "MMD (per layer)", "RF AUC", "gene-gene correlation error")
+         "spectral mismatch", "MMD (per layer)", "RF AUC", "RF AUC (per layer)",
+         "gene-gene correlation error")
 MORAN_R = "Moran's I correlation"
 DEFAULT = "LapDDPM, spatial graph, coupling 0.5"
 FIGURE_METHODS = ("scVI, layer covariate", "LapDDPM, expression graph", DEFAULT)
@@ -112,7 +113,8 @@ def report(runs: str, results: str, static: str, data_dir: str) -> None:
             "Mean ± standard deviation over seeds. Moran's I on the 200 genes of highest real "
             "Moran's I, on the real section's graph; domain ARI of k-means on the whole "
             "section; spectral mismatch (total variation between graph-Fourier energy "
-            "spectra, 50 modes and the rest); MMD per layer, RF AUC and gene-gene "
+            "spectra, 50 modes and the rest); MMD per layer, RF AUC (pooled, and "
+            "within each layer of at least 20 held-out spots) and gene-gene "
             "correlation error on the held-out spots only.\n"]
     for title, table in parts.items():
         text += [f"## {title}\n", to_markdown(table), ""]
