@@ -187,6 +187,17 @@ def per_layer_auc(real: ad.AnnData, other: ad.AnnData, seed: int) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def distribution_scores(real: ad.AnnData, other: ad.AnnData) -> dict[str, float]:
+    """The held-out spots' distribution metrics of ``other`` against ``real``: MMD per
+    layer, RF AUC pooled and per layer, gene-gene correlation error."""
+    table = evaluate(real, other, labels_key=LAYER, markers=False, min_cells=5)
+    return {"MMD (per layer)": float(table.loc["MMD", "conditional"]),
+            "RF AUC": float(table.loc["RF AUC", "unconditional"]),
+            "RF AUC (per layer)": per_layer_auc(real, other, 0),
+            "gene-gene correlation error": float(
+                table.loc["gene-gene correlation error", "unconditional"])}
+
+
 def scores(adata: ad.AnnData, counts: sp.csr_matrix, graph, mask: np.ndarray,
            svg: np.ndarray) -> dict:
     """Section scores of generated ``counts`` (one row per spot of ``adata``), with the
@@ -198,13 +209,7 @@ def scores(adata: ad.AnnData, counts: sp.csr_matrix, graph, mask: np.ndarray,
     real = adata[mask]
     fake = ad.AnnData(counts[np.flatnonzero(mask)], obs=real.obs[[LAYER]].copy(),
                       var=adata.var[[]].copy())
-    table = evaluate(real, fake, labels_key=LAYER, markers=False, min_cells=5)
-    out["MMD (per layer)"] = float(table.loc["MMD", "conditional"])
-    out["RF AUC"] = float(table.loc["RF AUC", "unconditional"])
-    out["RF AUC (per layer)"] = per_layer_auc(real, fake, 0)
-    out["gene-gene correlation error"] = float(
-        table.loc["gene-gene correlation error", "unconditional"])
-    return out
+    return {**out, **distribution_scores(real, fake)}
 
 
 def floor(adata: ad.AnnData, mask: np.ndarray, graph, svg: np.ndarray, seed: int) -> dict:
@@ -221,13 +226,7 @@ def floor(adata: ad.AnnData, mask: np.ndarray, graph, svg: np.ndarray, seed: int
         if n and pool.size:
             picks.append(rng.choice(pool, n, replace=pool.size < n))
     other = rest[np.concatenate(picks)]
-    table = evaluate(real, other, labels_key=LAYER, markers=False, min_cells=5)
-    out["MMD (per layer)"] = float(table.loc["MMD", "conditional"])
-    out["RF AUC"] = float(table.loc["RF AUC", "unconditional"])
-    out["RF AUC (per layer)"] = per_layer_auc(real, other, 0)
-    out["gene-gene correlation error"] = float(
-        table.loc["gene-gene correlation error", "unconditional"])
-    return out
+    return {**out, **distribution_scores(real, other)}
 
 
 def save_maps(path: str, adata: ad.AnnData, sections: dict, genes: np.ndarray) -> None:

@@ -3,10 +3,9 @@ positions."""
 
 from __future__ import annotations
 
-from importlib.resources import as_file, files
-
-import anndata
 from anndata import AnnData
+
+from ._bundled import read_bundled
 
 
 def dlpfc_151673() -> AnnData:
@@ -34,8 +33,4 @@ def dlpfc_151673() -> AnnData:
     >>> adata.obs["layer"].value_counts()["WM"]
     513
     """
-    with as_file(files(__package__) / "data" / "visium_dlpfc_151673.h5ad") as path:
-        adata = anndata.read_h5ad(path)
-    adata.X = adata.X.astype("float32")
-    adata.layers["counts"] = adata.X.copy()
-    return adata
+    return read_bundled("visium_dlpfc_151673.h5ad")

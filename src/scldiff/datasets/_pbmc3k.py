@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from importlib.resources import as_file, files
-
-import anndata
 from anndata import AnnData
+
+from ._bundled import read_bundled
 
 
 def pbmc3k() -> AnnData:
@@ -32,7 +31,4 @@ def pbmc3k() -> AnnData:
     >>> adata.obs["cell_type"].value_counts()["B cells"]
     342
     """
-    with as_file(files(__package__) / "data" / "pbmc3k.h5ad") as path:
-        adata = anndata.read_h5ad(path)
-    adata.layers["counts"] = adata.X.copy()
-    return adata
+    return read_bundled("pbmc3k.h5ad")

@@ -66,32 +66,39 @@ def domain_ari(counts, domains, n_pcs: int = 30, random_state: int = 0) -> float
     return float(adjusted_rand_score(domains[known].astype(str), clusters))
 
 
+def _fourier_basis(graph, n_modes: int) -> np.ndarray:
+    r"""``(n_spots, n_modes)``: the trivial eigenvector :math:`\propto \sqrt{d}` of the
+    normalised Laplacian, then its ``n_modes - 1`` lowest non-trivial ones."""
+    from ..graph import laplacian_positional_encoding
+
+    degree = np.asarray(sp.csr_matrix(graph).sum(1)).ravel()
+    trivial = np.sqrt(degree / degree.sum())[:, None]
+    modes, _ = laplacian_positional_encoding(graph, n_lpe=n_modes - 1)
+    return np.concatenate([trivial, modes.astype(np.float64)], axis=1)
+
+
+def _spectrum(counts, basis: np.ndarray, genes) -> np.ndarray:
+    x = _lognorm(counts)
+    x = x if genes is None else x[:, genes]
+    x = x.toarray() - np.asarray(x.mean(0)).ravel()
+    share = ((basis.T @ x) ** 2).sum(1) / float((x**2).sum())
+    return np.append(share, max(0.0, 1.0 - share.sum()))
+
+
 def graph_fourier_spectrum(counts, graph, n_modes: int = 50, genes=None) -> np.ndarray:
     r"""Share of the (per gene centred) log-normalised expression's energy on each of the
     ``n_modes`` lowest eigenvectors :math:`u_k` of the graph's normalised Laplacian, and
     in the rest: :math:`s_k = \sum_g (u_k^\top x_g)^2 / \sum_g \lVert x_g\rVert^2`, then
     :math:`1 - \sum_k s_k`; ``(n_modes + 1,)``, summing to 1. Smooth (spatially
     autocorrelated) expression puts its energy on the low modes."""
-    from ..graph import laplacian_positional_encoding
-
-    x = _lognorm(counts)
-    x = x if genes is None else x[:, genes]
-    x = x.toarray() - np.asarray(x.mean(0)).ravel()
-    degree = np.asarray(sp.csr_matrix(graph).sum(1)).ravel()
-    trivial = np.sqrt(degree / degree.sum())[:, None]  # the eigenvector of eigenvalue 0
-    modes, _ = laplacian_positional_encoding(graph, n_lpe=n_modes - 1)
-    basis = np.concatenate([trivial, modes.astype(np.float64)], axis=1)
-    energy = (basis.T @ x) ** 2
-    total = float((x**2).sum())
-    share = energy.sum(1) / total
-    return np.append(share, max(0.0, 1.0 - share.sum()))
+    return _spectrum(counts, _fourier_basis(graph, n_modes), genes)
 
 
 def spectral_mismatch(real, generated, graph, n_modes: int = 50, genes=None) -> float:
-    """Total variation distance (:math:`\\tfrac12\\sum_k |s_k - s'_k|`, in [0, 1]) between
+    r"""Total variation distance (:math:`\tfrac12\sum_k |s_k - s'_k|`, in [0, 1]) between
     the :func:`graph_fourier_spectrum` of real and generated spots on the real section's
     ``graph``: 0 when the generated expression spreads its energy over the tissue's modes as
     the real one does."""
-    a = graph_fourier_spectrum(real, graph, n_modes, genes)
-    b = graph_fourier_spectrum(generated, graph, n_modes, genes)
+    basis = _fourier_basis(graph, n_modes)
+    a, b = _spectrum(real, basis, genes), _spectrum(generated, basis, genes)
     return float(0.5 * np.abs(a - b).sum())

@@ -70,16 +70,15 @@ def ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: int
         logger.info("Reusing the cell graph stored in the AnnData.")
         return
     seed = settings.seed if settings.seed is not None else 0
-    tissue = None
-    if spatial:
-        tissue, graph = _tissue_graph(adata, spatial)
+    tissue = _tissue_graph(adata, spatial) if spatial else None
+    graph = tissue
     if not spatial or spatial["expression_edges"]:
         counts = adata.X if layer is None else adata.layers[layer]  # backed: read in blocks
         embedding = pca_embedding(counts, n_pcs=n_pcs, random_state=seed)
         expression = knn_graph(embedding, n_neighbors=n_neighbors, random_state=seed)
         graph = expression if not spatial else \
             sp.csr_matrix(graph.maximum(expression), dtype=np.float32)
-    if n_lpe > 0:
+    if n_lpe > 0:  # a tissue's LPE are its own, whatever edges expression adds
         lpe, _ = laplacian_positional_encoding(graph if tissue is None else tissue,
                                                n_lpe=n_lpe, random_state=seed)
     else:
@@ -89,28 +88,34 @@ def ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: int
     adata.uns[ADATA_KEYS.GRAPH_PARAMS] = params
 
 
-def _tissue_graph(adata: AnnData, spatial: dict) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """The spatial graph written in squidpy's layout (``obsp["spatial_connectivities"]``,
-    ``obsp["spatial_distances"]``, ``uns["spatial_neighbors"]``) and, twice, the tissue
-    graph the model uses: those connectivities with isolated spots joined to their nearest
-    spot, float32."""
-    coordinates = np.asarray(adata.obsm[spatial["key"]], dtype=np.float64)
-    connectivities, distances = spatial_graph(coordinates, kind=spatial["graph"],
-                                              n_neighbors=spatial["n_neighbors"])
+def write_spatial_graph(adata: AnnData, connectivities, distances, kind: str,
+                        n_neighbors: int) -> None:
+    """``obsp["spatial_connectivities"]``, ``obsp["spatial_distances"]`` and
+    ``uns["spatial_neighbors"]``, where squidpy and scanpy read a spatial graph."""
     adata.obsp["spatial_connectivities"] = connectivities
     adata.obsp["spatial_distances"] = distances
     adata.uns["spatial_neighbors"] = {
         "connectivities_key": "spatial_connectivities", "distances_key": "spatial_distances",
-        "params": {"method": spatial["graph"], "n_neighbors": spatial["n_neighbors"],
-                   "library": "scldiff"}}
+        "params": {"method": kind, "n_neighbors": int(n_neighbors), "library": "scldiff"}}
+
+
+def _tissue_graph(adata: AnnData, spatial: dict) -> sp.csr_matrix:
+    """Write the spatial graph in squidpy's layout (``obsp["spatial_connectivities"]``,
+    ``obsp["spatial_distances"]``, ``uns["spatial_neighbors"]``) and return the tissue graph
+    the model uses: those connectivities with isolated spots joined to their nearest spot,
+    float32."""
+    coordinates = np.asarray(adata.obsm[spatial["key"]], dtype=np.float64)
+    connectivities, distances = spatial_graph(coordinates, kind=spatial["graph"],
+                                              n_neighbors=spatial["n_neighbors"])
+    write_spatial_graph(adata, connectivities, distances, spatial["graph"],
+                        spatial["n_neighbors"])
     joined, n_joined = join_isolated(connectivities, coordinates)
     if n_joined:
         warnings.warn(f"{n_joined} spot(s) have no neighbour in the {spatial['graph']!r} "
                       "spatial graph (islands of one spot); each was joined to its nearest "
                       "spot in the model's graph (obsp['scldiff_connectivities']). Drop them "
                       "first to leave them out.", UserWarning, stacklevel=4)
-    tissue = sp.csr_matrix(joined, dtype=np.float32)
-    return tissue, tissue
+    return sp.csr_matrix(joined, dtype=np.float32)
 
 
 def warn_backed_csc(adata: AnnData, layer: str | None) -> None:

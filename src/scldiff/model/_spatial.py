@@ -15,6 +15,7 @@ from ..graph import extend_encoding, join_isolated, lattice_spacing, spatial_gra
 from ..graph._spatial import _check_coordinates
 from ._attributes import Request, attribute_rows, request_rows
 from ._constants import ADATA_KEYS
+from ._setup import write_spatial_graph
 
 # spots farther than this many lattice spacings from every training spot are extrapolated
 _FAR_SPACINGS = 2.0
@@ -149,14 +150,9 @@ class SpatialMixin:
         coordinates in ``obsm`` and neighbourhood graph in ``obsp`` (squidpy's layout)."""
         synth.obs_names = section.names
         synth.obsm[self.spatial_key] = section.coordinates
-        synth.obsp["spatial_connectivities"] = section.connectivities
-        synth.obsp["spatial_distances"] = section.distances
         settings = self.registry_["setup_args"]
-        synth.uns["spatial_neighbors"] = {
-            "connectivities_key": "spatial_connectivities",
-            "distances_key": "spatial_distances",
-            "params": {"method": settings.get("spatial_graph", "grid"),
-                       "n_neighbors": int(settings.get("spatial_neighbors", 6)),
-                       "library": "scldiff"}}
+        write_spatial_graph(synth, section.connectivities, section.distances,
+                            settings.get("spatial_graph", "grid"),
+                            settings.get("spatial_neighbors", 6))
         return synth
 
