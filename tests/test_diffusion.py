@@ -378,7 +378,7 @@ def test_the_position_block_is_dropped_as_a_whole():
     from scldiff.module._module import drop_attributes
 
     rows = torch.ones(20_000, 2 + 3)
-    dropped = drop_attributes(rows, 0.3, torch.Generator().manual_seed(0), n_position=3)
+    dropped = drop_attributes(rows, 0.3, torch.Generator().manual_seed(0), blocks=[3])
     position = torch.isnan(dropped[:, 2:])
     assert bool((position.all(1) | ~position.any(1)).all())  # all three or none
     assert abs(position[:, 0].float().mean().item() - 0.3) < 0.02
@@ -386,6 +386,19 @@ def test_the_position_block_is_dropped_as_a_whole():
     # the single attributes and the block are dropped independently
     both = (torch.isnan(dropped[:, 0]) & position[:, 0]).float().mean().item()
     assert abs(both - 0.09) < 0.01
+
+
+def test_two_blocks_are_dropped_each_as_a_whole_and_apart():
+    from scldiff.module._module import drop_attributes
+
+    rows = torch.ones(20_000, 1 + 2 + 3)  # an attribute, a position, a chromatin block
+    dropped = torch.isnan(drop_attributes(rows, 0.5, torch.Generator().manual_seed(1),
+                                          blocks=[2, 3]))
+    for columns in ([1, 2], [3, 4, 5]):
+        block = dropped[:, columns]
+        assert bool((block.all(1) | ~block.any(1)).all())
+        assert abs(block[:, 0].float().mean().item() - 0.5) < 0.02
+    assert abs((dropped[:, 1] & dropped[:, 3]).float().mean().item() - 0.25) < 0.015
 
 
 def test_compositional_guidance_over_a_group_of_columns():
@@ -406,7 +419,7 @@ def test_scorenet_reads_the_position_and_its_null():
     from scldiff.module import ScoreNet
 
     torch.manual_seed(0)
-    net = ScoreNet(4, n_categories=[3], n_position=2, n_hidden=16, n_blocks=1)
+    net = ScoreNet(4, n_categories=[3], blocks=[2], n_hidden=16, n_blocks=1)
     for p in net.parameters():  # FiLM starts at zero: give every weight a value
         torch.nn.init.normal_(p, std=0.3)
     z, t = torch.randn(3, 4), torch.tensor(0.5)
@@ -414,4 +427,21 @@ def test_scorenet_reads_the_position_and_its_null():
     out = net(z.repeat(1, 1), t, rows)
     assert not torch.allclose(out[0], net(z[:1], t, rows[1:2])[0])  # position matters
     null = net.attribute_embedding(rows[2:3]) - net.category_embeddings[0](torch.tensor([1]))
-    torch.testing.assert_close(null[0], net.position_null)
+    torch.testing.assert_close(null[0], net.block_null[0])
+
+
+def test_scorenet_reads_each_block_with_its_own_network():
+    from scldiff.module import ScoreNet
+
+    torch.manual_seed(0)
+    net = ScoreNet(4, n_continuous=1, blocks=[2, 3], n_hidden=16, n_blocks=1)
+    assert net.n_columns == 6 and net.block_columns() == [[1, 2], [3, 4, 5]]
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    row = torch.tensor([[math.nan, 0.1, 0.2, 0.3, -0.4, 0.5]])
+    only_second = row.clone()
+    only_second[:, 1:3] = math.nan
+    expected = net.continuous_null[0] + net.block_null[0] + net.block_mlps[1](row[:, 3:])
+    torch.testing.assert_close(net.attribute_embedding(only_second)[0], expected[0])
+    with pytest.raises(ValueError, match="at least one column"):
+        ScoreNet(4, blocks=[0])

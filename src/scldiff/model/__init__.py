@@ -3,6 +3,7 @@ the library-size model, save and load."""
 
 from ._lapddpm import LapDDPM
 from ._library import LibrarySizeModel
+from ._multiome import paired_anndata
 from ._serialization import ModelFileError
 
-__all__ = ["LapDDPM", "LibrarySizeModel", "ModelFileError"]
+__all__ = ["LapDDPM", "LibrarySizeModel", "ModelFileError", "paired_anndata"]

@@ -322,12 +322,13 @@ def _fill(guide: np.ndarray, attributes: list[Attribute], table: dict, n_cat: in
     return filled, unseen
 
 
-def guidance_scales(guidance_scale, attributes: list[Attribute], position: str | None = None
+def guidance_scales(guidance_scale, attributes: list[Attribute], blocks: Sequence[str] = ()
                     ) -> float | list[float]:
     """``generate``'s ``guidance_scale``: one finite number >= 0 (joint guidance) or a
     mapping ``{key: scale}`` (compositional; attributes it leaves out get 1), as a float or
-    a list with one scale per attribute, and one more for a spatial model's ``position``
-    (its ``spatial_key``)."""
+    a list with one scale per attribute, and one more per block after them (``blocks``: a
+    spatial model's position, named by its ``spatial_key``; a multiome model's chromatin,
+    ``"atac"``)."""
 
     def check(name: str, value) -> float:
         if isinstance(value, bool) or not isinstance(
@@ -338,7 +339,7 @@ def guidance_scales(guidance_scale, attributes: list[Attribute], position: str |
 
     if not isinstance(guidance_scale, Mapping):
         return check("guidance_scale", guidance_scale)
-    keys = [a.key for a in attributes] + ([position] if position else [])
+    keys = [a.key for a in attributes] + list(blocks)
     unknown = [k for k in guidance_scale if k not in keys]
     if unknown:
         raise ValueError(f"guidance_scale names {unknown}, which are not attributes of the "

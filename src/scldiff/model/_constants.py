@@ -14,6 +14,8 @@ class _REGISTRY_KEYS_NT(NamedTuple):
     CONT_COVS_KEY: str = "extra_continuous_covs"
     LPE_KEY: str = "lpe"
     GRAPH_KEY: str = "graph"
+    MODALITY_KEY: str = "modality"
+    LSI_KEY: str = "lsi"
 
 
 class _ADATA_KEYS_NT(NamedTuple):
@@ -24,6 +26,8 @@ class _ADATA_KEYS_NT(NamedTuple):
     GRAPH_PARAMS: str = "scldiff_graph"  # adata.uns
     CLUSTERS: str = "scldiff_cluster"  # adata.obs: clusters of cluster_labels=True
     CLUSTER_PARAMS: str = "scldiff_clusters"  # adata.uns
+    LSI: str = "X_scldiff_lsi"  # adata.obsm: the cells' ATAC LSI embedding (multiome)
+    LSI_FIT: str = "scldiff_lsi"  # adata.uns: the fitted LSI and its parameters
 
 
 REGISTRY_KEYS = _REGISTRY_KEYS_NT()
@@ -41,3 +45,5 @@ DEFAULT_PERTURBATION_GUIDANCE = 3.0
 # generate(spots=...)'s default share of a spot's starting noise shared with its neighbours
 # (docs "Benchmarks": the spatial benchmark on DLPFC 151673)
 DEFAULT_NOISE_COUPLING = 0.5
+# the name of a multiome model's chromatin in generate()'s guidance_scale and provenance
+CHROMATIN = "atac"

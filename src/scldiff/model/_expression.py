@@ -31,7 +31,8 @@ class ExpressionMixin:
         graph (default: the model's)."""
         manager = self.get_anndata_manager(self.adata if adata is None else adata,
                                            required=True)
-        counts = manager.get_from_registry(REGISTRY_KEYS.X_KEY)  # backed: read per minibatch
+        # backed: read per minibatch; paired data: the genes' columns
+        counts = self._gene_counts(manager.get_from_registry(REGISTRY_KEYS.X_KEY))
         rows = attribute_rows(manager, self.attributes)
         lpe = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LPE_KEY), dtype=np.float32)
         sampler = SubgraphSampler(manager.get_from_registry(REGISTRY_KEYS.GRAPH_KEY),
@@ -157,7 +158,7 @@ class ExpressionMixin:
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
         indices = self._check_indices(adata, indices)
-        genes = np.asarray(self.get_var_names(), dtype=str)
+        genes = self.gene_names
         columns = gene_columns(genes, gene_list)
         check_positive("n_samples", n_samples)
         collator = self._collator(adata)

@@ -74,6 +74,71 @@ class PositionalEncodingField(ObsmField):
         return np.arange(self.get_field_data(adata).shape[1])
 
 
+class ChromatinField(PositionalEncodingField):
+    """``adata.obsm`` array of the cells' ATAC LSI embedding of paired data; empty (not
+    registered) with ``obsm_key=None``."""
+
+    @property
+    def is_empty(self) -> bool:
+        return self.attr_key is None
+
+    def get_summary_stats(self, state_registry: dict) -> dict:
+        return {} if self.is_empty else super().get_summary_stats(state_registry)
+
+
+class ModalityField(BaseAnnDataField):
+    """The ``adata.var`` column that marks each feature of paired data as a gene
+    (``"rna"``) or a peak (``"atac"``), genes first; records the numbers of genes and peaks
+    (summary statistics ``n_genes``, ``n_peaks``). Empty with ``var_key=None``.
+
+    A transfer (a saved model loaded with data) requires the same numbers."""
+
+    def __init__(self, registry_key: str, var_key: str | None):
+        super().__init__()
+        self._registry_key, self._attr_key = registry_key, var_key
+
+    @property
+    def registry_key(self) -> str:
+        return self._registry_key
+
+    @property
+    def attr_name(self) -> str:
+        return "var"
+
+    @property
+    def attr_key(self) -> str | None:
+        return self._attr_key
+
+    @property
+    def is_empty(self) -> bool:
+        return self._attr_key is None
+
+    def validate_field(self, adata: AnnData) -> None:
+        from ._validation import modality_split
+
+        modality_split(adata, self.attr_key)
+
+    def register_field(self, adata: AnnData) -> dict:
+        from ._validation import modality_split
+
+        n_genes = modality_split(adata, self.attr_key)
+        return {"n_genes": n_genes, "n_peaks": int(adata.n_vars - n_genes)}
+
+    def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs) -> dict:
+        state = self.register_field(adata_target)
+        if state != {k: state_registry[k] for k in ("n_genes", "n_peaks")}:
+            raise ValueError(f"The AnnData has {state['n_genes']} genes and {state['n_peaks']} "
+                             f"peaks; the model has {state_registry['n_genes']} and "
+                             f"{state_registry['n_peaks']}.")
+        return state
+
+    def get_summary_stats(self, state_registry: dict) -> dict:
+        return dict(state_registry)
+
+    def view_state_registry(self, state_registry: dict) -> None:
+        return None
+
+
 class ContinuousCovariatesField(NumericalJointObsField):
     """scvi-tools' field of continuous ``adata.obs`` covariates, which also records each
     one's training mean, standard deviation, minimum and maximum (the networks read

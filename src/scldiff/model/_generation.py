@@ -19,7 +19,13 @@ from scvi.utils import track
 from .._version import __version__
 from ..diffusion import DEFAULT_STEPS, SAMPLERS, check_guidance_interval, coupled_noise
 from ..module._module import autocast_dtype
-from ._attributes import Request, combination_index, guidance_scales, request_rows
+from ._attributes import (
+    Request,
+    attribute_rows,
+    combination_index,
+    guidance_scales,
+    request_rows,
+)
 from ._constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NOISE_COUPLING
 from ._library import LIBRARY_SIZES
 from ._validation import check_positive, gene_columns, resolve_seed
@@ -81,7 +87,7 @@ class GenerationMixin:
         library_size: Literal["latent", "label"] | None = None,
         guidance_interval: tuple[float, float] | None = None,
         precision: Literal["float32", "bfloat16"] = "float32",
-        conditions: pd.DataFrame | dict | None = None,
+        conditions: pd.DataFrame | dict | AnnData | None = None,
         keep_fraction: float = 1.0,
         spots: AnnData | None = None,
         noise_coupling: float = DEFAULT_NOISE_COUPLING,
@@ -100,7 +106,8 @@ class GenerationMixin:
             on all given attributes (0 ignores them, 1 samples the conditional model), or
             ``{attribute: w_a}``: compositional guidance :math:`v_\varnothing + \sum_a
             w_a(v_a - v_\varnothing)` (left out: 1), for combinations never seen together;
-            a spatial model's position is the attribute named by its ``spatial_key``.
+            a spatial model's position is the attribute named by its ``spatial_key``, a
+            multiome model's chromatin the attribute ``"atac"``.
         sampler, n_steps
             ``"ode"`` (probability-flow ODE, DPM-Solver++(2M), 10 steps by default),
             ``"ddim"`` (200) or ``"sde"`` (reverse SDE, Euler–Maruyama, 500), and its steps.
@@ -124,6 +131,11 @@ class GenerationMixin:
             (:attr:`attribute_keys`; left out or NaN: unconditioned), or ``{(value, ...):
             count}`` in that order. Categorical values not given are drawn from the training
             cells sharing the given ones (docs "The model"). Unseen combinations warn.
+            A multiome model (set up with ``modality_key``) also takes an AnnData of cells'
+            peaks (the training peaks, :attr:`peak_names`, counts or 0/1; other features are
+            ignored): one cell per row, its RNA generated for its chromatin (embedded with
+            the saved LSI); attributes in its ``obs`` guide too, and categorical ones it
+            lacks are those of the training cell nearest in chromatin.
         keep_fraction
             Post-guidance filter :math:`q \in (0, 1]` (SCLD): keep the best-scored
             :math:`1/q`-th of each request's candidates. 1 (default): off.
@@ -143,12 +155,14 @@ class GenerationMixin:
 
         Returns
         -------
-        AnnData of integer counts in ``X`` (CSR) and ``layers["counts"]``, a column of
+        AnnData of integer counts of the genes in ``X`` (CSR) and ``layers["counts"]``, a column of
         ``obs`` per attribute (categorical in training order, unused categories dropped;
         continuous, NaN where unconditioned), ``obs["synthetic"] = True``, every choice in
         ``uns["scldiff"]``, obs names ``synthetic-{token}-{i}`` unique to the draw. A
         section keeps the spots' obs names, coordinates (``obsm[spatial_key]``) and
-        neighbourhood graph (``obsp["spatial_connectivities"]``, squidpy's layout).
+        neighbourhood graph (``obsp["spatial_connectivities"]``, squidpy's layout). Cells
+        generated from chromatin keep the conditions' obs names and their LSI embedding in
+        ``obsm["X_scldiff_lsi"]``.
         """
         self._check_if_trained(warn=False)
         sampling, library_size, batch_size = self._generation_settings(
@@ -161,6 +175,10 @@ class GenerationMixin:
             return self._generate_section(spots, noise_coupling, keep_fraction, sampling,
                                           library_size, batch_size, seed, precision,
                                           progress_bar)
+        if isinstance(conditions, AnnData):
+            return self._generate_from_chromatin(conditions, labels, n_samples, keep_fraction,
+                                                 sampling, library_size, batch_size, seed,
+                                                 precision, progress_bar)
         request = self._request(conditions, labels, n_samples, fill_seed)
         blocks, computed_in = self._draw_in_precision(
             precision, request, batch_size, draw_seed, progress_bar, library_size, sampling,
@@ -184,14 +202,33 @@ class GenerationMixin:
                           "rather than a fit to data.", UserWarning, stacklevel=3)
         return request
 
+    def _request_from_obs(self, obs: pd.DataFrame, nearest: np.ndarray | None,
+                          seed: np.random.SeedSequence) -> Request:
+        """The attribute rows of cells given one per row (spots, chromatin states): the
+        attributes among the columns of ``obs`` guide them; categorical ones not given are
+        those of training cell ``nearest[i]`` (for the decoder and the library sizes, not
+        guided on; ``None``: drawn from the training combinations)."""
+        keys = [a.key for a in self.attributes if a.key in obs.columns]
+        frame = obs[keys].reset_index(drop=True) if keys else \
+            pd.DataFrame(index=pd.RangeIndex(len(obs)))
+        request = request_rows(frame, None, None, self.attributes, self.combinations_,
+                               np.random.default_rng(seed), self.labels_key)
+        n_cat = self.module.n_categorical
+        if n_cat and nearest is not None:
+            manager = self.get_anndata_manager(self.adata, required=True)
+            training = attribute_rows(manager, self.attributes)[nearest, :n_cat]
+            missing = np.isnan(request.guide[:, :n_cat])
+            request.filled[:, :n_cat] = np.where(missing, training, request.guide[:, :n_cat])
+        return request
+
     def _provenance(self, sampling: dict, **choices) -> dict:
         """The sampler's settings and the other ``choices`` as ``uns["scldiff"]`` records
         them."""
         scale = sampling["guidance_scale"]
         compositional = isinstance(scale, list)
         keys = self.attribute_keys
-        if compositional and len(scale) > len(keys):  # and the position's
-            keys = [*keys, self.spatial_key]
+        if compositional and len(scale) > len(keys):  # and the blocks'
+            keys = [*keys, *self._block_keys()]
         return {**choices, **sampling,
                 "guidance_scale": dict(zip(keys, scale, strict=True))
                 if compositional else scale,
@@ -216,8 +253,7 @@ class GenerationMixin:
         size."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
-        guidance_scale = guidance_scales(guidance_scale, self.attributes,
-                                         self.spatial_key if self.module.n_position else None)
+        guidance_scale = guidance_scales(guidance_scale, self.attributes, self._block_keys())
         check_positive("n_steps", n_steps)
         check_positive("batch_size", batch_size)
         if not isinstance(precision, str) or precision not in PRECISIONS:
@@ -228,8 +264,8 @@ class GenerationMixin:
             raise ValueError(f"library_size must be one of {LIBRARY_SIZES}, got "
                              f"{library_size!r}.")
         if batch_size is None:
-            batch_size = default_generation_batch(self.device, self.summary_stats["n_vars"])
-        guided = self.is_conditional or self.module.n_position
+            batch_size = default_generation_batch(self.device, self.n_genes)
+        guided = bool(self.module.score_net.n_columns)
         sampling = {"guidance_scale": guidance_scale if guided else 1.0,
                     "sampler": sampler, "n_steps": int(n_steps or DEFAULT_STEPS[sampler]),
                     "guidance_interval": check_guidance_interval(guidance_interval)}
@@ -238,16 +274,17 @@ class GenerationMixin:
     def _draw_batches(self, request: Request, batch_size: int,
                       seed_sequence: np.random.SeedSequence, progress_bar: bool,
                       library_size: str, sampling: dict, keep_fraction: float = 1.0,
-                      section: tuple[np.ndarray, float, object] | None = None
-                      ) -> list[sp.csr_matrix]:
+                      blocks: np.ndarray | None = None,
+                      coupled: tuple[float, object] | None = None) -> list[sp.csr_matrix]:
         """The counts of the requested cells, ``batch_size`` at a time: latents guided on
         ``request.guide`` (``sampling``: :meth:`~scldiff.module.LapDDPMModule.
         sample_latents`' arguments; filtered by :meth:`_keep_best` when ``keep_fraction <
         1``), library sizes and counts given ``request.filled``. The latents and library
         sizes, and a GPU's counts, come from a torch generator, a CPU's counts from numpy,
-        both seeded from ``seed_sequence``. ``section``: ``(positions, coupling, graph)`` of
-        the requested spots, whose latents are guided on their positions too and start from
-        noise coupled along ``graph`` (:func:`~scldiff.diffusion.coupled_noise`)."""
+        both seeded from ``seed_sequence``. ``blocks``: the requested cells' block columns
+        (spots' positions, cells' chromatin), guided on too; ``coupled``: ``(coupling,
+        graph)`` of spots whose latents start from noise coupled along ``graph``
+        (:func:`~scldiff.diffusion.coupled_noise`)."""
         device = self.device
         torch_seed, numpy_seed = seed_sequence.spawn(2)
         generator = torch.Generator(device=device)
@@ -257,10 +294,10 @@ class GenerationMixin:
         n_cat = self.module.n_categorical
         groups = combination_index(request.filled[:, :n_cat], self.combinations_)
         guide_rows, noise = request.guide, None
-        if section is not None:
-            positions, coupling, graph = section
-            guide_rows = np.concatenate([request.guide, positions], axis=1)
-            noise = coupled_noise(graph, self.module.n_latent, coupling,
+        if blocks is not None:
+            guide_rows = np.concatenate([request.guide, blocks], axis=1)
+        if coupled is not None:
+            noise = coupled_noise(coupled[1], self.module.n_latent, coupled[0],
                                   generator=generator, device=device)
         blocks = []
         for start in track(range(0, len(groups), batch_size), description="Generating cells",
@@ -354,7 +391,7 @@ class GenerationMixin:
         counts, _ = self._posterior_draws(adata, np.repeat(cells, n_samples), batch_size,
                                           resolve_seed(seed), progress_bar)
         if gene_list is not None:
-            counts = counts[:, gene_columns(self.get_var_names(), gene_list)]
+            counts = counts[:, gene_columns(self.gene_names, gene_list)]
         coo = counts.tocoo()
         if n_samples == 1:
             return sparse.GCXS(sparse.COO((coo.row, coo.col), coo.data, shape=coo.shape),
@@ -439,7 +476,7 @@ class GenerationMixin:
         training order, categories that no cell has dropped so that
         ``sc.tl.rank_genes_groups`` takes it; continuous values, NaN where not given),
         ``obs["synthetic"]`` and ``uns["scldiff"]``."""
-        n_genes = self.summary_stats["n_vars"]
+        n_genes = self.n_genes
         x = sp.vstack(blocks, format="csr") if len(blocks) > 1 else \
             blocks[0] if blocks else sp.csr_matrix((0, n_genes), dtype=np.float32)
         obs = pd.DataFrame(index=_obs_names(prefix, rows.shape[0], rows, provenance,
@@ -452,7 +489,7 @@ class GenerationMixin:
             else:
                 obs[attribute.key] = rows[:, a].astype(np.float64) * attribute.std + attribute.mean
         obs["synthetic"] = True
-        var = pd.DataFrame(index=pd.Index(np.asarray(self.get_var_names(), dtype=str)))
+        var = pd.DataFrame(index=pd.Index(self.gene_names))
         uns = {"scldiff": {"model": type(self).__name__, "scldiff_version": __version__,
                            "scvi_tools_version": self.registry_.get("scvi_version", ""),
                            "torch_version": str(torch.__version__),

@@ -18,9 +18,16 @@ from ..module import PREDICTIONS, LapDDPMModule
 from ._attributes import Attribute, label_column, registered_attributes
 from ._constants import ADATA_KEYS, REGISTRY_KEYS
 from ._expression import ExpressionMixin
-from ._fields import ContinuousCovariatesField, ObspField, PositionalEncodingField
+from ._fields import (
+    ChromatinField,
+    ContinuousCovariatesField,
+    ModalityField,
+    ObspField,
+    PositionalEncodingField,
+)
 from ._generation import GenerationMixin
 from ._library import LIBRARY_SIZES, LibrarySizeModel
+from ._multiome import MultiomeMixin, chromatin_of, lsi_state
 from ._perturbation import PerturbationMixin
 from ._serialization import (
     ADATA_FILE,
@@ -29,7 +36,14 @@ from ._serialization import (
     resolve_model_dir,
     write_model_dir,
 )
-from ._setup import ensure_clusters, ensure_graph, spatial_settings, warn_backed_csc
+from ._setup import (
+    ensure_clusters,
+    ensure_graph,
+    ensure_lsi,
+    multiome_settings,
+    spatial_settings,
+    warn_backed_csc,
+)
 from ._spatial import SpatialMixin
 from ._training import TrainingMixin
 from ._validation import (
@@ -38,15 +52,17 @@ from ._validation import (
     check_counts,
     check_genes,
     check_graph_parameters,
+    check_modality,
     check_spatial,
+    modality_split,
 )
 
 # attributes saved with the model besides its init parameters and registry (JSON)
 _SAVED_ATTRIBUTES = ("is_trained_", "history_", "train_indices_", "validation_indices_",
-                     "test_indices_", "combinations_")
+                     "test_indices_", "combinations_", "lsi_")
 
 
-class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, PerturbationMixin,
+class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, MultiomeMixin, PerturbationMixin,
               ExpressionMixin, BaseModelClass):
     r"""Conditional graph latent diffusion model for scRNA-seq counts (LapDDPM, Bini &
     Marchand-Maillet, 2025).
@@ -59,7 +75,8 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, PerturbationMixin,
     model" and "Benchmarks".
 
     The diffusion is conditioned on every attribute registered by :meth:`setup_anndata`
-    (labels, categorical and continuous covariates), each with its own null token, so that
+    (labels, categorical and continuous covariates; a spot's position in its tissue; a
+    cell's chromatin in paired RNA + ATAC data), each with its own null token, so that
     :meth:`generate` takes any subset of them and composes their guidance.
 
     Parameters
@@ -149,7 +166,8 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, PerturbationMixin,
             decoder_covariates = bool(n_categories)
         stats = self.summary_stats
         self.module = self._module_cls(
-            n_input=stats["n_vars"], n_categories=n_categories, n_continuous=n_continuous,
+            n_input=stats.get("n_genes", stats["n_vars"]), n_categories=n_categories,
+            n_continuous=n_continuous,
             n_lpe=stats.get("n_lpe", 0),
             lpe_scale=math.sqrt(stats["n_cells"]), n_latent=n_latent, n_hidden=n_hidden,
             cheb_k=cheb_k, n_cheb_layers=n_cheb_layers, likelihood=likelihood,
@@ -157,7 +175,11 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, PerturbationMixin,
             beta_min=beta_min, beta_max=beta_max, t_min=t_min,
             decoder_covariates=decoder_covariates, prediction=prediction,
             n_position=stats.get("n_lpe", 0) if self.spatial_key else 0,
+            n_chromatin=stats.get("n_lsi", 0),
         )
+        # the fitted LSI of paired data's peaks (plain numbers, saved in model.json)
+        self.lsi_: dict | None = lsi_state(adata) if adata is not None \
+            and self.modality_key else None
         self.library_size = library_size
         self.library_model_: LibrarySizeModel | None = None
         self.combinations_: dict | None = None
@@ -185,6 +207,9 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, PerturbationMixin,
         spatial_graph: Literal["grid", "knn", "delaunay"] = "grid",
         spatial_neighbors: int = 6,
         expression_edges: bool = False,
+        modality_key: str | None = None,
+        graph_modality: Literal["rna", "atac", "both"] = "rna",
+        lsi_components: int = 20,
         **kwargs,
     ) -> None:
         """Register counts, the cells' attributes and the cell graph of an AnnData.
@@ -241,6 +266,21 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, PerturbationMixin,
         expression_edges
             With ``spatial_key``: add the expression k-NN graph's edges to the encoder's
             graph (the LPE stay the tissue's).
+        modality_key
+            Paired RNA + ATAC (10x Multiome, SNARE-seq, SHARE-seq): the ``adata.var``
+            column marking each feature ``"rna"`` or ``"atac"``, genes first, then peaks
+            (MultiVI's layout; :func:`~scldiff.model.paired_anndata` builds it from a
+            MuData). The model generates the genes; the peaks (counts or 0/1, binarised)
+            are embedded by LSI (:class:`~scldiff.graph.LSI`, fitted here, stored in
+            ``adata.obsm["X_scldiff_lsi"]`` and ``adata.uns["scldiff_lsi"]``, saved with the
+            model) and the diffusion is conditioned on each cell's embedding, so that
+            :meth:`generate` ``(conditions=atac)`` gives RNA for chromatin states.
+        graph_modality
+            With ``modality_key``: the cell graph from the genes (``"rna"``), the peaks'
+            LSI (``"atac"``) or the union of both graphs (``"both"``).
+        lsi_components
+            With ``modality_key``: dimensions of the LSI embedding (after its first
+            component, which follows sequencing depth, is dropped).
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields` (``source_registry``
             when a saved model is loaded).
@@ -250,13 +290,18 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, PerturbationMixin,
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
         check_graph_parameters(adata.n_obs, n_neighbors, n_pcs, n_lpe)
         check_spatial(adata, spatial_key, spatial_graph, spatial_neighbors, expression_edges)
+        check_modality(adata, layer, modality_key, graph_modality, lsi_components, spatial_key)
+        n_genes = modality_split(adata, modality_key) if modality_key else adata.n_vars
         check_clustering(labels_key, cluster_labels, cluster_resolution)
         check_attributes(adata, labels_key, categorical_covariate_keys,
                          continuous_covariate_keys)
-        check_counts(adata, layer)
+        check_counts(adata, layer, n_genes if modality_key else None)
         warn_backed_csc(adata, layer)
+        multiome = multiome_settings(modality_key, n_genes, graph_modality, lsi_components)
+        if multiome:
+            ensure_lsi(adata, layer, multiome)
         ensure_graph(adata, layer, n_neighbors, n_pcs, n_lpe, spatial_settings(
-            spatial_key, spatial_graph, spatial_neighbors, expression_edges))
+            spatial_key, spatial_graph, spatial_neighbors, expression_edges), multiome)
         if cluster_labels:
             ensure_clusters(adata, cluster_resolution)
         labels = label_column({"labels_key": labels_key, "cluster_labels": cluster_labels})
@@ -267,6 +312,8 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, PerturbationMixin,
             ContinuousCovariatesField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
             PositionalEncodingField(REGISTRY_KEYS.LPE_KEY, ADATA_KEYS.LPE),
             ObspField(REGISTRY_KEYS.GRAPH_KEY, ADATA_KEYS.GRAPH),
+            ModalityField(REGISTRY_KEYS.MODALITY_KEY, modality_key),
+            ChromatinField(REGISTRY_KEYS.LSI_KEY, ADATA_KEYS.LSI if modality_key else None),
         ], setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -414,6 +461,12 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, PerturbationMixin,
         for name in _SAVED_ATTRIBUTES:
             if name in attributes:
                 setattr(model, name, attributes[name])
+        if model.modality_key:
+            try:
+                chromatin_of(model.lsi_ if isinstance(model.lsi_, dict) else {})
+            except ValueError as err:
+                raise ModelFileError(f"{dir_path}: the LSI in its model.json is damaged "
+                                     f"({err}); save the model again.") from err
         if attributes["library_model_"] is not None:
             try:
                 combinations = model.combinations_

@@ -236,8 +236,8 @@ class PerturbationMixin:
     def _observed(self, adata: AnnData, cells: np.ndarray) -> sp.csr_matrix:
         """The registered counts of ``cells`` (CSR, float32)."""
         manager = self.get_anndata_manager(adata, required=True)
-        return sp.csr_matrix(manager.get_from_registry(REGISTRY_KEYS.X_KEY)[cells],
-                             dtype=np.float32)
+        counts = self._gene_counts(manager.get_from_registry(REGISTRY_KEYS.X_KEY))
+        return sp.csr_matrix(counts[cells], dtype=np.float32)
 
     def _counterfactual_draws(self, mean, logvar, source, target, library, n_draws: int,
                               seed: int, carry: dict, batch_size: int,

@@ -25,16 +25,56 @@ from ._constants import ADATA_KEYS
 
 logger = logging.getLogger(__name__)
 
-_GRAPH_VERSION = 2
+_GRAPH_VERSION = 3
 
 
 def graph_params(layer: str | None, n_obs: int, n_neighbors: int, n_pcs: int, n_lpe: int,
-                 spatial: dict | None = None) -> dict:
+                 spatial: dict | None = None, multiome: dict | None = None) -> dict:
     """What the stored graph was built from, recorded in ``adata.uns``; ``spatial``: the
-    spatial graph's settings (:func:`spatial_settings`), ``{}`` without one."""
+    spatial graph's settings (:func:`spatial_settings`), ``multiome``: the paired
+    modalities' (:func:`multiome_settings`), ``{}`` without."""
     return {"version": _GRAPH_VERSION, "source": "X" if layer is None else f"layers/{layer}",
             "n_obs": n_obs, "n_neighbors": n_neighbors, "n_pcs": n_pcs, "n_lpe": n_lpe,
-            "spatial": dict(spatial or {})}
+            "spatial": dict(spatial or {}), "multiome": dict(multiome or {})}
+
+
+def multiome_settings(modality_key: str | None, n_genes: int, graph_modality: str,
+                      lsi_components: int) -> dict:
+    """The paired modalities' settings as ``uns["scldiff_graph"]["multiome"]`` records them:
+    the modality column, the number of genes (the features before the peaks), which
+    modality the graph comes from and the LSI's width."""
+    if modality_key is None:
+        return {}
+    return {"key": modality_key, "n_genes": int(n_genes), "graph": graph_modality,
+            "lsi_components": int(lsi_components)}
+
+
+def ensure_lsi(adata: AnnData, layer: str | None, multiome: dict) -> None:
+    """Fit the LSI of the peaks (:class:`~scldiff.graph.LSI`: binarised, TF-IDF, truncated
+    SVD without its first component) unless a matching fit is stored: the cells' embedding
+    in ``obsm["X_scldiff_lsi"]``, and in ``uns["scldiff_lsi"]`` the fit (``idf``,
+    ``components``, ``scale_factor``), the embedding's per-dimension ``mean`` and ``std``
+    (the diffusion reads it standardised) and what it was fitted on (``params``)."""
+    from ..graph import LSI
+
+    matrix = adata.X if layer is None else adata.layers[layer]
+    params = {"source": "X" if layer is None else f"layers/{layer}", "n_obs": adata.n_obs,
+              "n_genes": multiome["n_genes"], "n_components": multiome["lsi_components"]}
+    stored = adata.uns.get(ADATA_KEYS.LSI_FIT)
+    if isinstance(stored, dict) and isinstance(stored.get("params"), dict) \
+            and _plain(stored["params"]) == params and ADATA_KEYS.LSI in adata.obsm:
+        logger.info("Reusing the LSI stored in the AnnData.")
+        return
+    seed = settings.seed if settings.seed is not None else 0
+    peaks = matrix[:, multiome["n_genes"]:]
+    lsi = LSI.fit(peaks, n_components=multiome["lsi_components"], random_state=seed)
+    embedding = lsi.transform(peaks)
+    std = embedding.std(0, dtype=np.float64)
+    adata.obsm[ADATA_KEYS.LSI] = embedding
+    adata.uns[ADATA_KEYS.LSI_FIT] = {
+        "idf": lsi.idf, "components": lsi.components, "scale_factor": lsi.scale_factor,
+        "mean": embedding.mean(0, dtype=np.float64), "std": np.where(std > 0, std, 1.0),
+        "params": params}
 
 
 def spatial_settings(spatial_key: str | None, kind: str, n_neighbors: int,
@@ -47,7 +87,8 @@ def spatial_settings(spatial_key: str | None, kind: str, n_neighbors: int,
 
 
 def ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: int,
-                 n_lpe: int, spatial: dict | None = None) -> None:
+                 n_lpe: int, spatial: dict | None = None, multiome: dict | None = None
+                 ) -> None:
     """Build the cell graph and LPE in ``adata`` unless a matching one is already there:
     ``obsp["scldiff_connectivities"]``, ``obsm["X_scldiff_lpe"]`` and their parameters in
     ``uns["scldiff_graph"]``.
@@ -57,8 +98,13 @@ def ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: int
     ``obsm[spatial["key"]]`` (:func:`~scldiff.graph.spatial_graph`, written in squidpy's
     layout too), spots without a neighbour joined to their nearest spot (warned), and the
     LPE are its eigenvectors, the tissue's smooth coordinates; ``expression_edges`` adds
-    the expression graph's edges to the encoder's graph."""
-    params = graph_params(layer, adata.n_obs, n_neighbors, n_pcs, n_lpe, spatial)
+    the expression graph's edges to the encoder's graph.
+
+    With ``multiome`` (:func:`multiome_settings`), the expression graph is the genes' alone,
+    ``multiome["graph"]="atac"`` the k-NN graph of the cells' LSI embedding
+    (``obsm["X_scldiff_lsi"]``, :func:`ensure_lsi` first), ``"both"`` the union of the two
+    (the larger weight of an edge in both)."""
+    params = graph_params(layer, adata.n_obs, n_neighbors, n_pcs, n_lpe, spatial, multiome)
     stored = adata.uns.get(ADATA_KEYS.GRAPH_PARAMS)
     if (
         isinstance(stored, dict)
@@ -72,7 +118,9 @@ def ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: int
     seed = settings.seed if settings.seed is not None else 0
     tissue = _tissue_graph(adata, spatial) if spatial else None
     graph = tissue
-    if not spatial or spatial["expression_edges"]:
+    if multiome:
+        graph = _multiome_graph(adata, layer, n_neighbors, n_pcs, multiome, seed)
+    elif not spatial or spatial["expression_edges"]:
         counts = adata.X if layer is None else adata.layers[layer]  # backed: read in blocks
         embedding = pca_embedding(counts, n_pcs=n_pcs, random_state=seed)
         expression = knn_graph(embedding, n_neighbors=n_neighbors, random_state=seed)
@@ -86,6 +134,22 @@ def ensure_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: int
     adata.obsp[ADATA_KEYS.GRAPH] = graph
     adata.obsm[ADATA_KEYS.LPE] = lpe
     adata.uns[ADATA_KEYS.GRAPH_PARAMS] = params
+
+
+def _multiome_graph(adata: AnnData, layer: str | None, n_neighbors: int, n_pcs: int,
+                    multiome: dict, seed: int) -> sp.csr_matrix:
+    """The cell graph of paired data: of the genes' PCA, the peaks' LSI, or both."""
+    graphs = []
+    if multiome["graph"] in ("rna", "both"):
+        counts = (adata.X if layer is None else adata.layers[layer])[:, :multiome["n_genes"]]
+        embedding = pca_embedding(counts, n_pcs=min(n_pcs, multiome["n_genes"] - 1),
+                                  random_state=seed)
+        graphs.append(knn_graph(embedding, n_neighbors=n_neighbors, random_state=seed))
+    if multiome["graph"] in ("atac", "both"):
+        graphs.append(knn_graph(np.asarray(adata.obsm[ADATA_KEYS.LSI]),
+                                n_neighbors=n_neighbors, random_state=seed))
+    graph = graphs[0] if len(graphs) == 1 else graphs[0].maximum(graphs[1])
+    return sp.csr_matrix(graph, dtype=np.float32)
 
 
 def write_spatial_graph(adata: AnnData, connectivities, distances, kind: str,

@@ -13,7 +13,7 @@ from anndata import AnnData
 
 from ..graph import extend_encoding, join_isolated, lattice_spacing, spatial_graph
 from ..graph._spatial import _check_coordinates
-from ._attributes import Request, attribute_rows, request_rows
+from ._attributes import Request
 from ._constants import ADATA_KEYS
 from ._setup import write_spatial_graph
 
@@ -79,7 +79,7 @@ class SpatialMixin:
         request = self._section_request(spots, section, fill_seed)
         blocks, computed_in = self._draw_in_precision(
             precision, request, batch_size, draw_seed, progress_bar, library_size, sampling,
-            1.0, (section.positions, coupling, section.graph))
+            1.0, section.positions, (coupling, section.graph))
         provenance = self._provenance(
             sampling, seed=seed, batch_size=int(batch_size), library_size=library_size,
             precision=computed_in, conditioned_on=[*request.given, self.spatial_key],
@@ -128,22 +128,10 @@ class SpatialMixin:
 
     def _section_request(self, spots: AnnData | None, section: Section,
                          seed: np.random.SeedSequence) -> Request:
-        """The attribute rows of a section's spots: the attributes in ``spots.obs`` guide
-        them; categorical ones not given are its nearest training spot's (for the decoder
-        and the library sizes, not guided on)."""
+        """The attribute rows of a section's spots (:meth:`_request_from_obs`, categorical
+        attributes not given taken from each one's nearest training spot)."""
         spots = self.adata if spots is None else spots
-        keys = [a.key for a in self.attributes if a.key in spots.obs.columns]
-        frame = spots.obs[keys].reset_index(drop=True) if keys else \
-            pd.DataFrame(index=pd.RangeIndex(spots.n_obs))
-        request = request_rows(frame, None, None, self.attributes, self.combinations_,
-                               np.random.default_rng(seed), self.labels_key)
-        n_cat = self.module.n_categorical
-        if n_cat:
-            manager = self.get_anndata_manager(self.adata, required=True)
-            training = attribute_rows(manager, self.attributes)[section.nearest, :n_cat]
-            missing = np.isnan(request.guide[:, :n_cat])
-            request.filled[:, :n_cat] = np.where(missing, training, request.guide[:, :n_cat])
-        return request
+        return self._request_from_obs(spots.obs, section.nearest, seed)
 
     def _section_anndata(self, synth: AnnData, section: Section) -> AnnData:
         """``synth`` named and placed as the section's spots: their ``obs_names``,

@@ -24,7 +24,7 @@ from ..train import (
     quiet_lightning,
 )
 from ._attributes import combination_index, combination_table
-from ._constants import DEFAULT_GUIDANCE_SCALE, SCORER_MAX_CELLS
+from ._constants import DEFAULT_GUIDANCE_SCALE, REGISTRY_KEYS, SCORER_MAX_CELLS
 from ._library import LibrarySizeModel
 from ._serialization import ModelFileError
 from ._validation import resolve_seed
@@ -258,7 +258,7 @@ class TrainingMixin:
         plan_a = GraphVAETrainingPlan(self.module, **{
             "n_epochs_kl_warmup": max(n_a // 4, 1), **(plan_kwargs or {}), "seed": seed})
         plan_b = DiffusionTrainingPlan(self.module, **{
-            "p_uncond": 0.1 if self.is_conditional or self.module.n_position else 0.0,
+            "p_uncond": 0.1 if self.module.score_net.n_columns else 0.0,
             **(diffusion_plan_kwargs or {}),
             "seed": seed})
         return plan_a, plan_b
@@ -268,13 +268,18 @@ class TrainingMixin:
                      progress_bar: bool) -> LatentDataModule:
         """Stage B's data: the training cells' posteriors (whose statistics standardise the
         latents) and those of the validation cells, with their attribute rows (and, on a
-        spatial graph, their positions: the LPE times ``lpe_scale``)."""
+        spatial graph, their positions: the LPE times ``lpe_scale``; with paired ATAC, their
+        chromatin: the standardised LSI embedding)."""
         self.module.set_latent_statistics(*posterior)
         val = self._posterior(collator, val_idx, progress_bar=progress_bar) \
             if len(val_idx) else None
         rows = collator.attributes
         if self.module.n_position:
             rows = np.concatenate([rows, self._positions(collator.lpe)], axis=1)
+        if self.module.n_chromatin:
+            manager = self.get_anndata_manager(self.adata, required=True)
+            rows = np.concatenate(
+                [rows, self._chromatin(manager.get_from_registry(REGISTRY_KEYS.LSI_KEY))], 1)
         return LatentDataModule.of_cells(posterior, val, rows, train_idx, val_idx,
                                          batch_size, seed)
 

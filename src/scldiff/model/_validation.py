@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from ..graph._matrix import row_blocks
+from ..graph._matrix import is_in_memory, row_blocks
 
 
 def _layer(adata: AnnData, layer: str | None):
@@ -30,16 +30,17 @@ def _values(block) -> np.ndarray:
     return np.asarray(block).ravel()
 
 
-def check_counts(adata: AnnData, layer: str | None) -> None:
+def check_counts(adata: AnnData, layer: str | None, n_genes: int | None = None) -> None:
     """Raise ``ValueError`` unless the layer holds finite, non-negative whole numbers.
 
-    Also rejects cells and genes without counts.
+    Also rejects cells and genes without counts. ``n_genes``: only the first ``n_genes``
+    columns are genes (paired data, whose peaks :func:`check_modality` checks).
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     matrix = _layer(adata, layer)
     if matrix is None:
         raise ValueError(f"{where} is empty; pass an AnnData with raw counts.")
-    n_obs, n_vars = adata.shape
+    n_obs, n_vars = adata.n_obs, adata.n_vars if n_genes is None else n_genes
     if n_obs == 0 or n_vars == 0:
         raise ValueError(f"{where} has shape {adata.shape}; it needs cells and genes.")
     gene_total = np.zeros(n_vars)
@@ -47,6 +48,8 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
     for block in row_blocks(matrix):  # a dense or backed matrix is never copied whole
         if not (sp.issparse(block) or isinstance(block, np.ndarray)):
             block = np.asarray(block)
+        if n_genes is not None:
+            block = block[:, :n_genes]
         values = _values(block)
         if values.dtype.kind not in "biuf":
             raise ValueError(f"{where} has dtype {values.dtype}; it must hold numeric counts.")
@@ -74,8 +77,8 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
         gene_total += np.asarray(block.sum(axis=0)).ravel()
     if empty_cells:
         raise ValueError(
-            f"{empty_cells} cells have no counts in {where}; remove them first, e.g. "
-            "sc.pp.filter_cells(adata, min_counts=1)."
+            f"{empty_cells} cells have no {'gene ' if n_genes is not None else ''}counts in "
+            f"{where}; remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
         )
     empty_genes = np.flatnonzero(gene_total == 0)
     if empty_genes.size:
@@ -252,3 +255,78 @@ def check_spatial(adata: AnnData, spatial_key: str | None, kind: str, n_neighbor
         _check_coordinates(np.asarray(adata.obsm[spatial_key]))
     except (TypeError, ValueError) as err:
         raise ValueError(f"adata.obsm[{spatial_key!r}]: {err}") from err
+
+
+# var[modality_key] values of the two modalities (lower-cased): scldiff's and muon's names,
+# and 10x's feature types as MultiVI reads them
+RNA_MODALITY = ("rna", "gene expression")
+ATAC_MODALITY = ("atac", "peaks")
+GRAPH_MODALITIES = ("rna", "atac", "both")
+
+
+def modality_split(adata: AnnData, modality_key: str) -> int:
+    """The number of genes of a paired RNA + ATAC AnnData whose ``var[modality_key]``
+    marks each feature ``"rna"`` or ``"atac"``, genes first, then peaks; ``ValueError``
+    naming the fix otherwise."""
+    if not isinstance(modality_key, str) or modality_key not in adata.var:
+        raise ValueError(f"modality_key={modality_key!r} is not a column of adata.var "
+                         f"(columns: {list(adata.var.columns)}); mark each feature 'rna' or "
+                         "'atac' there (genes first, then peaks), as MultiVI reads them.")
+    values = adata.var[modality_key].astype(str).str.lower().to_numpy()
+    rna, atac = np.isin(values, RNA_MODALITY), np.isin(values, ATAC_MODALITY)
+    if not (rna | atac).all():
+        other = sorted(set(values[~(rna | atac)]))[:5]
+        raise ValueError(f"adata.var[{modality_key!r}] holds {other}; each feature must be "
+                         "'rna' (a gene) or 'atac' (a peak).")
+    n_genes = int(rna.sum())
+    if not n_genes or not atac.any():
+        raise ValueError(f"adata.var[{modality_key!r}] marks {n_genes} genes and "
+                         f"{int(atac.sum())} peaks; paired data need both.")
+    if not rna[:n_genes].all():
+        raise ValueError(f"The features of adata.var[{modality_key!r}] must be the genes first, "
+                         "then the peaks (MultiVI's layout); reorder them, e.g. adata = "
+                         f"adata[:, np.argsort(~adata.var[{modality_key!r}].isin(['rna']), "
+                         "kind='stable')].copy().")
+    return n_genes
+
+
+def check_modality(adata: AnnData, layer: str | None, modality_key: str | None,
+                   graph_modality: str, lsi_components: int, spatial_key: str | None) -> None:
+    """Raise ``ValueError`` for multiome settings the AnnData cannot support: a missing or
+    malformed modality column, peaks that are neither counts nor 0/1, cells without an
+    accessible peak, a backed matrix, a bad graph modality or LSI width."""
+    if modality_key is None:
+        if graph_modality != "rna":
+            raise ValueError("graph_modality chooses between RNA and ATAC; pass modality_key "
+                             "too.")
+        return
+    if graph_modality not in GRAPH_MODALITIES:
+        raise ValueError(f"graph_modality must be one of {GRAPH_MODALITIES}, got "
+                         f"{graph_modality!r}.")
+    if spatial_key is not None:
+        raise ValueError("spatial_key and modality_key cannot be combined yet; set up either "
+                         "the tissue or the paired modalities.")
+    n_genes = modality_split(adata, modality_key)
+    matrix = _layer(adata, layer)
+    if not is_in_memory(matrix):
+        raise ValueError("Paired RNA + ATAC data must be in memory; load it with "
+                         "anndata.read_h5ad(path) (or adata = adata.to_memory()).")
+    from ..graph import binarize_peaks
+
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    try:
+        peaks = binarize_peaks(matrix[:, n_genes:])
+    except ValueError as err:
+        raise ValueError(f"The peaks of {where}: {err}") from None
+    closed = np.flatnonzero(np.asarray(peaks.sum(1)).ravel() == 0)
+    if closed.size:
+        raise ValueError(f"{closed.size} cell(s) have no accessible peak (e.g. "
+                         f"{list(adata.obs_names[closed[:3]])}); their chromatin tells "
+                         "nothing. Remove them first, e.g. adata = adata[np.asarray(adata[:, "
+                         f"adata.var[{modality_key!r}] == 'atac'].X.sum(1)).ravel() > 0].copy().")
+    n_peaks = adata.n_vars - n_genes
+    if isinstance(lsi_components, bool) or not isinstance(lsi_components, (int, np.integer)) \
+            or not 1 <= lsi_components < min(adata.n_obs, n_peaks) - 1:
+        raise ValueError(f"lsi_components must be an integer in [1, "
+                         f"{min(adata.n_obs, n_peaks) - 2}] for {adata.n_obs} cells and "
+                         f"{n_peaks} peaks, got {lsi_components!r}.")

@@ -49,18 +49,19 @@ def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
 
 
 def drop_attributes(attributes: Tensor, p: float, generator: torch.Generator | None = None,
-                    n_position: int = 0) -> Tensor:
-    """``attributes`` (``(n, A + P)``) with each entry set to NaN (null) independently with
-    probability ``p``: the per-cell, per-attribute dropout of classifier-free guidance; the
-    last ``n_position`` columns (a spot's position) are one attribute, dropped together."""
+                    blocks: Sequence[int] = ()) -> Tensor:
+    """``attributes`` (``(n, A + sum(blocks))``) with each attribute set to NaN (null)
+    independently with probability ``p``: the per-cell, per-attribute dropout of
+    classifier-free guidance. The last columns are the ``blocks`` (a spot's position, a
+    cell's chromatin), each one attribute of several columns, dropped together."""
     if p <= 0.0 or attributes.numel() == 0:
         return attributes
     n, width = attributes.shape
-    n_single = width - n_position
-    draws = torch.rand((n, n_single + (1 if n_position else 0)), generator=generator,
+    n_single = width - sum(blocks)
+    draws = torch.rand((n, n_single + len(blocks)), generator=generator,
                        device=attributes.device) < p
-    drop = torch.cat([draws[:, :n_single], draws[:, n_single:].expand(n, n_position)], 1) \
-        if n_position else draws
+    widths = torch.tensor([1] * n_single + [int(w) for w in blocks], device=attributes.device)
+    drop = torch.repeat_interleave(draws, widths, dim=1)
     return attributes.masked_fill(drop, float("nan"))
 
 
@@ -96,8 +97,11 @@ class LapDDPMModule(BaseModuleClass):
         Number of Laplacian positional encodings given to the encoder.
     n_position
         Width of a spot's position the diffusion is conditioned on (its spatial Laplacian
-        positional encoding, scaled by ``lpe_scale``; 0: not spatial), the last columns of
-        the attribute rows (:class:`ScoreNet`).
+        positional encoding, scaled by ``lpe_scale``; 0: not spatial), a block of columns
+        after the attributes in the attribute rows (:class:`ScoreNet`).
+    n_chromatin
+        Width of a cell's chromatin the diffusion is conditioned on (its standardised ATAC
+        LSI embedding; 0: no ATAC), the block after the position.
     lpe_scale
         Factor applied to the (unit-norm) encodings, ``sqrt(n_cells)``, so entries are O(1).
     n_latent
@@ -150,6 +154,7 @@ class LapDDPMModule(BaseModuleClass):
         decoder_covariates: bool = False,
         prediction: Literal["v", "epsilon"] = "v",
         n_position: int = 0,
+        n_chromatin: int = 0,
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -162,9 +167,12 @@ class LapDDPMModule(BaseModuleClass):
         self.n_categorical = len(n_categories)
         self.decoder = CountDecoder(n_latent, n_input, n_hidden, likelihood=likelihood,
                                     n_categories=n_categories if decoder_covariates else ())
-        self.score_net = ScoreNet(n_latent, n_categories, n_continuous, n_position=n_position,
+        self.n_position, self.n_chromatin = int(n_position), int(n_chromatin)
+        # the widths of the blocks after the attributes: the position, the chromatin
+        self.block_widths = [w for w in (self.n_position, self.n_chromatin) if w]
+        self.score_net = ScoreNet(n_latent, n_categories, n_continuous,
+                                  blocks=self.block_widths,
                                   n_hidden=score_hidden, n_blocks=score_blocks)
-        self.n_position = int(n_position)
         # trained after stage B (:func:`~scldiff.train.fit_scorer`)
         self.scorer = RealnessScorer(n_latent, n_categories, n_continuous)
         self.schedule = VPSchedule(beta_min, beta_max, t_min)
@@ -294,7 +302,7 @@ class LapDDPMModule(BaseModuleClass):
         noise = torch.randn_like(z0)
         zt = self.schedule.add_noise(z0, noise, t)
         attributes = drop_attributes(attributes.reshape(z0.shape[0], -1), p_uncond, generator,
-                                     self.n_position)
+                                     self.block_widths)
         target = self.schedule.velocity(z0, noise, t) if self.prediction == "v" else noise
         return torch.nn.functional.mse_loss(self.score_net(zt, t, attributes), target)
 
@@ -310,22 +318,22 @@ class LapDDPMModule(BaseModuleClass):
     # --------------------------------------------------------------------- generation
     def _guided(self, attributes: Tensor, guidance_scale: float | Sequence[float],
                 guidance_interval: tuple[float, float] | None) -> ClassifierFreeGuidance:
-        """The guided noise predictor of attribute rows ``(n, A)`` or ``(n, A + P)``: rows
-        without the position get a null one; a compositional ``guidance_scale`` of ``A``
-        scales gives the position (one attribute of ``P`` columns) scale 1."""
+        """The guided noise predictor of attribute rows ``(n, A)`` or ``(n, A +`` the
+        blocks' widths ``)``: rows of the attributes alone get null blocks; a compositional
+        ``guidance_scale`` of ``A`` scales gives each block (one attribute of several
+        columns) scale 1."""
         device = self.latent_mean.device
         rows = attributes.to(device).float().reshape(attributes.shape[0], -1)
-        n_attributes = self.score_net.n_attributes
-        if rows.shape[1] == n_attributes and self.n_position:
-            rows = torch.cat([rows, rows.new_full((rows.shape[0], self.n_position),
-                                                  float("nan"))], 1)
+        net = self.score_net
+        if rows.shape[1] == net.n_attributes and net.block_widths:
+            rows = torch.cat([rows, rows.new_full((rows.shape[0], net.n_columns
+                                                   - net.n_attributes), float("nan"))], 1)
         groups = None
-        if self.n_position and not isinstance(guidance_scale, (int, float)):
+        if net.block_widths and not isinstance(guidance_scale, (int, float)):
             guidance_scale = list(guidance_scale)
-            if len(guidance_scale) == n_attributes:
-                guidance_scale.append(1.0)
-            groups = [[a] for a in range(n_attributes)] + \
-                [list(range(n_attributes, n_attributes + self.n_position))]
+            if len(guidance_scale) == net.n_attributes:
+                guidance_scale += [1.0] * len(net.block_widths)
+            groups = [[a] for a in range(net.n_attributes)] + net.block_columns()
         return ClassifierFreeGuidance(self.predict_noise, rows, guidance_scale,
                                       interval=guidance_interval, groups=groups)
 
@@ -340,10 +348,10 @@ class LapDDPMModule(BaseModuleClass):
         guidance_interval: tuple[float, float] | None = None,
         noise: Tensor | None = None,
     ) -> Tensor:
-        """``(n, n_latent)`` latents of the given attribute rows (``(n, A)``, or ``(n, A +
-        P)`` with a spot's position, NaN where unconditioned): guided reverse diffusion from
-        ``noise`` (default: drawn from N(0, I); ``guidance_scale``: one joint scale or one
-        per attribute; ``guidance_interval``: see
+        """``(n, n_latent)`` latents of the given attribute rows (``(n, A)``, or with the
+        blocks, a spot's position or a cell's chromatin, NaN where unconditioned): guided
+        reverse diffusion from ``noise`` (default: drawn from N(0, I); ``guidance_scale``:
+        one joint scale or one per attribute; ``guidance_interval``: see
         :class:`~scldiff.diffusion.ClassifierFreeGuidance`). Non-finite latents raise
         ``FloatingPointError``."""
         device = self.latent_mean.device

@@ -70,9 +70,11 @@ class ScoreNet(nn.Module):
     ``n_categories[a]``, its null token; for a continuous one an MLP of
     :func:`fourier_features`, or a learned null vector. Trained with each attribute
     dropped to null independently (classifier-free guidance), one network gives the score
-    of any subset of attributes. With ``n_position > 0`` the rows end with a spot's
-    position in its tissue (its spatial Laplacian positional encoding, :math:`P` columns),
-    embedded by an MLP and null as a whole (a learned vector) when its first column is NaN.
+    of any subset of attributes. The rows may end with *blocks*, attributes of several
+    columns (a spot's position in its tissue, :math:`P` columns of its spatial Laplacian
+    positional encoding; a cell's chromatin, :math:`K` columns of its standardised ATAC
+    LSI): each is embedded by its own MLP and is null as a whole (a learned vector) when
+    its first column is NaN.
 
     Parameters
     ----------
@@ -82,8 +84,8 @@ class ScoreNet(nn.Module):
         Number of categories of each categorical attribute.
     n_continuous
         Number of continuous covariates.
-    n_position
-        Width :math:`P` of the position at the end of each row (0: none).
+    blocks
+        Widths of the blocks at the end of each row, in order (empty: none).
     n_hidden
         Hidden width.
     n_blocks
@@ -97,7 +99,7 @@ class ScoreNet(nn.Module):
         - **input:** ``z`` :math:`(n, \text{n_latent})`; ``t`` :math:`(n,)`, or :math:`()`
           for one time shared by all rows (a sampler's step: the conditions are then
           computed once per distinct row of ``attributes``); ``attributes`` :math:`(n,
-          A + P)` float, NaN for null
+          A + \sum` ``blocks``:math:`)` float, NaN for null
         - **output:** :math:`(n, \text{n_latent})`
     """
 
@@ -106,7 +108,7 @@ class ScoreNet(nn.Module):
         n_latent: int,
         n_categories: Sequence[int] = (),
         n_continuous: int = 0,
-        n_position: int = 0,
+        blocks: Sequence[int] = (),
         n_hidden: int = 128,
         n_blocks: int = 3,
         time_embedding_dim: int = 64,
@@ -115,7 +117,9 @@ class ScoreNet(nn.Module):
         super().__init__()
         self.n_categories = [int(n) for n in n_categories]
         self.n_continuous = int(n_continuous)
-        self.n_position = int(n_position)
+        self.block_widths = [int(w) for w in blocks]
+        if any(w < 1 for w in self.block_widths):
+            raise ValueError(f"Every block needs at least one column, got {self.block_widths}.")
         self.time_embedding_dim = time_embedding_dim
         self.time_mlp = nn.Sequential(
             nn.Linear(time_embedding_dim, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_hidden)
@@ -130,10 +134,11 @@ class ScoreNet(nn.Module):
         # loss uses would stop a distributed run)
         self.continuous_null = nn.Parameter(torch.zeros(self.n_continuous, n_hidden)) \
             if self.n_continuous else None
-        if self.n_position:
-            self.position_mlp = nn.Sequential(
-                nn.Linear(self.n_position, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_hidden))
-            self.position_null = nn.Parameter(torch.zeros(n_hidden))
+        self.block_mlps = nn.ModuleList([
+            nn.Sequential(nn.Linear(w, n_hidden), nn.GELU(), nn.Linear(n_hidden, n_hidden))
+            for w in self.block_widths])
+        self.block_null = nn.Parameter(torch.zeros(len(self.block_widths), n_hidden)) \
+            if self.block_widths else None
         self.inp = nn.Linear(n_latent, n_hidden)
         self.blocks = nn.ModuleList([_ResidualBlock(n_hidden, dropout_rate)
                                      for _ in range(n_blocks)])
@@ -146,8 +151,16 @@ class ScoreNet(nn.Module):
 
     @property
     def n_columns(self) -> int:
-        """Columns of an attribute row: the attributes, then the position."""
-        return self.n_attributes + self.n_position
+        """Columns of an attribute row: the attributes, then the blocks."""
+        return self.n_attributes + sum(self.block_widths)
+
+    def block_columns(self) -> list[list[int]]:
+        """The columns of each block in an attribute row."""
+        start, out = self.n_attributes, []
+        for width in self.block_widths:
+            out.append(list(range(start, start + width)))
+            start += width
+        return out
 
     def attribute_embedding(self, attributes: Tensor) -> Tensor:
         r""":math:`\sum_a e_a(c_a)`, ``(n, n_hidden)`` (zeros without attributes)."""
@@ -163,11 +176,12 @@ class ScoreNet(nn.Module):
             null = torch.isnan(value)
             embedded = mlp(fourier_features(torch.where(null, torch.zeros_like(value), value)))
             out = out + torch.where(null[:, None], self.continuous_null[j], embedded)
-        if self.n_position:
-            position = attributes[:, self.n_attributes:]
-            null = torch.isnan(position[:, :1])
-            embedded = self.position_mlp(torch.where(null, torch.zeros_like(position), position))
-            out = out + torch.where(null, self.position_null, embedded)
+        for b, (columns, mlp) in enumerate(zip(self.block_columns(), self.block_mlps,
+                                               strict=True)):
+            block = attributes[:, columns[0] : columns[-1] + 1]
+            null = torch.isnan(block[:, :1])
+            embedded = mlp(torch.where(null, torch.zeros_like(block), block))
+            out = out + torch.where(null, self.block_null[b], embedded)
         return out
 
     def condition(self, t: Tensor, attributes: Tensor) -> Tensor:
