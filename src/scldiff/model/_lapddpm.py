@@ -27,13 +27,14 @@ from ._fields import (
 )
 from ._generation import GenerationMixin
 from ._library import LIBRARY_SIZES, LibrarySizeModel
-from ._multiome import MultiomeMixin, chromatin_of, lsi_state
+from ._multiome import MultiomeMixin, lsi_state
 from ._perturbation import PerturbationMixin
 from ._serialization import (
     ADATA_FILE,
     ModelFileError,
     read_model_dir,
     resolve_model_dir,
+    restore_attributes,
     write_model_dir,
 )
 from ._setup import (
@@ -458,28 +459,7 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, MultiomeMixin, Pertu
             raise ModelFileError(
                 f"The weights in {dir_path} do not fit the model its model.json describes "
                 f"(missing, unexpected or mis-shaped tensors): {err}") from err
-        for name in _SAVED_ATTRIBUTES:
-            if name in attributes:
-                setattr(model, name, attributes[name])
-        if model.modality_key:
-            try:
-                chromatin_of(model.lsi_ if isinstance(model.lsi_, dict) else {})
-            except ValueError as err:
-                raise ModelFileError(f"{dir_path}: the LSI in its model.json is damaged "
-                                     f"({err}); save the model again.") from err
-        if attributes["library_model_"] is not None:
-            try:
-                combinations = model.combinations_
-                if not isinstance(combinations, dict) or not isinstance(
-                        combinations.get("codes"), list):
-                    raise ValueError("the training combinations of attributes are missing")
-                model.library_model_ = LibrarySizeModel.from_dict(
-                    attributes["library_model_"], model.module.n_latent,
-                    len(combinations["codes"]) + 1)
-            except ValueError as err:
-                raise ModelFileError(f"{dir_path}: the library-size model in its model.json "
-                                     f"is damaged ({err}); save the model again from the "
-                                     "trained one.") from err
+        restore_attributes(model, attributes, _SAVED_ATTRIBUTES, dir_path)
         _, _, torch_device = parse_device_args(accelerator=accelerator, devices=device,
                                                return_device="torch",
                                                validate_single_device=True)

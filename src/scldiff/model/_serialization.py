@@ -202,3 +202,34 @@ def read_model_dir(dir_path: str, weights: bool = True
             f"{FORMAT_VERSION} only: the model was saved by another version of scldiff. "
             "Train it again with this one (or load it with the version that saved it).")
     return state_dict, attributes
+
+
+def restore_attributes(model, attributes: dict, names: tuple[str, ...], dir_path: str) -> None:
+    """Set a loaded model's saved attributes ``names`` from its ``model.json``, and rebuild
+    its LSI check and library-size model; ``ModelFileError`` for damaged ones."""
+    from ._library import LibrarySizeModel
+    from ._multiome import chromatin_of
+
+    for name in names:
+        if name in attributes:
+            setattr(model, name, attributes[name])
+    try:
+        if model.modality_key:
+            chromatin_of(model.lsi_ if isinstance(model.lsi_, dict) else {})
+    except ValueError as err:
+        raise ModelFileError(f"{dir_path}: the LSI in its model.json is damaged ({err}); "
+                             "save the model again.") from err
+    if attributes["library_model_"] is None:
+        return
+    try:
+        combinations = model.combinations_
+        if not isinstance(combinations, dict) or not isinstance(combinations.get("codes"),
+                                                                list):
+            raise ValueError("the training combinations of attributes are missing")
+        model.library_model_ = LibrarySizeModel.from_dict(
+            attributes["library_model_"], model.module.n_latent,
+            len(combinations["codes"]) + 1)
+    except ValueError as err:
+        raise ModelFileError(f"{dir_path}: the library-size model in its model.json is "
+                             f"damaged ({err}); save the model again from the trained "
+                             "one.") from err
