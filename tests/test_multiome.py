@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -17,9 +16,6 @@ import scldiff
 from scldiff.graph import LSI, knn_graph
 
 from .conftest import QUIET
-
-MUON_SUBSET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                           "multiome_pbmc10x_muon_subset.h5ad")
 
 
 def paired(n_cells: int = 300, n_genes: int = 30, n_peaks: int = 60, seed: int = 0
@@ -231,12 +227,9 @@ def test_paired_anndata_from_a_mudata():
         scldiff.model.paired_anndata(mdata, atac="peaks")
 
 
-@pytest.mark.skipif(not os.path.exists(MUON_SUBSET),
-                    reason="../shared/data/multiome_pbmc10x_muon_subset.h5ad is absent")
-def test_setup_on_the_muon_multiome_subset():
-    import anndata
-
-    adata = anndata.read_h5ad(MUON_SUBSET)
+def test_setup_on_the_bundled_multiome_subset():
+    adata = scldiff.datasets.pbmc_multiome_subset()
+    assert adata.shape == (1000, 219) and list(adata.var["modality"][[0, 45]]) == ["rna", "atac"]
     before = snapshot(adata)
     with pytest.raises(ValueError, match="19 cell\\(s\\) have no accessible peak"):
         scldiff.LapDDPM.setup_anndata(adata, modality_key="modality")
@@ -246,3 +239,27 @@ def test_setup_on_the_muon_multiome_subset():
     scldiff.LapDDPM.setup_anndata(adata, modality_key="modality", graph_modality="both")
     assert adata.obsm["X_scldiff_lsi"].shape == (981, 20)
     assert scldiff.LapDDPM(adata).n_genes == 45
+
+
+def test_labels_beside_the_chromatin_guide_or_come_from_the_nearest_cell():
+    scvi.settings.seed = 0
+    adata = paired(n_cells=200)
+    train, held_out = adata[:160].copy(), adata[160:].copy()
+    scldiff.LapDDPM.setup_anndata(train, labels_key="kind", modality_key="modality",
+                                  lsi_components=5)
+    model = scldiff.LapDDPM(train, n_latent=6, n_hidden=32, score_hidden=32, score_blocks=2)
+    model.train(max_epochs_vae=5, max_epochs_diffusion=5, **QUIET)
+    without = held_out.copy()
+    del without.obs["kind"]
+    synth = model.generate(conditions=without, seed=0, progress_bar=False,
+                           guidance_scale={"kind": 1.0, "atac": 2.0})
+    assert synth.uns["scldiff"]["conditioned_on"] == ["atac"]
+    assert synth.uns["scldiff"]["guidance_scale"] == {"kind": 1.0, "atac": 2.0}
+    # not guided on, but the decoder's label: the training cell of nearest chromatin's
+    assert (synth.obs["kind"].astype(str).to_numpy()
+            == held_out.obs["kind"].astype(str).to_numpy()).mean() > 0.9
+    flipped = held_out.copy()
+    flipped.obs["kind"] = np.where(held_out.obs["kind"] == "type0", "type1", "type0")
+    guided = model.generate(conditions=flipped, seed=0, progress_bar=False)
+    assert guided.uns["scldiff"]["conditioned_on"] == ["kind", "atac"]
+    assert list(guided.obs["kind"].astype(str)) == list(flipped.obs["kind"])
