@@ -32,6 +32,13 @@ given the held-out cells' peaks:
   draw).
 * **nearest in RNA** (a ceiling, it reads the held-out RNA): the 15 nearest training cells in
   the PCA of the training cells' log-normalised RNA; mean and one at random.
+* **real training cells** (the floor of the distribution metrics): as many training cells
+  at random.
+* **LapDDPM + accessibility decoder** (``accessibility_decoder=True``, ``rna`` graph): paired
+  cells; its RNA is scored as above, its peaks against the held-out cells' real peaks (the
+  correlation of their TF-IDF profiles, the correlation across peaks of how often each is
+  open, open peaks per cell, MMD and RF AUC on the TF-IDF), next to a random LSI neighbour's
+  real peaks, peaks drawn independently at their training rates and real training cells.
 
 Scores on the held-out cells, log-normalised counts (1e4, log1p): **centred per-cell
 Pearson**, the correlation of a cell's generated and real deviation from the training
@@ -75,6 +82,8 @@ K = 15  # neighbours of the kNN baselines
 N_DRAWS = 10  # draws per held-out cell whose mean is LapDDPM's prediction
 CENTRED = "centred per-cell r"
 METRICS = (CENTRED, "per-gene r", "gene-gene Spearman", "MMD", "RF AUC")
+ATAC_METRICS = ("TF-IDF centred r", "peak rate r", "open peaks (generated / real)",
+                "MMD (TF-IDF PCA)", "RF AUC (TF-IDF)", "cells without an open peak")
 
 
 def load(dataset: str, data_dir: str) -> ad.AnnData:
@@ -138,6 +147,39 @@ def draw_scores(test: ad.AnnData, counts: sp.csr_matrix, mean: np.ndarray) -> di
     return out
 
 
+def atac_scores(real: sp.csr_matrix, generated, lsi: LSI, train_tfidf_mean: np.ndarray,
+                seed: int) -> dict:
+    """Generated peaks (0/1) of the held-out cells against their real peaks, on their TF-IDF
+    with the training IDF (a fixed transform, so that cells the LSI was fitted on, whose
+    in-sample projections are inflated where peaks outnumber cells, are not favoured): the
+    correlation of a cell's generated and real TF-IDF, centred on the training cells' mean;
+    the correlation across peaks of the fraction of cells in which each is open; the ratio
+    of open peaks per cell; MMD on a PCA of both sets pooled (20 components) and RF AUC
+    (:func:`~scldiff.metrics.classifier_auc`, its own pooled PCA). Cells with no open peak
+    (TF-IDF undefined) are left out of those scores and counted."""
+    from sklearn.decomposition import PCA
+
+    from scldiff.graph import binarize_peaks
+    from scldiff.metrics import classifier_auc, mmd_rbf
+
+    real, generated = binarize_peaks(real), binarize_peaks(generated)
+    has_peak = np.asarray(generated.sum(1)).ravel() > 0
+    a = lsi.tfidf(real).toarray() - train_tfidf_mean
+    b = lsi.tfidf(generated[has_peak]).toarray() - train_tfidf_mean
+    c, d = a[has_peak] - a[has_peak].mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    r = (c * d).sum(1) / np.sqrt((c * c).sum(1) * (d * d).sum(1))
+    pooled = PCA(n_components=20, random_state=seed).fit_transform(np.vstack([a, b]))
+    pooled /= pooled[: a.shape[0]].std()
+    rate_real = np.asarray(real.mean(0)).ravel()
+    rate_gen = np.asarray(generated.mean(0)).ravel()
+    return {"TF-IDF centred r": float(np.mean(r)),
+            "peak rate r": float(np.corrcoef(rate_real, rate_gen)[0, 1]),
+            "open peaks (generated / real)": float(generated.sum() / real.sum()),
+            "MMD (TF-IDF PCA)": mmd_rbf(pooled[: a.shape[0]], pooled[a.shape[0]:]),
+            "RF AUC (TF-IDF)": classifier_auc(a, b, n_pcs=20, random_state=seed),
+            "cells without an open peak": float(1 - has_peak.mean())}
+
+
 def lapddpm(train: ad.AnnData, test: ad.AnnData, graph: str, seed: int, mean: np.ndarray
             ) -> tuple[dict, float, scldiff.LapDDPM]:
     """Scores of the ATAC-conditioned draws and of the mean of ``N_DRAWS`` draws."""
@@ -188,6 +230,47 @@ def multivi(train: ad.AnnData, test: ad.AnnData, n_genes: int, seed: int) -> tup
     expression = model.get_normalized_expression(
         mdata, indices=np.arange(train.n_obs, len(names)), return_numpy=True)
     return np.log1p(np.asarray(expression, dtype=np.float64) * 1e4), seconds
+
+
+def accessibility(train: ad.AnnData, test: ad.AnnData, results: dict, index: np.ndarray,
+                  lsi: LSI, seed: int, mean: np.ndarray, floor: np.ndarray
+                  ) -> tuple[dict, float]:
+    """Paired cells from a model with an accessibility decoder (``rna`` graph): its RNA
+    draws go to ``results``; its peaks, from the held-out cells' chromatin and without it,
+    are scored (:func:`atac_scores`) next to a random LSI neighbour's real peaks, peaks
+    drawn independently at their training rates, and as many real training cells (the
+    floor)."""
+    import scvi
+
+    scvi.settings.seed = seed
+    data = train.copy()
+    start = time.perf_counter()
+    scldiff.LapDDPM.setup_anndata(data, modality_key="modality")
+    model = scldiff.LapDDPM(data, accessibility_decoder=True)
+    model.train(enable_progress_bar=False)
+    seconds = time.perf_counter() - start
+    genes, peaks = model.gene_names, model.peak_names
+    test_genes = test[:, genes].copy()
+    paired = model.generate(conditions=test, seed=seed, progress_bar=False)
+    blind = model.generate(conditions=test, seed=seed, progress_bar=False,
+                           guidance_scale={"atac": 0.0})
+    results["LapDDPM + accessibility decoder, ATAC"] = {
+        "draw": draw_scores(test_genes, paired[:, genes].X, mean)}
+    train_peaks = sp.csr_matrix(train[:, peaks].X)
+    train_tfidf_mean = np.asarray(lsi.tfidf(train_peaks).mean(0)).ravel()
+    real = sp.csr_matrix(test[:, peaks].X)
+    rng = np.random.default_rng(seed)
+    pick = index[np.arange(index.shape[0]), rng.integers(0, K, index.shape[0])]
+    rate = np.asarray((train_peaks > 0).mean(0)).ravel()
+    independent = sp.csr_matrix((rng.random(real.shape) < rate).astype(np.float32))
+    atac = {"LapDDPM + accessibility decoder, ATAC": paired[:, peaks].X,
+            "LapDDPM + accessibility decoder, unconditional": blind[:, peaks].X,
+            "a neighbour in LSI": train_peaks[pick],
+            "independent peaks at training rates": independent,
+            "real training cells (floor)": train_peaks[floor]}
+    return {name: atac_scores(real, x, lsi, train_tfidf_mean, seed)
+            for name, x in atac.items()}, \
+        seconds
 
 
 def neighbours(reference: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -246,15 +329,22 @@ def run(dataset: str, seed: int, data_dir: str, force: bool) -> None:
     train_counts = sp.csr_matrix(train.X[:, :n_genes])
     index = neighbours(lsi.transform(train.X[:, n_genes:]), lsi.transform(test.X[:, n_genes:]))
     results["kNN in LSI"] = knn_scores(train_rna, test_genes, index, mean, train_counts, seed)
+    lsi_index = index
     from sklearn.decomposition import PCA
 
     pca = PCA(n_components=min(30, n_genes - 1), random_state=seed).fit(train_rna)
     index = neighbours(pca.transform(train_rna), pca.transform(log_normalised(test_genes.X)))
     results["nearest in RNA (ceiling)"] = knn_scores(train_rna, test_genes, index, mean,
                                                      train_counts, seed)
+    rng = np.random.default_rng(seed)
+    floor = rng.choice(train.n_obs, test.n_obs, replace=False)
+    results["real training cells (floor)"] = {"draw": draw_scores(test_genes,
+                                                                  train_counts[floor], mean)}
+    atac, seconds["LapDDPM + accessibility decoder"] = accessibility(
+        train, test, results, lsi_index, lsi, seed, mean, floor)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"dataset": dataset, "seed": seed, "n_cells": int(n),
+        json.dump({"dataset": dataset, "seed": seed, "n_cells": int(n), "atac": atac,
                    "n_held_out": int(mask.sum()), "n_genes": n_genes,
                    "n_peaks": int(adata.n_vars - (adata.var["modality"] == "rna").sum()),
                    "scores": results, "fit_seconds": seconds, "meta": meta()}, f, indent=1)
@@ -296,6 +386,18 @@ def report() -> None:
                 fit = f"{np.mean(fits):.0f}" if fits[0] is not None else ""
                 summary[dataset][f"{method} [{output}]"] = entry
                 rows.append(f"| {method} | {output} | " + " | ".join(cells) + f" | {fit} |")
+        rows.append(f"\nPeaks of the held-out cells ({dataset}): generated or taken, against "
+                    "their real peaks\n")
+        rows.append("| method | " + " | ".join(ATAC_METRICS) + " |")
+        rows.append("|---|" + "---|" * len(ATAC_METRICS))
+        for method in first.get("atac", {}):
+            cells, entry = [], {}
+            for metric in ATAC_METRICS:
+                v = np.array([r["atac"][method][metric] for r in runs], dtype=float)
+                entry[metric] = [float(v.mean()), float(v.std())]
+                cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
+            summary[dataset][f"{method} [peaks]"] = entry
+            rows.append(f"| {method} | " + " | ".join(cells) + " |")
     text = ("# Multiome benchmark (benchmarks/multiome.py)\n\nMean ± standard deviation over "
             "seeds, on the held-out fifth of the cells. *draw*: one generated (or real "
             "neighbour's) cell per held-out cell; *mean*: a prediction (LapDDPM: the mean of "
@@ -311,6 +413,8 @@ def report() -> None:
 def _fit_key(method: str) -> str | None:
     if method.startswith("LapDDPM, ATAC"):
         return "LapDDPM (" + method.split("(")[1]
+    if method.startswith("LapDDPM + accessibility"):
+        return "LapDDPM + accessibility decoder"
     return "MultiVI" if method == "MultiVI" else None
 
 

@@ -375,7 +375,7 @@ def test_ddim_inversion_reaches_the_noise_and_comes_back():
 
 # ------------------------------------------------------- a spot's position as condition
 def test_the_position_block_is_dropped_as_a_whole():
-    from scldiff.module._module import drop_attributes
+    from scldiff.module import drop_attributes
 
     rows = torch.ones(20_000, 2 + 3)
     dropped = drop_attributes(rows, 0.3, torch.Generator().manual_seed(0), blocks=[3])
@@ -389,7 +389,7 @@ def test_the_position_block_is_dropped_as_a_whole():
 
 
 def test_two_blocks_are_dropped_each_as_a_whole_and_apart():
-    from scldiff.module._module import drop_attributes
+    from scldiff.module import drop_attributes
 
     rows = torch.ones(20_000, 1 + 2 + 3)  # an attribute, a position, a chromatin block
     dropped = torch.isnan(drop_attributes(rows, 0.5, torch.Generator().manual_seed(1),

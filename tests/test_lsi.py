@@ -53,6 +53,11 @@ def test_lsi_matches_the_hand_computation_on_training_and_new_cells():
     np.testing.assert_allclose(lsi.transform(new), by_hand(PEAKS, new, 3), atol=1e-4)
     # counts and their 0/1 pattern embed alike: only accessibility counts
     np.testing.assert_allclose(lsi.transform(PEAKS), lsi.transform(PEAKS > 0), atol=1e-6)
+    # the TF-IDF it projects, by hand: log TF times the training IDF
+    b = (PEAKS > 0).astype(float)
+    idf = np.log1p(8 / b.sum(0))
+    expected = np.log1p(1e4 * (new > 0) / (new > 0).sum(1, keepdims=True)) * idf
+    np.testing.assert_allclose(lsi.tfidf(new).toarray(), expected, rtol=1e-6)
 
 
 def test_lsi_is_saved_as_plain_numbers_and_loaded_exactly():

@@ -263,3 +263,61 @@ def test_labels_beside_the_chromatin_guide_or_come_from_the_nearest_cell():
     guided = model.generate(conditions=flipped, seed=0, progress_bar=False)
     assert guided.uns["scldiff"]["conditioned_on"] == ["kind", "atac"]
     assert list(guided.obs["kind"].astype(str)) == list(flipped.obs["kind"])
+
+
+def test_fit_accessibility_starts_at_the_peak_rates_and_learns_what_the_latent_tells():
+    from scldiff.module import AccessibilityDecoder
+    from scldiff.train import fit_accessibility
+
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    mean = torch.from_numpy(rng.standard_normal((600, 2))).float()
+    logvar = torch.full((600, 2), -8.0)  # draws at the means
+    peaks = np.zeros((600, 3), dtype=np.float32)
+    peaks[:, 0] = mean[:, 0].numpy() > 0  # told by the latent
+    peaks[:, 1] = rng.random(600) < 0.2  # not told: its rate
+    peaks[:5, 2] = 1  # rare
+    decoder = AccessibilityDecoder(2, 3, n_hidden=16)
+    fit_accessibility(decoder, mean, logvar, sp.csr_matrix(peaks), n_steps=0)
+    rate = peaks.mean(0)
+    np.testing.assert_allclose(decoder.logits.bias.detach().numpy(),
+                               np.log(rate / (1 - rate)), rtol=1e-5)
+    held = torch.tensor([[2.0, 0.0], [-2.0, 0.0]])
+    nll = fit_accessibility(decoder, mean, logvar, sp.csr_matrix(peaks),
+                            validation=(held, held, sp.csr_matrix([[1, 0, 0], [0, 0, 0]])),
+                            n_steps=400, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p = torch.sigmoid(decoder(held)).numpy()
+    assert p[0, 0] > 0.9 and p[1, 0] < 0.1
+    assert abs(p[:, 1].mean() - rate[1]) < 0.1 and p[:, 2].max() < 0.1
+    assert 0 < nll < 1.5
+
+
+def test_an_accessibility_decoder_generates_paired_cells(tmp_path):
+    with pytest.raises(ValueError, match="accessibility_decoder=True generates peaks"):
+        adata = paired(n_cells=60)
+        scldiff.LapDDPM.setup_anndata(adata)
+        scldiff.LapDDPM(adata, accessibility_decoder=True)
+    scvi.settings.seed = 0
+    adata = paired()
+    train, held_out = adata[:240].copy(), adata[240:].copy()
+    scldiff.LapDDPM.setup_anndata(train, modality_key="modality", lsi_components=5)
+    model = scldiff.LapDDPM(train, n_latent=6, n_hidden=32, score_hidden=32, score_blocks=2,
+                            accessibility_decoder=True)
+    model.train(max_epochs_vae=50, max_epochs_diffusion=300, train_size=0.9, **QUIET)
+    assert np.isfinite(model.history["accessibility_nll_validation"].iloc[0, 0])
+    synth = model.generate(conditions=held_out, seed=0, progress_bar=False)
+    assert list(synth.var_names) == list(train.var_names)
+    assert list(synth.var["modality"]) == list(train.var["modality"])
+    peaks = synth[:, model.peak_names].X.toarray()
+    assert set(np.unique(peaks)) <= {0.0, 1.0}
+    # the drawn peaks go with the chromatin the RNA was drawn for
+    first_half = peaks[:, :30].mean(1) > peaks[:, 30:].mean(1)
+    assert (first_half == (held_out.obs["kind"] == "type0").to_numpy()).mean() > 0.9
+    # paired cells in the training layout: they set up as the training data did
+    scldiff.LapDDPM.setup_anndata(synth, modality_key="modality", lsi_components=5)
+    model.save(str(tmp_path / "m"))
+    loaded = scldiff.LapDDPM.load(str(tmp_path / "m"), adata=False)
+    again = loaded.generate(conditions=held_out, seed=0, progress_bar=False)
+    assert (again.X != model.generate(conditions=held_out, seed=0,
+                                      progress_bar=False).X).nnz == 0

@@ -82,14 +82,18 @@ class LSI:
         v = v * np.sign(v[np.abs(v).argmax(0), np.arange(v.shape[1])])
         return cls(idf.astype(np.float64), v.astype(np.float64), float(scale_factor))
 
-    def transform(self, peaks) -> np.ndarray:
-        """``(n_cells, k)`` float32 embedding of cells with the training peaks."""
+    def tfidf(self, peaks) -> sp.csr_matrix:
+        """``(n_cells, n_peaks)`` TF-IDF of cells with the training peaks (the training
+        IDF), :math:`t` above: what :meth:`transform` projects."""
         x = binarize_peaks(peaks)
         if x.shape[1] != self.idf.size:
             raise ValueError(f"The cells have {x.shape[1]} peaks; this LSI was fitted on "
                              f"{self.idf.size}. Give the training peaks, in their order.")
-        tfidf = _term_frequency(x, self.scale_factor) @ sp.diags(self.idf)
-        return np.asarray(tfidf @ self.components, dtype=np.float32)
+        return sp.csr_matrix(_term_frequency(x, self.scale_factor) @ sp.diags(self.idf))
+
+    def transform(self, peaks) -> np.ndarray:
+        """``(n_cells, k)`` float32 embedding of cells with the training peaks."""
+        return np.asarray(self.tfidf(peaks) @ self.components, dtype=np.float32)
 
     def to_dict(self) -> dict:
         """Plain lists and numbers, for a JSON model file."""

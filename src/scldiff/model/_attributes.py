@@ -170,6 +170,16 @@ def request_rows(conditions, labels, n_samples: int | None, attributes: list[Att
     return Request(guide, filled, given, unseen)
 
 
+def obs_request(obs: pd.DataFrame, attributes: list[Attribute], table: dict,
+                rng: np.random.Generator, labels_key: str | None) -> Request:
+    """:class:`Request` of cells given one per row of ``obs``, guided on the attributes
+    among its columns (other columns ignored)."""
+    keys = [a.key for a in attributes if a.key in obs.columns]
+    frame = obs[keys].reset_index(drop=True) if keys else \
+        pd.DataFrame(index=pd.RangeIndex(len(obs)))
+    return request_rows(frame, None, None, attributes, table, rng, labels_key)
+
+
 def _proportional_rows(n_samples, attributes, table, n_cat) -> np.ndarray:
     """``n_samples`` rows in the training proportions of the categorical combinations (by
     largest remainder, so that the numbers are exact and deterministic); continuous

@@ -24,11 +24,12 @@ from ._attributes import (
     attribute_rows,
     combination_index,
     guidance_scales,
+    obs_request,
     request_rows,
 )
 from ._constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_NOISE_COUPLING
 from ._library import LIBRARY_SIZES
-from ._validation import check_positive, gene_columns, resolve_seed
+from ._validation import check_keep_fraction, check_positive, gene_columns, resolve_seed
 
 # generate()'s precisions: the dtype of the networks' matrix products under autocast
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -36,14 +37,6 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # decoder's outputs, the sampler's bound and uniforms, masks (an estimate with room to
 # spare; the measured peak is in docs "Performance")
 _GENERATION_BYTES_PER_ENTRY = 48
-
-
-def check_keep_fraction(value) -> float:
-    """``generate``'s ``keep_fraction`` as a float in (0, 1]; ``ValueError`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"keep_fraction must be a number in (0, 1], got {value!r}.")
-    return float(value)
 
 
 def default_generation_batch(device: torch.device, n_genes: int) -> int:
@@ -155,9 +148,11 @@ class GenerationMixin:
 
         Returns
         -------
-        AnnData of integer counts of the genes in ``X`` (CSR) and ``layers["counts"]``, a column of
-        ``obs`` per attribute (categorical in training order, unused categories dropped;
-        continuous, NaN where unconditioned), ``obs["synthetic"] = True``, every choice in
+        AnnData of integer counts of the genes in ``X`` (CSR) and ``layers["counts"]`` (with
+        ``accessibility_decoder=True`` then the cells' 0/1 peaks, ``var[modality_key]``
+        marking each: paired cells in the training layout), a column of ``obs`` per
+        attribute (categorical in training order, unused categories dropped; continuous,
+        NaN where unconditioned), ``obs["synthetic"] = True``, every choice in
         ``uns["scldiff"]``, obs names ``synthetic-{token}-{i}`` unique to the draw. A
         section keeps the spots' obs names, coordinates (``obsm[spatial_key]``) and
         neighbourhood graph (``obsp["spatial_connectivities"]``, squidpy's layout). Cells
@@ -208,11 +203,8 @@ class GenerationMixin:
         attributes among the columns of ``obs`` guide them; categorical ones not given are
         those of training cell ``nearest[i]`` (for the decoder and the library sizes, not
         guided on; ``None``: drawn from the training combinations)."""
-        keys = [a.key for a in self.attributes if a.key in obs.columns]
-        frame = obs[keys].reset_index(drop=True) if keys else \
-            pd.DataFrame(index=pd.RangeIndex(len(obs)))
-        request = request_rows(frame, None, None, self.attributes, self.combinations_,
-                               np.random.default_rng(seed), self.labels_key)
+        request = obs_request(obs, self.attributes, self.combinations_,
+                              np.random.default_rng(seed), self.labels_key)
         n_cat = self.module.n_categorical
         if n_cat and nearest is not None:
             manager = self.get_anndata_manager(self.adata, required=True)
@@ -314,7 +306,10 @@ class GenerationMixin:
             library = self.library_model_.draw(
                 library_size, z, torch.from_numpy(groups[window]).to(device), generator,
                 self.module.categories(filled))
-            blocks.append(self.module.decode_counts(z, library, counts_generator, filled))
+            counts = self.module.decode_counts(z, library, counts_generator, filled)
+            if self.module.accessibility is not None:  # and the cells' peaks
+                counts = sp.hstack([counts, self.module.draw_peaks(z, generator)], "csr")
+            blocks.append(counts)
         return blocks
 
     def _keep_best(self, guide: torch.Tensor, filled: torch.Tensor, keep_fraction: float,
@@ -475,7 +470,9 @@ class GenerationMixin:
         column of ``obs`` per attribute from the attribute rows ``rows`` (categorical in the
         training order, categories that no cell has dropped so that
         ``sc.tl.rank_genes_groups`` takes it; continuous values, NaN where not given),
-        ``obs["synthetic"]`` and ``uns["scldiff"]``."""
+        ``obs["synthetic"]`` and ``uns["scldiff"]``. Blocks with peaks (an accessibility
+        decoder's) give the training layout: the genes, then the peaks, marked in
+        ``var[modality_key]``."""
         n_genes = self.n_genes
         x = sp.vstack(blocks, format="csr") if len(blocks) > 1 else \
             blocks[0] if blocks else sp.csr_matrix((0, n_genes), dtype=np.float32)
@@ -490,6 +487,9 @@ class GenerationMixin:
                 obs[attribute.key] = rows[:, a].astype(np.float64) * attribute.std + attribute.mean
         obs["synthetic"] = True
         var = pd.DataFrame(index=pd.Index(self.gene_names))
+        if x.shape[1] > n_genes:
+            var = pd.DataFrame({self.modality_key: ["rna"] * n_genes + ["atac"] * (
+                x.shape[1] - n_genes)}, index=pd.Index([*self.gene_names, *self.peak_names]))
         uns = {"scldiff": {"model": type(self).__name__, "scldiff_version": __version__,
                            "scvi_tools_version": self.registry_.get("scvi_version", ""),
                            "torch_version": str(torch.__version__),

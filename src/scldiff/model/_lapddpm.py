@@ -119,6 +119,10 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, MultiomeMixin, Pertu
         What the ScoreNet learns to predict: ``"v"`` (default), the velocity
         :math:`\alpha_t\epsilon - \sigma_t z_0`, or ``"epsilon"``, the noise, as in the
         LapDDPM paper (:class:`~scldiff.module.LapDDPMModule`).
+    accessibility_decoder
+        Paired RNA + ATAC: also decode peaks from the latent (a Bernoulli per peak,
+        :class:`~scldiff.module.AccessibilityDecoder`, fitted after the graph VAE), so that
+        :meth:`generate` returns paired cells in the training layout.
 
     Examples
     --------
@@ -150,6 +154,7 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, MultiomeMixin, Pertu
         library_size: Literal["latent", "label"] = "latent",
         decoder_covariates: bool | None = None,
         prediction: Literal["v", "epsilon"] = "v",
+        accessibility_decoder: bool = False,
     ):
         for name, value, allowed in (("likelihood", likelihood, LIKELIHOODS),
                                      ("library_size", library_size, LIBRARY_SIZES),
@@ -165,6 +170,9 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, MultiomeMixin, Pertu
                              "leave it unset.")
         if decoder_covariates is None:
             decoder_covariates = bool(n_categories)
+        if accessibility_decoder and not self.modality_key:
+            raise ValueError("accessibility_decoder=True generates peaks: set up paired RNA + "
+                             "ATAC data with modality_key.")
         stats = self.summary_stats
         self.module = self._module_cls(
             n_input=stats.get("n_genes", stats["n_vars"]), n_categories=n_categories,
@@ -177,10 +185,10 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, MultiomeMixin, Pertu
             decoder_covariates=decoder_covariates, prediction=prediction,
             n_position=stats.get("n_lpe", 0) if self.spatial_key else 0,
             n_chromatin=stats.get("n_lsi", 0),
+            n_peaks=stats.get("n_peaks", 0) if accessibility_decoder else 0,
         )
         # the fitted LSI of paired data's peaks (plain numbers, saved in model.json)
-        self.lsi_: dict | None = lsi_state(adata) if adata is not None \
-            and self.modality_key else None
+        self.lsi_ = lsi_state(adata) if adata is not None and self.modality_key else None
         self.library_size = library_size
         self.library_model_: LibrarySizeModel | None = None
         self.combinations_: dict | None = None
@@ -271,10 +279,9 @@ class LapDDPM(TrainingMixin, GenerationMixin, SpatialMixin, MultiomeMixin, Pertu
             Paired RNA + ATAC (10x Multiome, SNARE-seq, SHARE-seq): the ``adata.var``
             column marking each feature ``"rna"`` or ``"atac"``, genes first, then peaks
             (MultiVI's layout; :func:`~scldiff.model.paired_anndata` builds it from a
-            MuData). The model generates the genes; the peaks (counts or 0/1, binarised)
-            are embedded by LSI (:class:`~scldiff.graph.LSI`, fitted here, stored in
-            ``adata.obsm["X_scldiff_lsi"]`` and ``adata.uns["scldiff_lsi"]``, saved with the
-            model) and the diffusion is conditioned on each cell's embedding, so that
+            MuData). The model generates the genes; the binarised peaks are embedded by LSI
+            (:class:`~scldiff.graph.LSI`, in ``obsm["X_scldiff_lsi"]``, the fit in
+            ``uns["scldiff_lsi"]`` and the saved model), the diffusion's condition, so that
             :meth:`generate` ``(conditions=atac)`` gives RNA for chromatin states.
         graph_modality
             With ``modality_key``: the cell graph from the genes (``"rna"``), the peaks'

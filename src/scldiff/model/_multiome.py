@@ -112,6 +112,35 @@ class MultiomeMixin:
         """The genes' columns of registered counts (all of them without peaks)."""
         return counts if not self.modality_key else counts[:, : self.n_genes]
 
+    def _peaks(self, cells: np.ndarray) -> sp.csr_matrix:
+        """The binarised peaks of training-AnnData ``cells`` (CSR float32 0/1)."""
+        from ..graph import binarize_peaks
+
+        manager = self.get_anndata_manager(self.adata, required=True)
+        return binarize_peaks(manager.get_from_registry(REGISTRY_KEYS.X_KEY)[
+            np.asarray(cells), self.n_genes :])
+
+    def _fit_accessibility(self, collator, posterior: tuple, train_idx: np.ndarray,
+                           val_idx: np.ndarray, seed: int) -> None:
+        """The accessibility decoder on the training cells' posteriors and peaks
+        (:func:`~scldiff.train.fit_accessibility`); its validation negative log-likelihood
+        per cell goes to :attr:`history` as ``accessibility_nll_validation``."""
+        import torch
+
+        from ..train import fit_accessibility
+
+        validation = None
+        if len(val_idx):
+            mean, logvar = self._posterior(collator, val_idx)
+            validation = (mean, logvar, self._peaks(val_idx))
+        nll = fit_accessibility(self.module.accessibility, posterior[0], posterior[1],
+                                self._peaks(train_idx), validation,
+                                generator=torch.Generator().manual_seed(seed))
+        history = dict(self.history_ or {})
+        history["accessibility_nll_validation"] = pd.DataFrame(
+            {"accessibility_nll_validation": [nll]})
+        self.history_ = history
+
     def _chromatin_request(self, atac: AnnData, seed: np.random.SeedSequence
                            ) -> tuple[Request, np.ndarray]:
         """The attribute rows of ``generate(conditions=atac)``'s cells and their chromatin

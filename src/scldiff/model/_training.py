@@ -216,6 +216,8 @@ class TrainingMixin:
                 data_a = SubgraphDataModule(collator, train_idx, val_idx, batch_size, seed=seed)
                 self._fit(plan_a, data_a, n_a, resume if resume_stage == "A" else None, **fit)
             posterior = self._posterior(collator, train_idx, progress_bar=bar)
+            if self.module.accessibility is not None:
+                self._fit_accessibility(collator, posterior, train_idx, val_idx, seed)
             if n_b > 0:
                 data_b = self._latent_data(collator, posterior, train_idx, val_idx,
                                            batch_size_diffusion, seed, bar)

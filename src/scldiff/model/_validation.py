@@ -330,3 +330,11 @@ def check_modality(adata: AnnData, layer: str | None, modality_key: str | None,
         raise ValueError(f"lsi_components must be an integer in [1, "
                          f"{min(adata.n_obs, n_peaks) - 2}] for {adata.n_obs} cells and "
                          f"{n_peaks} peaks, got {lsi_components!r}.")
+
+
+def check_keep_fraction(value) -> float:
+    """``generate``'s ``keep_fraction`` as a float in (0, 1]; ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"keep_fraction must be a number in (0, 1], got {value!r}.")
+    return float(value)

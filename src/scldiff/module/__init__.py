@@ -1,16 +1,15 @@
 """LapDDPM networks and losses: pure torch on tensors, no AnnData."""
 
 from ._constants import BATCH_KEYS, LATENT_KEYS
-from ._decoder import CountDecoder
+from ._decoder import AccessibilityDecoder, CountDecoder
 from ._encoder import FullGraphChebConv, GraphEncoder
 from ._module import (
     COUNTERFACTUAL_METHODS,
     PREDICTIONS,
     LapDDPMModule,
-    drop_attributes,
     gaussian_kl,
 )
-from ._scorenet import ScoreNet, fourier_features, sinusoidal_embedding
+from ._scorenet import ScoreNet, drop_attributes, fourier_features, sinusoidal_embedding
 from ._scorer import RealnessScorer
 
 __all__ = [
@@ -18,6 +17,7 @@ __all__ = [
     "LATENT_KEYS",
     "COUNTERFACTUAL_METHODS",
     "PREDICTIONS",
+    "AccessibilityDecoder",
     "CountDecoder",
     "FullGraphChebConv",
     "GraphEncoder",

@@ -108,3 +108,33 @@ def _product(h: Tensor, weight: Tensor) -> Tensor:
     widens bf16 exactly as it reads it; other precisions become float32)."""
     out = torch.mm(h, weight.t())
     return out if out.dtype in (torch.float32, torch.bfloat16) else out.float()
+
+
+class AccessibilityDecoder(nn.Module):
+    r"""MLP :math:`z \mapsto` the logits of each peak's accessibility, :math:`p(y_j = 1 \mid
+    z) = \sigma(f_j(z))` (a Bernoulli per peak, as PeakVI and MultiVI model binarised
+    ATAC), from the same latent as the count decoder, so that a generated cell gets peaks
+    that go with its RNA.
+
+    Parameters
+    ----------
+    n_latent
+        Latent dimension.
+    n_peaks
+        Number of peaks.
+    n_hidden
+        Hidden width.
+
+    Shapes:
+        - **input:** ``z`` :math:`(n, \text{n_latent})`
+        - **output:** logits :math:`(n, \text{n_peaks})`
+    """
+
+    def __init__(self, n_latent: int, n_peaks: int, n_hidden: int = 128):
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Linear(n_latent, n_hidden), nn.LayerNorm(n_hidden),
+                                    nn.GELU())
+        self.logits = nn.Linear(n_hidden, n_peaks)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.logits(self.hidden(z))

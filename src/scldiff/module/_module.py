@@ -22,9 +22,9 @@ from ..diffusion import (
 from ..distributions import CountParams, Likelihood, sparse_log_likelihood
 from ..sampling import draw_counts, transport_counts
 from ._constants import BATCH_KEYS
-from ._decoder import CountDecoder
+from ._decoder import AccessibilityDecoder, CountDecoder
 from ._encoder import GraphEncoder
-from ._scorenet import ScoreNet
+from ._scorenet import ScoreNet, drop_attributes
 from ._scorer import RealnessScorer
 
 _ENCODER_INPUTS = (
@@ -46,23 +46,6 @@ def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
     r""":math:`\mathrm{KL}(\mathcal N(\mu, \sigma^2) \,\|\, \mathcal N(0, I))` per row,
     :math:`\tfrac12\sum(\mu^2 + \sigma^2 - 1 - \log\sigma^2)`."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
-
-
-def drop_attributes(attributes: Tensor, p: float, generator: torch.Generator | None = None,
-                    blocks: Sequence[int] = ()) -> Tensor:
-    """``attributes`` (``(n, A + sum(blocks))``) with each attribute set to NaN (null)
-    independently with probability ``p``: the per-cell, per-attribute dropout of
-    classifier-free guidance. The last columns are the ``blocks`` (a spot's position, a
-    cell's chromatin), each one attribute of several columns, dropped together."""
-    if p <= 0.0 or attributes.numel() == 0:
-        return attributes
-    n, width = attributes.shape
-    n_single = width - sum(blocks)
-    draws = torch.rand((n, n_single + len(blocks)), generator=generator,
-                       device=attributes.device) < p
-    widths = torch.tensor([1] * n_single + [int(w) for w in blocks], device=attributes.device)
-    drop = torch.repeat_interleave(draws, widths, dim=1)
-    return attributes.masked_fill(drop, float("nan"))
 
 
 def _on_cpu(params: CountParams) -> CountParams:
@@ -102,6 +85,9 @@ class LapDDPMModule(BaseModuleClass):
     n_chromatin
         Width of a cell's chromatin the diffusion is conditioned on (its standardised ATAC
         LSI embedding; 0: no ATAC), the block after the position.
+    n_peaks
+        Peaks of an accessibility decoder from the latent (:class:`AccessibilityDecoder`,
+        trained after stage A by :func:`~scldiff.train.fit_accessibility`; 0: none).
     lpe_scale
         Factor applied to the (unit-norm) encodings, ``sqrt(n_cells)``, so entries are O(1).
     n_latent
@@ -155,6 +141,7 @@ class LapDDPMModule(BaseModuleClass):
         prediction: Literal["v", "epsilon"] = "v",
         n_position: int = 0,
         n_chromatin: int = 0,
+        n_peaks: int = 0,
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -173,6 +160,8 @@ class LapDDPMModule(BaseModuleClass):
         self.score_net = ScoreNet(n_latent, n_categories, n_continuous,
                                   blocks=self.block_widths,
                                   n_hidden=score_hidden, n_blocks=score_blocks)
+        self.accessibility = AccessibilityDecoder(n_latent, n_peaks, n_hidden) \
+            if n_peaks else None
         # trained after stage B (:func:`~scldiff.train.fit_scorer`)
         self.scorer = RealnessScorer(n_latent, n_categories, n_continuous)
         self.schedule = VPSchedule(beta_min, beta_max, t_min)
@@ -270,6 +259,14 @@ class LapDDPMModule(BaseModuleClass):
         kl = gaussian_kl(inference_outputs["qz_mean"], inference_outputs["qz_logvar"])
         loss = (rec_weight * reconstruction + kl_weight * kl).mean()
         return LossOutput(loss=loss, reconstruction_loss=reconstruction, kl_local=kl)
+
+    @torch.no_grad()
+    def draw_peaks(self, z: Tensor, generator: torch.Generator) -> sp.csr_matrix:
+        """Binarised peaks (CSR float32 0/1, ``(n, n_peaks)``) drawn from the accessibility
+        decoder's Bernoulli at latents ``z``, with ``generator`` (on ``z``'s device)."""
+        p = torch.sigmoid(self.accessibility(z.float()))
+        open_ = torch.rand(p.shape, generator=generator, device=p.device) < p
+        return sp.csr_matrix(open_.cpu().numpy(), dtype=np.float32)
 
     # ------------------------------------------------------------ diffusion (stage B)
     def standardize(self, z: Tensor) -> Tensor:

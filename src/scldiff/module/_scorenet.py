@@ -33,6 +33,23 @@ def fourier_features(x: Tensor, frequencies: Sequence[float] = FOURIER_FREQUENCI
     return torch.cat([x.float()[:, None], torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
+def drop_attributes(attributes: Tensor, p: float, generator: torch.Generator | None = None,
+                    blocks: Sequence[int] = ()) -> Tensor:
+    """``attributes`` (``(n, A + sum(blocks))``) with each attribute set to NaN (null)
+    independently with probability ``p``: the per-cell, per-attribute dropout of
+    classifier-free guidance. The last columns are the ``blocks`` (a spot's position, a
+    cell's chromatin), each one attribute of several columns, dropped together."""
+    if p <= 0.0 or attributes.numel() == 0:
+        return attributes
+    n, width = attributes.shape
+    n_single = width - sum(blocks)
+    draws = torch.rand((n, n_single + len(blocks)), generator=generator,
+                       device=attributes.device) < p
+    widths = torch.tensor([1] * n_single + [int(w) for w in blocks], device=attributes.device)
+    drop = torch.repeat_interleave(draws, widths, dim=1)
+    return attributes.masked_fill(drop, float("nan"))
+
+
 class _ResidualBlock(nn.Module):
     r"""Pre-LayerNorm MLP block; the condition enters as a per-feature scale and shift
     (FiLM): :math:`h + \mathrm{MLP}(\mathrm{LN}(h)(1 + s) + b)`, :math:`(s, b) = W c`."""

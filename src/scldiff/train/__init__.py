@@ -1,6 +1,7 @@
-"""Training: the two stages' plans on a shared base, their data modules, the runner, and the
-post-guidance scorer's fit."""
+"""Training: the two stages' plans on a shared base, their data modules, the runner, the
+post-guidance scorer's fit and the accessibility decoder's."""
 
+from ._accessibility import fit_accessibility
 from ._data import EpochBatchSampler, LatentDataModule, SubgraphCollator, SubgraphDataModule
 from ._plan_base import LapDDPMTrainingPlan, NonFiniteLossError, step_seed
 from ._plan_diffusion import DiffusionTrainingPlan, ExponentialMovingAverage
@@ -23,6 +24,7 @@ __all__ = [
     "StageProgressBar",
     "SubgraphCollator",
     "SubgraphDataModule",
+    "fit_accessibility",
     "fit_scorer",
     "keep_mask",
     "quiet_lightning",
