@@ -142,12 +142,13 @@ class MultiomeMixin:
         self.history_ = history
 
     def _chromatin_request(self, atac: AnnData, seed: np.random.SeedSequence
-                           ) -> tuple[Request, np.ndarray]:
-        """The attribute rows of ``generate(conditions=atac)``'s cells and their chromatin
-        rows: the peaks of ``atac`` (the training peak names, counts or 0/1) embedded with
-        the saved LSI; the attributes in ``atac.obs`` guide them too, and categorical ones
-        not given are those of the training cell nearest in chromatin (for the decoder and
-        the library sizes, not guided on)."""
+                           ) -> tuple[Request, np.ndarray, np.ndarray]:
+        """The attribute rows of ``generate(conditions=atac)``'s cells, their LSI embedding
+        and their chromatin rows (the embedding standardised): the peaks of ``atac`` (the
+        training peak names, counts or 0/1) embedded with the saved LSI; the attributes in
+        ``atac.obs`` guide them too, and categorical ones not given are those of the
+        training cell nearest in chromatin (for the decoder and the library sizes, not
+        guided on)."""
         if not self.modality_key:
             raise ValueError("conditions as an AnnData of peaks needs a multiome model: set "
                              "up paired data with modality_key.")
@@ -177,7 +178,7 @@ class MultiomeMixin:
             training = self._chromatin(manager.get_from_registry(REGISTRY_KEYS.LSI_KEY))
             nearest = NearestNeighbors(n_neighbors=1).fit(training).kneighbors(
                 chromatin, return_distance=False).ravel()
-        return self._request_from_obs(atac.obs, nearest, seed), chromatin
+        return self._request_from_obs(atac.obs, nearest, seed), embedding, chromatin
 
     def _generate_from_chromatin(self, atac: AnnData, labels, n_samples, keep_fraction: float,
                                  sampling: dict, library_size: str, batch_size: int, seed: int,
@@ -191,7 +192,7 @@ class MultiomeMixin:
             raise ValueError("keep_fraction < 1 is not available with chromatin: the "
                              "post-guidance scorer knows no chromatin.")
         draw_seed, fill_seed = np.random.SeedSequence(seed).spawn(2)
-        request, chromatin = self._chromatin_request(atac, fill_seed)
+        request, embedding, chromatin = self._chromatin_request(atac, fill_seed)
         blocks, computed_in = self._draw_in_precision(
             precision, request, batch_size, draw_seed, progress_bar, library_size, sampling,
             1.0, chromatin)
@@ -201,6 +202,5 @@ class MultiomeMixin:
             unseen_combinations=request.unseen)
         synth = self._counts_anndata(blocks, request.filled, "synthetic", provenance)
         synth.obs_names = atac.obs_names.copy()
-        synth.obsm[ADATA_KEYS.LSI] = chromatin * np.asarray(self.lsi_["std"], np.float32) \
-            + np.asarray(self.lsi_["mean"], np.float32)
+        synth.obsm[ADATA_KEYS.LSI] = embedding
         return synth
