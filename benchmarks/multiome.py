@@ -430,7 +430,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    pd.set_option("display.width", 200)
     if not args.report:
         for dataset in args.datasets:
             for seed in args.seeds:

@@ -105,7 +105,8 @@ class MultiomeMixin:
     def _chromatin(self, embedding: np.ndarray) -> np.ndarray:
         """Cells' chromatin as the diffusion reads it: their LSI embedding standardised by
         the training cells' mean and standard deviation, float32."""
-        _, mean, std = chromatin_of(self.lsi_)
+        mean = np.asarray(self.lsi_["mean"], dtype=np.float64)  # checked at set-up and load
+        std = np.asarray(self.lsi_["std"], dtype=np.float64)
         return ((np.asarray(embedding, dtype=np.float64) - mean) / std).astype(np.float32)
 
     def _gene_counts(self, counts):

@@ -263,10 +263,15 @@ class LapDDPMModule(BaseModuleClass):
     @torch.no_grad()
     def draw_peaks(self, z: Tensor, generator: torch.Generator) -> sp.csr_matrix:
         """Binarised peaks (CSR float32 0/1, ``(n, n_peaks)``) drawn from the accessibility
-        decoder's Bernoulli at latents ``z``, with ``generator`` (on ``z``'s device)."""
-        p = torch.sigmoid(self.accessibility(z.float()))
-        open_ = torch.rand(p.shape, generator=generator, device=p.device) < p
-        return sp.csr_matrix(open_.cpu().numpy(), dtype=np.float32)
+        decoder's Bernoulli at latents ``z``, with ``generator`` (on ``z``'s device), in
+        chunks of rows so that no dense ``(n, n_peaks)`` array is held."""
+        blocks = []
+        for start in range(0, z.shape[0], _COUNT_CHUNK):
+            p = torch.sigmoid(self.accessibility(z[start : start + _COUNT_CHUNK].float()))
+            open_ = torch.rand(p.shape, generator=generator, device=p.device) < p
+            blocks.append(sp.csr_matrix(open_.cpu().numpy(), dtype=np.float32))
+        return sp.vstack(blocks, format="csr") if blocks else \
+            sp.csr_matrix((0, self.accessibility.logits.out_features), dtype=np.float32)
 
     # ------------------------------------------------------------ diffusion (stage B)
     def standardize(self, z: Tensor) -> Tensor:
